@@ -1,0 +1,84 @@
+//! Engine configuration: clap flags, each with an environment-variable
+//! fallback, documented field by field.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// How a ridelock engine runs.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "ridelock", version, about = "Ride-sharing matchmaking engine")]
+pub struct Config {
+    /// Address to serve WebSockets, /metrics and /healthz on.
+    #[arg(long, env = "RIDELOCK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// How long a driver has to answer an offer, in milliseconds. The driver is
+    /// locked for the rider this long at most.
+    #[arg(long, env = "RIDELOCK_OFFER_TIMEOUT_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub offer_timeout_ms: u64,
+
+    /// How long a request looks for a driver before the rider is told
+    /// `no_driver`, in milliseconds. An offer already made when it runs out is
+    /// allowed to finish.
+    #[arg(long, env = "RIDELOCK_SEARCH_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub search_timeout_ms: u64,
+
+    /// Only drivers within this great-circle distance of the pickup are
+    /// offered, in metres.
+    #[arg(long, env = "RIDELOCK_RADIUS_M", default_value_t = 5_000.0)]
+    pub radius_m: f64,
+
+    /// How many of the nearest available drivers one look-up walks before it
+    /// gives up (drivers already tried or being locked are skipped).
+    #[arg(long, env = "RIDELOCK_MAX_CANDIDATES", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_candidates: u32,
+
+    /// Requests one rider may have in flight at once.
+    #[arg(long, env = "RIDELOCK_MAX_REQUESTS_PER_RIDER", default_value_t = 8)]
+    pub max_requests_per_rider: usize,
+
+    /// Messages per second one connection may send, sustained; bursts of twice
+    /// this are allowed. Past it the client gets `rate_limited`.
+    #[arg(long, env = "RIDELOCK_MAX_MESSAGES_PER_S", default_value_t = 50)]
+    pub max_messages_per_s: u32,
+
+    /// Largest WebSocket message (and frame) accepted, in bytes; larger ones
+    /// close that connection with code 1009.
+    #[arg(long, env = "RIDELOCK_MAX_MESSAGE_BYTES", default_value_t = 4096)]
+    pub max_message_bytes: usize,
+
+    /// Threads running driver actors (actix arbiters); 0 means one per core.
+    #[arg(long, env = "RIDELOCK_DRIVER_THREADS", default_value_t = 0)]
+    pub driver_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["ridelock"])
+    }
+}
+
+impl Config {
+    /// The offer timeout as a duration.
+    pub fn offer_timeout(&self) -> Duration {
+        Duration::from_millis(self.offer_timeout_ms)
+    }
+
+    /// The search timeout as a duration.
+    pub fn search_timeout(&self) -> Duration {
+        Duration::from_millis(self.search_timeout_ms)
+    }
+
+    /// Driver threads, with 0 resolved to the number of cores.
+    pub fn driver_threads(&self) -> usize {
+        match self.driver_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}

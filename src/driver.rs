@@ -1,0 +1,543 @@
+//! Driver actors: one per driver, the only place a driver's lock changes.
+//!
+//! A [`DriverActor`] wraps the pure [`DriverLock`] with what the state machine
+//! leaves out: the driver's connection, the offer timer, and telling the
+//! matcher what changed. Sessions and the matcher never touch the lock; they
+//! send messages and the actor answers, so a lock is granted or refused
+//! atomically, one message at a time.
+//!
+//! Actors live in a [`DriverRegistry`] keyed by driver id and are spread over
+//! several actix arbiters (threads): one driver's messages are handled in
+//! order on one thread, different drivers in parallel.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix::ArbiterHandle;
+
+use crate::ids::Ids;
+use crate::location::LatLon;
+use crate::lock::{
+    AnswerError, Availability, DriverLock, Ended, Ending, FencingToken, LockRefused, LockState,
+    Offer, OfferId,
+};
+use crate::matcher::{DriverAvailable, DriverUnavailable, Matcher, OfferEnded};
+use crate::metrics as m;
+use crate::protocol::{
+    DriverCommand, DriverId, ErrorCode, RequestId, RevokeReason, RiderId, ServerMessage,
+};
+use crate::session::Outbox;
+
+/// How long a disconnected, free driver's actor stays around for a reconnect
+/// before it is retired (its memory freed). A driver on a trip is kept until
+/// the trip completes.
+const RETIRE_AFTER: Duration = Duration::from_secs(60);
+
+/// Who holds a driver's lock: one ride request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OfferHolder {
+    /// The matcher's id for the search, so late answers to an older search
+    /// with the same request id are recognised.
+    pub search: u64,
+    /// The rider.
+    pub rider_id: RiderId,
+    /// The rider's request id.
+    pub request_id: RequestId,
+    /// Where the rider waits.
+    pub pickup: LatLon,
+}
+
+/// The lock was granted: the offer is on its way to the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Granted {
+    /// The lock's fencing token.
+    pub fencing_token: FencingToken,
+}
+
+/// The matcher asks for the driver's lock.
+#[derive(Message)]
+#[rtype(result = "Result<Granted, LockRefused>")]
+pub struct TryLock {
+    /// Id of the offer to make.
+    pub offer_id: OfferId,
+    /// Who asks.
+    pub holder: OfferHolder,
+    /// How long the driver has to answer.
+    pub timeout: Duration,
+}
+
+/// The matcher withdraws an offer (the rider cancelled). Acts only while that
+/// exact lock (id and fencing token) is still held.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelOffer {
+    /// The offer.
+    pub offer_id: OfferId,
+    /// Its fencing token.
+    pub fencing_token: FencingToken,
+}
+
+/// A connection for this driver opened; it replaces any earlier one.
+#[derive(Message)]
+#[rtype(result = "Result<(), Retired>")]
+pub struct Attach {
+    /// The connection's id.
+    pub session: u64,
+    /// Where messages for the driver go.
+    pub outbox: Outbox,
+}
+
+/// The actor was retired; the registry makes a new one.
+#[derive(Debug)]
+pub struct Retired;
+
+/// A connection closed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Detach {
+    /// The connection's id; stale ones (already replaced) are ignored.
+    pub session: u64,
+}
+
+/// A parsed, validated message from the driver's app.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromDriver {
+    /// The connection it came on; stale connections are ignored.
+    pub session: u64,
+    /// What the driver said.
+    pub command: DriverCommand,
+}
+
+struct Session {
+    id: u64,
+    outbox: Outbox,
+}
+
+/// One driver: its lock, its connection, its offer timer.
+pub struct DriverActor {
+    id: DriverId,
+    lock: DriverLock<OfferHolder>,
+    session: Option<Session>,
+    matcher: Addr<Matcher>,
+    registry: Arc<DriverRegistry>,
+    ids: Arc<Ids>,
+    expiry_timer: Option<SpawnHandle>,
+    /// When the held offer was granted (for the lock-hold histogram).
+    granted_at: Option<Instant>,
+    retire_timer: Option<SpawnHandle>,
+    /// Where the matcher's index has this driver (`None`: not indexed). Kept
+    /// so that the matcher hears of every change exactly once.
+    indexed_at: Option<LatLon>,
+    /// The state last counted in the gauges.
+    counted_as: Option<Availability>,
+    retired: bool,
+}
+
+impl Actor for DriverActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some(state) = self.counted_as.take() {
+            m::driver_state_left(state);
+        }
+    }
+}
+
+impl DriverActor {
+    fn new(id: DriverId, registry: Arc<DriverRegistry>) -> Self {
+        DriverActor {
+            id,
+            lock: DriverLock::new(),
+            session: None,
+            matcher: registry.matcher.clone(),
+            ids: registry.ids.clone(),
+            registry,
+            expiry_timer: None,
+            granted_at: None,
+            retire_timer: None,
+            indexed_at: None,
+            counted_as: None,
+            retired: false,
+        }
+    }
+
+    /// Sends to the driver's app. A full outbox means the app stopped reading:
+    /// the connection is dropped (the session closes the socket) rather than
+    /// letting messages pile up or silently vanish.
+    fn tell(&mut self, message: ServerMessage) {
+        if let Some(session) = &self.session {
+            if !session.outbox.send(message) {
+                tracing::warn!(driver = %self.id, "driver not reading its messages; dropping the connection");
+                self.session = None;
+            }
+        }
+    }
+
+    fn error(&mut self, code: ErrorCode, message: String) {
+        m::protocol_error(code);
+        self.tell(ServerMessage::error(code, message));
+    }
+
+    fn offer_message(offer: &Offer<OfferHolder>, at: LatLon, now: Instant) -> ServerMessage {
+        ServerMessage::Offer {
+            offer_id: offer.offer_id,
+            request_id: offer.holder.request_id.clone(),
+            rider_id: offer.holder.rider_id.clone(),
+            pickup: offer.holder.pickup,
+            distance_m: at.distance_m(offer.holder.pickup),
+            expires_in_ms: offer.deadline.saturating_duration_since(now).as_millis() as u64,
+            fencing_token: offer.fencing_token,
+        }
+    }
+
+    /// An offer ended: tell the driver (when it wasn't their own doing) and the
+    /// matcher (always, exactly once per offer).
+    fn report(&mut self, ended: Ended<OfferHolder>, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.expiry_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let offer = &ended.offer;
+        if let Some(reason) = RevokeReason::for_ending(ended.ending) {
+            self.tell(ServerMessage::OfferRevoked {
+                offer_id: offer.offer_id,
+                reason,
+            });
+        }
+        if let (Ending::Accepted, Some(trip_id)) = (ended.ending, ended.trip_id) {
+            self.tell(ServerMessage::TripAssigned {
+                trip_id,
+                offer_id: offer.offer_id,
+                rider_id: offer.holder.rider_id.clone(),
+                pickup: offer.holder.pickup,
+            });
+        }
+        let held_for = self
+            .granted_at
+            .take()
+            .map_or(Duration::ZERO, |at| at.elapsed());
+        m::offer_ended(ended.ending, held_for);
+        self.matcher.do_send(OfferEnded {
+            driver_id: self.id.clone(),
+            driver_location: self.lock.location(),
+            ended,
+        });
+    }
+
+    /// Brings everything outside the lock in line with it: a dropped
+    /// connection becomes a disconnect, the matcher's index and the gauges
+    /// follow the driver's availability. Called after every event.
+    fn sync(&mut self, ctx: &mut Context<Self>) {
+        if self.session.is_none() && self.lock.is_connected() {
+            if let Some(ended) = self.lock.disconnect() {
+                self.report(ended, ctx);
+            }
+        }
+        let availability = self.lock.availability();
+        if self.counted_as != Some(availability) {
+            if let Some(old) = self.counted_as.replace(availability) {
+                m::driver_state_left(old);
+            }
+            m::driver_state_entered(availability);
+        }
+        let location = self
+            .lock
+            .location()
+            .filter(|_| availability == Availability::Available);
+        if location != self.indexed_at {
+            match location {
+                Some(location) => self.matcher.do_send(DriverAvailable {
+                    driver_id: self.id.clone(),
+                    driver: ctx.address(),
+                    location,
+                }),
+                None => self.matcher.do_send(DriverUnavailable {
+                    driver_id: self.id.clone(),
+                }),
+            }
+            self.indexed_at = location;
+        }
+        if self.session.is_none() && !matches!(self.lock.state(), LockState::OnTrip(_)) {
+            if self.retire_timer.is_none() {
+                self.retire_timer = Some(ctx.run_later(RETIRE_AFTER, |act, ctx| act.retire(ctx)));
+            }
+        } else if let Some(timer) = self.retire_timer.take() {
+            ctx.cancel_future(timer);
+        }
+    }
+
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        self.retire_timer = None;
+        if self.session.is_some() || matches!(self.lock.state(), LockState::OnTrip(_)) {
+            return;
+        }
+        self.retired = true;
+        self.registry.forget(&self.id, &ctx.address());
+        ctx.stop();
+    }
+
+    /// Arms the timer that expires the offer at its deadline. Re-arms if the
+    /// timer fired a hair early by the clock the lock compares against.
+    fn arm_expiry(&mut self, deadline: Instant, ctx: &mut Context<Self>) {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        self.expiry_timer = Some(ctx.run_later(wait, move |act, ctx| {
+            act.expiry_timer = None;
+            match act.lock.expire(Instant::now()) {
+                Some(ended) => act.report(ended, ctx),
+                None => {
+                    if let Some(deadline) = act.lock.current_offer().map(|o| o.deadline) {
+                        act.arm_expiry(deadline, ctx);
+                    }
+                }
+            }
+            act.sync(ctx);
+        }));
+    }
+
+    fn answer_failed(&mut self, error: AnswerError<OfferHolder>, ctx: &mut Context<Self>) {
+        match error {
+            AnswerError::UnknownOffer(offer_id) => self.error(
+                ErrorCode::UnknownOffer,
+                format!("offer {offer_id} was never made to you"),
+            ),
+            AnswerError::OfferEnded { offer_id, ending } => self.error(
+                ErrorCode::OfferExpired,
+                format!("offer {offer_id} has already ended ({})", ending.as_str()),
+            ),
+            AnswerError::ExpiredNow(ended) => {
+                let offer_id = ended.offer.offer_id;
+                self.report(*ended, ctx);
+                self.error(
+                    ErrorCode::OfferExpired,
+                    format!("offer {offer_id} expired before your answer"),
+                );
+            }
+        }
+    }
+}
+
+impl Handler<Attach> for DriverActor {
+    type Result = Result<(), Retired>;
+
+    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return Err(Retired);
+        }
+        // Dropping the old outbox is what closes the old connection: its
+        // session sees its channel end and says goodbye. It gets nothing more.
+        self.session = Some(Session {
+            id: msg.session,
+            outbox: msg.outbox,
+        });
+        self.lock.connect();
+        let now = Instant::now();
+        // A reconnecting app learns what it is in the middle of.
+        let resend = match (self.lock.state(), self.lock.location()) {
+            (LockState::Offered(offer), Some(at)) => Some(Self::offer_message(offer, at, now)),
+            (LockState::OnTrip(trip), _) => Some(ServerMessage::TripAssigned {
+                trip_id: trip.trip_id,
+                offer_id: trip.offer_id,
+                rider_id: trip.holder.rider_id.clone(),
+                pickup: trip.holder.pickup,
+            }),
+            _ => None,
+        };
+        if let Some(message) = resend {
+            self.tell(message);
+        }
+        self.sync(ctx);
+        Ok(())
+    }
+}
+
+impl Handler<Detach> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, ctx: &mut Context<Self>) {
+        if self.session.as_ref().is_some_and(|s| s.id == msg.session) {
+            self.session = None;
+            self.sync(ctx);
+        }
+    }
+}
+
+impl Handler<FromDriver> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromDriver, ctx: &mut Context<Self>) {
+        if self.session.as_ref().is_none_or(|s| s.id != msg.session) {
+            return; // a replaced connection's last words
+        }
+        let now = Instant::now();
+        match msg.command {
+            DriverCommand::Location { lat, lon } => {
+                m::location_update();
+                // The session validated the range; a failure here would be a bug
+                // upstream, and the update is then ignored rather than trusted.
+                if let Ok(at) = LatLon::new(lat, lon) {
+                    self.lock.set_location(at);
+                }
+            }
+            DriverCommand::Available => {
+                self.lock.set_wants_work(true);
+            }
+            DriverCommand::Unavailable => {
+                if let Some(ended) = self.lock.set_wants_work(false) {
+                    self.report(ended, ctx);
+                }
+            }
+            DriverCommand::Accept { offer_id } => {
+                let trip_id = self.ids.next_trip();
+                match self.lock.accept(offer_id, trip_id, now) {
+                    Ok(ended) => self.report(ended, ctx),
+                    Err(e) => self.answer_failed(e, ctx),
+                }
+            }
+            DriverCommand::Decline { offer_id } => match self.lock.decline(offer_id, now) {
+                Ok(ended) => self.report(ended, ctx),
+                Err(e) => self.answer_failed(e, ctx),
+            },
+            DriverCommand::TripCompleted { trip_id } => {
+                if let Err(e) = self.lock.complete_trip(trip_id) {
+                    self.error(ErrorCode::UnknownTrip, e.to_string());
+                }
+            }
+        }
+        self.sync(ctx);
+    }
+}
+
+impl Handler<TryLock> for DriverActor {
+    type Result = Result<Granted, LockRefused>;
+
+    fn handle(&mut self, msg: TryLock, ctx: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        let offer = Offer {
+            offer_id: msg.offer_id,
+            fencing_token: self.ids.next_token(),
+            deadline: now + msg.timeout,
+            holder: msg.holder,
+        };
+        let at = self.lock.location();
+        let result = self.lock.try_lock(offer, now);
+        m::lock_attempt(result.is_ok());
+        let offer = result?;
+        let (deadline, fencing_token) = (offer.deadline, offer.fencing_token);
+        let at = at.expect("an offerable driver has a location");
+        let message = Self::offer_message(offer, at, now);
+        self.granted_at = Some(now);
+        self.tell(message);
+        self.arm_expiry(deadline, ctx);
+        self.sync(ctx);
+        Ok(Granted { fencing_token })
+    }
+}
+
+impl Handler<CancelOffer> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelOffer, ctx: &mut Context<Self>) {
+        if let Some(ended) = self.lock.cancel(msg.offer_id, msg.fencing_token) {
+            self.report(ended, ctx);
+            self.sync(ctx);
+        }
+    }
+}
+
+/// Number of independently locked shards of the registry map, so that
+/// connects on different threads rarely wait for one another.
+const REGISTRY_SHARDS: usize = 16;
+
+/// Finds or creates a driver's actor. The map only holds addresses; the
+/// drivers' state lives in the actors.
+pub struct DriverRegistry {
+    shards: Vec<Mutex<HashMap<DriverId, Addr<DriverActor>>>>,
+    hasher: RandomState,
+    arbiters: Vec<ArbiterHandle>,
+    matcher: Addr<Matcher>,
+    ids: Arc<Ids>,
+}
+
+impl DriverRegistry {
+    /// A registry that starts driver actors round the given arbiters.
+    pub fn new(arbiters: Vec<ArbiterHandle>, matcher: Addr<Matcher>, ids: Arc<Ids>) -> Arc<Self> {
+        assert!(
+            !arbiters.is_empty(),
+            "driver actors need at least one arbiter"
+        );
+        Arc::new(DriverRegistry {
+            shards: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            arbiters,
+            matcher,
+            ids,
+        })
+    }
+
+    fn shard(&self, id: &DriverId) -> (usize, &Mutex<HashMap<DriverId, Addr<DriverActor>>>) {
+        let hash = self.hasher.hash_one(id) as usize;
+        (hash, &self.shards[hash % REGISTRY_SHARDS])
+    }
+
+    /// Attaches a new connection to the driver's actor, creating the actor if
+    /// there is none. A driver keeps one actor however often it reconnects.
+    pub async fn attach(
+        self: &Arc<Self>,
+        id: DriverId,
+        session: u64,
+        outbox: Outbox,
+    ) -> Addr<DriverActor> {
+        loop {
+            let addr = {
+                let (hash, shard) = self.shard(&id);
+                // Poisoning would mean a panic while holding this short lock;
+                // the map itself is still consistent, so carry on with it.
+                let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+                map.entry(id.clone())
+                    .or_insert_with(|| {
+                        let arbiter = &self.arbiters[(hash >> 8) % self.arbiters.len()];
+                        let (id, registry) = (id.clone(), self.clone());
+                        DriverActor::start_in_arbiter(arbiter, move |_| {
+                            DriverActor::new(id, registry)
+                        })
+                    })
+                    .clone()
+            };
+            let attach = Attach {
+                session,
+                outbox: outbox.clone(),
+            };
+            match addr.send(attach).await {
+                Ok(Ok(())) => return addr,
+                // The actor retired between the look-up and the attach; it has
+                // taken itself out of the map, so the next round makes a new one.
+                Ok(Err(Retired)) | Err(_) => self.forget(&id, &addr),
+            }
+        }
+    }
+
+    /// Drops `id` from the map if it still points at `addr`.
+    fn forget(&self, id: &DriverId, addr: &Addr<DriverActor>) {
+        let (_, shard) = self.shard(id);
+        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(id) == Some(addr) {
+            map.remove(id);
+        }
+    }
+
+    /// Number of driver actors alive.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Whether no driver actor is alive.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

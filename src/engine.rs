@@ -1,0 +1,169 @@
+//! Starting and stopping a whole engine: the actor system, the matcher, the
+//! driver arbiters and the listener.
+//!
+//! Threads: the actix system runs on a thread of its own, which hosts the
+//! matcher; driver actors are spread over `driver_threads` actix arbiters; the
+//! sockets are served by the caller's tokio runtime (multi-threaded in the
+//! binary), so parsing and I/O use every core.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::driver::DriverRegistry;
+use crate::ids::Ids;
+use crate::matcher::{GetStats, Matcher, MatcherStats};
+use crate::server::{self, Shared};
+
+/// How long shutdown waits for connections to say goodbye.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A configuration value is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The actor system did not come up.
+    #[error("actor system failed to start: {0}")]
+    Actors(String),
+}
+
+/// A running engine.
+pub struct Engine {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    drained: mpsc::Receiver<()>,
+    server: JoinHandle<()>,
+    system: System,
+    actors: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Binds `config.listen`, starts the actors, and serves on the current
+    /// tokio runtime. Returns once the engine accepts connections.
+    pub async fn start(config: Config) -> Result<Engine, StartError> {
+        if !(config.radius_m.is_finite() && config.radius_m > 0.0) {
+            return Err(StartError::Config(
+                "--radius-m must be a positive number".into(),
+            ));
+        }
+        let listener = server::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let metrics = crate::metrics::install();
+        let config = Arc::new(config);
+        let ids = Arc::new(Ids::default());
+
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (actor_config, actor_ids) = (config.clone(), ids.clone());
+        let actors = std::thread::Builder::new()
+            .name("ridelock-matcher".into())
+            .spawn(move || {
+                let system = System::new();
+                let started = system.block_on(async move {
+                    let matcher = Matcher::new(actor_config.clone(), actor_ids.clone()).start();
+                    let arbiters: Vec<_> = (0..actor_config.driver_threads())
+                        .map(|_| Arbiter::new().handle())
+                        .collect();
+                    let registry = DriverRegistry::new(arbiters, matcher.clone(), actor_ids);
+                    (System::current(), matcher, registry)
+                });
+                if started_tx.send(started).is_ok() {
+                    let _ = system.run();
+                }
+            })
+            .map_err(|e| StartError::Actors(e.to_string()))?;
+        let (system, matcher, registry) = started_rx
+            .await
+            .map_err(|_| StartError::Actors("actor thread exited during start".into()))?;
+
+        let shared = Arc::new(Shared {
+            config,
+            registry,
+            matcher,
+            ids,
+            metrics,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (drain, drained) = mpsc::channel(1);
+        let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown_rx, drain));
+        tracing::info!(%local_addr, "ridelock engine serving");
+        Ok(Engine {
+            local_addr,
+            shared,
+            shutdown,
+            drained,
+            server,
+            system,
+            actors: Some(actors),
+        })
+    }
+
+    /// The address the engine serves on (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The matcher's counts.
+    pub async fn stats(&self) -> MatcherStats {
+        self.shared.matcher.send(GetStats).await.unwrap_or_default()
+    }
+
+    /// Number of driver actors alive.
+    pub fn driver_actors(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    /// Stops accepting, closes every connection with a going-away frame, then
+    /// stops the actors.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let _ = (&mut self.server).await;
+        // Every connection task holds a drain sender; recv() yields None once
+        // all have finished.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.drained.recv()).await;
+        self.stop_actors().await;
+        tracing::info!("ridelock engine stopped");
+    }
+
+    async fn stop_actors(&mut self) {
+        self.system.stop();
+        if let Some(thread) = self.actors.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // An engine dropped without shutdown() (a failing test, say) must not
+        // leave its threads serving.
+        let _ = self.shutdown.send(true);
+        self.server.abort();
+        if self.actors.is_some() {
+            self.system.stop();
+        }
+    }
+}

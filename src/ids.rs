@@ -1,0 +1,41 @@
+//! Engine-wide id sources.
+//!
+//! Offer ids, trip ids and session ids only need to be unique; fencing tokens
+//! must also grow. One atomic counter per kind gives both across every driver
+//! of this engine, even when a driver's actor is retired and later recreated.
+//! (Several engine nodes take fencing tokens from Redis instead.)
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::lock::{FencingToken, OfferId, TripId};
+
+/// Counters shared by the matcher, the driver actors and the sessions.
+#[derive(Debug, Default)]
+pub struct Ids {
+    offers: AtomicU64,
+    trips: AtomicU64,
+    tokens: AtomicU64,
+    sessions: AtomicU64,
+}
+
+impl Ids {
+    /// A fresh offer id.
+    pub fn next_offer(&self) -> OfferId {
+        self.offers.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A fresh trip id.
+    pub fn next_trip(&self) -> TripId {
+        self.trips.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A fencing token greater than every one handed out before.
+    pub fn next_token(&self) -> FencingToken {
+        self.tokens.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A fresh connection id.
+    pub fn next_session(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}

@@ -1,0 +1,713 @@
+//! The lock rules of one driver, as a plain state machine.
+//!
+//! No sockets, no timers, no clock reads: every method that depends on time
+//! takes `now`. The driver actor ([`crate::driver`]) wraps one
+//! [`DriverLock`] per driver and turns its answers into messages; unit and
+//! property tests drive it directly. A lock held elsewhere (Redis, for several
+//! engine nodes) sits behind the same methods: whoever grants the lock hands in
+//! the fencing token, and this machine refuses any token that is not newer than
+//! the last one it saw.
+//!
+//! The rules:
+//! - a driver holds at most one offer or one trip at a time (one [`LockState`]);
+//! - an offer is granted only to a driver who is connected, wants work, has a
+//!   known location and is free, and only with a fencing token greater than any
+//!   seen before;
+//! - every offer ends exactly once ([`Ending`]); every ending but `Accepted`
+//!   frees the driver at once;
+//! - an offer is answerable only while `now < deadline`.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::location::LatLon;
+
+/// Identifies one offer (one lock); unique across the engine.
+pub type OfferId = u64;
+/// Identifies one trip; unique across the engine.
+pub type TripId = u64;
+/// A lock's fencing token: strictly greater for every newer lock of a driver.
+pub type FencingToken = u64;
+
+/// How many ended offers a driver remembers, so that a late `accept` of one
+/// is told `offer_expired` rather than `unknown_offer`.
+const REMEMBERED_ENDINGS: usize = 8;
+
+/// A granted lock: the driver is offered to one holder until `deadline`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Offer<H> {
+    /// The offer's id, as sent to the driver.
+    pub offer_id: OfferId,
+    /// The lock's fencing token.
+    pub fencing_token: FencingToken,
+    /// The instant the offer lapses; it is answerable only before it.
+    pub deadline: Instant,
+    /// Who holds the lock (the ride request, in the engine).
+    pub holder: H,
+}
+
+/// A trip the driver accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trip<H> {
+    /// The trip's id.
+    pub trip_id: TripId,
+    /// The offer the trip came from.
+    pub offer_id: OfferId,
+    /// The fencing token of that offer's lock.
+    pub fencing_token: FencingToken,
+    /// Who the trip is for.
+    pub holder: H,
+}
+
+/// What a driver's lock is doing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LockState<H> {
+    /// Nobody holds the driver.
+    Free,
+    /// Offered to one holder, waiting for the driver's answer.
+    Offered(Offer<H>),
+    /// Assigned to a trip until the driver completes it.
+    OnTrip(Trip<H>),
+}
+
+/// The one way an offer ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ending {
+    /// The driver accepted; the driver is now on the trip.
+    Accepted,
+    /// The driver declined (or went unavailable while offered).
+    Declined,
+    /// The deadline passed without an answer.
+    Expired,
+    /// The rider cancelled the request.
+    RiderCancelled,
+    /// The driver's connection went away.
+    DriverDisconnected,
+}
+
+impl Ending {
+    /// The snake_case name used in metrics labels and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::Accepted => "accepted",
+            Ending::Declined => "declined",
+            Ending::Expired => "expired",
+            Ending::RiderCancelled => "rider_cancelled",
+            Ending::DriverDisconnected => "driver_disconnected",
+        }
+    }
+}
+
+/// An offer that just ended, to be reported to its holder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ended<H> {
+    /// The offer as it was granted.
+    pub offer: Offer<H>,
+    /// How it ended.
+    pub ending: Ending,
+    /// The trip it became, when accepted.
+    pub trip_id: Option<TripId>,
+}
+
+/// The driver's state as operators count it (one metrics gauge per value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Availability {
+    /// Not offerable: disconnected, not wanting work, or no location yet.
+    Offline,
+    /// Offerable: connected, wants work, located, free.
+    Available,
+    /// Holding an offer.
+    Offered,
+    /// On a trip.
+    OnTrip,
+}
+
+impl Availability {
+    /// The snake_case name used in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Offline => "offline",
+            Availability::Available => "available",
+            Availability::Offered => "offered",
+            Availability::OnTrip => "on_trip",
+        }
+    }
+}
+
+/// Why a lock was not granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LockRefused {
+    /// The driver is not connected or does not want work.
+    #[error("driver is offline")]
+    Offline,
+    /// The driver's location is not known yet.
+    #[error("driver has no known location")]
+    NoLocation,
+    /// The driver already holds an offer.
+    #[error("driver already holds an offer")]
+    AlreadyOffered,
+    /// The driver is on a trip.
+    #[error("driver is on a trip")]
+    OnTrip,
+    /// The fencing token is not newer than one already seen.
+    #[error("fencing token {offered} is not newer than {newest}")]
+    StaleToken {
+        /// The token that came with the request.
+        offered: FencingToken,
+        /// The newest token this driver has seen.
+        newest: FencingToken,
+    },
+    /// The offer's deadline is not in the future.
+    #[error("offer deadline already passed")]
+    DeadlinePassed,
+}
+
+/// Why a driver's answer to an offer was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum AnswerError<H> {
+    /// The driver never had this offer (or it is long forgotten).
+    #[error("unknown offer {0}")]
+    UnknownOffer(OfferId),
+    /// The offer already ended; the answer came too late.
+    #[error("offer {offer_id} has ended ({})", ending.as_str())]
+    OfferEnded {
+        /// The offer answered.
+        offer_id: OfferId,
+        /// How it ended.
+        ending: Ending,
+    },
+    /// The deadline passed before the answer and the offer expired just now.
+    /// Carries the ending, which the caller must report like any other.
+    #[error("offer {} has expired", .0.offer.offer_id)]
+    ExpiredNow(Box<Ended<H>>),
+}
+
+/// Why `trip_completed` was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TripError {
+    /// The driver is not on that trip.
+    #[error("trip {0} is not this driver's current trip")]
+    NotYourTrip(TripId),
+}
+
+/// One driver's lock and the facts that decide whether it may be locked.
+#[derive(Clone, Debug)]
+pub struct DriverLock<H> {
+    connected: bool,
+    wants_work: bool,
+    location: Option<LatLon>,
+    state: LockState<H>,
+    newest_token: FencingToken,
+    recent_endings: VecDeque<(OfferId, Ending)>,
+}
+
+impl<H> Default for DriverLock<H> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<H> DriverLock<H> {
+    /// A driver nobody has heard from: disconnected, free, no location.
+    pub fn new() -> Self {
+        DriverLock {
+            connected: false,
+            wants_work: false,
+            location: None,
+            state: LockState::Free,
+            newest_token: 0,
+            recent_endings: VecDeque::with_capacity(REMEMBERED_ENDINGS),
+        }
+    }
+
+    /// The lock itself.
+    pub fn state(&self) -> &LockState<H> {
+        &self.state
+    }
+
+    /// The last known location.
+    pub fn location(&self) -> Option<LatLon> {
+        self.location
+    }
+
+    /// Whether a session is attached.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The newest fencing token this driver has seen.
+    pub fn newest_token(&self) -> FencingToken {
+        self.newest_token
+    }
+
+    /// The offer being held, if any.
+    pub fn current_offer(&self) -> Option<&Offer<H>> {
+        match &self.state {
+            LockState::Offered(offer) => Some(offer),
+            _ => None,
+        }
+    }
+
+    /// The state operators see.
+    pub fn availability(&self) -> Availability {
+        match self.state {
+            LockState::Offered(_) => Availability::Offered,
+            LockState::OnTrip(_) => Availability::OnTrip,
+            LockState::Free if self.refusal().is_none() => Availability::Available,
+            LockState::Free => Availability::Offline,
+        }
+    }
+
+    /// Whether a lock may be granted now (ignoring the token).
+    pub fn is_offerable(&self) -> bool {
+        self.availability() == Availability::Available
+    }
+
+    fn refusal(&self) -> Option<LockRefused> {
+        match self.state {
+            LockState::Offered(_) => Some(LockRefused::AlreadyOffered),
+            LockState::OnTrip(_) => Some(LockRefused::OnTrip),
+            LockState::Free if !self.connected || !self.wants_work => Some(LockRefused::Offline),
+            LockState::Free if self.location.is_none() => Some(LockRefused::NoLocation),
+            LockState::Free => None,
+        }
+    }
+
+    /// A session attached to the driver.
+    pub fn connect(&mut self) {
+        self.connected = true;
+    }
+
+    /// The driver's session went away. An offer in flight ends
+    /// `DriverDisconnected`; a trip survives (the app may reconnect to finish
+    /// it). The driver must say `available` again after reconnecting.
+    pub fn disconnect(&mut self) -> Option<Ended<H>> {
+        self.connected = false;
+        self.wants_work = false;
+        self.end_offer(Ending::DriverDisconnected)
+    }
+
+    /// The driver said `available` (`true`) or `unavailable` (`false`).
+    ///
+    /// Going unavailable while holding an offer declines it. On a trip, the
+    /// wish is remembered and takes effect when the trip completes.
+    pub fn set_wants_work(&mut self, wants_work: bool) -> Option<Ended<H>> {
+        self.wants_work = wants_work;
+        if wants_work {
+            None
+        } else {
+            self.end_offer(Ending::Declined)
+        }
+    }
+
+    /// The driver reported a new position.
+    pub fn set_location(&mut self, location: LatLon) {
+        self.location = Some(location);
+    }
+
+    /// Grants the lock to `offer.holder` if the driver is offerable, the token
+    /// is newer than any seen, and the deadline is in the future.
+    pub fn try_lock(&mut self, offer: Offer<H>, now: Instant) -> Result<&Offer<H>, LockRefused> {
+        if let Some(refused) = self.refusal() {
+            return Err(refused);
+        }
+        if offer.fencing_token <= self.newest_token {
+            return Err(LockRefused::StaleToken {
+                offered: offer.fencing_token,
+                newest: self.newest_token,
+            });
+        }
+        if offer.deadline <= now {
+            return Err(LockRefused::DeadlinePassed);
+        }
+        self.newest_token = offer.fencing_token;
+        self.state = LockState::Offered(offer);
+        match &self.state {
+            LockState::Offered(offer) => Ok(offer),
+            _ => unreachable!("state was set to Offered just above"),
+        }
+    }
+
+    /// The driver accepted `offer_id`; the driver goes on trip `trip_id`.
+    pub fn accept(
+        &mut self,
+        offer_id: OfferId,
+        trip_id: TripId,
+        now: Instant,
+    ) -> Result<Ended<H>, AnswerError<H>>
+    where
+        H: Clone,
+    {
+        self.check_answerable(offer_id, now)?;
+        let LockState::Offered(offer) = std::mem::replace(&mut self.state, LockState::Free) else {
+            unreachable!("check_answerable guarantees an offer is held");
+        };
+        self.state = LockState::OnTrip(Trip {
+            trip_id,
+            offer_id,
+            fencing_token: offer.fencing_token,
+            holder: offer.holder.clone(),
+        });
+        self.remember(offer_id, Ending::Accepted);
+        Ok(Ended {
+            offer,
+            ending: Ending::Accepted,
+            trip_id: Some(trip_id),
+        })
+    }
+
+    /// The driver declined `offer_id`; the driver is free at once.
+    pub fn decline(&mut self, offer_id: OfferId, now: Instant) -> Result<Ended<H>, AnswerError<H>> {
+        self.check_answerable(offer_id, now)?;
+        Ok(self
+            .end_offer(Ending::Declined)
+            .expect("check_answerable guarantees an offer is held"))
+    }
+
+    /// Ends the held offer if its deadline has passed (the actor's timer).
+    pub fn expire(&mut self, now: Instant) -> Option<Ended<H>> {
+        match &self.state {
+            LockState::Offered(offer) if offer.deadline <= now => self.end_offer(Ending::Expired),
+            _ => None,
+        }
+    }
+
+    /// The holder withdrew: ends the offer only if it is still the one with
+    /// this id and fencing token, so a late cancel can't free a newer lock.
+    pub fn cancel(&mut self, offer_id: OfferId, token: FencingToken) -> Option<Ended<H>> {
+        match &self.state {
+            LockState::Offered(offer)
+                if offer.offer_id == offer_id && offer.fencing_token == token =>
+            {
+                self.end_offer(Ending::RiderCancelled)
+            }
+            _ => None,
+        }
+    }
+
+    /// The driver completed `trip_id` and is free again.
+    pub fn complete_trip(&mut self, trip_id: TripId) -> Result<Trip<H>, TripError> {
+        match &self.state {
+            LockState::OnTrip(trip) if trip.trip_id == trip_id => {
+                let LockState::OnTrip(trip) = std::mem::replace(&mut self.state, LockState::Free)
+                else {
+                    unreachable!("matched OnTrip just above");
+                };
+                Ok(trip)
+            }
+            _ => Err(TripError::NotYourTrip(trip_id)),
+        }
+    }
+
+    /// Whether an answer to `offer_id` may be taken now. Expires the offer if
+    /// its deadline has passed, handing the ending back inside the error.
+    fn check_answerable(&mut self, offer_id: OfferId, now: Instant) -> Result<(), AnswerError<H>> {
+        match &self.state {
+            LockState::Offered(offer) if offer.offer_id == offer_id => {
+                if offer.deadline <= now {
+                    let ended = self.end_offer(Ending::Expired);
+                    Err(AnswerError::ExpiredNow(Box::new(
+                        ended.expect("an offer is held"),
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => match self.recent_endings.iter().find(|(id, _)| *id == offer_id) {
+                Some(&(offer_id, ending)) => Err(AnswerError::OfferEnded { offer_id, ending }),
+                None => Err(AnswerError::UnknownOffer(offer_id)),
+            },
+        }
+    }
+
+    /// Frees the driver from the held offer, if any, and records the ending.
+    fn end_offer(&mut self, ending: Ending) -> Option<Ended<H>> {
+        if !matches!(self.state, LockState::Offered(_)) {
+            return None;
+        }
+        let LockState::Offered(offer) = std::mem::replace(&mut self.state, LockState::Free) else {
+            unreachable!("matched Offered just above");
+        };
+        self.remember(offer.offer_id, ending);
+        Some(Ended {
+            offer,
+            ending,
+            trip_id: None,
+        })
+    }
+
+    fn remember(&mut self, offer_id: OfferId, ending: Ending) {
+        if self.recent_endings.len() == REMEMBERED_ENDINGS {
+            self.recent_endings.pop_front();
+        }
+        self.recent_endings.push_back((offer_id, ending));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn ready() -> DriverLock<u32> {
+        let mut lock = DriverLock::new();
+        lock.connect();
+        lock.set_wants_work(true);
+        lock.set_location(LatLon::new(1.0, 2.0).unwrap());
+        lock
+    }
+
+    fn offer(id: OfferId, token: FencingToken, deadline: Instant, holder: u32) -> Offer<u32> {
+        Offer {
+            offer_id: id,
+            fencing_token: token,
+            deadline,
+            holder,
+        }
+    }
+
+    #[test]
+    fn offerable_only_when_connected_wanting_work_and_located() {
+        let mut lock: DriverLock<u32> = DriverLock::new();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(15);
+        assert_eq!(
+            lock.try_lock(offer(1, 1, later, 7), t0),
+            Err(LockRefused::Offline)
+        );
+        lock.connect();
+        lock.set_wants_work(true);
+        assert_eq!(
+            lock.try_lock(offer(1, 1, later, 7), t0),
+            Err(LockRefused::NoLocation)
+        );
+        lock.set_location(LatLon::new(0.0, 0.0).unwrap());
+        assert_eq!(lock.availability(), Availability::Available);
+        assert!(lock.try_lock(offer(1, 1, later, 7), t0).is_ok());
+        assert_eq!(lock.availability(), Availability::Offered);
+    }
+
+    #[test]
+    fn second_holder_is_refused_while_offered() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(15);
+        lock.try_lock(offer(1, 1, later, 7), t0).unwrap();
+        assert_eq!(
+            lock.try_lock(offer(2, 2, later, 8), t0),
+            Err(LockRefused::AlreadyOffered)
+        );
+        assert_eq!(lock.current_offer().unwrap().holder, 7);
+    }
+
+    #[test]
+    fn stale_fencing_token_is_refused() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(15);
+        lock.try_lock(offer(1, 5, later, 7), t0).unwrap();
+        lock.decline(1, t0).unwrap();
+        assert_eq!(
+            lock.try_lock(offer(2, 5, later, 8), t0),
+            Err(LockRefused::StaleToken {
+                offered: 5,
+                newest: 5
+            })
+        );
+        assert!(lock.try_lock(offer(2, 6, later, 8), t0).is_ok());
+    }
+
+    #[test]
+    fn accept_after_deadline_expires_the_offer() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_millis(100);
+        lock.try_lock(offer(1, 1, deadline, 7), t0).unwrap();
+        match lock.accept(1, 10, deadline) {
+            Err(AnswerError::ExpiredNow(ended)) => assert_eq!(ended.ending, Ending::Expired),
+            other => panic!("expected ExpiredNow, got {other:?}"),
+        }
+        assert_eq!(lock.availability(), Availability::Available);
+        assert_eq!(
+            lock.accept(1, 10, deadline),
+            Err(AnswerError::OfferEnded {
+                offer_id: 1,
+                ending: Ending::Expired
+            })
+        );
+        assert_eq!(lock.accept(99, 10, t0), Err(AnswerError::UnknownOffer(99)));
+    }
+
+    #[test]
+    fn accepted_driver_is_on_trip_until_completed() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        lock.try_lock(offer(1, 1, t0 + Duration::from_secs(1), 7), t0)
+            .unwrap();
+        let ended = lock.accept(1, 42, t0).unwrap();
+        assert_eq!(ended.ending, Ending::Accepted);
+        assert_eq!(ended.trip_id, Some(42));
+        assert_eq!(lock.availability(), Availability::OnTrip);
+        assert_eq!(lock.complete_trip(41), Err(TripError::NotYourTrip(41)));
+        assert_eq!(lock.complete_trip(42).unwrap().holder, 7);
+        assert_eq!(lock.availability(), Availability::Available);
+    }
+
+    #[test]
+    fn unavailable_on_trip_takes_effect_after_the_trip() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        lock.try_lock(offer(1, 1, t0 + Duration::from_secs(1), 7), t0)
+            .unwrap();
+        lock.accept(1, 42, t0).unwrap();
+        assert_eq!(lock.set_wants_work(false), None);
+        lock.complete_trip(42).unwrap();
+        assert_eq!(lock.availability(), Availability::Offline);
+    }
+
+    #[test]
+    fn late_cancel_cannot_free_a_newer_lock() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(15);
+        lock.try_lock(offer(1, 1, later, 7), t0).unwrap();
+        lock.decline(1, t0).unwrap();
+        lock.try_lock(offer(2, 2, later, 8), t0).unwrap();
+        assert_eq!(lock.cancel(1, 1), None);
+        assert_eq!(lock.current_offer().unwrap().offer_id, 2);
+        assert_eq!(lock.cancel(2, 2).unwrap().ending, Ending::RiderCancelled);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Event {
+        Connect,
+        Disconnect,
+        WantsWork(bool),
+        Locate,
+        TryLock { holder: u32, ttl_ms: u64 },
+        Accept { answer_current: bool },
+        Decline { answer_current: bool },
+        Advance(u64),
+        Expire,
+        Cancel { right_token: bool },
+        CompleteTrip { right_trip: bool },
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            Just(Event::Connect),
+            Just(Event::Disconnect),
+            any::<bool>().prop_map(Event::WantsWork),
+            Just(Event::Locate),
+            (0u32..4, 1u64..200).prop_map(|(holder, ttl_ms)| Event::TryLock { holder, ttl_ms }),
+            any::<bool>().prop_map(|answer_current| Event::Accept { answer_current }),
+            any::<bool>().prop_map(|answer_current| Event::Decline { answer_current }),
+            (0u64..150).prop_map(Event::Advance),
+            Just(Event::Expire),
+            any::<bool>().prop_map(|right_token| Event::Cancel { right_token }),
+            any::<bool>().prop_map(|right_trip| Event::CompleteTrip { right_trip }),
+        ]
+    }
+
+    proptest! {
+        /// Random event sequences: one holder at most, every granted lock ends
+        /// exactly once (or is still held), tokens only grow, and a driver
+        /// freed by any ending but acceptance is offerable again at once.
+        #[test]
+        fn lock_rules_hold_for_any_event_sequence(events in prop::collection::vec(event(), 1..200)) {
+            let start = Instant::now();
+            let mut now = start;
+            let mut lock: DriverLock<u32> = DriverLock::new();
+            let mut next_token = 1u64;
+            let mut next_offer = 1u64;
+            let mut next_trip = 1u64;
+            let mut granted: Vec<OfferId> = Vec::new();
+            let mut ended: Vec<OfferId> = Vec::new();
+            let mut last_granted_token = 0u64;
+
+            for event in events {
+                let mut endings = Vec::new();
+                match event {
+                    Event::Connect => lock.connect(),
+                    Event::Disconnect => endings.extend(lock.disconnect()),
+                    Event::WantsWork(w) => endings.extend(lock.set_wants_work(w)),
+                    Event::Locate => lock.set_location(LatLon::new(1.0, 1.0).unwrap()),
+                    Event::TryLock { holder, ttl_ms } => {
+                        let was_offerable = lock.is_offerable();
+                        let o = offer(next_offer, next_token, now + Duration::from_millis(ttl_ms), holder);
+                        next_offer += 1;
+                        next_token += 1;
+                        match lock.try_lock(o, now) {
+                            Ok(o) => {
+                                prop_assert!(was_offerable);
+                                prop_assert!(o.fencing_token > last_granted_token);
+                                last_granted_token = o.fencing_token;
+                                granted.push(o.offer_id);
+                            }
+                            Err(_) => prop_assert!(!was_offerable),
+                        }
+                    }
+                    Event::Accept { answer_current } | Event::Decline { answer_current } => {
+                        let id = match (answer_current, lock.current_offer()) {
+                            (true, Some(o)) => o.offer_id,
+                            _ => next_offer + 1000,
+                        };
+                        let result = if matches!(event, Event::Accept { .. }) {
+                            let trip = next_trip;
+                            next_trip += 1;
+                            lock.accept(id, trip, now)
+                        } else {
+                            lock.decline(id, now)
+                        };
+                        match result {
+                            Ok(e) => endings.push(e),
+                            Err(AnswerError::ExpiredNow(e)) => endings.push(*e),
+                            Err(_) => {}
+                        }
+                    }
+                    Event::Advance(ms) => now += Duration::from_millis(ms),
+                    Event::Expire => endings.extend(lock.expire(now)),
+                    Event::Cancel { right_token } => {
+                        if let Some(o) = lock.current_offer().cloned() {
+                            let token = if right_token { o.fencing_token } else { o.fencing_token + 1 };
+                            let r = lock.cancel(o.offer_id, token);
+                            prop_assert_eq!(r.is_some(), right_token);
+                            endings.extend(r);
+                        }
+                    }
+                    Event::CompleteTrip { right_trip } => {
+                        let id = match lock.state() {
+                            LockState::OnTrip(t) if right_trip => t.trip_id,
+                            _ => u64::MAX,
+                        };
+                        let r = lock.complete_trip(id);
+                        prop_assert_eq!(r.is_ok(), right_trip && id != u64::MAX);
+                    }
+                }
+                for e in &endings {
+                    prop_assert!(!ended.contains(&e.offer.offer_id), "offer ended twice");
+                    prop_assert!(granted.contains(&e.offer.offer_id), "ended an offer never granted");
+                    ended.push(e.offer.offer_id);
+                    if e.ending == Ending::Expired {
+                        prop_assert!(e.offer.deadline <= now);
+                    }
+                    if e.ending != Ending::Accepted {
+                        prop_assert!(lock.current_offer().is_none());
+                    }
+                }
+                prop_assert!(lock.newest_token() >= last_granted_token);
+                // Every granted offer is either ended or the one held now.
+                let open: Vec<_> = granted.iter().filter(|id| !ended.contains(id)).collect();
+                prop_assert!(open.len() <= 1);
+                match lock.current_offer() {
+                    Some(o) => prop_assert_eq!(open, vec![&o.offer_id]),
+                    None => prop_assert!(open.is_empty()),
+                }
+                if let Some(o) = lock.current_offer() {
+                    prop_assert!(now < o.deadline || !ended.contains(&o.offer_id));
+                }
+            }
+        }
+    }
+}

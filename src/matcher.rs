@@ -1,0 +1,574 @@
+//! The matcher: turns ride requests into locked drivers.
+//!
+//! One actor owns the spatial index of available drivers and every search in
+//! flight. A search never blocks the matcher: asking a driver for its lock is
+//! a message whose answer comes back later, so thousands of searches proceed
+//! at once and a slow driver holds up only the rider it was offered to.
+//!
+//! A search's life: `searching` → (lock a candidate → offer → outcome)* →
+//! exactly one of `matched`, `no_driver`, `cancelled`. With no free driver in
+//! reach it parks, indexed by pickup, and is woken (first come, first served)
+//! by the next driver who becomes available nearby, so nothing polls.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+
+use crate::config::Config;
+use crate::driver::{CancelOffer, DriverActor, Granted, OfferHolder, TryLock};
+use crate::ids::Ids;
+use crate::location::LatLon;
+use crate::lock::{Ended, Ending, FencingToken, LockRefused, OfferId};
+use crate::metrics as m;
+use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
+use crate::session::Outbox;
+use crate::spatial::SpatialIndex;
+
+/// A rider connection, as the matcher sees it.
+#[derive(Clone)]
+pub struct RiderLink {
+    /// The rider.
+    pub rider_id: RiderId,
+    /// The connection's id.
+    pub session: u64,
+    /// Where messages for the rider go.
+    pub outbox: Outbox,
+}
+
+/// A rider asks for a ride.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RequestRide {
+    /// Who asks, on which connection.
+    pub rider: RiderLink,
+    /// The rider's id for the request.
+    pub request_id: RequestId,
+    /// Where to be picked up (validated).
+    pub pickup: LatLon,
+}
+
+/// A rider withdraws a request.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelRide {
+    /// Who asks, on which connection.
+    pub rider: RiderLink,
+    /// The request.
+    pub request_id: RequestId,
+}
+
+/// A rider's connection closed: its searches are cancelled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RiderGone {
+    /// The rider.
+    pub rider_id: RiderId,
+    /// The connection that closed.
+    pub session: u64,
+}
+
+/// A driver became offerable or moved while offerable.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DriverAvailable {
+    /// The driver.
+    pub driver_id: DriverId,
+    /// The driver's actor.
+    pub driver: Addr<DriverActor>,
+    /// Where the driver is.
+    pub location: LatLon,
+}
+
+/// A driver stopped being offerable.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DriverUnavailable {
+    /// The driver.
+    pub driver_id: DriverId,
+}
+
+/// A driver's offer ended (every granted offer produces exactly one).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OfferEnded {
+    /// The driver.
+    pub driver_id: DriverId,
+    /// The driver's location as the offer ended.
+    pub driver_location: Option<LatLon>,
+    /// The offer and how it ended.
+    pub ended: Ended<OfferHolder>,
+}
+
+/// Counts of the matcher's state, for tests and operators.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
+pub struct MatcherStats {
+    /// Drivers in the index (offerable).
+    pub available_drivers: usize,
+    /// Searches in flight.
+    pub searches: usize,
+    /// Searches parked waiting for a driver.
+    pub waiting: usize,
+}
+
+/// Asks the matcher for [`MatcherStats`].
+#[derive(Message)]
+#[rtype(result = "MatcherStats")]
+pub struct GetStats;
+
+type SearchKey = (RiderId, RequestId);
+
+#[derive(Clone, Debug)]
+enum Phase {
+    /// No driver asked yet, or the last one is done with: looking or parked.
+    Looking,
+    /// A lock was asked of `driver`; its answer is on the way.
+    Locking { offer_id: OfferId },
+    /// `driver` holds the offer.
+    Offered {
+        driver: Addr<DriverActor>,
+        offer_id: OfferId,
+        fencing_token: FencingToken,
+    },
+}
+
+struct Search {
+    seq: u64,
+    rider: RiderLink,
+    pickup: LatLon,
+    started: Instant,
+    phase: Phase,
+    /// Drivers who declined this request or let it expire: never asked again.
+    excluded: Vec<DriverId>,
+    cancel_requested: bool,
+    deadline_passed: bool,
+    candidates_tried: u32,
+    /// Whether any driver has been offered this request yet.
+    offered: bool,
+}
+
+impl Search {
+    fn current_offer(&self) -> Option<OfferId> {
+        match &self.phase {
+            Phase::Looking => None,
+            Phase::Locking { offer_id, .. } | Phase::Offered { offer_id, .. } => Some(*offer_id),
+        }
+    }
+}
+
+/// The matcher actor.
+pub struct Matcher {
+    config: Arc<Config>,
+    ids: Arc<Ids>,
+    drivers: SpatialIndex<DriverId>,
+    driver_addrs: HashMap<DriverId, Addr<DriverActor>>,
+    /// Drivers with a lock request on the way: other searches skip them.
+    locking: HashSet<DriverId>,
+    searches: HashMap<SearchKey, Search>,
+    /// Requests in flight per rider connection (for the per-connection limit
+    /// and to cancel them when it closes).
+    by_session: HashMap<u64, HashSet<RequestId>>,
+    /// Parked searches, oldest first, and where they wait.
+    waiting: BTreeMap<u64, SearchKey>,
+    waiting_at: SpatialIndex<u64>,
+    next_seq: u64,
+}
+
+impl Actor for Matcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Searches come and go in bursts; a deep mailbox is cheaper than
+        // making sessions wait.
+        ctx.set_mailbox_capacity(1 << 16);
+    }
+}
+
+impl Matcher {
+    /// A matcher with an empty index.
+    pub fn new(config: Arc<Config>, ids: Arc<Ids>) -> Self {
+        Matcher {
+            config,
+            ids,
+            drivers: SpatialIndex::new(),
+            driver_addrs: HashMap::new(),
+            locking: HashSet::new(),
+            searches: HashMap::new(),
+            by_session: HashMap::new(),
+            waiting: BTreeMap::new(),
+            waiting_at: SpatialIndex::new(),
+            next_seq: 0,
+        }
+    }
+
+    fn publish_gauges(&self) {
+        m::matcher_gauges(self.searches.len(), self.waiting.len(), self.drivers.len());
+    }
+
+    /// Moves a search that is `Looking` forward: ends it if it was cancelled
+    /// or ran out of time, asks the nearest untried driver, or parks it.
+    fn advance(&mut self, key: SearchKey, ctx: &mut Context<Self>) {
+        let Some(search) = self.searches.get(&key) else {
+            return;
+        };
+        debug_assert!(matches!(search.phase, Phase::Looking));
+        if search.cancel_requested {
+            let request_id = key.1.clone();
+            return self.finish(&key, ServerMessage::Cancelled { request_id });
+        }
+        if search.deadline_passed {
+            let request_id = key.1.clone();
+            return self.finish(&key, ServerMessage::NoDriver { request_id });
+        }
+        let started = Instant::now();
+        let candidate = self
+            .drivers
+            .nearest_within(search.pickup, self.config.radius_m)
+            .take(self.config.max_candidates as usize)
+            .find(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id));
+        m::index_query(started.elapsed());
+        match candidate {
+            Some((driver_id, _)) => self.ask_for_lock(key, driver_id, ctx),
+            None => self.park(&key),
+        }
+    }
+
+    fn park(&mut self, key: &SearchKey) {
+        if let Some(search) = self.searches.get(key) {
+            if self.waiting.insert(search.seq, key.clone()).is_none() {
+                self.waiting_at.upsert(search.seq, search.pickup);
+            }
+        }
+    }
+
+    fn unpark(&mut self, seq: u64) {
+        if self.waiting.remove(&seq).is_some() {
+            self.waiting_at.remove(&seq);
+        }
+    }
+
+    fn ask_for_lock(&mut self, key: SearchKey, driver_id: DriverId, ctx: &mut Context<Self>) {
+        let Some(driver) = self.driver_addrs.get(&driver_id).cloned() else {
+            return self.park(&key);
+        };
+        let Some(search) = self.searches.get_mut(&key) else {
+            return;
+        };
+        let offer_id = self.ids.next_offer();
+        let seq = search.seq;
+        search.phase = Phase::Locking { offer_id };
+        search.candidates_tried += 1;
+        let holder = OfferHolder {
+            search: seq,
+            rider_id: key.0.clone(),
+            request_id: key.1.clone(),
+            pickup: search.pickup,
+        };
+        self.unpark(seq);
+        self.locking.insert(driver_id.clone());
+        let request = driver.send(TryLock {
+            offer_id,
+            holder,
+            timeout: self.config.offer_timeout(),
+        });
+        ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
+            let answer = answer.unwrap_or(Err(LockRefused::Offline));
+            act.lock_answered(key, seq, driver_id, driver, offer_id, answer, ctx);
+        }));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn lock_answered(
+        &mut self,
+        key: SearchKey,
+        seq: u64,
+        driver_id: DriverId,
+        driver: Addr<DriverActor>,
+        offer_id: OfferId,
+        answer: Result<Granted, LockRefused>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.locking.remove(&driver_id);
+        let current = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id));
+        match (answer, current) {
+            (Ok(Granted { fencing_token }), Some(search)) => {
+                search.phase = Phase::Offered {
+                    driver: driver.clone(),
+                    offer_id,
+                    fencing_token,
+                };
+                if search.cancel_requested {
+                    driver.do_send(CancelOffer {
+                        offer_id,
+                        fencing_token,
+                    });
+                }
+                if !search.offered {
+                    search.offered = true;
+                    m::request_to_offer(search.started.elapsed());
+                }
+                // The driver will say it is unavailable too; taking it out now
+                // spares other searches a refused attempt in between.
+                self.drivers.remove(&driver_id);
+                self.driver_addrs.remove(&driver_id);
+            }
+            (Err(_), Some(search)) => {
+                search.phase = Phase::Looking;
+                self.advance(key, ctx);
+                // The refusing driver may still be offerable for someone parked.
+                if let Some(at) = self.drivers.position(&driver_id) {
+                    self.wake_parked(&driver_id, at, ctx);
+                }
+            }
+            // The offer already ended (the driver reported it before this
+            // answer arrived) or the search is gone: nothing left to do.
+            (_, None) => {}
+        }
+        self.publish_gauges();
+    }
+
+    /// Offers a newly available driver to the oldest parked search in reach
+    /// that hasn't had this driver before.
+    fn wake_parked(&mut self, driver_id: &DriverId, at: LatLon, ctx: &mut Context<Self>) {
+        if self.waiting.is_empty() || self.locking.contains(driver_id) {
+            return;
+        }
+        let oldest = self
+            .waiting_at
+            .nearest_within(at, self.config.radius_m)
+            .filter_map(|(seq, _)| {
+                let key = self.waiting.get(&seq)?;
+                let search = self.searches.get(key)?;
+                (!search.excluded.contains(driver_id)).then_some(seq)
+            })
+            .min();
+        if let Some(seq) = oldest {
+            let key = self.waiting[&seq].clone();
+            self.ask_for_lock(key, driver_id.clone(), ctx);
+        }
+    }
+
+    /// Ends a search with its final message.
+    fn finish(&mut self, key: &SearchKey, message: ServerMessage) {
+        let Some(search) = self.searches.remove(key) else {
+            return;
+        };
+        self.unpark(search.seq);
+        if let Some(requests) = self.by_session.get_mut(&search.rider.session) {
+            requests.remove(&key.1);
+            if requests.is_empty() {
+                self.by_session.remove(&search.rider.session);
+            }
+        }
+        m::search_finished(&message, search.started.elapsed(), search.candidates_tried);
+        search.rider.outbox.send(message);
+        self.publish_gauges();
+    }
+
+    /// The rider wants out: immediate when no driver is involved, otherwise
+    /// through the driver, whose answer decides (an accept that got there
+    /// first still wins).
+    fn cancel(&mut self, key: &SearchKey, ctx: &mut Context<Self>) {
+        let Some(search) = self.searches.get_mut(key) else {
+            return;
+        };
+        search.cancel_requested = true;
+        match &search.phase {
+            Phase::Looking => self.advance(key.clone(), ctx),
+            Phase::Locking { .. } => {} // decided when the lock answer arrives
+            Phase::Offered {
+                driver,
+                offer_id,
+                fencing_token,
+            } => driver.do_send(CancelOffer {
+                offer_id: *offer_id,
+                fencing_token: *fencing_token,
+            }),
+        }
+    }
+}
+
+impl Handler<RequestRide> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RequestRide, ctx: &mut Context<Self>) {
+        let RequestRide {
+            rider,
+            request_id,
+            pickup,
+        } = msg;
+        m::request_received();
+        let key = (rider.rider_id.clone(), request_id.clone());
+        if self.searches.contains_key(&key) {
+            m::protocol_error(ErrorCode::RequestInFlight);
+            rider.outbox.send(ServerMessage::error(
+                ErrorCode::RequestInFlight,
+                format!("request {request_id} is already in flight"),
+            ));
+            return;
+        }
+        let in_flight = self.by_session.get(&rider.session).map_or(0, HashSet::len);
+        if in_flight >= self.config.max_requests_per_rider {
+            m::protocol_error(ErrorCode::TooManyRequests);
+            rider.outbox.send(ServerMessage::error(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "at most {} requests may be in flight per connection",
+                    self.config.max_requests_per_rider
+                ),
+            ));
+            return;
+        }
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.by_session
+            .entry(rider.session)
+            .or_default()
+            .insert(request_id.clone());
+        rider.outbox.send(ServerMessage::Searching {
+            request_id: request_id.clone(),
+        });
+        self.searches.insert(
+            key.clone(),
+            Search {
+                seq,
+                rider,
+                pickup,
+                started: Instant::now(),
+                phase: Phase::Looking,
+                excluded: Vec::new(),
+                cancel_requested: false,
+                deadline_passed: false,
+                candidates_tried: 0,
+                offered: false,
+            },
+        );
+        let deadline_key = key.clone();
+        ctx.run_later(self.config.search_timeout(), move |act, ctx| {
+            let Some(search) = act.searches.get_mut(&deadline_key).filter(|s| s.seq == seq) else {
+                return;
+            };
+            search.deadline_passed = true;
+            // A search with a driver deciding lets that offer play out.
+            if matches!(search.phase, Phase::Looking) {
+                act.advance(deadline_key, ctx);
+            }
+        });
+        self.advance(key, ctx);
+        self.publish_gauges();
+    }
+}
+
+impl Handler<CancelRide> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelRide, ctx: &mut Context<Self>) {
+        let key = (msg.rider.rider_id.clone(), msg.request_id);
+        if !self.searches.contains_key(&key) {
+            m::protocol_error(ErrorCode::UnknownRequest);
+            msg.rider.outbox.send(ServerMessage::error(
+                ErrorCode::UnknownRequest,
+                format!("request {} is not in flight", key.1),
+            ));
+            return;
+        }
+        self.cancel(&key, ctx);
+    }
+}
+
+impl Handler<RiderGone> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RiderGone, ctx: &mut Context<Self>) {
+        let Some(requests) = self.by_session.get(&msg.session) else {
+            return;
+        };
+        let keys: Vec<SearchKey> = requests
+            .iter()
+            .map(|request_id| (msg.rider_id.clone(), request_id.clone()))
+            .collect();
+        for key in keys {
+            self.cancel(&key, ctx);
+        }
+    }
+}
+
+impl Handler<DriverAvailable> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: DriverAvailable, ctx: &mut Context<Self>) {
+        self.drivers.upsert(msg.driver_id.clone(), msg.location);
+        self.driver_addrs.insert(msg.driver_id.clone(), msg.driver);
+        self.wake_parked(&msg.driver_id, msg.location, ctx);
+    }
+}
+
+impl Handler<DriverUnavailable> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: DriverUnavailable, _ctx: &mut Context<Self>) {
+        self.drivers.remove(&msg.driver_id);
+        self.driver_addrs.remove(&msg.driver_id);
+    }
+}
+
+impl Handler<OfferEnded> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: OfferEnded, ctx: &mut Context<Self>) {
+        let OfferEnded {
+            driver_id,
+            driver_location,
+            ended,
+        } = msg;
+        let holder = &ended.offer.holder;
+        let key = (holder.rider_id.clone(), holder.request_id.clone());
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == holder.search && s.current_offer() == Some(ended.offer.offer_id))
+        else {
+            return;
+        };
+        if matches!(search.phase, Phase::Locking { .. }) {
+            // The ending overtook the lock's answer; the answer will be stale.
+            self.locking.remove(&driver_id);
+        }
+        match (ended.ending, ended.trip_id) {
+            (Ending::Accepted, Some(trip_id)) => {
+                let driver_location = driver_location.unwrap_or(search.pickup);
+                let message = ServerMessage::Matched {
+                    request_id: key.1.clone(),
+                    trip_id,
+                    driver_id,
+                    driver_location,
+                    distance_m: driver_location.distance_m(search.pickup),
+                };
+                self.finish(&key, message);
+            }
+            (ending, _) => {
+                if matches!(ending, Ending::Declined | Ending::Expired) {
+                    search.excluded.push(driver_id);
+                }
+                search.phase = Phase::Looking;
+                self.advance(key, ctx);
+            }
+        }
+    }
+}
+
+impl Handler<GetStats> for Matcher {
+    type Result = MatcherStats;
+
+    fn handle(&mut self, _msg: GetStats, _ctx: &mut Context<Self>) -> MatcherStats {
+        MatcherStats {
+            available_drivers: self.drivers.len(),
+            searches: self.searches.len(),
+            waiting: self.waiting.len(),
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Metrics: every name the engine exports, in one place.
+//!
+//! The engine records through the `metrics` facade; [`install`] sets up the
+//! Prometheus exporter once per process and `GET /metrics` renders it. Names
+//! follow Prometheus conventions (`_total` counters, `_seconds` in base
+//! units); labels stay low-cardinality (never a driver, rider or request id).
+//! Histograms get explicit buckets so they render as `_bucket` series that
+//! Grafana's `histogram_quantile` can aggregate (the exporter's default would
+//! be summaries).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::lock::{Availability, Ending};
+use crate::protocol::{ErrorCode, ServerMessage};
+
+/// Latency buckets, seconds: 25 µs to 60 s, roughly ×2.5 apart, fine enough
+/// at the bottom for in-process steps and long enough for offer timeouts.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0,
+];
+
+/// Buckets for candidates tried per request.
+pub const CANDIDATE_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0];
+
+/// Driver actors by state (`state` = offline, available, offered, on_trip).
+pub const DRIVERS: &str = "ridelock_drivers";
+/// Open WebSocket connections by `role` (driver, rider).
+pub const CONNECTIONS: &str = "ridelock_connections";
+/// Ride requests taken.
+pub const RIDE_REQUESTS: &str = "ridelock_ride_requests_total";
+/// Requests that ended `matched`.
+pub const MATCHES: &str = "ridelock_matches_total";
+/// Requests that ended `no_driver`.
+pub const NO_DRIVER: &str = "ridelock_no_driver_total";
+/// Requests that ended `cancelled`.
+pub const CANCELLATIONS: &str = "ridelock_cancellations_total";
+/// Offers by how they ended (`outcome`).
+pub const OFFERS: &str = "ridelock_offers_total";
+/// Lock attempts on drivers.
+pub const LOCK_ATTEMPTS: &str = "ridelock_lock_attempts_total";
+/// Lock attempts refused (the driver was taken or went away: contention).
+pub const LOCK_REFUSALS: &str = "ridelock_lock_refusals_total";
+/// How long a driver's lock was held, grant to end.
+pub const LOCK_HOLD: &str = "ridelock_lock_hold_seconds";
+/// Request received to first offer made.
+pub const REQUEST_TO_OFFER: &str = "ridelock_request_to_offer_seconds";
+/// Request received to `matched`.
+pub const REQUEST_TO_MATCHED: &str = "ridelock_request_to_matched_seconds";
+/// Offer made to the driver's accept or decline.
+pub const OFFER_RESPONSE: &str = "ridelock_offer_response_seconds";
+/// One nearest-driver look-up in the index.
+pub const INDEX_QUERY: &str = "ridelock_index_query_seconds";
+/// Drivers asked per request, counted when the request ends.
+pub const CANDIDATES_TRIED: &str = "ridelock_candidates_tried";
+/// Searches in flight.
+pub const SEARCHES_IN_FLIGHT: &str = "ridelock_searches_in_flight";
+/// Searches parked waiting for a driver.
+pub const WAITING_RIDERS: &str = "ridelock_waiting_riders";
+/// Drivers in the spatial index (offerable).
+pub const INDEX_DRIVERS: &str = "ridelock_index_drivers";
+/// Location updates taken from drivers.
+pub const LOCATION_UPDATES: &str = "ridelock_location_updates_total";
+/// WebSocket messages by `direction` (in, out).
+pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
+/// Errors sent to clients by `code`.
+pub const PROTOCOL_ERRORS: &str = "ridelock_protocol_errors_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process; later calls return the
+/// same handle) and starts its upkeep thread, which drains histogram samples.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(CANDIDATES_TRIED.into()),
+                        CANDIDATE_BUCKETS,
+                    )
+                })
+                .expect("bucket lists are non-empty");
+            let handle = match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (an embedding program's own):
+                // keep a private one so /metrics still renders.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(DRIVERS, "Driver actors by state");
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections by role");
+    describe_counter!(RIDE_REQUESTS, "Ride requests taken");
+    describe_counter!(MATCHES, "Requests matched to a driver");
+    describe_counter!(
+        NO_DRIVER,
+        "Requests that found no driver before their deadline"
+    );
+    describe_counter!(CANCELLATIONS, "Requests cancelled by the rider");
+    describe_counter!(OFFERS, "Offers by outcome");
+    describe_counter!(LOCK_ATTEMPTS, "Attempts to lock a driver");
+    describe_counter!(LOCK_REFUSALS, "Lock attempts refused by the driver");
+    describe_histogram!(LOCK_HOLD, Unit::Seconds, "Time a driver's lock was held");
+    describe_histogram!(
+        REQUEST_TO_OFFER,
+        Unit::Seconds,
+        "Ride request to first offer"
+    );
+    describe_histogram!(REQUEST_TO_MATCHED, Unit::Seconds, "Ride request to matched");
+    describe_histogram!(
+        OFFER_RESPONSE,
+        Unit::Seconds,
+        "Offer to the driver's answer"
+    );
+    describe_histogram!(INDEX_QUERY, Unit::Seconds, "Nearest-driver index look-up");
+    describe_histogram!(CANDIDATES_TRIED, Unit::Count, "Drivers asked per request");
+    describe_gauge!(SEARCHES_IN_FLIGHT, "Searches in flight");
+    describe_gauge!(
+        WAITING_RIDERS,
+        "Searches waiting for a driver to become free"
+    );
+    describe_gauge!(INDEX_DRIVERS, "Available drivers in the spatial index");
+    describe_counter!(LOCATION_UPDATES, "Driver location updates");
+    describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
+    describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
+}
+
+pub(crate) fn driver_state_entered(state: Availability) {
+    gauge!(DRIVERS, "state" => state.as_str()).increment(1.0);
+}
+
+pub(crate) fn driver_state_left(state: Availability) {
+    gauge!(DRIVERS, "state" => state.as_str()).decrement(1.0);
+}
+
+pub(crate) fn connection_opened(role: &'static str) {
+    gauge!(CONNECTIONS, "role" => role).increment(1.0);
+}
+
+pub(crate) fn connection_closed(role: &'static str) {
+    gauge!(CONNECTIONS, "role" => role).decrement(1.0);
+}
+
+pub(crate) fn request_received() {
+    counter!(RIDE_REQUESTS).increment(1);
+}
+
+pub(crate) fn search_finished(message: &ServerMessage, age: Duration, candidates: u32) {
+    match message {
+        ServerMessage::Matched { .. } => {
+            counter!(MATCHES).increment(1);
+            histogram!(REQUEST_TO_MATCHED).record(age);
+        }
+        ServerMessage::NoDriver { .. } => counter!(NO_DRIVER).increment(1),
+        ServerMessage::Cancelled { .. } => counter!(CANCELLATIONS).increment(1),
+        _ => {}
+    }
+    histogram!(CANDIDATES_TRIED).record(candidates as f64);
+}
+
+pub(crate) fn offer_ended(ending: Ending, held_for: Duration) {
+    counter!(OFFERS, "outcome" => ending.as_str()).increment(1);
+    histogram!(LOCK_HOLD).record(held_for);
+    if matches!(ending, Ending::Accepted | Ending::Declined) {
+        histogram!(OFFER_RESPONSE).record(held_for);
+    }
+}
+
+pub(crate) fn lock_attempt(granted: bool) {
+    counter!(LOCK_ATTEMPTS).increment(1);
+    if !granted {
+        counter!(LOCK_REFUSALS).increment(1);
+    }
+}
+
+pub(crate) fn request_to_offer(elapsed: Duration) {
+    histogram!(REQUEST_TO_OFFER).record(elapsed);
+}
+
+pub(crate) fn index_query(elapsed: Duration) {
+    histogram!(INDEX_QUERY).record(elapsed);
+}
+
+pub(crate) fn matcher_gauges(searches: usize, waiting: usize, indexed: usize) {
+    gauge!(SEARCHES_IN_FLIGHT).set(searches as f64);
+    gauge!(WAITING_RIDERS).set(waiting as f64);
+    gauge!(INDEX_DRIVERS).set(indexed as f64);
+}
+
+pub(crate) fn location_update() {
+    counter!(LOCATION_UPDATES).increment(1);
+}
+
+pub(crate) fn ws_messages(direction: &'static str, count: u64) {
+    counter!(WS_MESSAGES, "direction" => direction).increment(count);
+}
+
+pub(crate) fn protocol_error(code: ErrorCode) {
+    counter!(PROTOCOL_ERRORS, "code" => code.as_str()).increment(1);
+}
