@@ -1,0 +1,177 @@
+//! Test harness: a real engine on an ephemeral port and real WebSocket clients.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ridelock::protocol::ServerMessage;
+use ridelock::{Config, Engine};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for a message it expects.
+pub const EXPECT_WITHIN: Duration = Duration::from_secs(5);
+
+/// A config for tests: ephemeral port, everything else default unless changed.
+pub fn config(adjust: impl FnOnce(&mut Config)) -> Config {
+    let mut config = Config::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    adjust(&mut config);
+    config
+}
+
+/// Starts an engine with `adjust` applied to the test config.
+pub async fn engine(adjust: impl FnOnce(&mut Config)) -> Engine {
+    Engine::start(config(adjust)).await.expect("engine starts")
+}
+
+/// Waits until the matcher's index holds `n` available drivers.
+pub async fn wait_for_available(engine: &Engine, n: usize) {
+    let deadline = tokio::time::Instant::now() + EXPECT_WITHIN;
+    loop {
+        let stats = engine.stats().await;
+        if stats.available_drivers == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected {n} available drivers, matcher has {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A WebSocket client speaking the engine's protocol.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub id: String,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, role: &str, id: &str) -> Client {
+        let url = format!("ws://{addr}/ws/{role}?id={id}");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connects");
+        Client {
+            ws,
+            id: id.to_string(),
+        }
+    }
+
+    pub async fn driver(engine: &Engine, id: &str) -> Client {
+        Client::connect(engine.local_addr(), "driver", id).await
+    }
+
+    pub async fn rider(engine: &Engine, id: &str) -> Client {
+        Client::connect(engine.local_addr(), "rider", id).await
+    }
+
+    /// A driver at (lat, lon) that said `available`.
+    pub async fn available_driver(engine: &Engine, id: &str, lat: f64, lon: f64) -> Client {
+        let mut driver = Client::driver(engine, id).await;
+        driver
+            .send(json!({"type": "location", "lat": lat, "lon": lon}))
+            .await;
+        driver.send(json!({"type": "available"})).await;
+        driver
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("sends");
+    }
+
+    /// The next protocol message, within [`EXPECT_WITHIN`].
+    pub async fn recv(&mut self) -> ServerMessage {
+        self.recv_within(EXPECT_WITHIN)
+            .await
+            .unwrap_or_else(|| panic!("{}: no message within {EXPECT_WITHIN:?}", self.id))
+    }
+
+    /// The next protocol message, or `None` if none comes within `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<ServerMessage> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    return Some(serde_json::from_str(&text).unwrap_or_else(|e| {
+                        panic!("{}: engine sent unparsable {text}: {e}", self.id)
+                    }))
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("{}: expected a text frame, got {other:?}", self.id),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Some(message) = self.recv_within(wait).await {
+            panic!("{}: expected silence, got {message:?}", self.id);
+        }
+    }
+
+    /// The next message, which must be an offer; returns (offer_id, request_id).
+    pub async fn expect_offer(&mut self) -> (u64, String) {
+        match self.recv().await {
+            ServerMessage::Offer {
+                offer_id,
+                request_id,
+                ..
+            } => (offer_id, request_id.to_string()),
+            other => panic!("{}: expected an offer, got {other:?}", self.id),
+        }
+    }
+
+    /// The next message, which must be an error; returns its code.
+    pub async fn expect_error(&mut self) -> String {
+        match self.recv().await {
+            ServerMessage::Error { code, .. } => code.as_str().to_string(),
+            other => panic!("{}: expected an error, got {other:?}", self.id),
+        }
+    }
+
+    pub async fn request_ride(&mut self, request_id: &str, lat: f64, lon: f64) {
+        self.send(json!({
+            "type": "request_ride",
+            "request_id": request_id,
+            "pickup": {"lat": lat, "lon": lon},
+        }))
+        .await;
+    }
+
+    /// Expects `searching` for `request_id`.
+    pub async fn expect_searching(&mut self, request_id: &str) {
+        match self.recv().await {
+            ServerMessage::Searching { request_id: r } if &*r == request_id => {}
+            other => panic!(
+                "{}: expected searching for {request_id}, got {other:?}",
+                self.id
+            ),
+        }
+    }
+
+    /// Waits for the connection to be closed by the engine; returns the close code.
+    pub async fn expect_closed(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + EXPECT_WITHIN;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("{}: connection not closed in time", self.id),
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+                Ok(Some(Ok(Message::Text(t)))) => panic!("{}: expected close, got {t}", self.id),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_)) | None) => return None,
+            }
+        }
+    }
+}
