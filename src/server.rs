@@ -96,6 +96,11 @@ pub enum Identity {
 /// parameter is taken at its word; token authentication belongs here.
 pub fn authenticate(request: &Request) -> Result<Identity, (StatusCode, String)> {
     let uri = request.uri();
+    let role: fn(Arc<str>) -> Identity = match uri.path() {
+        "/ws/driver" => Identity::Driver,
+        "/ws/rider" => Identity::Rider,
+        _ => return Err((StatusCode::NOT_FOUND, "no such endpoint".into())),
+    };
     let id = uri
         .query()
         .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "id"))
@@ -107,11 +112,7 @@ pub fn authenticate(request: &Request) -> Result<Identity, (StatusCode, String)>
             format!("an id query parameter of 1 to {MAX_ID_LEN} bytes is required"),
         ));
     }
-    match uri.path() {
-        "/ws/driver" => Ok(Identity::Driver(id.into())),
-        "/ws/rider" => Ok(Identity::Rider(id.into())),
-        _ => Err((StatusCode::NOT_FOUND, "no such endpoint".into())),
-    }
+    Ok(role(id.into()))
 }
 
 #[derive(Debug, thiserror::Error)]
