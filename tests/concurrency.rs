@@ -215,7 +215,7 @@ async fn no_driver_is_ever_double_booked_under_concurrent_load() {
         driver.abort();
     }
 
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     assert!(
         log.violations.is_empty(),
         "violations: {:#?}",
@@ -252,6 +252,5 @@ async fn no_driver_is_ever_double_booked_under_concurrent_load() {
         log.offers > matched,
         "declines and expiries should add offers"
     );
-    drop(log);
     engine.shutdown().await;
 }

@@ -17,8 +17,10 @@ pub const EXPECT_WITHIN: Duration = Duration::from_secs(5);
 
 /// A config for tests: ephemeral port, everything else default unless changed.
 pub fn config(adjust: impl FnOnce(&mut Config)) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
     adjust(&mut config);
     config
 }
