@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -25,6 +25,10 @@ use crate::metrics as m;
 use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
 use crate::session::Outbox;
 use crate::spatial::SpatialIndex;
+
+/// How often the matcher's gauges (searches, waiting riders, index size) are
+/// refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 /// A rider connection, as the matcher sees it.
 #[derive(Clone)]
@@ -182,6 +186,9 @@ impl Actor for Matcher {
         // Searches come and go in bursts; a deep mailbox is cheaper than
         // making sessions wait.
         ctx.set_mailbox_capacity(1 << 16);
+        // Gauges are read by scrapes every few seconds; refreshing them once a
+        // second keeps that work off the per-message path.
+        ctx.run_interval(GAUGE_REFRESH, |act, _| act.publish_gauges());
     }
 }
 
@@ -328,7 +335,6 @@ impl Matcher {
             // answer arrived) or the search is gone: nothing left to do.
             (_, None) => {}
         }
-        self.publish_gauges();
     }
 
     /// Offers a newly available driver to the oldest parked search in reach
@@ -366,7 +372,6 @@ impl Matcher {
         }
         m::search_finished(&message, search.started.elapsed(), search.candidates_tried);
         search.rider.outbox.send(message);
-        self.publish_gauges();
     }
 
     /// The rider wants out: immediate when no driver is involved, otherwise
@@ -459,7 +464,6 @@ impl Handler<RequestRide> for Matcher {
             }
         });
         self.advance(key, ctx);
-        self.publish_gauges();
     }
 }
 

@@ -93,6 +93,7 @@ pub fn install() -> PrometheusHandle {
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             };
             describe();
+            preregister();
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
@@ -143,6 +144,50 @@ fn describe() {
     describe_counter!(LOCATION_UPDATES, "Driver location updates");
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
+}
+
+/// Creates every counter and gauge at zero, with every label value it can
+/// take, so dashboards show a flat zero instead of "no data" and `rate()` has
+/// a starting point.
+fn preregister() {
+    for counter in [
+        RIDE_REQUESTS,
+        MATCHES,
+        NO_DRIVER,
+        CANCELLATIONS,
+        LOCK_ATTEMPTS,
+        LOCK_REFUSALS,
+        LOCATION_UPDATES,
+    ] {
+        counter!(counter).increment(0);
+    }
+    for ending in [
+        Ending::Accepted,
+        Ending::Declined,
+        Ending::Expired,
+        Ending::RiderCancelled,
+        Ending::DriverDisconnected,
+    ] {
+        counter!(OFFERS, "outcome" => ending.as_str()).increment(0);
+    }
+    for direction in ["in", "out"] {
+        counter!(WS_MESSAGES, "direction" => direction).increment(0);
+    }
+    for code in ErrorCode::ALL {
+        counter!(PROTOCOL_ERRORS, "code" => code.as_str()).increment(0);
+    }
+    for state in [
+        Availability::Offline,
+        Availability::Available,
+        Availability::Offered,
+        Availability::OnTrip,
+    ] {
+        gauge!(DRIVERS, "state" => state.as_str()).increment(0.0);
+    }
+    for role in ["driver", "rider"] {
+        gauge!(CONNECTIONS, "role" => role).increment(0.0);
+    }
+    matcher_gauges(0, 0, 0);
 }
 
 pub(crate) fn driver_state_entered(state: Availability) {

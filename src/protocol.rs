@@ -230,6 +230,24 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for documentation and metrics.
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::NotAnObject,
+        ErrorCode::MissingType,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidField,
+        ErrorCode::InvalidCoordinates,
+        ErrorCode::UnknownOffer,
+        ErrorCode::OfferExpired,
+        ErrorCode::UnknownTrip,
+        ErrorCode::UnknownRequest,
+        ErrorCode::RequestInFlight,
+        ErrorCode::TooManyRequests,
+        ErrorCode::RateLimited,
+        ErrorCode::BinaryNotSupported,
+    ];
+
     /// The snake_case code as sent (also the metrics label).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -472,5 +490,25 @@ mod tests {
         let json =
             serde_json::to_value(ServerMessage::error(ErrorCode::UnknownOffer, "x")).unwrap();
         assert_eq!(json["code"], "unknown_offer");
+    }
+}
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    /// docs/protocol.md stays true: every code is documented, and the wire
+    /// name is the metrics label.
+    #[test]
+    fn every_error_code_is_documented() {
+        let docs = include_str!("../docs/protocol.md");
+        for code in ErrorCode::ALL {
+            let wire = serde_json::to_value(code).unwrap();
+            assert_eq!(wire, code.as_str());
+            assert!(
+                docs.contains(&format!("`{}`", code.as_str())),
+                "{code:?} undocumented"
+            );
+        }
     }
 }

@@ -50,6 +50,9 @@ async fn drive(mut client: Client, log: Arc<Mutex<Log>>, seed: u64, stop: Instan
     let mut state = DriverState::Idle;
     // The driver's own next move, and when.
     let mut planned: Option<(Instant, serde_json::Value)> = None;
+    // The offer last declined: the engine may revoke it (expiry, cancel)
+    // before the decline reaches it.
+    let mut declined: Option<u64> = None;
     loop {
         let wake = planned.as_ref().map_or(stop, |(at, _)| *at);
         let message = tokio::select! {
@@ -57,7 +60,10 @@ async fn drive(mut client: Client, log: Arc<Mutex<Log>>, seed: u64, stop: Instan
             _ = tokio::time::sleep_until(wake) => {
                 let Some((_, action)) = planned.take() else { return };
                 state = match (std::mem::replace(&mut state, DriverState::Idle), action["type"].as_str()) {
-                    (DriverState::Offered(_), Some("decline")) => DriverState::Idle,
+                    (DriverState::Offered(held), Some("decline")) => {
+                        declined = Some(held.offer_id);
+                        DriverState::Idle
+                    }
                     (DriverState::Offered(held), Some("accept")) => DriverState::Accepting(held),
                     (DriverState::OnTrip, Some("trip_completed")) => DriverState::Idle,
                     (unchanged, _) => unchanged,
@@ -102,6 +108,7 @@ async fn drive(mut client: Client, log: Arc<Mutex<Log>>, seed: u64, stop: Instan
                     state = DriverState::Idle;
                     planned = None;
                 }
+                _ if declined == Some(offer_id) => {}
                 _ => log
                     .violations
                     .push(format!("{} revoked {offer_id} it did not hold", client.id)),
