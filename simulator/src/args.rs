@@ -1,0 +1,329 @@
+//! Command-line flags and the scenario presets they override.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// A preset load shape; every value can be overridden by its flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// A few seconds, small: for CI and a quick look.
+    Smoke,
+    /// A mid-sized city at a steady pace, drivers thinking before answering.
+    City,
+    /// Rush hour: many drivers, many requests.
+    Rush,
+    /// As much as one machine takes: 100k drivers, instant accepts.
+    Stress,
+}
+
+/// Flags of the `simulator` binary.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "simulator",
+    version,
+    about = "Drives a ridelock engine like a city does"
+)]
+pub struct Args {
+    /// The engine, as ws://HOST:PORT.
+    #[arg(long, env = "SIM_URL", default_value = "ws://127.0.0.1:8080")]
+    pub url: String,
+    /// The preset load shape.
+    #[arg(long, value_enum, default_value_t = Scenario::Smoke)]
+    pub scenario: Scenario,
+    /// Virtual drivers, one WebSocket each.
+    #[arg(long)]
+    pub drivers: Option<usize>,
+    /// Ride requests per second (Poisson arrivals) in the steady phase.
+    #[arg(long)]
+    pub riders_per_s: Option<f64>,
+    /// Rider connections the requests are spread over.
+    #[arg(long)]
+    pub rider_connections: Option<usize>,
+    /// Length of the steady phase that the rates are measured over (`20s`, `5m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Time over which drivers connect, before the steady phase.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ramp: Option<Duration>,
+    /// Time after the steady phase for outstanding requests to end (riders
+    /// cancel what is still open when it starts).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain: Option<Duration>,
+    /// Interval between a driver's location updates (jittered ±10%).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub update_interval: Option<Duration>,
+    /// Probability that a driver accepts an offer.
+    #[arg(long)]
+    pub accept_prob: Option<f64>,
+    /// Probability that a driver never answers (the offer expires).
+    #[arg(long)]
+    pub no_answer_prob: Option<f64>,
+    /// Probability that a rider cancels a request.
+    #[arg(long)]
+    pub cancel_prob: Option<f64>,
+    /// Longest time a driver takes to answer (uniform from zero).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub answer_delay: Option<Duration>,
+    /// Mean trip time (already scaled: a 20-minute trip simulated as `20s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub trip_time: Option<Duration>,
+    /// Probability that a driver takes a break after a trip (`unavailable`
+    /// for a few seconds).
+    #[arg(long)]
+    pub break_prob: Option<f64>,
+    /// City centre latitude (default: Berlin).
+    #[arg(long, default_value_t = 52.5200)]
+    pub centre_lat: f64,
+    /// City centre longitude.
+    #[arg(long, default_value_t = 13.4050)]
+    pub centre_lon: f64,
+    /// City radius in kilometres.
+    #[arg(long, default_value_t = 10.0)]
+    pub radius_km: f64,
+    /// Driving speed in metres per second (street speed: ~30 km/h).
+    #[arg(long, default_value_t = 8.3)]
+    pub speed_mps: f64,
+    /// The engine's process id, to sample its RSS from /proc.
+    #[arg(long)]
+    pub engine_pid: Option<u32>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The run's settings with the preset applied.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Plan {
+    pub url: String,
+    pub scenario: String,
+    pub drivers: usize,
+    pub riders_per_s: f64,
+    pub rider_connections: usize,
+    #[serde(with = "humantime_serde_secs")]
+    pub duration: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub ramp: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub drain: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub update_interval: Duration,
+    pub accept_prob: f64,
+    pub no_answer_prob: f64,
+    pub cancel_prob: f64,
+    #[serde(with = "humantime_serde_secs")]
+    pub answer_delay: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub trip_time: Duration,
+    pub break_prob: f64,
+    pub centre: (f64, f64),
+    pub radius_m: f64,
+    pub speed_mps: f64,
+    pub seed: u64,
+}
+
+/// Durations in the report are written the way they are given (`20s`, `5m`).
+mod humantime_serde_secs {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+struct Preset {
+    drivers: usize,
+    riders_per_s: f64,
+    rider_connections: usize,
+    duration: Duration,
+    ramp: Duration,
+    drain: Duration,
+    update_interval: Duration,
+    accept_prob: f64,
+    no_answer_prob: f64,
+    cancel_prob: f64,
+    answer_delay: Duration,
+    trip_time: Duration,
+    break_prob: f64,
+}
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+const fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+impl Scenario {
+    fn preset(self) -> Preset {
+        match self {
+            Scenario::Smoke => Preset {
+                drivers: 60,
+                riders_per_s: 20.0,
+                rider_connections: 8,
+                duration: secs(3),
+                ramp: secs(1),
+                drain: secs(2),
+                update_interval: secs(1),
+                accept_prob: 0.7,
+                no_answer_prob: 0.1,
+                cancel_prob: 0.05,
+                answer_delay: millis(200),
+                trip_time: secs(1),
+                break_prob: 0.1,
+            },
+            Scenario::City => Preset {
+                drivers: 5_000,
+                riders_per_s: 200.0,
+                rider_connections: 200,
+                duration: secs(60),
+                ramp: secs(10),
+                drain: secs(10),
+                update_interval: secs(4),
+                accept_prob: 0.8,
+                no_answer_prob: 0.05,
+                cancel_prob: 0.05,
+                answer_delay: secs(3),
+                trip_time: secs(30),
+                break_prob: 0.02,
+            },
+            Scenario::Rush => Preset {
+                drivers: 20_000,
+                riders_per_s: 2_000.0,
+                rider_connections: 1_000,
+                duration: secs(60),
+                ramp: secs(20),
+                drain: secs(10),
+                update_interval: secs(4),
+                accept_prob: 0.9,
+                no_answer_prob: 0.02,
+                cancel_prob: 0.03,
+                answer_delay: secs(1),
+                trip_time: secs(20),
+                break_prob: 0.01,
+            },
+            Scenario::Stress => Preset {
+                drivers: 100_000,
+                riders_per_s: 10_000.0,
+                rider_connections: 2_000,
+                duration: secs(60),
+                ramp: secs(60),
+                drain: secs(10),
+                update_interval: secs(1),
+                accept_prob: 1.0,
+                no_answer_prob: 0.0,
+                cancel_prob: 0.0,
+                answer_delay: Duration::ZERO,
+                trip_time: secs(2),
+                break_prob: 0.0,
+            },
+        }
+    }
+}
+
+impl Args {
+    /// The preset with every given flag applied; checks the result makes sense.
+    pub fn plan(&self) -> anyhow::Result<Plan> {
+        let p = self.scenario.preset();
+        let plan = Plan {
+            url: self.url.trim_end_matches('/').to_string(),
+            scenario: format!("{:?}", self.scenario).to_lowercase(),
+            drivers: self.drivers.unwrap_or(p.drivers),
+            riders_per_s: self.riders_per_s.unwrap_or(p.riders_per_s),
+            rider_connections: self.rider_connections.unwrap_or(p.rider_connections),
+            duration: self.duration.unwrap_or(p.duration),
+            ramp: self.ramp.unwrap_or(p.ramp),
+            drain: self.drain.unwrap_or(p.drain),
+            update_interval: self.update_interval.unwrap_or(p.update_interval),
+            accept_prob: self.accept_prob.unwrap_or(p.accept_prob),
+            no_answer_prob: self.no_answer_prob.unwrap_or(p.no_answer_prob),
+            cancel_prob: self.cancel_prob.unwrap_or(p.cancel_prob),
+            answer_delay: self.answer_delay.unwrap_or(p.answer_delay),
+            trip_time: self.trip_time.unwrap_or(p.trip_time),
+            break_prob: self.break_prob.unwrap_or(p.break_prob),
+            centre: (self.centre_lat, self.centre_lon),
+            radius_m: self.radius_km * 1_000.0,
+            speed_mps: self.speed_mps,
+            seed: self.seed,
+        };
+        for (name, p) in [
+            ("accept-prob", plan.accept_prob),
+            ("no-answer-prob", plan.no_answer_prob),
+            ("cancel-prob", plan.cancel_prob),
+            ("break-prob", plan.break_prob),
+        ] {
+            anyhow::ensure!((0.0..=1.0).contains(&p), "--{name} must be within 0..=1");
+        }
+        anyhow::ensure!(
+            plan.accept_prob + plan.no_answer_prob <= 1.0,
+            "--accept-prob plus --no-answer-prob must not exceed 1"
+        );
+        anyhow::ensure!(
+            plan.rider_connections > 0,
+            "--rider-connections must be at least 1"
+        );
+        anyhow::ensure!(
+            plan.riders_per_s >= 0.0 && plan.riders_per_s.is_finite(),
+            "--riders-per-s must be a non-negative number"
+        );
+        anyhow::ensure!(
+            !plan.update_interval.is_zero(),
+            "--update-interval must be positive"
+        );
+        anyhow::ensure!(
+            ridelock::location::LatLon::new(self.centre_lat, self.centre_lon).is_ok(),
+            "the city centre is not a valid position"
+        );
+        anyhow::ensure!(
+            self.url.starts_with("ws://"),
+            "--url must look like ws://HOST:PORT"
+        );
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_preset() {
+        let args = Args::parse_from([
+            "simulator",
+            "--scenario",
+            "city",
+            "--drivers",
+            "7",
+            "--duration",
+            "5m",
+        ]);
+        let plan = args.plan().unwrap();
+        assert_eq!(plan.drivers, 7);
+        assert_eq!(plan.duration, Duration::from_secs(300));
+        assert_eq!(plan.update_interval, Duration::from_secs(4)); // the preset's
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["duration"], "5m");
+    }
+
+    #[test]
+    fn nonsense_is_refused() {
+        let args = Args::parse_from([
+            "simulator",
+            "--accept-prob",
+            "0.9",
+            "--no-answer-prob",
+            "0.5",
+        ]);
+        assert!(args.plan().is_err());
+        let args = Args::parse_from(["simulator", "--url", "http://x"]);
+        assert!(args.plan().is_err());
+    }
+}

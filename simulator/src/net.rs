@@ -1,0 +1,189 @@
+//! Sockets: connecting many clients over loopback, and the open-file limit.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{lookup_host, TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::WebSocketStream;
+
+/// Connections per loopback source address. One address has ~28k ephemeral
+/// ports towards one server port (Linux's default range 32768–60999); staying
+/// well below leaves room for ports in TIME_WAIT.
+pub const CONNECTIONS_PER_SOURCE: usize = 20_000;
+
+/// A client WebSocket.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Where the engine is, resolved once.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `host:port` as given in the URL (for the Host header).
+    pub authority: String,
+    /// The resolved address.
+    pub addr: SocketAddr,
+}
+
+impl Target {
+    /// Resolves `ws://HOST:PORT`.
+    pub async fn resolve(url: &str) -> anyhow::Result<Target> {
+        let authority = url
+            .strip_prefix("ws://")
+            .context("the URL must start with ws://")?
+            .trim_end_matches('/')
+            .to_string();
+        let addr = lookup_host(&authority)
+            .await
+            .with_context(|| format!("resolving {authority}"))?
+            .next()
+            .with_context(|| format!("{authority} resolves to nothing"))?;
+        Ok(Target { authority, addr })
+    }
+
+    /// The source address for the `n`th connection: spread over 127.0.0.1,
+    /// 127.0.0.2, … when the engine is on loopback, so that 100k connections
+    /// don't run out of ephemeral ports. `None` elsewhere (the OS chooses).
+    pub fn source_for(&self, n: usize, total: usize) -> Option<IpAddr> {
+        match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() => {
+                let sources = total.div_ceil(CONNECTIONS_PER_SOURCE).clamp(1, 250);
+                Some(IpAddr::V4(Ipv4Addr::new(
+                    127,
+                    0,
+                    0,
+                    1 + (n % sources) as u8,
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    /// Opens a WebSocket to `path` (e.g. `/ws/driver?id=d1`).
+    pub async fn connect(&self, path: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
+        let socket = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if let Some(ip) = source {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .with_context(|| format!("binding a client socket to {ip}"))?;
+        }
+        let stream = socket
+            .connect(self.addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        let url = format!("ws://{}{path}", self.authority);
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(url, stream, Some(client_config()))
+                .await
+                .context("WebSocket handshake")?;
+        Ok(ws)
+    }
+
+    /// `GET path` over plain HTTP; the body.
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect(self.addr).await?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.authority
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP response")?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+        Ok(body.to_string())
+    }
+}
+
+/// Client WebSocket buffers: small, like the engine's, so that 100k clients
+/// fit beside the engine on one machine.
+pub fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_write_buffer_size(256 * 1024)
+        .max_message_size(Some(64 * 1024))
+        .max_frame_size(Some(64 * 1024))
+}
+
+/// Raises this process's open-file soft limit to its hard limit; returns the
+/// limit now in force.
+pub fn raise_open_file_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        limit.rlim_cur
+    }
+}
+
+/// A process's resident set size in KiB, from /proc (Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The value of an unlabelled counter or gauge in a Prometheus exposition.
+pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_spread_over_loopback_sources() {
+        let target = Target {
+            authority: "127.0.0.1:8080".into(),
+            addr: "127.0.0.1:8080".parse().unwrap(),
+        };
+        assert_eq!(
+            target.source_for(5, 100),
+            Some("127.0.0.1".parse().unwrap())
+        );
+        let sources: std::collections::HashSet<_> = (0..100_000)
+            .map(|n| target.source_for(n, 100_000).unwrap())
+            .collect();
+        assert_eq!(sources.len(), 5);
+        let remote = Target {
+            authority: "10.0.0.1:80".into(),
+            addr: "10.0.0.1:80".parse().unwrap(),
+        };
+        assert_eq!(remote.source_for(1, 10), None);
+    }
+
+    #[test]
+    fn reads_our_own_rss_and_metric_values() {
+        assert!(rss_kib(std::process::id()).unwrap() > 0);
+        let exposition = "# TYPE x counter\nridelock_a_total 12\nridelock_ab_total 3\n";
+        assert_eq!(metric_value(exposition, "ridelock_a_total"), Some(12.0));
+        assert_eq!(metric_value(exposition, "ridelock_missing"), None);
+    }
+}

@@ -1,0 +1,228 @@
+//! The run's report: a table for people, JSON for scripts.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::args::Plan;
+
+/// Latency percentiles in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// From a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        let ms = |micros: u64| micros as f64 / 1_000.0;
+        Percentiles {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// Offers by how they ended, as the drivers saw them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Offers {
+    pub received: u64,
+    pub accepted: u64,
+    pub declined: u64,
+    pub expired: u64,
+}
+
+/// The latencies measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latencies {
+    pub request_to_offer: Percentiles,
+    pub request_to_matched: Percentiles,
+}
+
+/// Everything a run found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub plan: Plan,
+    pub elapsed_s: f64,
+    pub requests: u64,
+    /// Requests the engine answered with `searching`.
+    pub acknowledged: u64,
+    pub matches: u64,
+    pub no_driver: u64,
+    pub cancelled: u64,
+    pub offers: Offers,
+    /// Over the steady phase.
+    pub requests_per_s: f64,
+    pub matches_per_s: f64,
+    /// Sent by the simulator over the steady phase.
+    pub location_updates_per_s: f64,
+    /// Taken in by the engine over the steady phase (its own counter).
+    pub engine_location_updates_per_s: Option<f64>,
+    /// Location updates sent but not counted by the engine at the end: a
+    /// growing backlog would show here.
+    pub location_backlog: Option<i64>,
+    pub no_driver_rate: f64,
+    pub latency_ms: Latencies,
+    pub violations: u64,
+    pub violation_examples: Vec<String>,
+    pub connected_drivers_peak: u64,
+    pub connect_errors: u64,
+    pub first_connect_error: Option<String>,
+    pub engine_rss_kib_peak: Option<u64>,
+    pub engine_rss_kib_per_driver: Option<f64>,
+    pub driver_errors: u64,
+    pub rider_errors: u64,
+    pub dropped_arrivals: u64,
+}
+
+impl Report {
+    /// The final table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let p = &self.plan;
+        let _ = writeln!(
+            out,
+            "scenario {} against {}: {} drivers, {} rider connections, {:.0} requests/s offered, {:.1} s",
+            p.scenario, p.url, p.drivers, p.rider_connections, p.riders_per_s, self.elapsed_s
+        );
+        let row = |out: &mut String, k: &str, v: String| {
+            let _ = writeln!(out, "  {k:<38} {v}");
+        };
+        row(
+            &mut out,
+            "requests (acknowledged)",
+            format!("{} ({})", self.requests, self.acknowledged),
+        );
+        row(
+            &mut out,
+            "matched / no_driver / cancelled",
+            format!("{} / {} / {}", self.matches, self.no_driver, self.cancelled),
+        );
+        row(
+            &mut out,
+            "offers accepted / declined / expired",
+            format!(
+                "{} / {} / {}",
+                self.offers.accepted, self.offers.declined, self.offers.expired
+            ),
+        );
+        row(
+            &mut out,
+            "requests/s (steady)",
+            format!("{:.1}", self.requests_per_s),
+        );
+        row(
+            &mut out,
+            "matches/s (steady)",
+            format!("{:.1}", self.matches_per_s),
+        );
+        row(
+            &mut out,
+            "location updates/s sent",
+            format!("{:.0}", self.location_updates_per_s),
+        );
+        if let Some(engine) = self.engine_location_updates_per_s {
+            row(
+                &mut out,
+                "location updates/s taken by engine",
+                format!("{engine:.0}"),
+            );
+        }
+        if let Some(backlog) = self.location_backlog {
+            row(&mut out, "location backlog at end", backlog.to_string());
+        }
+        row(
+            &mut out,
+            "no-driver rate",
+            format!("{:.2}%", self.no_driver_rate * 100.0),
+        );
+        for (name, l) in [
+            ("request→offer ms", &self.latency_ms.request_to_offer),
+            ("request→matched ms", &self.latency_ms.request_to_matched),
+        ] {
+            row(
+                &mut out,
+                name,
+                format!(
+                    "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (n={})",
+                    l.p50, l.p90, l.p99, l.p999, l.max, l.count
+                ),
+            );
+        }
+        row(
+            &mut out,
+            "connected drivers (peak)",
+            self.connected_drivers_peak.to_string(),
+        );
+        if self.connect_errors > 0 {
+            row(
+                &mut out,
+                "connect errors",
+                format!(
+                    "{} (first: {})",
+                    self.connect_errors,
+                    self.first_connect_error.as_deref().unwrap_or("?")
+                ),
+            );
+        }
+        if let Some(rss) = self.engine_rss_kib_peak {
+            row(
+                &mut out,
+                "engine RSS peak",
+                format!("{:.1} MiB", rss as f64 / 1024.0),
+            );
+        }
+        if let Some(per) = self.engine_rss_kib_per_driver {
+            row(
+                &mut out,
+                "engine RSS per connected driver",
+                format!("{per:.1} KiB"),
+            );
+        }
+        row(
+            &mut out,
+            "errors (drivers / riders)",
+            format!("{} / {}", self.driver_errors, self.rider_errors),
+        );
+        row(&mut out, "VIOLATIONS", self.violations.to_string());
+        for example in &self.violation_examples {
+            let _ = writeln!(out, "    {example}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_in_milliseconds() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+        for micros in 1..=1000u64 {
+            h.record(micros * 10).unwrap();
+        }
+        let p = Percentiles::of(&h);
+        assert_eq!(p.count, 1000);
+        assert!((p.p50 - 5.0).abs() < 0.01, "{p:?}");
+        assert!((p.p99 - 9.9).abs() < 0.02, "{p:?}");
+        assert!((p.max - 10.0).abs() < 0.01, "{p:?}");
+        assert_eq!(
+            Percentiles::of(&Histogram::<u64>::new(3).unwrap()),
+            Percentiles::default()
+        );
+    }
+}

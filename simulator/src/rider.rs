@@ -1,0 +1,185 @@
+//! Rider connections: each carries many requests (a bounded pool stands in
+//! for a city of rider apps), cancels some, and records how each ended.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use ridelock::location::LatLon;
+use ridelock::protocol::{RiderCommand, ServerMessage};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::checker::Final;
+use crate::net::Ws;
+use crate::run::Shared;
+
+/// Longest a cancelling rider waits before cancelling.
+const LONGEST_CANCEL_DELAY: Duration = Duration::from_secs(2);
+
+/// A ride request for a rider connection to send.
+#[derive(Debug)]
+pub struct Order {
+    /// Unique across the run.
+    pub request_id: String,
+    /// Where to be picked up.
+    pub pickup: LatLon,
+}
+
+/// What the run tells rider connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Send what arrives.
+    Running,
+    /// Cancel everything still open; keep reading.
+    Draining,
+    /// Close.
+    Stopped,
+}
+
+/// Runs rider connection `n`: sends orders as they arrive, reads outcomes.
+pub async fn run(
+    n: usize,
+    shared: Arc<Shared>,
+    mut orders: mpsc::Receiver<Order>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let id = format!("sim-r{n}");
+    let source = shared
+        .target
+        .source_for(shared.plan.drivers + n, shared.total_connections);
+    let mut ws = match shared
+        .target
+        .connect(&format!("/ws/rider?id={id}"), source)
+        .await
+    {
+        Ok(ws) => ws,
+        Err(e) => return shared.stats.connect_failed(&e),
+    };
+    let mut rng = SmallRng::seed_from_u64(shared.plan.seed ^ (0xA5A5_0000 + n as u64));
+    // Requests in flight on this connection: when each was sent.
+    let mut open: HashMap<String, Instant> = HashMap::new();
+    let mut cancels: Vec<(Instant, String)> = Vec::new();
+    loop {
+        let next_cancel = cancels.iter().map(|(at, _)| *at).min();
+        let far = Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            order = orders.recv(), if *phase.borrow() == Phase::Running => {
+                let Some(order) = order else { continue };
+                let now = Instant::now();
+                shared.stats.request_sent(&order.request_id, now);
+                open.insert(order.request_id.clone(), now);
+                if rng.random_bool(shared.plan.cancel_prob) {
+                    let delay = LONGEST_CANCEL_DELAY.mul_f64(rng.random::<f64>());
+                    cancels.push((now + delay, order.request_id.clone()));
+                }
+                let command = RiderCommand::RequestRide {
+                    request_id: order.request_id.into(),
+                    pickup: order.pickup,
+                };
+                if send(&mut ws, &command).await.is_err() {
+                    break;
+                }
+            }
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => on_message(&text, &id, &mut open, &shared),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = tokio::time::sleep_until(next_cancel.unwrap_or(far)), if next_cancel.is_some() => {
+                let now = Instant::now();
+                let (due, later): (Vec<_>, Vec<_>) = cancels.drain(..).partition(|(at, _)| *at <= now);
+                cancels = later;
+                for (_, request_id) in due {
+                    if open.contains_key(&request_id)
+                        && send(&mut ws, &RiderCommand::Cancel { request_id: request_id.into() }).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == Phase::Stopped {
+                    break;
+                }
+                // Draining: withdraw what is still open, so that every request
+                // is owed its final message within the drain period.
+                cancels.clear();
+                let ids: Vec<String> = open.keys().cloned().collect();
+                for request_id in ids {
+                    if send(&mut ws, &RiderCommand::Cancel { request_id: request_id.into() }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+}
+
+async fn send(ws: &mut Ws, command: &RiderCommand) -> Result<(), ()> {
+    let text = serde_json::to_string(command).map_err(|_| ())?;
+    ws.send(Message::text(text)).await.map_err(|_| ())
+}
+
+fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shared: &Shared) {
+    let stats = &shared.stats;
+    let message: ServerMessage = match serde_json::from_str(text) {
+        Ok(message) => message,
+        Err(e) => return stats.violation(format!("rider {rider} got unparsable {text}: {e}")),
+    };
+    let (request_id, how) = match message {
+        ServerMessage::Searching { request_id } => {
+            stats.acknowledged.inc();
+            stats
+                .ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .acknowledged(&request_id);
+            return;
+        }
+        ServerMessage::Matched {
+            request_id,
+            driver_id,
+            ..
+        } => {
+            stats.matches.inc();
+            if let Some(sent) = open.get(&*request_id) {
+                stats.request_to_matched.record(sent.elapsed());
+            }
+            (request_id, Final::Matched(driver_id.to_string()))
+        }
+        ServerMessage::NoDriver { request_id } => {
+            stats.no_driver.inc();
+            (request_id, Final::NoDriver)
+        }
+        ServerMessage::Cancelled { request_id } => {
+            stats.cancelled.inc();
+            (request_id, Final::Cancelled)
+        }
+        ServerMessage::Error { code, .. } => {
+            // A cancel that crossed the request's final message finds nothing.
+            if code.as_str() != "unknown_request" {
+                stats.rider_errors.inc();
+            }
+            return;
+        }
+        other => {
+            return stats.violation(format!("rider {rider} got a driver's message {other:?}"));
+        }
+    };
+    open.remove(&*request_id);
+    stats.request_ended(&request_id);
+    let verdict = stats
+        .ledger
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .final_message(&request_id, how);
+    if let Some(v) = verdict {
+        stats.violation(v);
+    }
+}

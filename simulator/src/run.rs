@@ -1,0 +1,292 @@
+//! One simulation run: ramp the drivers up, send riders at the planned rate
+//! for the steady phase, drain, and report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use ridelock::location::LatLon;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::args::Plan;
+use crate::arrivals::Poisson;
+use crate::city::City;
+use crate::driver;
+use crate::net::{self, Target};
+use crate::report::{Latencies, Offers, Percentiles, Report};
+use crate::rider::{self, Order, Phase};
+use crate::stats::Stats;
+
+/// The engine's counter of location updates it took in.
+const ENGINE_LOCATION_COUNTER: &str = "ridelock_location_updates_total";
+/// Orders a rider connection may have queued before arrivals are dropped.
+const ORDER_QUEUE: usize = 1024;
+
+/// What every virtual client shares.
+pub struct Shared {
+    pub plan: Plan,
+    pub target: Target,
+    pub city: City,
+    pub stats: Stats,
+    /// Driver plus rider connections, for spreading source addresses.
+    pub total_connections: usize,
+}
+
+/// Counters at one instant, for rates over a window.
+#[derive(Clone, Copy)]
+struct Snapshot {
+    at: Instant,
+    requests: u64,
+    matches: u64,
+    locations: u64,
+    engine_locations: Option<f64>,
+}
+
+async fn snapshot(shared: &Shared) -> Snapshot {
+    let engine_locations = shared
+        .target
+        .http_get("/metrics")
+        .await
+        .ok()
+        .and_then(|body| net::metric_value(&body, ENGINE_LOCATION_COUNTER));
+    Snapshot {
+        at: Instant::now(),
+        requests: shared.stats.requests.get(),
+        matches: shared.stats.matches.get(),
+        locations: shared.stats.locations_sent.get(),
+        engine_locations,
+    }
+}
+
+/// Runs the plan against the engine and reports.
+pub async fn run(
+    plan: Plan,
+    engine_pid: Option<u32>,
+    show_progress: bool,
+) -> anyhow::Result<Report> {
+    let open_files = net::raise_open_file_limit();
+    let needed = plan.drivers + plan.rider_connections + 64;
+    if (open_files as usize) < needed {
+        eprintln!(
+            "warning: open-file limit {open_files} is below the {needed} sockets this run needs; raise it (ulimit -n)"
+        );
+    }
+    let target = Target::resolve(&plan.url).await?;
+    let first = snapshot_engine(&target).await?;
+    let centre = LatLon::new(plan.centre.0, plan.centre.1).context("city centre")?;
+    let shared = Arc::new(Shared {
+        city: City::new(centre, plan.radius_m),
+        total_connections: plan.drivers + plan.rider_connections,
+        plan,
+        target,
+        stats: Stats::default(),
+    });
+    let plan = &shared.plan;
+    let t0 = Instant::now();
+
+    let (stop, stopped) = watch::channel(false);
+    let mut drivers = Vec::with_capacity(plan.drivers);
+    for n in 0..plan.drivers {
+        let start_at = t0 + plan.ramp.mul_f64(n as f64 / plan.drivers.max(1) as f64);
+        drivers.push(tokio::spawn(driver::run(
+            n,
+            shared.clone(),
+            start_at,
+            stopped.clone(),
+        )));
+    }
+    let (phase, phase_rx) = watch::channel(Phase::Running);
+    let mut order_queues = Vec::with_capacity(plan.rider_connections);
+    let mut riders = Vec::with_capacity(plan.rider_connections);
+    for n in 0..plan.rider_connections {
+        let (tx, rx) = mpsc::channel(ORDER_QUEUE);
+        order_queues.push(tx);
+        riders.push(tokio::spawn(rider::run(
+            n,
+            shared.clone(),
+            rx,
+            phase_rx.clone(),
+        )));
+    }
+
+    let rss_peak = Arc::new(AtomicU64::new(0));
+    let sampler = tokio::spawn(sample(
+        shared.clone(),
+        engine_pid,
+        rss_peak.clone(),
+        show_progress,
+    ));
+
+    tokio::time::sleep_until(t0 + plan.ramp).await;
+    let steady_start = snapshot(&shared).await;
+    let steady_end_at = steady_start.at + plan.duration;
+    send_arrivals(&shared, &order_queues, steady_end_at).await;
+    let steady_end = snapshot(&shared).await;
+
+    let _ = phase.send(Phase::Draining);
+    tokio::time::sleep(plan.drain).await;
+    let _ = stop.send(true);
+    let _ = phase.send(Phase::Stopped);
+    for task in drivers.into_iter().chain(riders) {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    sampler.abort();
+    let last = snapshot_engine(&shared.target).await.ok();
+
+    let stats = &shared.stats;
+    for missing in stats
+        .ledger
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .finish()
+    {
+        stats.violation(missing);
+    }
+    let window = steady_end
+        .at
+        .duration_since(steady_start.at)
+        .as_secs_f64()
+        .max(1e-9);
+    let rate = |end: u64, start: u64| (end.saturating_sub(start)) as f64 / window;
+    let engine_rate = match (steady_start.engine_locations, steady_end.engine_locations) {
+        (Some(a), Some(b)) => Some((b - a) / window),
+        _ => None,
+    };
+    let backlog = match (first, last.flatten()) {
+        (Some(a), Some(b)) => Some(stats.locations_sent.get() as i64 - (b - a) as i64),
+        _ => None,
+    };
+    let finals = stats.matches.get() + stats.no_driver.get() + stats.cancelled.get();
+    let peak = stats.connected_peak();
+    let rss = rss_peak.load(Ordering::Relaxed);
+    let rss = (engine_pid.is_some() && rss > 0).then_some(rss);
+    Ok(Report {
+        plan: shared.plan.clone(),
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        requests: stats.requests.get(),
+        acknowledged: stats.acknowledged.get(),
+        matches: stats.matches.get(),
+        no_driver: stats.no_driver.get(),
+        cancelled: stats.cancelled.get(),
+        offers: Offers {
+            received: stats.offers_received.get(),
+            accepted: stats.offers_accepted.get(),
+            declined: stats.offers_declined.get(),
+            expired: stats.offers_expired.get(),
+        },
+        requests_per_s: rate(steady_end.requests, steady_start.requests),
+        matches_per_s: rate(steady_end.matches, steady_start.matches),
+        location_updates_per_s: rate(steady_end.locations, steady_start.locations),
+        engine_location_updates_per_s: engine_rate,
+        location_backlog: backlog,
+        no_driver_rate: if finals == 0 {
+            0.0
+        } else {
+            stats.no_driver.get() as f64 / finals as f64
+        },
+        latency_ms: Latencies {
+            request_to_offer: Percentiles::of(&stats.request_to_offer.snapshot()),
+            request_to_matched: Percentiles::of(&stats.request_to_matched.snapshot()),
+        },
+        violations: stats.violations(),
+        violation_examples: stats.violation_examples(),
+        connected_drivers_peak: peak,
+        connect_errors: stats.connect_errors.get(),
+        first_connect_error: stats.first_connect_error(),
+        engine_rss_kib_peak: rss,
+        engine_rss_kib_per_driver: rss.filter(|_| peak > 0).map(|r| r as f64 / peak as f64),
+        driver_errors: stats.driver_errors.get(),
+        rider_errors: stats.rider_errors.get(),
+        dropped_arrivals: stats.dropped_arrivals.get(),
+    })
+}
+
+/// The engine's location counter; also proves the engine is there.
+async fn snapshot_engine(target: &Target) -> anyhow::Result<Option<f64>> {
+    let body = target.http_get("/metrics").await.with_context(|| {
+        format!(
+            "the engine at {} does not answer GET /metrics",
+            target.authority
+        )
+    })?;
+    Ok(net::metric_value(&body, ENGINE_LOCATION_COUNTER))
+}
+
+/// Poisson arrivals until `until`, dealt round-robin to rider connections.
+async fn send_arrivals(shared: &Shared, queues: &[mpsc::Sender<Order>], until: Instant) {
+    let plan = &shared.plan;
+    let process = Poisson::new(plan.riders_per_s);
+    let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5EED);
+    let Some(first_gap) = process.next_gap(&mut rng) else {
+        tokio::time::sleep_until(until).await;
+        return;
+    };
+    let mut next_at = Instant::now() + first_gap;
+    let mut n: u64 = 0;
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        // Everything due since the last wake goes out now: a timer per
+        // arrival would cap the rate at the timer's resolution.
+        while next_at <= now {
+            let order = Order {
+                request_id: format!("q{n}"),
+                pickup: shared.city.random_point(&mut rng),
+            };
+            if queues[n as usize % queues.len()].try_send(order).is_err() {
+                shared.stats.dropped_arrivals.inc();
+            }
+            n += 1;
+            next_at += process.next_gap(&mut rng).unwrap_or(Duration::from_secs(1));
+        }
+        tokio::time::sleep_until(next_at.min(until)).await;
+    }
+}
+
+/// Samples the engine's RSS and draws the progress line twice a second.
+async fn sample(shared: Arc<Shared>, pid: Option<u32>, rss_peak: Arc<AtomicU64>, show: bool) {
+    let bar = ProgressBar::new_spinner();
+    if show {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+        );
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last = (Instant::now(), 0u64, 0u64);
+    loop {
+        tick.tick().await;
+        let rss = pid.and_then(net::rss_kib);
+        if let Some(rss) = rss {
+            rss_peak.fetch_max(rss, Ordering::Relaxed);
+        }
+        let stats = &shared.stats;
+        let (now, matches, locations) = (
+            Instant::now(),
+            stats.matches.get(),
+            stats.locations_sent.get(),
+        );
+        let dt = now.duration_since(last.0).as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "drivers {} | matches/s {:.0} | locations/s {:.0} | requests {} | violations {}{}",
+            stats.connected(),
+            (matches - last.1) as f64 / dt,
+            (locations - last.2) as f64 / dt,
+            stats.requests.get(),
+            stats.violations(),
+            rss.map(|r| format!(" | engine RSS {} MiB", r / 1024))
+                .unwrap_or_default(),
+        ));
+        bar.tick();
+        last = (now, matches, locations);
+    }
+}

@@ -1,0 +1,181 @@
+//! Live measurements shared by every virtual client.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+use crate::checker::RequestLedger;
+
+/// Violation examples kept (and printed); the count goes on past it.
+const EXAMPLES_KEPT: usize = 20;
+
+/// A counter many tasks bump.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A latency histogram in microseconds, 1 µs to 10 min, 3 significant digits.
+pub struct Latency(Mutex<Histogram<u64>>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency(Mutex::new(
+            Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+        ))
+    }
+}
+
+impl Latency {
+    /// Records one sample.
+    pub fn record(&self, elapsed: Duration) {
+        let micros = (elapsed.as_micros() as u64).clamp(1, 600_000_000);
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = h.record(micros);
+    }
+
+    /// A copy of the samples so far.
+    pub fn snapshot(&self) -> Histogram<u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Everything measured during a run.
+#[derive(Default)]
+pub struct Stats {
+    pub requests: Counter,
+    pub acknowledged: Counter,
+    pub matches: Counter,
+    pub no_driver: Counter,
+    pub cancelled: Counter,
+    pub rider_errors: Counter,
+    pub driver_errors: Counter,
+    pub offers_received: Counter,
+    pub offers_accepted: Counter,
+    pub offers_declined: Counter,
+    pub offers_expired: Counter,
+    pub locations_sent: Counter,
+    pub connect_errors: Counter,
+    pub dropped_arrivals: Counter,
+    connected: AtomicU64,
+    connected_peak: AtomicU64,
+    pub request_to_offer: Latency,
+    pub request_to_matched: Latency,
+    /// When each request was sent, until its first offer is seen.
+    awaiting_offer: Mutex<HashMap<String, Instant>>,
+    pub ledger: Mutex<RequestLedger>,
+    violations: AtomicU64,
+    examples: Mutex<Vec<String>>,
+    first_connect_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    /// A driver connection opened.
+    pub fn driver_connected(&self) {
+        let now = self.connected.fetch_add(1, Ordering::Relaxed) + 1;
+        self.connected_peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// A driver connection closed.
+    pub fn driver_disconnected(&self) {
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Drivers connected now.
+    pub fn connected(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Most drivers connected at once.
+    pub fn connected_peak(&self) -> u64 {
+        self.connected_peak.load(Ordering::Relaxed)
+    }
+
+    /// A connection attempt failed.
+    pub fn connect_failed(&self, error: &anyhow::Error) {
+        self.connect_errors.inc();
+        let mut first = self
+            .first_connect_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert_with(|| format!("{error:#}"));
+    }
+
+    /// The first connection error, if any.
+    pub fn first_connect_error(&self) -> Option<String> {
+        self.first_connect_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A request went out at `at`.
+    pub fn request_sent(&self, request_id: &str, at: Instant) {
+        self.requests.inc();
+        self.awaiting_offer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(request_id.to_string(), at);
+    }
+
+    /// A driver received an offer for `request_id`: the first one closes the
+    /// request→offer interval.
+    pub fn offer_seen(&self, request_id: &str, at: Instant) {
+        self.offers_received.inc();
+        let sent = self
+            .awaiting_offer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(request_id);
+        if let Some(sent) = sent {
+            self.request_to_offer
+                .record(at.saturating_duration_since(sent));
+        }
+    }
+
+    /// A request ended; its first-offer clock (if never offered) is dropped.
+    pub fn request_ended(&self, request_id: &str) {
+        self.awaiting_offer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(request_id);
+    }
+
+    /// Records a broken invariant (printed, counted, kept as an example).
+    pub fn violation(&self, description: String) {
+        let n = self.violations.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut examples = self.examples.lock().unwrap_or_else(|e| e.into_inner());
+        if examples.len() < EXAMPLES_KEPT {
+            eprintln!("VIOLATION: {description}");
+            examples.push(description);
+        } else if n == EXAMPLES_KEPT as u64 + 1 {
+            eprintln!("(further violations are counted, not printed)");
+        }
+    }
+
+    /// Violations so far.
+    pub fn violations(&self) -> u64 {
+        self.violations.load(Ordering::Relaxed)
+    }
+
+    /// The examples kept.
+    pub fn violation_examples(&self) -> Vec<String> {
+        self.examples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

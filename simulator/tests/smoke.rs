@@ -1,0 +1,105 @@
+//! The simulator's smoke scenario against a real engine on an ephemeral port:
+//! the simulator runs as its own process, the engine in this one.
+
+use std::process::Command;
+
+use ridelock::{Config, Engine};
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_scenario_finds_no_violations() {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        offer_timeout_ms: 300,
+        search_timeout_ms: 2_000,
+        ..Config::default()
+    };
+    let engine = Engine::start(config).await.expect("engine starts");
+    let report_path =
+        std::env::temp_dir().join(format!("ridelock-smoke-{}.json", std::process::id()));
+    let url = format!("ws://{}", engine.local_addr());
+    let pid = std::process::id().to_string();
+    let json = report_path.to_str().unwrap().to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_simulator"))
+            .args([
+                "--scenario",
+                "smoke",
+                "--url",
+                &url,
+                "--engine-pid",
+                &pid,
+                "--json",
+                &json,
+                "--quiet",
+            ])
+            .output()
+            .expect("the simulator runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "simulator failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("VIOLATIONS"), "{stdout}");
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&report_path);
+    let n = |key: &str| {
+        report[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} missing: {report}"))
+    };
+    assert_eq!(n("violations"), 0, "{report}");
+    assert!(report["violation_examples"].as_array().unwrap().is_empty());
+    assert!(n("matches") >= 1, "{report}");
+    assert!(n("requests") >= 20, "{report}");
+    assert_eq!(n("acknowledged"), n("requests"), "{report}");
+    // Every acknowledged request ended exactly once.
+    assert_eq!(
+        n("matches") + n("no_driver") + n("cancelled"),
+        n("acknowledged"),
+        "{report}"
+    );
+    assert_eq!(report["offers"]["accepted"].as_u64(), Some(n("matches")));
+    assert_eq!(n("connected_drivers_peak"), 60);
+    assert_eq!(n("connect_errors"), 0);
+    assert!(report["matches_per_s"].as_f64().unwrap() > 0.0);
+    let sent = report["location_updates_per_s"].as_f64().unwrap();
+    let taken = report["engine_location_updates_per_s"].as_f64().unwrap();
+    assert!(
+        sent > 0.0 && (taken - sent).abs() <= sent * 0.5,
+        "sent {sent}/s, engine took {taken}/s"
+    );
+    assert_eq!(report["location_backlog"].as_i64(), Some(0), "{report}");
+    for latency in ["request_to_offer", "request_to_matched"] {
+        let l = &report["latency_ms"][latency];
+        let (p50, p99, max) = (
+            l["p50"].as_f64().unwrap(),
+            l["p99"].as_f64().unwrap(),
+            l["max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{latency}: {l}");
+    }
+    assert!(n("engine_rss_kib_peak") > 0);
+    assert_eq!(report["plan"]["duration"], "3s");
+    engine.shutdown().await;
+}
+
+#[test]
+fn an_unreachable_engine_is_a_clear_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let output = Command::new(env!("CARGO_BIN_EXE_simulator"))
+        .args(["--url", &format!("ws://{addr}"), "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("does not answer GET /metrics"), "{stderr}");
+}
