@@ -55,6 +55,11 @@ pub struct Config {
     /// Threads running driver actors (actix arbiters); 0 means one per core.
     #[arg(long, env = "RIDELOCK_DRIVER_THREADS", default_value_t = 0)]
     pub driver_threads: usize,
+
+    /// Threads serving sockets and parsing JSON (the tokio runtime of the
+    /// `ridelock` binary); 0 means one per core.
+    #[arg(long, env = "RIDELOCK_IO_THREADS", default_value_t = 0)]
+    pub io_threads: usize,
 }
 
 impl Default for Config {
@@ -76,9 +81,18 @@ impl Config {
 
     /// Driver threads, with 0 resolved to the number of cores.
     pub fn driver_threads(&self) -> usize {
-        match self.driver_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        }
+        per_core_if_zero(self.driver_threads)
+    }
+
+    /// I/O threads, with 0 resolved to the number of cores.
+    pub fn io_threads(&self) -> usize {
+        per_core_if_zero(self.io_threads)
+    }
+}
+
+fn per_core_if_zero(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
 }

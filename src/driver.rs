@@ -24,7 +24,7 @@ use crate::lock::{
     AnswerError, Availability, DriverLock, Ended, Ending, FencingToken, LockRefused, LockState,
     Offer, OfferId,
 };
-use crate::matcher::{DriverAvailable, DriverUnavailable, Matcher, OfferEnded};
+use crate::matcher::{DriverAvailable, DriverUnavailable, LockAnswered, Matcher, OfferEnded};
 use crate::metrics as m;
 use crate::protocol::{
     DriverCommand, DriverId, ErrorCode, RequestId, RevokeReason, RiderId, ServerMessage,
@@ -57,9 +57,10 @@ pub struct Granted {
     pub fencing_token: FencingToken,
 }
 
-/// The matcher asks for the driver's lock.
+/// The matcher asks for the driver's lock; the answer goes back through
+/// `reply`.
 #[derive(Message)]
-#[rtype(result = "Result<Granted, LockRefused>")]
+#[rtype(result = "()")]
 pub struct TryLock {
     /// Id of the offer to make.
     pub offer_id: OfferId,
@@ -67,6 +68,55 @@ pub struct TryLock {
     pub holder: OfferHolder,
     /// How long the driver has to answer.
     pub timeout: Duration,
+    /// Where the answer goes.
+    pub reply: LockReply,
+}
+
+/// The way back to the matcher for a lock answer. The matcher hears exactly
+/// once per request: the driver's answer, or, if the request is dropped
+/// unanswered (the actor stopped with it still in its mailbox), a refusal.
+/// So no search ever waits for an answer that will not come.
+pub struct LockReply {
+    matcher: Addr<Matcher>,
+    answer: Option<LockAnswered>,
+}
+
+impl LockReply {
+    /// A reply for the lock request `offer_id` of `holder` to `driver_id`.
+    pub fn new(
+        matcher: Addr<Matcher>,
+        driver_id: DriverId,
+        offer_id: OfferId,
+        holder: &OfferHolder,
+    ) -> Self {
+        LockReply {
+            matcher,
+            answer: Some(LockAnswered {
+                driver_id,
+                offer_id,
+                search: holder.search,
+                rider_id: holder.rider_id.clone(),
+                request_id: holder.request_id.clone(),
+                result: Err(LockRefused::Offline),
+            }),
+        }
+    }
+
+    /// Sends the answer.
+    pub fn send(mut self, result: Result<Granted, LockRefused>) {
+        if let Some(mut answer) = self.answer.take() {
+            answer.result = result;
+            self.matcher.do_send(answer);
+        }
+    }
+}
+
+impl Drop for LockReply {
+    fn drop(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            self.matcher.do_send(answer);
+        }
+    }
 }
 
 /// The matcher withdraws an offer (the rider cancelled). Acts only while that
@@ -251,7 +301,7 @@ impl DriverActor {
             match location {
                 Some(location) => self.matcher.do_send(DriverAvailable {
                     driver_id: self.id.clone(),
-                    driver: ctx.address(),
+                    driver: self.indexed_at.is_none().then(|| ctx.address()),
                     location,
                 }),
                 None => self.matcher.do_send(DriverUnavailable {
@@ -411,20 +461,32 @@ impl Handler<FromDriver> for DriverActor {
 }
 
 impl Handler<TryLock> for DriverActor {
-    type Result = Result<Granted, LockRefused>;
+    type Result = ();
 
-    fn handle(&mut self, msg: TryLock, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: TryLock, ctx: &mut Context<Self>) {
+        let result = self.try_lock(msg.offer_id, msg.holder, msg.timeout, ctx);
+        m::lock_attempt(result.is_ok());
+        msg.reply.send(result);
+    }
+}
+
+impl DriverActor {
+    fn try_lock(
+        &mut self,
+        offer_id: OfferId,
+        holder: OfferHolder,
+        timeout: Duration,
+        ctx: &mut Context<Self>,
+    ) -> Result<Granted, LockRefused> {
         let now = Instant::now();
         let offer = Offer {
-            offer_id: msg.offer_id,
+            offer_id,
             fencing_token: self.ids.next_token(),
-            deadline: now + msg.timeout,
-            holder: msg.holder,
+            deadline: now + timeout,
+            holder,
         };
         let at = self.lock.location();
-        let result = self.lock.try_lock(offer, now);
-        m::lock_attempt(result.is_ok());
-        let offer = result?;
+        let offer = self.lock.try_lock(offer, now)?;
         let (deadline, fencing_token) = (offer.deadline, offer.fencing_token);
         let at = at.expect("an offerable driver has a location");
         let message = Self::offer_message(offer, at, now);

@@ -151,7 +151,17 @@ impl Engine {
     async fn stop_actors(&mut self) {
         self.system.stop();
         if let Some(thread) = self.actors.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            // The stop is a message behind whatever the matcher still has
+            // queued; don't let a deep backlog hold the process hostage.
+            let joined = tokio::time::timeout(
+                DRAIN_TIMEOUT,
+                tokio::task::spawn_blocking(move || thread.join()),
+            );
+            if joined.await.is_err() {
+                tracing::warn!(
+                    "actors still busy after {DRAIN_TIMEOUT:?}; leaving them to the process exit"
+                );
+            }
         }
     }
 }

@@ -10,14 +10,15 @@
 //! reach it parks, indexed by pickup, and is woken (first come, first served)
 //! by the next driver who becomes available nearby, so nothing polls.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use crate::config::Config;
-use crate::driver::{CancelOffer, DriverActor, Granted, OfferHolder, TryLock};
+use crate::driver::{CancelOffer, DriverActor, Granted, LockReply, OfferHolder, TryLock};
 use crate::ids::Ids;
 use crate::location::LatLon;
 use crate::lock::{Ended, Ending, FencingToken, LockRefused, OfferId};
@@ -25,6 +26,15 @@ use crate::metrics as m;
 use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
 use crate::session::Outbox;
 use crate::spatial::SpatialIndex;
+
+/// How often search deadlines are checked. One timer for all searches: actix
+/// polls every future an actor has spawned each time it wakes, so a timer per
+/// search would make every message cost as much as the searches in flight.
+const DEADLINE_TICK: Duration = Duration::from_millis(10);
+
+/// Parked searches looked at oldest-first before falling back to a spatial
+/// query when a driver frees up (see `wake_parked`).
+const OLDEST_PARKED_SCAN: usize = 64;
 
 /// How often the matcher's gauges (searches, waiting riders, index size) are
 /// refreshed.
@@ -73,14 +83,16 @@ pub struct RiderGone {
     pub session: u64,
 }
 
-/// A driver became offerable or moved while offerable.
+/// A driver became offerable, or moved while offerable.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct DriverAvailable {
     /// The driver.
     pub driver_id: DriverId,
-    /// The driver's actor.
-    pub driver: Addr<DriverActor>,
+    /// The driver's actor, when it just became offerable; `None` for a move
+    /// (the matcher has the address already, and cloning and dropping one per
+    /// location update is measurable).
+    pub driver: Option<Addr<DriverActor>>,
     /// Where the driver is.
     pub location: LatLon,
 }
@@ -103,6 +115,24 @@ pub struct OfferEnded {
     pub driver_location: Option<LatLon>,
     /// The offer and how it ended.
     pub ended: Ended<OfferHolder>,
+}
+
+/// A driver's answer to a lock request (see [`LockReply`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LockAnswered {
+    /// The driver asked.
+    pub driver_id: DriverId,
+    /// The offer the lock was for.
+    pub offer_id: OfferId,
+    /// The search that asked (its matcher sequence number).
+    pub search: u64,
+    /// The search's rider.
+    pub rider_id: RiderId,
+    /// The search's request id.
+    pub request_id: RequestId,
+    /// Granted, or why not.
+    pub result: Result<Granted, LockRefused>,
 }
 
 /// Counts of the matcher's state, for tests and operators.
@@ -128,7 +158,10 @@ enum Phase {
     /// No driver asked yet, or the last one is done with: looking or parked.
     Looking,
     /// A lock was asked of `driver`; its answer is on the way.
-    Locking { offer_id: OfferId },
+    Locking {
+        driver: Addr<DriverActor>,
+        offer_id: OfferId,
+    },
     /// `driver` holds the offer.
     Offered {
         driver: Addr<DriverActor>,
@@ -176,6 +209,9 @@ pub struct Matcher {
     /// Parked searches, oldest first, and where they wait.
     waiting: BTreeMap<u64, SearchKey>,
     waiting_at: SpatialIndex<u64>,
+    /// Search deadlines, soonest first (entries of ended searches are
+    /// skipped when they come up).
+    deadlines: BinaryHeap<Reverse<(Instant, u64, SearchKey)>>,
     next_seq: u64,
 }
 
@@ -189,6 +225,7 @@ impl Actor for Matcher {
         // Gauges are read by scrapes every few seconds; refreshing them once a
         // second keeps that work off the per-message path.
         ctx.run_interval(GAUGE_REFRESH, |act, _| act.publish_gauges());
+        ctx.run_interval(DEADLINE_TICK, |act, ctx| act.expire_searches(ctx));
     }
 }
 
@@ -205,6 +242,7 @@ impl Matcher {
             by_session: HashMap::new(),
             waiting: BTreeMap::new(),
             waiting_at: SpatialIndex::new(),
+            deadlines: BinaryHeap::new(),
             next_seq: 0,
         }
     }
@@ -264,7 +302,10 @@ impl Matcher {
         };
         let offer_id = self.ids.next_offer();
         let seq = search.seq;
-        search.phase = Phase::Locking { offer_id };
+        search.phase = Phase::Locking {
+            driver: driver.clone(),
+            offer_id,
+        };
         search.candidates_tried += 1;
         let holder = OfferHolder {
             search: seq,
@@ -274,84 +315,71 @@ impl Matcher {
         };
         self.unpark(seq);
         self.locking.insert(driver_id.clone());
-        let request = driver.send(TryLock {
+        // The answer comes back as a `LockAnswered` message; a request that
+        // never reaches the driver answers itself (refused) when dropped.
+        let reply = LockReply::new(ctx.address(), driver_id, offer_id, &holder);
+        driver.do_send(TryLock {
             offer_id,
             holder,
             timeout: self.config.offer_timeout(),
+            reply,
         });
-        ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
-            let answer = answer.unwrap_or(Err(LockRefused::Offline));
-            act.lock_answered(key, seq, driver_id, driver, offer_id, answer, ctx);
-        }));
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn lock_answered(
-        &mut self,
-        key: SearchKey,
-        seq: u64,
-        driver_id: DriverId,
-        driver: Addr<DriverActor>,
-        offer_id: OfferId,
-        answer: Result<Granted, LockRefused>,
-        ctx: &mut Context<Self>,
-    ) {
-        self.locking.remove(&driver_id);
-        let current = self
-            .searches
-            .get_mut(&key)
-            .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id));
-        match (answer, current) {
-            (Ok(Granted { fencing_token }), Some(search)) => {
-                search.phase = Phase::Offered {
-                    driver: driver.clone(),
-                    offer_id,
-                    fencing_token,
-                };
-                if search.cancel_requested {
-                    driver.do_send(CancelOffer {
-                        offer_id,
-                        fencing_token,
-                    });
-                }
-                if !search.offered {
-                    search.offered = true;
-                    m::request_to_offer(search.started.elapsed());
-                }
-                // The driver will say it is unavailable too; taking it out now
-                // spares other searches a refused attempt in between.
-                self.drivers.remove(&driver_id);
-                self.driver_addrs.remove(&driver_id);
+    /// Ends the searching part of searches whose deadline has passed.
+    fn expire_searches(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        while let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
+            if *deadline > now {
+                break;
             }
-            (Err(_), Some(search)) => {
-                search.phase = Phase::Looking;
+            let Some(Reverse((_, seq, key))) = self.deadlines.pop() else {
+                break;
+            };
+            let Some(search) = self.searches.get_mut(&key).filter(|s| s.seq == seq) else {
+                continue;
+            };
+            search.deadline_passed = true;
+            // A search with a driver deciding lets that offer play out.
+            if matches!(search.phase, Phase::Looking) {
                 self.advance(key, ctx);
-                // The refusing driver may still be offerable for someone parked.
-                if let Some(at) = self.drivers.position(&driver_id) {
-                    self.wake_parked(&driver_id, at, ctx);
-                }
             }
-            // The offer already ended (the driver reported it before this
-            // answer arrived) or the search is gone: nothing left to do.
-            (_, None) => {}
         }
     }
 
     /// Offers a newly available driver to the oldest parked search in reach
     /// that hasn't had this driver before.
+    ///
+    /// Oldest-first over the first few parked searches finds it at once in
+    /// the usual case (the oldest waiting rider is in reach); only when none
+    /// of those is does it ask the spatial index for every parked search in
+    /// reach. Either way the answer is the oldest eligible one.
     fn wake_parked(&mut self, driver_id: &DriverId, at: LatLon, ctx: &mut Context<Self>) {
         if self.waiting.is_empty() || self.locking.contains(driver_id) {
             return;
         }
-        let oldest = self
-            .waiting_at
-            .nearest_within(at, self.config.radius_m)
-            .filter_map(|(seq, _)| {
-                let key = self.waiting.get(&seq)?;
-                let search = self.searches.get(key)?;
-                (!search.excluded.contains(driver_id)).then_some(seq)
-            })
-            .min();
+        let radius = self.config.radius_m;
+        let eligible = |search: &Search| !search.excluded.contains(driver_id);
+        let mut oldest = None;
+        for (seq, key) in self.waiting.iter().take(OLDEST_PARKED_SCAN) {
+            let Some(search) = self.searches.get(key) else {
+                continue;
+            };
+            if eligible(search) && search.pickup.distance_m(at) <= radius {
+                oldest = Some(*seq);
+                break;
+            }
+        }
+        if oldest.is_none() && self.waiting.len() > OLDEST_PARKED_SCAN {
+            oldest = self
+                .waiting_at
+                .nearest_within(at, radius)
+                .filter_map(|(seq, _)| {
+                    let search = self.searches.get(self.waiting.get(&seq)?)?;
+                    eligible(search).then_some(seq)
+                })
+                .min();
+        }
         if let Some(seq) = oldest {
             let key = self.waiting[&seq].clone();
             self.ask_for_lock(key, driver_id.clone(), ctx);
@@ -452,17 +480,11 @@ impl Handler<RequestRide> for Matcher {
                 offered: false,
             },
         );
-        let deadline_key = key.clone();
-        ctx.run_later(self.config.search_timeout(), move |act, ctx| {
-            let Some(search) = act.searches.get_mut(&deadline_key).filter(|s| s.seq == seq) else {
-                return;
-            };
-            search.deadline_passed = true;
-            // A search with a driver deciding lets that offer play out.
-            if matches!(search.phase, Phase::Looking) {
-                act.advance(deadline_key, ctx);
-            }
-        });
+        self.deadlines.push(Reverse((
+            Instant::now() + self.config.search_timeout(),
+            seq,
+            key.clone(),
+        )));
         self.advance(key, ctx);
     }
 }
@@ -505,8 +527,16 @@ impl Handler<DriverAvailable> for Matcher {
     type Result = ();
 
     fn handle(&mut self, msg: DriverAvailable, ctx: &mut Context<Self>) {
+        match msg.driver {
+            Some(driver) => {
+                self.driver_addrs.insert(msg.driver_id.clone(), driver);
+            }
+            // A move of a driver the matcher already took out of the index
+            // (it was just locked): the driver says unavailable next.
+            None if !self.driver_addrs.contains_key(&msg.driver_id) => return,
+            None => {}
+        }
         self.drivers.upsert(msg.driver_id.clone(), msg.location);
-        self.driver_addrs.insert(msg.driver_id.clone(), msg.driver);
         self.wake_parked(&msg.driver_id, msg.location, ctx);
     }
 }
@@ -560,6 +590,67 @@ impl Handler<OfferEnded> for Matcher {
                 }
                 search.phase = Phase::Looking;
                 self.advance(key, ctx);
+            }
+        }
+    }
+}
+
+impl Handler<LockAnswered> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: LockAnswered, ctx: &mut Context<Self>) {
+        let LockAnswered {
+            driver_id,
+            offer_id,
+            search: seq,
+            rider_id,
+            request_id,
+            result,
+        } = msg;
+        self.locking.remove(&driver_id);
+        let key = (rider_id, request_id);
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id))
+        else {
+            // The offer already ended (the driver reported it before this
+            // answer arrived) or the search is gone: nothing left to do.
+            return;
+        };
+        match result {
+            Ok(Granted { fencing_token }) => {
+                let Phase::Locking { driver, .. } = &search.phase else {
+                    return;
+                };
+                let driver = driver.clone();
+                if search.cancel_requested {
+                    driver.do_send(CancelOffer {
+                        offer_id,
+                        fencing_token,
+                    });
+                }
+                search.phase = Phase::Offered {
+                    driver,
+                    offer_id,
+                    fencing_token,
+                };
+                if !search.offered {
+                    search.offered = true;
+                    m::request_to_offer(search.started.elapsed());
+                }
+                // The driver will say it is unavailable too; taking it out now
+                // spares other searches a refused attempt in between.
+                self.drivers.remove(&driver_id);
+                self.driver_addrs.remove(&driver_id);
+            }
+            Err(_) => {
+                search.phase = Phase::Looking;
+                self.advance(key, ctx);
+                // The refusing driver may still be offerable for someone parked.
+                if let Some(at) = self.drivers.position(&driver_id) {
+                    self.wake_parked(&driver_id, at, ctx);
+                }
             }
         }
     }

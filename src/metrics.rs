@@ -8,10 +8,10 @@
 //! Grafana's `histogram_quantile` can aggregate (the exporter's default would
 //! be summaries).
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::lock::{Availability, Ending};
@@ -71,6 +71,16 @@ pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 pub const PROTOCOL_ERRORS: &str = "ridelock_protocol_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+// Handles for the per-message counters, looked up once: `counter!` hashes the
+// key into the registry on every call, which shows in profiles at 100k
+// messages per second. They are first touched after `install` (the engine
+// installs the recorder before it serves anything).
+static LOCATION_UPDATES_COUNTER: LazyLock<Counter> = LazyLock::new(|| counter!(LOCATION_UPDATES));
+static WS_IN_COUNTER: LazyLock<Counter> =
+    LazyLock::new(|| counter!(WS_MESSAGES, "direction" => "in"));
+static WS_OUT_COUNTER: LazyLock<Counter> =
+    LazyLock::new(|| counter!(WS_MESSAGES, "direction" => "out"));
 
 /// Installs the Prometheus recorder (once per process; later calls return the
 /// same handle) and starts its upkeep thread, which drains histogram samples.
@@ -253,11 +263,15 @@ pub(crate) fn matcher_gauges(searches: usize, waiting: usize, indexed: usize) {
 }
 
 pub(crate) fn location_update() {
-    counter!(LOCATION_UPDATES).increment(1);
+    LOCATION_UPDATES_COUNTER.increment(1);
 }
 
-pub(crate) fn ws_messages(direction: &'static str, count: u64) {
-    counter!(WS_MESSAGES, "direction" => direction).increment(count);
+pub(crate) fn ws_message_in() {
+    WS_IN_COUNTER.increment(1);
+}
+
+pub(crate) fn ws_messages_out(count: u64) {
+    WS_OUT_COUNTER.increment(count);
 }
 
 pub(crate) fn protocol_error(code: ErrorCode) {

@@ -135,7 +135,7 @@ pub async fn run<P: Peer>(
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         last_heard = now;
-                        m::ws_messages("in", 1);
+                        m::ws_message_in();
                         let reply = if !rate.allow(now) {
                             Some(ServerMessage::error(
                                 ErrorCode::RateLimited,
@@ -215,7 +215,7 @@ async fn write_error(
     if let ServerMessage::Error { code, .. } = &message {
         m::protocol_error(*code);
     }
-    m::ws_messages("out", 1);
+    m::ws_messages_out(1);
     ws.send(encode(&message)).await
 }
 
@@ -236,7 +236,7 @@ async fn write_batch(
             Err(_) => break,
         }
     }
-    m::ws_messages("out", written);
+    m::ws_messages_out(written);
     ws.flush().await
 }
 

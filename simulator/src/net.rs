@@ -66,6 +66,7 @@ impl Target {
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         if let Some(ip) = source {
+            defer_port_choice(&socket);
             socket
                 .bind(SocketAddr::new(ip, 0))
                 .with_context(|| format!("binding a client socket to {ip}"))?;
@@ -98,6 +99,26 @@ impl Target {
             .context("malformed HTTP response")?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
         Ok(body.to_string())
+    }
+}
+
+/// Asks Linux to pick the source port at `connect` rather than at `bind`
+/// (IP_BIND_ADDRESS_NO_PORT). Chosen at bind time, a port must be free for
+/// every destination, and the kernel's search for one grows with the number
+/// of sockets: tens of thousands of binds then burn whole cores in the kernel.
+fn defer_port_choice(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to a c_int of the stated size.
+    // Failure (an old kernel) only loses the optimisation.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
