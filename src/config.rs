@@ -42,6 +42,11 @@ pub struct Config {
     #[arg(long, env = "RIDELOCK_MAX_REQUESTS_PER_RIDER", default_value_t = 8)]
     pub max_requests_per_rider: usize,
 
+    /// Ride requests that may wait for the matcher at once; past this, new
+    /// requests are refused with `overloaded` (the matcher is behind).
+    #[arg(long, env = "RIDELOCK_MAX_QUEUED_REQUESTS", default_value_t = 4096)]
+    pub max_queued_requests: usize,
+
     /// Messages per second one connection may send, sustained; bursts of twice
     /// this are allowed. Past it the client gets `rate_limited`.
     #[arg(long, env = "RIDELOCK_MAX_MESSAGES_PER_S", default_value_t = 50)]

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::driver::DriverRegistry;
 use crate::ids::Ids;
-use crate::matcher::{GetStats, Matcher, MatcherStats};
+use crate::matcher::{Admission, GetStats, Matcher, MatcherStats};
 use crate::server::{self, Shared};
 
 /// How long shutdown waits for connections to say goodbye.
@@ -75,15 +75,19 @@ impl Engine {
         let metrics = crate::metrics::install();
         let config = Arc::new(config);
         let ids = Arc::new(Ids::default());
+        let admission = Arc::new(Admission::new(config.max_queued_requests));
 
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let (actor_config, actor_ids) = (config.clone(), ids.clone());
+        let (actor_config, actor_ids, actor_admission) =
+            (config.clone(), ids.clone(), admission.clone());
         let actors = std::thread::Builder::new()
             .name("ridelock-matcher".into())
             .spawn(move || {
                 let system = System::new();
                 let started = system.block_on(async move {
-                    let matcher = Matcher::new(actor_config.clone(), actor_ids.clone()).start();
+                    let matcher =
+                        Matcher::new(actor_config.clone(), actor_ids.clone(), actor_admission)
+                            .start();
                     let arbiters: Vec<_> = (0..actor_config.driver_threads())
                         .map(|_| Arbiter::new().handle())
                         .collect();
@@ -100,6 +104,7 @@ impl Engine {
             .map_err(|_| StartError::Actors("actor thread exited during start".into()))?;
 
         let shared = Arc::new(Shared {
+            admission,
             config,
             registry,
             matcher,

@@ -12,6 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,40 @@ const OLDEST_PARKED_SCAN: usize = 64;
 /// How often the matcher's gauges (searches, waiting riders, index size) are
 /// refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(1);
+
+/// Admission control for ride requests: how many are queued for the matcher
+/// and not yet handled. Past the limit, sessions refuse new requests with
+/// `overloaded` instead of letting the queue (and every rider's wait) grow
+/// without bound when demand outruns the matcher.
+#[derive(Debug)]
+pub struct Admission {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl Admission {
+    /// Room for `limit` queued requests.
+    pub fn new(limit: usize) -> Self {
+        Admission {
+            queued: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes a place in the queue; `false` when it is full.
+    pub fn try_enter(&self) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// A queued request reached the matcher.
+    fn leave(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A rider connection, as the matcher sees it.
 #[derive(Clone)]
@@ -198,6 +233,7 @@ impl Search {
 pub struct Matcher {
     config: Arc<Config>,
     ids: Arc<Ids>,
+    admission: Arc<Admission>,
     drivers: SpatialIndex<DriverId>,
     driver_addrs: HashMap<DriverId, Addr<DriverActor>>,
     /// Drivers with a lock request on the way: other searches skip them.
@@ -230,11 +266,13 @@ impl Actor for Matcher {
 }
 
 impl Matcher {
-    /// A matcher with an empty index.
-    pub fn new(config: Arc<Config>, ids: Arc<Ids>) -> Self {
+    /// A matcher with an empty index; `admission` counts the ride requests
+    /// sessions have queued for it.
+    pub fn new(config: Arc<Config>, ids: Arc<Ids>, admission: Arc<Admission>) -> Self {
         Matcher {
             config,
             ids,
+            admission,
             drivers: SpatialIndex::new(),
             driver_addrs: HashMap::new(),
             locking: HashSet::new(),
@@ -434,12 +472,14 @@ impl Handler<RequestRide> for Matcher {
             request_id,
             pickup,
         } = msg;
+        self.admission.leave();
         m::request_received();
         let key = (rider.rider_id.clone(), request_id.clone());
         if self.searches.contains_key(&key) {
             m::protocol_error(ErrorCode::RequestInFlight);
-            rider.outbox.send(ServerMessage::error(
+            rider.outbox.send(ServerMessage::request_error(
                 ErrorCode::RequestInFlight,
+                request_id.clone(),
                 format!("request {request_id} is already in flight"),
             ));
             return;
@@ -447,8 +487,9 @@ impl Handler<RequestRide> for Matcher {
         let in_flight = self.by_session.get(&rider.session).map_or(0, HashSet::len);
         if in_flight >= self.config.max_requests_per_rider {
             m::protocol_error(ErrorCode::TooManyRequests);
-            rider.outbox.send(ServerMessage::error(
+            rider.outbox.send(ServerMessage::request_error(
                 ErrorCode::TooManyRequests,
+                request_id,
                 format!(
                     "at most {} requests may be in flight per connection",
                     self.config.max_requests_per_rider
@@ -496,8 +537,9 @@ impl Handler<CancelRide> for Matcher {
         let key = (msg.rider.rider_id.clone(), msg.request_id);
         if !self.searches.contains_key(&key) {
             m::protocol_error(ErrorCode::UnknownRequest);
-            msg.rider.outbox.send(ServerMessage::error(
+            msg.rider.outbox.send(ServerMessage::request_error(
                 ErrorCode::UnknownRequest,
+                key.1.clone(),
                 format!("request {} is not in flight", key.1),
             ));
             return;

@@ -160,6 +160,9 @@ pub enum ServerMessage {
         code: ErrorCode,
         /// What to fix, for humans.
         message: String,
+        /// The request concerned, for errors about one ride request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<RequestId>,
     },
 }
 
@@ -169,6 +172,20 @@ impl ServerMessage {
         ServerMessage::Error {
             code,
             message: message.into(),
+            request_id: None,
+        }
+    }
+
+    /// An `error` message about one ride request.
+    pub fn request_error(
+        code: ErrorCode,
+        request_id: RequestId,
+        message: impl Into<String>,
+    ) -> Self {
+        ServerMessage::Error {
+            code,
+            message: message.into(),
+            request_id: Some(request_id),
         }
     }
 
@@ -227,11 +244,13 @@ pub enum ErrorCode {
     RateLimited,
     /// Binary frames are not part of the protocol.
     BinaryNotSupported,
+    /// The engine has too many requests queued; retry after a pause.
+    Overloaded,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and metrics.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidJson,
         ErrorCode::NotAnObject,
         ErrorCode::MissingType,
@@ -246,6 +265,7 @@ impl ErrorCode {
         ErrorCode::TooManyRequests,
         ErrorCode::RateLimited,
         ErrorCode::BinaryNotSupported,
+        ErrorCode::Overloaded,
     ];
 
     /// The snake_case code as sent (also the metrics label).
@@ -265,6 +285,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BinaryNotSupported => "binary_not_supported",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 }

@@ -24,8 +24,8 @@ use tokio_tungstenite::WebSocketStream;
 use crate::config::Config;
 use crate::driver::{Detach, DriverActor, DriverRegistry, FromDriver};
 use crate::ids::Ids;
-use crate::matcher::{CancelRide, Matcher, RequestRide, RiderGone, RiderLink};
-use crate::protocol::{DriverCommand, RiderCommand};
+use crate::matcher::{Admission, CancelRide, Matcher, RequestRide, RiderGone, RiderLink};
+use crate::protocol::{DriverCommand, ErrorCode, RiderCommand, ServerMessage};
 use crate::session::{self, Outbox, Peer};
 
 /// Largest HTTP request head accepted.
@@ -37,6 +37,8 @@ const MAX_ID_LEN: usize = 64;
 
 /// What every connection needs from the engine.
 pub struct Shared {
+    /// Ride requests queued for the matcher.
+    pub admission: Arc<Admission>,
     /// The engine's configuration.
     pub config: Arc<Config>,
     /// Driver actors by id.
@@ -193,6 +195,7 @@ async fn handle(
             };
             let peer = RiderPeer {
                 matcher: shared.matcher.clone(),
+                admission: shared.admission.clone(),
                 rider,
             };
             session::run(ws, peer, inbox, rate, shutdown).await;
@@ -279,11 +282,12 @@ impl Peer for DriverPeer {
     type Command = DriverCommand;
     const ROLE: &'static str = "driver";
 
-    fn deliver(&mut self, command: DriverCommand) {
+    fn deliver(&mut self, command: DriverCommand) -> Result<(), ServerMessage> {
         self.driver.do_send(FromDriver {
             session: self.session,
             command,
         });
+        Ok(())
     }
 
     fn closed(self) {
@@ -296,6 +300,7 @@ impl Peer for DriverPeer {
 /// A rider connection hands commands to the matcher.
 struct RiderPeer {
     matcher: Addr<Matcher>,
+    admission: Arc<Admission>,
     rider: RiderLink,
 }
 
@@ -303,18 +308,29 @@ impl Peer for RiderPeer {
     type Command = RiderCommand;
     const ROLE: &'static str = "rider";
 
-    fn deliver(&mut self, command: RiderCommand) {
+    fn deliver(&mut self, command: RiderCommand) -> Result<(), ServerMessage> {
         match command {
-            RiderCommand::RequestRide { request_id, pickup } => self.matcher.do_send(RequestRide {
-                rider: self.rider.clone(),
-                request_id,
-                pickup,
-            }),
+            RiderCommand::RequestRide { request_id, pickup } => {
+                if !self.admission.try_enter() {
+                    return Err(ServerMessage::request_error(
+                        ErrorCode::Overloaded,
+                        request_id,
+                        "the engine is behind on ride requests; retry in a moment",
+                    ));
+                }
+                self.matcher.do_send(RequestRide {
+                    rider: self.rider.clone(),
+                    request_id,
+                    pickup,
+                });
+            }
+            // Cancels are never refused: they free drivers.
             RiderCommand::Cancel { request_id } => self.matcher.do_send(CancelRide {
                 rider: self.rider.clone(),
                 request_id,
             }),
         }
+        Ok(())
     }
 
     fn closed(self) {

@@ -68,8 +68,8 @@ pub trait Peer: Send + 'static {
     type Command: Command + Send;
     /// Label for metrics and logs.
     const ROLE: &'static str;
-    /// A valid command arrived.
-    fn deliver(&mut self, command: Self::Command);
+    /// A valid command arrived; an `Err` is sent back to the client.
+    fn deliver(&mut self, command: Self::Command) -> Result<(), ServerMessage>;
     /// The connection ended, for whatever reason.
     fn closed(self);
 }
@@ -143,7 +143,7 @@ pub async fn run<P: Peer>(
                             ))
                         } else {
                             match P::Command::parse(&text) {
-                                Ok(command) => { peer.deliver(command); None }
+                                Ok(command) => peer.deliver(command).err(),
                                 Err(e) => Some(e.into()),
                             }
                         };

@@ -267,3 +267,29 @@ async fn a_rider_may_not_hold_unbounded_requests() {
     assert_eq!(engine.stats().await.searches, 3);
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_behind_on_requests_refuses_new_ones_by_id() {
+    // No room in the queue: every request is refused, and says which.
+    let engine = common::engine(|c| c.max_queued_requests = 0).await;
+    let mut driver = Client::available_driver(&engine, "d", LAT, LON).await;
+    let mut rider = Client::rider(&engine, "r").await;
+    rider.request_ride("q1", LAT, LON).await;
+    match rider.recv().await {
+        ServerMessage::Error {
+            code, request_id, ..
+        } => {
+            assert_eq!(code.as_str(), "overloaded");
+            assert_eq!(request_id.as_deref(), Some("q1"));
+        }
+        other => panic!("expected overloaded, got {other:?}"),
+    }
+    assert_eq!(engine.stats().await.searches, 0);
+    driver.expect_silence(Duration::from_millis(200)).await;
+    // Cancels still go through (and find nothing).
+    rider
+        .send(json!({"type": "cancel", "request_id": "q1"}))
+        .await;
+    assert_eq!(rider.expect_error().await, "unknown_request");
+    engine.shutdown().await;
+}

@@ -199,7 +199,7 @@ impl Driver {
                     .mul_f64(0.5 + self.rng.random::<f64>());
                 self.plan = Some((now + trip, Plan::FinishTrip { trip_id }));
             }
-            ServerMessage::Error { code, message } => {
+            ServerMessage::Error { code, message, .. } => {
                 // An answer that lost the race with the offer's end is normal.
                 if code.as_str() != "offer_expired" {
                     shared.stats.driver_errors.inc();

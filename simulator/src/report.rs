@@ -60,6 +60,8 @@ pub struct Report {
     pub requests: u64,
     /// Requests the engine answered with `searching`.
     pub acknowledged: u64,
+    /// Requests the engine refused at the door (`overloaded`, `too_many_requests`).
+    pub rejected: u64,
     pub matches: u64,
     pub no_driver: u64,
     pub cancelled: u64,

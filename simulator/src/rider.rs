@@ -161,10 +161,19 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
             stats.cancelled.inc();
             (request_id, Final::Cancelled)
         }
-        ServerMessage::Error { code, .. } => {
-            // A cancel that crossed the request's final message finds nothing.
-            if code.as_str() != "unknown_request" {
-                stats.rider_errors.inc();
+        ServerMessage::Error {
+            code, request_id, ..
+        } => {
+            match (code.as_str(), request_id) {
+                // A cancel that crossed the request's final message finds nothing.
+                ("unknown_request", _) => {}
+                // Refused at the door: the engine owes it nothing.
+                ("overloaded" | "too_many_requests", Some(request_id)) => {
+                    stats.rejected.inc();
+                    open.remove(&*request_id);
+                    stats.request_ended(&request_id);
+                }
+                _ => stats.rider_errors.inc(),
             }
             return;
         }

@@ -170,6 +170,7 @@ pub async fn run(
         elapsed_s: t0.elapsed().as_secs_f64(),
         requests: stats.requests.get(),
         acknowledged: stats.acknowledged.get(),
+        rejected: stats.rejected.get(),
         matches: stats.matches.get(),
         no_driver: stats.no_driver.get(),
         cancelled: stats.cancelled.get(),

@@ -62,6 +62,8 @@ pub struct Stats {
     pub no_driver: Counter,
     pub cancelled: Counter,
     pub rider_errors: Counter,
+    /// Requests the engine refused (`overloaded`, `too_many_requests`).
+    pub rejected: Counter,
     pub driver_errors: Counter,
     pub offers_received: Counter,
     pub offers_accepted: Counter,
