@@ -216,7 +216,8 @@ impl<H> DriverLock<H> {
             location: None,
             state: LockState::Free,
             newest_token: 0,
-            recent_endings: VecDeque::with_capacity(REMEMBERED_ENDINGS),
+            // Allocated on the first ending: most connected drivers never need it.
+            recent_endings: VecDeque::new(),
         }
     }
 

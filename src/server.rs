@@ -128,57 +128,15 @@ enum ConnectionError {
 }
 
 async fn handle(
-    mut stream: TcpStream,
+    stream: TcpStream,
     shared: &Shared,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
-    // Offers and answers are small and latency-bound.
-    stream.set_nodelay(true)?;
-    let (request, leftover) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await
-    {
-        Ok(Ok(parsed)) => parsed,
-        Ok(Err(HeadError::Io(e))) => return Err(e.into()),
-        Ok(Err(HeadError::Invalid(status, why))) => {
-            respond(&mut stream, status, &why).await?;
-            return Err(ConnectionError::BadRequest(why));
-        }
-        Err(_) => return Err(ConnectionError::HeadTimeout),
+    // The handshake's request, response and buffers are dropped before the
+    // session starts: a connection lives for hours and keeps only what it uses.
+    let Some((ws, identity)) = handshake(stream, shared).await? else {
+        return Ok(());
     };
-    match request.uri().path() {
-        "/metrics" => {
-            let body = shared.metrics.render();
-            return Ok(respond_with(
-                &mut stream,
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                &body,
-            )
-            .await?);
-        }
-        "/healthz" => return Ok(respond(&mut stream, StatusCode::OK, "ok").await?),
-        _ => {}
-    }
-    let identity = match authenticate(&request) {
-        Ok(identity) => identity,
-        Err((status, why)) => {
-            respond(&mut stream, status, &why).await?;
-            return Err(ConnectionError::BadRequest(why));
-        }
-    };
-    let response = match create_response(&request) {
-        Ok(response) => response,
-        Err(e) => {
-            let why = format!("not a WebSocket handshake: {e}");
-            respond(&mut stream, StatusCode::BAD_REQUEST, &why).await?;
-            return Err(ConnectionError::BadRequest(why));
-        }
-    };
-    let mut head = Vec::with_capacity(256);
-    write_response(&mut head, &response).map_err(|e| ConnectionError::BadRequest(e.to_string()))?;
-    stream.write_all(&head).await?;
-    let config = session::websocket_config(shared.config.max_message_bytes);
-    let ws =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
     let (outbox, inbox) = Outbox::new();
     let rate = shared.config.max_messages_per_s;
     match identity {
@@ -202,6 +160,66 @@ async fn handle(
         }
     }
     Ok(())
+}
+
+/// Reads the request head and either answers it as plain HTTP (`None`) or
+/// completes the WebSocket handshake for a known identity.
+async fn handshake(
+    mut stream: TcpStream,
+    shared: &Shared,
+) -> Result<Option<(WebSocketStream<TcpStream>, Identity)>, ConnectionError> {
+    // Offers and answers are small and latency-bound.
+    stream.set_nodelay(true)?;
+    let (request, leftover) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await
+    {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(HeadError::Io(e))) => return Err(e.into()),
+        Ok(Err(HeadError::Invalid(status, why))) => {
+            respond(&mut stream, status, &why).await?;
+            return Err(ConnectionError::BadRequest(why));
+        }
+        Err(_) => return Err(ConnectionError::HeadTimeout),
+    };
+    match request.uri().path() {
+        "/metrics" => {
+            let body = shared.metrics.render();
+            respond_with(
+                &mut stream,
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                &body,
+            )
+            .await?;
+            return Ok(None);
+        }
+        "/healthz" => {
+            respond(&mut stream, StatusCode::OK, "ok").await?;
+            return Ok(None);
+        }
+        _ => {}
+    }
+    let identity = match authenticate(&request) {
+        Ok(identity) => identity,
+        Err((status, why)) => {
+            respond(&mut stream, status, &why).await?;
+            return Err(ConnectionError::BadRequest(why));
+        }
+    };
+    let response = match create_response(&request) {
+        Ok(response) => response,
+        Err(e) => {
+            let why = format!("not a WebSocket handshake: {e}");
+            respond(&mut stream, StatusCode::BAD_REQUEST, &why).await?;
+            return Err(ConnectionError::BadRequest(why));
+        }
+    };
+    let mut head = Vec::with_capacity(256);
+    write_response(&mut head, &response).map_err(|e| ConnectionError::BadRequest(e.to_string()))?;
+    stream.write_all(&head).await?;
+    let config = session::websocket_config(shared.config.max_message_bytes);
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
+    Ok(Some((ws, identity)))
 }
 
 enum HeadError {

@@ -34,19 +34,26 @@ const WRITE_BATCH: u64 = 64;
 
 /// Where the engine's messages for one connection go. Sending never waits: a
 /// full outbox means the client stopped reading, and the sender drops it.
+///
+/// Messages travel boxed: the channel allocates its slots in blocks of 32 up
+/// front, and 32 pointers cost a tenth of 32 unboxed messages on every idle
+/// connection.
 #[derive(Clone, Debug)]
-pub struct Outbox(mpsc::Sender<ServerMessage>);
+pub struct Outbox(mpsc::Sender<Box<ServerMessage>>);
+
+/// The receiving end of an [`Outbox`], drained by the connection's session.
+pub type Inbox = mpsc::Receiver<Box<ServerMessage>>;
 
 impl Outbox {
     /// A new outbox and the receiving end its session drains.
-    pub fn new() -> (Outbox, mpsc::Receiver<ServerMessage>) {
+    pub fn new() -> (Outbox, Inbox) {
         let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
         (Outbox(tx), rx)
     }
 
     /// Queues `message`; `false` if the connection is gone or not reading.
     pub fn send(&self, message: ServerMessage) -> bool {
-        self.0.try_send(message).is_ok()
+        self.0.try_send(Box::new(message)).is_ok()
     }
 }
 
@@ -120,7 +127,7 @@ fn close_frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
 pub async fn run<P: Peer>(
     mut ws: WebSocketStream<TcpStream>,
     mut peer: P,
-    mut outbox: mpsc::Receiver<ServerMessage>,
+    mut outbox: Inbox,
     max_messages_per_s: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -222,8 +229,8 @@ async fn write_error(
 /// Writes `first` and whatever else is already queued, then flushes once.
 async fn write_batch(
     ws: &mut WebSocketStream<TcpStream>,
-    first: ServerMessage,
-    outbox: &mut mpsc::Receiver<ServerMessage>,
+    first: Box<ServerMessage>,
+    outbox: &mut Inbox,
 ) -> Result<(), WsError> {
     ws.feed(encode(&first)).await?;
     let mut written: u64 = 1;

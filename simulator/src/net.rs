@@ -167,6 +167,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time (user + system) a process has used so far, from /proc (Linux).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks > 0.0).then(|| (utime + stime) / ticks)
+}
+
 /// The value of an unlabelled counter or gauge in a Prometheus exposition.
 pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
     exposition.lines().find_map(|line| {
@@ -203,6 +214,10 @@ mod tests {
     #[test]
     fn reads_our_own_rss_and_metric_values() {
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+        let before = cpu_seconds(std::process::id()).unwrap();
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(50) {}
+        assert!(cpu_seconds(std::process::id()).unwrap() > before);
         let exposition = "# TYPE x counter\nridelock_a_total 12\nridelock_ab_total 3\n";
         assert_eq!(metric_value(exposition, "ridelock_a_total"), Some(12.0));
         assert_eq!(metric_value(exposition, "ridelock_missing"), None);

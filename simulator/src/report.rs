@@ -83,6 +83,9 @@ pub struct Report {
     pub connected_drivers_peak: u64,
     pub connect_errors: u64,
     pub first_connect_error: Option<String>,
+    /// CPU the engine used over the steady phase, in cores (1.0 = one core
+    /// busy all the time), given `--engine-pid`.
+    pub engine_cpu_cores: Option<f64>,
     pub engine_rss_kib_peak: Option<u64>,
     pub engine_rss_kib_per_driver: Option<f64>,
     pub driver_errors: u64,
@@ -178,6 +181,13 @@ impl Report {
                     self.connect_errors,
                     self.first_connect_error.as_deref().unwrap_or("?")
                 ),
+            );
+        }
+        if let Some(cores) = self.engine_cpu_cores {
+            row(
+                &mut out,
+                "engine CPU (steady phase)",
+                format!("{cores:.2} cores"),
             );
         }
         if let Some(rss) = self.engine_rss_kib_peak {

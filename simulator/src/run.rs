@@ -45,9 +45,10 @@ struct Snapshot {
     matches: u64,
     locations: u64,
     engine_locations: Option<f64>,
+    engine_cpu_s: Option<f64>,
 }
 
-async fn snapshot(shared: &Shared) -> Snapshot {
+async fn snapshot(shared: &Shared, engine_pid: Option<u32>) -> Snapshot {
     let engine_locations = shared
         .target
         .http_get("/metrics")
@@ -60,6 +61,7 @@ async fn snapshot(shared: &Shared) -> Snapshot {
         matches: shared.stats.matches.get(),
         locations: shared.stats.locations_sent.get(),
         engine_locations,
+        engine_cpu_s: engine_pid.and_then(net::cpu_seconds),
     }
 }
 
@@ -123,10 +125,10 @@ pub async fn run(
     ));
 
     tokio::time::sleep_until(t0 + plan.ramp).await;
-    let steady_start = snapshot(&shared).await;
+    let steady_start = snapshot(&shared, engine_pid).await;
     let steady_end_at = steady_start.at + plan.duration;
     send_arrivals(&shared, &order_queues, steady_end_at).await;
-    let steady_end = snapshot(&shared).await;
+    let steady_end = snapshot(&shared, engine_pid).await;
 
     let _ = phase.send(Phase::Draining);
     tokio::time::sleep(plan.drain).await;
@@ -184,6 +186,10 @@ pub async fn run(
         matches_per_s: rate(steady_end.matches, steady_start.matches),
         location_updates_per_s: rate(steady_end.locations, steady_start.locations),
         engine_location_updates_per_s: engine_rate,
+        engine_cpu_cores: match (steady_start.engine_cpu_s, steady_end.engine_cpu_s) {
+            (Some(a), Some(b)) => Some((b - a) / window),
+            _ => None,
+        },
         location_backlog: backlog,
         no_driver_rate: if finals == 0 {
             0.0

@@ -147,7 +147,8 @@ async fn bench(
     let target = Target::resolve(url).await?;
     let one_way_payload: String = format!("1{}", &PAYLOAD[1..]);
 
-    // One-way: every connection sends as fast as it can.
+    // One-way: every connection sends as fast as it can, one message per
+    // write like a driver app sending its location (no batching).
     let before = server_count(&target).await?;
     let start = Instant::now();
     let until = start + duration;
@@ -160,10 +161,7 @@ async fn bench(
                 .connect("/", target.source_for(n, connections))
                 .await?;
             while Instant::now() < until {
-                for _ in 0..32 {
-                    ws.feed(Message::text(payload.clone())).await?;
-                }
-                ws.flush().await?;
+                ws.send(Message::text(payload.clone())).await?;
             }
             anyhow::Ok(())
         }));

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Writes BENCHMARKS.md from the raw results of bench/run (stdout).
+
+Usage: bench/report.py RESULTS_DIR FD_LIMIT
+The measured part is generated; bench/notes.md (the analysis: where the time
+and memory go) is appended as written.
+"""
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+results, fd_limit = sys.argv[1], sys.argv[2]
+
+
+def load(name):
+    path = os.path.join(results, name + ".json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read(name, suffix):
+    with open(os.path.join(results, name + suffix)) as f:
+        return f.read().strip()
+
+
+def engine_quantile(name, metric, q):
+    """histogram_quantile over the engine's own buckets, in milliseconds."""
+    buckets = []
+    for line in read(name, ".metrics").splitlines():
+        m = re.match(r'%s_bucket\{le="([^"]+)"\} (\S+)' % metric, line)
+        if m:
+            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+            buckets.append((le, float(m.group(2))))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le * 1000
+            span = count - prev_count
+            frac = 0 if span == 0 else (rank - prev_count) / span
+            return (prev_le + (le - prev_le) * frac) * 1000
+        prev_le, prev_count = le, count
+    return None
+
+
+def machine():
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    cores = os.cpu_count()
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    return f"{cores} cores ({cpu}), {mem_kib / 1024 / 1024:.0f} GiB RAM, Linux {platform.release()}, {rustc}, open-file limit {fd_limit} per process"
+
+
+lb = load("loopback")
+loc = load("locations")
+mx = load("matches-max")
+l5 = load("latency-5k")
+l1 = load("latency-1k")
+city = load("city")
+
+one_way = lb["one_way_msgs_per_s"]
+echo = lb["echo_round_trips_per_s"]
+rtt99 = lb["rtt_ms_p99"]
+
+
+def pct(x, of):
+    return f"{100 * x / of:.1f}%" if of else "n/a"
+
+
+def ms(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+rows = []
+loc_taken = loc.get("engine_location_updates_per_s") or 0
+rows.append(("Connected drivers held by one engine", f"{loc['connected_drivers_peak']:,}", "100,000",
+             "missed: capped by the open-file limit (see below)", "n/a"))
+rss_per = loc.get("engine_rss_kib_per_driver")
+rows.append(("Engine RSS per connected driver", f"{rss_per:.1f} KiB" if rss_per else "n/a", "≤ 16 KiB",
+             "met" if rss_per and rss_per <= 16 else "missed", "n/a"))
+rows.append(("Location updates/s taken by the engine", f"{loc_taken:,.0f}", "≥ 100,000",
+             "met" if loc_taken >= 100_000 else "missed", f"{pct(loc_taken, one_way)} of {one_way:,.0f} one-way msgs/s"))
+rows.append(("Matches/s, instant accepts, demand 12k/s", f"{mx['matches_per_s']:,.0f}", "≥ 10,000",
+             "met" if mx["matches_per_s"] >= 10_000 else "missed",
+             f"{pct(mx['matches_per_s'] * 4, echo)} of {echo:,.0f} echo round trips/s (a match is 4 in + 4 out)"))
+p99_5k = l5["latency_ms"]["request_to_offer"]["p99"]
+rows.append(("p99 request→offer at 5k requests/s (clients' clock)", f"{p99_5k:.3f} ms", "< 2 ms",
+             "met" if p99_5k < 2 else "missed", f"{p99_5k / rtt99:.1f}× the loopback RTT p99 ({rtt99:.3f} ms)"))
+e99 = engine_quantile("latency-5k", "ridelock_request_to_offer_seconds", 0.99)
+rows.append(("p99 request→offer at 5k requests/s (engine's histogram)", f"{ms(e99)} ms", "< 2 ms",
+             "met" if e99 is not None and e99 < 2 else "missed", "in-process: no loopback hop"))
+
+
+def scenario_rows(name, r):
+    lat = r["latency_ms"]
+    return (f"| {name} | {r['plan']['drivers']:,} | {r['requests_per_s']:,.0f} | {r['matches_per_s']:,.0f} | "
+            f"{r['rejected']:,} | {r['no_driver_rate'] * 100:.2f}% | {lat['request_to_offer']['p50']:.3f} / "
+            f"{lat['request_to_offer']['p99']:.3f} / {lat['request_to_offer']['max']:.1f} | "
+            f"{lat['request_to_matched']['p50']:.3f} / {lat['request_to_matched']['p99']:.3f} | "
+            f"{r['location_updates_per_s']:,.0f} | {(r.get('engine_rss_kib_peak') or 0) / 1024:.0f} MiB | {r['violations']} |")
+
+
+out = []
+out.append("# Benchmarks\n")
+out.append(f"Measured by `bench/run` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. "
+           "Engine and simulator share the machine, so every figure is what the engine does with "
+           "roughly half of it. Absolute numbers drift on a shared machine; the loopback column "
+           "relates each one to a plain tokio-tungstenite echo server measured in the same run.\n")
+out.append(f"**Machine:** {machine()}.\n")
+out.append("## Loopback limit (same run)\n")
+out.append(f"`loopback serve` + `loopback bench`: {lb['connections']} connections, {lb['message_bytes']}-byte "
+           "messages (a location update's size).\n")
+out.append("| measure | value |\n| --- | --- |")
+out.append(f"| one-way messages/s (client sends, server reads) | {one_way:,.0f} |")
+out.append(f"| echo round trips/s (window of 16 per connection) | {echo:,.0f} |")
+out.append(f"| round trip, one message at a time: p50 / p99 / max | {lb['rtt_ms_p50']:.3f} / {lb['rtt_ms_p99']:.3f} / {lb['rtt_ms_max']:.3f} ms |\n")
+out.append("## Targets\n")
+out.append("| figure | measured | target | verdict | against the loopback limit |\n| --- | --- | --- | --- | --- |")
+for r in rows:
+    out.append("| " + " | ".join(r) + " |")
+out.append("")
+out.append("## Scenarios\n")
+out.append("Latencies in ms from the simulator's clock (request sent → offer received by the driver, "
+           "→ `matched` received by the rider): p50 / p99 / max.\n")
+out.append("| scenario | drivers | requests/s | matches/s | refused | no-driver | request→offer | request→matched | location updates/s | engine RSS | violations |")
+out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for name, r in [("locations", loc), ("matches-max", mx), ("latency-5k", l5), ("latency-1k", l1), ("city", city)]:
+    out.append(scenario_rows(name, r))
+out.append("")
+out.append("Engine-side request→offer (its own `ridelock_request_to_offer_seconds` histogram, "
+           "interpolated within buckets), p50 / p99:\n")
+for name in ["matches-max", "latency-5k", "latency-1k", "city"]:
+    p50 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.5)
+    p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
+    out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
+out.append("")
+out.append("## Command lines\n")
+out.append("```sh")
+out.append("target/release/loopback serve --listen 127.0.0.1:19000")
+out.append("target/release/loopback bench --url ws://127.0.0.1:19000 --duration 10s")
+for name in ["locations", "matches-max", "latency-5k", "latency-1k", "city"]:
+    out.append(f"target/release/ridelock --listen 127.0.0.1:19100 {read(name, '.engine-flags')}")
+    out.append(f"target/release/simulator --url ws://127.0.0.1:19100 --engine-pid PID {read(name, '.sim-flags')}")
+out.append("```\n")
+with open(os.path.join(os.path.dirname(__file__), "notes.md")) as f:
+    out.append(f.read())
+print("\n".join(out))
