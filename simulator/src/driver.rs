@@ -84,17 +84,22 @@ pub async fn run(
         next_location: first_update,
     };
     let _ = driver.start(&shared).await;
+    // One timer, moved only when the next planned moment changes: a fresh
+    // timer per loop turn would register and cancel one per message.
+    let timer = tokio::time::sleep_until(driver.next_wake());
+    tokio::pin!(timer);
     loop {
-        let wake = driver
-            .plan
-            .map_or(driver.next_location, |(at, _)| at.min(driver.next_location));
+        let wake = driver.next_wake();
+        if timer.deadline() != wake {
+            timer.as_mut().reset(wake);
+        }
         let outcome = tokio::select! {
             frame = driver.ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => driver.on_message(&text, &shared),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Err(()),
                 Some(Ok(_)) => Ok(()),
             },
-            _ = tokio::time::sleep_until(wake) => driver.on_timer(&shared).await,
+            _ = &mut timer => driver.on_timer(&shared).await,
             _ = stop.changed() => Err(()),
         };
         if outcome.is_err() {
@@ -106,6 +111,12 @@ pub async fn run(
 }
 
 impl Driver {
+    /// The next moment the driver acts by itself.
+    fn next_wake(&self) -> Instant {
+        self.plan
+            .map_or(self.next_location, |(at, _)| at.min(self.next_location))
+    }
+
     async fn send(&mut self, command: &DriverCommand) -> Result<(), ()> {
         let text = serde_json::to_string(command).map_err(|_| ())?;
         self.ws.send(Message::text(text)).await.map_err(|_| ())
