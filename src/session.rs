@@ -248,8 +248,7 @@ async fn write_batch(
 }
 
 fn encode(message: &ServerMessage) -> Message {
-    // Serialising these types cannot fail: no maps with non-string keys, no
-    // custom serialisers that error. NaN is never stored (coordinates are
-    // validated on the way in), which is the one thing serde_json refuses.
+    // Serialising these types cannot fail: plain structs and enums, no maps
+    // with non-string keys, no custom serialisers that error.
     Message::text(serde_json::to_string(message).expect("server messages always serialise"))
 }

@@ -488,3 +488,38 @@ async fn fencing_tokens_grow_with_every_lock_of_a_driver() {
     }
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_driver_goes_to_the_oldest_waiting_rider_in_reach() {
+    // Many older requests wait out of the driver's reach; the one in reach is
+    // found anyway (past the oldest-first scan, through the spatial index).
+    let engine = common::engine(|c| {
+        c.max_requests_per_rider = 200;
+        c.max_messages_per_s = 1_000;
+    })
+    .await;
+    let mut far_riders = Client::rider(&engine, "far").await;
+    for i in 0..80 {
+        let id = format!("far{i}");
+        far_riders.request_ride(&id, LAT + 0.2, LON).await; // ~22 km north
+        far_riders.expect_searching(&id).await;
+    }
+    let mut near = Client::rider(&engine, "near").await;
+    near.request_ride("q", LAT, LON).await;
+    near.expect_searching("q").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while engine.stats().await.waiting != 81 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut driver = Client::available_driver(&engine, "d", LAT + 0.001, LON).await;
+    let offer = driver.recv().await;
+    assert!(
+        matches!(&offer, ServerMessage::Offer { rider_id, .. } if &**rider_id == "near"),
+        "{offer:?}"
+    );
+    engine.shutdown().await;
+}
