@@ -19,6 +19,7 @@ pub mod config;
 pub mod driver;
 pub mod engine;
 pub mod ids;
+pub mod limits;
 pub mod location;
 pub mod lock;
 pub mod matcher;

@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::parse();
-    let open_files = raise_open_file_limit();
+    let open_files = ridelock::limits::raise_open_file_limit();
     tracing::info!(open_files, "open-file limit (one per connection)");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.io_threads())
@@ -39,30 +39,4 @@ async fn shutdown_signal() -> std::io::Result<()> {
         result = tokio::signal::ctrl_c() => result,
         _ = terminate.recv() => Ok(()),
     }
-}
-
-/// Raises the open-file soft limit to the hard limit: every connection is a
-/// descriptor, and the common default soft limit (1024) would cap the engine at
-/// about a thousand drivers. Returns the limit in force.
-fn raise_open_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur;
-            }
-        }
-    }
-    limit.rlim_cur
 }

@@ -221,16 +221,7 @@ async fn a_flood_is_rate_limited_without_losing_the_connection() {
 async fn http_endpoints_and_bad_handshakes() {
     let engine = common::engine(|_| {}).await;
     let addr = engine.local_addr();
-    let get = |path: &'static str| async move {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
-    };
+    let get = |path: &'static str| common::http_get(addr, path);
     assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
     assert!(get("/nowhere").await.starts_with("HTTP/1.1 404"));
     // A WebSocket path without an id, and one without the upgrade headers.

@@ -287,14 +287,7 @@ async fn a_waiting_rider_gets_a_driver_who_becomes_available() {
     let mut rider = Client::rider(&engine, "r1").await;
     rider.request_ride("q", LAT, LON).await;
     rider.expect_searching("q").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while engine.stats().await.waiting != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "request never parked"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_for_waiting(&engine, 1).await;
     let mut driver = Client::available_driver(&engine, "late", LAT + 0.001, LON).await;
     let (offer_id, request) = driver.expect_offer().await;
     assert_eq!(request, "q");
@@ -315,14 +308,7 @@ async fn waiting_riders_are_served_first_come_first_served() {
     // The second rider's pickup is nearer the driver; the first still wins.
     second.request_ride("q", LAT + 0.002, LON).await;
     second.expect_searching("q").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while engine.stats().await.waiting != 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "requests never parked"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_for_waiting(&engine, 2).await;
     let mut driver = Client::available_driver(&engine, "d", LAT + 0.003, LON).await;
     let offer = driver.recv().await;
     assert!(
@@ -414,11 +400,7 @@ async fn a_rider_disconnecting_cancels_their_searches() {
         }
         other => panic!("expected offer_revoked, got {other:?}"),
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while engine.stats().await.searches != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "search not ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_for_stats(&engine, "no searches", |s| s.searches == 0).await;
     engine.shutdown().await;
 }
 
@@ -507,14 +489,7 @@ async fn a_free_driver_goes_to_the_oldest_waiting_rider_in_reach() {
     let mut near = Client::rider(&engine, "near").await;
     near.request_ride("q", LAT, LON).await;
     near.expect_searching("q").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while engine.stats().await.waiting != 81 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "requests never parked"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_for_waiting(&engine, 81).await;
     let mut driver = Client::available_driver(&engine, "d", LAT + 0.001, LON).await;
     let offer = driver.recv().await;
     assert!(

@@ -1,6 +1,8 @@
 //! The `ridelock` binary as a real process: it logs where it serves, serves,
 //! and shuts down cleanly on SIGTERM and SIGINT.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -56,7 +58,7 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_connections_and_exits_cleanly() {
     let (mut child, addr) = start_engine();
-    let health = http_get(&addr, "/healthz").await;
+    let health = common::http_get(&addr, "/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/driver?id=d"))
@@ -79,7 +81,7 @@ async fn sigterm_closes_connections_and_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_exits_cleanly() {
     let (mut child, addr) = start_engine();
-    assert!(http_get(&addr, "/healthz")
+    assert!(common::http_get(&addr, "/healthz")
         .await
         .starts_with("HTTP/1.1 200"));
     signal(&child, "INT");
@@ -100,17 +102,4 @@ fn an_address_in_use_is_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot listen on"), "{stderr}");
-}
-
-/// A plain HTTP GET over a fresh TCP connection.
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }

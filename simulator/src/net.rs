@@ -133,30 +133,7 @@ pub fn client_config() -> WebSocketConfig {
         .max_frame_size(Some(64 * 1024))
 }
 
-/// Raises this process's open-file soft limit to its hard limit; returns the
-/// limit now in force.
-pub fn raise_open_file_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur;
-            }
-        }
-        limit.rlim_cur
-    }
-}
+pub use ridelock::limits::raise_open_file_limit;
 
 /// A process's resident set size in KiB, from /proc (Linux).
 pub fn rss_kib(pid: u32) -> Option<u64> {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use ridelock::matcher::MatcherStats;
 use ridelock::protocol::ServerMessage;
 use ridelock::{Config, Engine};
 use serde_json::{json, Value};
@@ -30,20 +31,47 @@ pub async fn engine(adjust: impl FnOnce(&mut Config)) -> Engine {
     Engine::start(config(adjust)).await.expect("engine starts")
 }
 
-/// Waits until the matcher's index holds `n` available drivers.
-pub async fn wait_for_available(engine: &Engine, n: usize) {
+/// Waits until the matcher's counts satisfy `done` (they change as actor
+/// messages are handled, which no client message announces).
+pub async fn wait_for_stats(engine: &Engine, what: &str, done: impl Fn(&MatcherStats) -> bool) {
     let deadline = tokio::time::Instant::now() + EXPECT_WITHIN;
     loop {
         let stats = engine.stats().await;
-        if stats.available_drivers == n {
+        if done(&stats) {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "expected {n} available drivers, matcher has {stats:?}"
+            "expected {what}, matcher has {stats:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Waits until the matcher's index holds `n` available drivers.
+pub async fn wait_for_available(engine: &Engine, n: usize) {
+    wait_for_stats(engine, &format!("{n} available drivers"), |s| {
+        s.available_drivers == n
+    })
+    .await;
+}
+
+/// Waits until `n` searches are parked waiting for a driver.
+pub async fn wait_for_waiting(engine: &Engine, n: usize) {
+    wait_for_stats(engine, &format!("{n} waiting searches"), |s| s.waiting == n).await;
+}
+
+/// `GET path` over a fresh TCP connection; the whole response.
+pub async fn http_get(addr: impl tokio::net::ToSocketAddrs, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }
 
 /// A WebSocket client speaking the engine's protocol.

@@ -1,0 +1,49 @@
+//! Process limits a server with many connections needs raised.
+
+/// Raises the open-file soft limit to the hard limit and returns the limit in
+/// force. Every connection is a file descriptor, and the usual default soft
+/// limit (1024) would cap a process at about a thousand connections. The hard
+/// limit itself can only be raised by a privileged shell or service manager
+/// (`ulimit -Hn`, `LimitNOFILE=`).
+pub fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_soft_limit_ends_at_the_hard_limit() {
+        let now = super::raise_open_file_limit();
+        assert!(now > 0);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct passed.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+        assert_eq!(limit.rlim_cur, now);
+    }
+}
