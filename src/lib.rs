@@ -15,6 +15,7 @@
 //! - [`engine`]: starts and stops it all; [`config`]: its flags.
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod engine;

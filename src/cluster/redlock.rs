@@ -1,0 +1,127 @@
+//! The Redlock rules as plain arithmetic (no I/O), after the algorithm's
+//! description in the Redis documentation:
+//!
+//! - a lock counts only when a majority of the independent servers granted it;
+//! - and only for what is left of its time to live once the time spent asking
+//!   and an allowance for clock drift are taken off (its *validity*);
+//! - a failed attempt is released on every server, and retried after a random
+//!   delay so that competing nodes don't keep splitting the vote.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Clock drift allowed per unit of time to live (1%), as Redlock suggests.
+pub const DRIFT_FACTOR: f64 = 0.01;
+/// Constant part of the drift allowance: the resolution of expiry on the
+/// servers (Redis expires keys with millisecond precision).
+pub const DRIFT_FLOOR: Duration = Duration::from_millis(2);
+
+/// Servers out of `servers` that make a majority.
+///
+/// ```
+/// use ridelock::cluster::redlock::quorum;
+/// assert_eq!(quorum(1), 1);
+/// assert_eq!(quorum(3), 2);
+/// assert_eq!(quorum(4), 3);
+/// assert_eq!(quorum(5), 3);
+/// ```
+pub fn quorum(servers: usize) -> usize {
+    servers / 2 + 1
+}
+
+/// The clock-drift allowance for a lock of `ttl`.
+pub fn drift(ttl: Duration) -> Duration {
+    ttl.mul_f64(DRIFT_FACTOR) + DRIFT_FLOOR
+}
+
+/// How long a lock of `ttl` can be relied on after `elapsed` was spent
+/// acquiring it; `None` when nothing is left.
+pub fn validity(ttl: Duration, elapsed: Duration) -> Option<Duration> {
+    ttl.checked_sub(elapsed)?
+        .checked_sub(drift(ttl))
+        .filter(|left| !left.is_zero())
+}
+
+/// Why an attempt did not produce a lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AttemptFailed {
+    /// Fewer servers than a majority granted it.
+    #[error("only {granted} of {servers} servers granted the lock; {needed} needed")]
+    NoQuorum {
+        /// Servers that granted it.
+        granted: usize,
+        /// Servers asked.
+        servers: usize,
+        /// A majority.
+        needed: usize,
+    },
+    /// A majority granted it, but asking took longer than the lock lives.
+    #[error("the lock expired while it was being acquired")]
+    Expired,
+}
+
+/// The verdict on one acquisition attempt: the lock's validity if it counts.
+pub fn judge(
+    granted: usize,
+    servers: usize,
+    ttl: Duration,
+    elapsed: Duration,
+) -> Result<Duration, AttemptFailed> {
+    let needed = quorum(servers);
+    if granted < needed {
+        return Err(AttemptFailed::NoQuorum {
+            granted,
+            servers,
+            needed,
+        });
+    }
+    validity(ttl, elapsed).ok_or(AttemptFailed::Expired)
+}
+
+/// A random delay before retrying, up to `max`, so that nodes competing for
+/// the same driver don't retry in lockstep.
+pub fn retry_delay(max: Duration, rng: &mut impl Rng) -> Duration {
+    max.mul_f64(rng.random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn validity_takes_off_time_spent_and_drift() {
+        // 15 s lock: drift 150 ms + 2 ms.
+        assert_eq!(drift(MS(15_000)), MS(152));
+        assert_eq!(validity(MS(15_000), MS(48)), Some(MS(14_800)));
+        assert_eq!(validity(MS(100), MS(97)), None); // 100 - 97 - 3 = 0
+        assert_eq!(validity(MS(100), MS(200)), None);
+    }
+
+    #[test]
+    fn a_lock_counts_only_with_a_majority_in_time() {
+        assert_eq!(judge(2, 3, MS(1_000), MS(10)), Ok(MS(978)));
+        assert_eq!(
+            judge(1, 3, MS(1_000), MS(10)),
+            Err(AttemptFailed::NoQuorum {
+                granted: 1,
+                servers: 3,
+                needed: 2
+            })
+        );
+        assert_eq!(judge(3, 3, MS(1_000), MS(990)), Err(AttemptFailed::Expired));
+        assert_eq!(judge(1, 1, MS(1_000), MS(0)), Ok(MS(988)));
+        // Even numbers need more than half.
+        assert!(judge(2, 4, MS(1_000), MS(0)).is_err());
+    }
+
+    #[test]
+    fn retry_delays_stay_below_the_maximum() {
+        let mut rng = rand::rng();
+        for _ in 0..1_000 {
+            assert!(retry_delay(MS(50), &mut rng) <= MS(50));
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Driver locks on Redis: one server ([`LockServer`]) and a Redlock quorum of
+//! several ([`Redlock`]).
+//!
+//! On each server a driver's lock is one key, set with `NX` and a `PX` expiry,
+//! holding an owner value unique to that lock (node id and offer id). Every
+//! action on it is a Lua script, so each is atomic on the server:
+//! - acquire: set the key if free and, in the same step, take the next
+//!   fencing token from the driver's counter (never below a floor the caller
+//!   knows of, see [`Redlock::acquire`]);
+//! - release and confirm: act only while the key still holds the caller's
+//!   owner value. A plain `DEL` could free a lock that expired and was taken
+//!   by someone else in the meantime.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use tokio::time::Instant;
+
+use super::redlock::{judge, AttemptFailed};
+use crate::lock::FencingToken;
+
+/// Sets the lock if free and takes a fencing token in the same step.
+/// KEYS: lock, token counter. ARGV: owner, ttl ms, token floor.
+/// Returns the token, or nil when the lock is held.
+const ACQUIRE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local floor = tonumber(ARGV[3])
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current < floor then
+    redis.call('SET', KEYS[2], floor)
+  end
+  return redis.call('INCR', KEYS[2])
+end
+return false
+"#;
+
+/// Deletes the lock only if the caller still owns it. KEYS: lock. ARGV: owner.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// The driver accepted: keeps the lock (for the trip's start) only if the
+/// caller still owns it. KEYS: lock. ARGV: owner, hold ms.
+const CONFIRM: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// What can go wrong talking to a lock server.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The server did not answer within the per-server timeout.
+    #[error("redis {server}: no answer within {timeout:?}")]
+    Timeout {
+        /// Which server.
+        server: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The server refused or the connection failed.
+    #[error("redis {server}: {source}")]
+    Redis {
+        /// Which server.
+        server: String,
+        /// What it said.
+        source: redis::RedisError,
+    },
+}
+
+/// Why a driver's lock was not taken across the quorum.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Not enough servers granted it in time; released everywhere.
+    #[error("{reason} ({unreachable} servers unreachable)")]
+    Refused {
+        /// The Redlock verdict.
+        reason: AttemptFailed,
+        /// Servers that could not be asked.
+        unreachable: usize,
+    },
+}
+
+/// The driver's lock, held by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The largest fencing token the granting servers issued.
+    pub fencing_token: FencingToken,
+    /// How long the lock can be relied on from when `acquire` returned.
+    pub validity: Duration,
+    /// Servers that granted it.
+    pub granted: usize,
+}
+
+fn lock_key(driver: &str) -> String {
+    format!("ridelock:driver:{driver}:lock")
+}
+
+fn token_key(driver: &str) -> String {
+    format!("ridelock:driver:{driver}:token")
+}
+
+/// Locks on one Redis server.
+#[derive(Clone)]
+pub struct LockServer {
+    url: String,
+    connection: ConnectionManager,
+    timeout: Duration,
+}
+
+impl LockServer {
+    /// Connects to `url`; every later call gives up after `timeout` (Redlock
+    /// asks for a per-server timeout well below the lock's time to live, so
+    /// that a dead server costs little). Reconnects by itself after losses.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let fail = |source| StoreError::Redis {
+            server: url.to_string(),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(fail)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let connection = tokio::time::timeout(
+            timeout * 4,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout {
+            server: url.to_string(),
+            timeout: timeout * 4,
+        })?
+        .map_err(fail)?;
+        Ok(LockServer {
+            url: url.to_string(),
+            connection,
+            timeout,
+        })
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &str,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, StoreError> {
+        let script = Script::new(script);
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let mut connection = self.connection.clone();
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await {
+            Ok(result) => result.map_err(|source| StoreError::Redis {
+                server: self.url.clone(),
+                source,
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                server: self.url.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Takes `driver`'s lock for `owner` for `ttl` if nobody holds it; the
+    /// fencing token it comes with, or `None` if it is held.
+    pub async fn try_acquire(
+        &self,
+        driver: &str,
+        owner: &str,
+        ttl: Duration,
+        token_floor: FencingToken,
+    ) -> Result<Option<FencingToken>, StoreError> {
+        let ttl_ms = ttl.as_millis().max(1).to_string();
+        self.run(
+            ACQUIRE,
+            &[lock_key(driver), token_key(driver)],
+            &[owner.to_string(), ttl_ms, token_floor.to_string()],
+        )
+        .await
+    }
+
+    /// Frees `driver`'s lock if `owner` still holds it; whether it did.
+    pub async fn release(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
+        let deleted: i64 = self
+            .run(RELEASE, &[lock_key(driver)], &[owner.to_string()])
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    /// Keeps `driver`'s lock for `hold` more if `owner` still holds it
+    /// (the driver accepted); whether it did.
+    pub async fn confirm(
+        &self,
+        driver: &str,
+        owner: &str,
+        hold: Duration,
+    ) -> Result<bool, StoreError> {
+        let hold_ms = hold.as_millis().max(1).to_string();
+        let kept: i64 = self
+            .run(CONFIRM, &[lock_key(driver)], &[owner.to_string(), hold_ms])
+            .await?;
+        Ok(kept == 1)
+    }
+}
+
+/// A driver lock across independent Redis servers (one server is the
+/// degenerate case: a quorum of one).
+#[derive(Clone)]
+pub struct Redlock {
+    servers: Vec<LockServer>,
+}
+
+impl Redlock {
+    /// Connects to every server; any unreachable one is an error at start, so
+    /// that a typo in a URL is found at once rather than as lost quorum later.
+    pub async fn connect(
+        urls: &[String],
+        per_server_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let connected = join_all(
+            urls.iter()
+                .map(|url| LockServer::connect(url, per_server_timeout)),
+        )
+        .await;
+        let servers = connected.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(Redlock { servers })
+    }
+
+    /// Number of servers.
+    pub fn servers(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Takes `driver`'s lock for `owner` on a majority of servers within the
+    /// lock's time; otherwise releases whatever was granted and refuses.
+    ///
+    /// Fencing tokens come from per-server counters, so the granted servers
+    /// may disagree; the largest is used, and `token_floor` (the newest token
+    /// the caller has seen for this driver) lifts lagging counters. Two
+    /// majorities always share a server, but a server's counter can still lag
+    /// another's: the token is a strong hint, and the driver's own actor, which
+    /// refuses any token not newer than the last it saw, is what guarantees
+    /// that a stale holder can never act.
+    pub async fn acquire(
+        &self,
+        driver: &str,
+        owner: &str,
+        ttl: Duration,
+        token_floor: FencingToken,
+    ) -> Result<Grant, LockError> {
+        let started = Instant::now();
+        let answers = join_all(
+            self.servers
+                .iter()
+                .map(|server| server.try_acquire(driver, owner, ttl, token_floor)),
+        )
+        .await;
+        let elapsed = started.elapsed();
+        let unreachable = answers.iter().filter(|a| a.is_err()).count();
+        let tokens: Vec<FencingToken> = answers
+            .into_iter()
+            .filter_map(|a| a.ok().flatten())
+            .collect();
+        match judge(tokens.len(), self.servers.len(), ttl, elapsed) {
+            Ok(validity) => Ok(Grant {
+                fencing_token: tokens.iter().copied().max().unwrap_or_default(),
+                validity,
+                granted: tokens.len(),
+            }),
+            Err(reason) => {
+                self.release(driver, owner).await;
+                Err(LockError::Refused {
+                    reason,
+                    unreachable,
+                })
+            }
+        }
+    }
+
+    /// Frees `driver`'s lock wherever `owner` still holds it; on how many
+    /// servers it did.
+    pub async fn release(&self, driver: &str, owner: &str) -> usize {
+        join_all(self.servers.iter().map(|s| s.release(driver, owner)))
+            .await
+            .into_iter()
+            .filter(|r| matches!(r, Ok(true)))
+            .count()
+    }
+
+    /// The driver accepted: keeps the lock for `hold` where `owner` still
+    /// holds it. True only if a majority still did; a node that lost its lock
+    /// (it stalled past the expiry) learns it here and must not book.
+    pub async fn confirm(&self, driver: &str, owner: &str, hold: Duration) -> bool {
+        let kept = join_all(self.servers.iter().map(|s| s.confirm(driver, owner, hold)))
+            .await
+            .into_iter()
+            .filter(|r| matches!(r, Ok(true)))
+            .count();
+        kept >= super::redlock::quorum(self.servers.len())
+    }
+}
