@@ -48,6 +48,9 @@ pub struct OfferHolder {
     pub request_id: RequestId,
     /// Where the rider waits.
     pub pickup: LatLon,
+    /// When the request arrived, on the request's first offer only: the
+    /// driver's actor records request→offer as it sends that offer.
+    pub first_offer_since: Option<Instant>,
 }
 
 /// The lock was granted: the offer is on its way to the driver.
@@ -486,7 +489,11 @@ impl DriverActor {
             holder,
         };
         let at = self.lock.location();
+        let first_offer_since = offer.holder.first_offer_since;
         let offer = self.lock.try_lock(offer, now)?;
+        if let Some(since) = first_offer_since {
+            m::request_to_offer(now.saturating_duration_since(since));
+        }
         let (deadline, fencing_token) = (offer.deadline, offer.fencing_token);
         let at = at.expect("an offerable driver has a location");
         let message = Self::offer_message(offer, at, now);

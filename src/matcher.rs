@@ -96,6 +96,9 @@ pub struct RequestRide {
     pub request_id: RequestId,
     /// Where to be picked up (validated).
     pub pickup: LatLon,
+    /// When the session read the request: latencies count from here, so
+    /// they include any wait in the matcher's queue.
+    pub received_at: Instant,
 }
 
 /// A rider withdraws a request.
@@ -350,6 +353,7 @@ impl Matcher {
             rider_id: key.0.clone(),
             request_id: key.1.clone(),
             pickup: search.pickup,
+            first_offer_since: (!search.offered).then_some(search.started),
         };
         self.unpark(seq);
         self.locking.insert(driver_id.clone());
@@ -471,6 +475,7 @@ impl Handler<RequestRide> for Matcher {
             rider,
             request_id,
             pickup,
+            received_at,
         } = msg;
         self.admission.leave();
         m::request_received();
@@ -512,7 +517,7 @@ impl Handler<RequestRide> for Matcher {
                 seq,
                 rider,
                 pickup,
-                started: Instant::now(),
+                started: received_at,
                 phase: Phase::Looking,
                 excluded: Vec::new(),
                 cancel_requested: false,
@@ -677,10 +682,8 @@ impl Handler<LockAnswered> for Matcher {
                     offer_id,
                     fencing_token,
                 };
-                if !search.offered {
-                    search.offered = true;
-                    m::request_to_offer(search.started.elapsed());
-                }
+                // The driver's actor recorded request→offer as it sent it.
+                search.offered = true;
                 // The driver will say it is unavailable too; taking it out now
                 // spares other searches a refused attempt in between.
                 self.drivers.remove(&driver_id);

@@ -47,7 +47,8 @@ pub const LOCK_ATTEMPTS: &str = "ridelock_lock_attempts_total";
 pub const LOCK_REFUSALS: &str = "ridelock_lock_refusals_total";
 /// How long a driver's lock was held, grant to end.
 pub const LOCK_HOLD: &str = "ridelock_lock_hold_seconds";
-/// Request received to first offer made.
+/// Request read by the session to the first offer handed to the driver's
+/// connection (includes the wait in the matcher's queue).
 pub const REQUEST_TO_OFFER: &str = "ridelock_request_to_offer_seconds";
 /// Request received to `matched`.
 pub const REQUEST_TO_MATCHED: &str = "ridelock_request_to_matched_seconds";

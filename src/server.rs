@@ -340,6 +340,7 @@ impl Peer for RiderPeer {
                     rider: self.rider.clone(),
                     request_id,
                     pickup,
+                    received_at: std::time::Instant::now(),
                 });
             }
             // Cancels are never refused: they free drivers.
