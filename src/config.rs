@@ -32,8 +32,8 @@ pub struct Config {
     #[arg(long, env = "RIDELOCK_RADIUS_M", default_value_t = 5_000.0)]
     pub radius_m: f64,
 
-    /// How many of the nearest available drivers one look-up walks before it
-    /// gives up (drivers already tried or being locked are skipped).
+    /// Drivers one request is offered to at most, nearest first; when that
+    /// many have declined or let the offer expire, the rider gets `no_driver`.
     #[arg(long, env = "RIDELOCK_MAX_CANDIDATES", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_candidates: u32,

@@ -71,6 +71,9 @@ pub struct TryLock {
     pub holder: OfferHolder,
     /// How long the driver has to answer.
     pub timeout: Duration,
+    /// The search's deadline: a lock request that arrives later is refused,
+    /// so no offer goes out for a search that has stopped looking.
+    pub not_after: Instant,
     /// Where the answer goes.
     pub reply: LockReply,
 }
@@ -467,7 +470,11 @@ impl Handler<TryLock> for DriverActor {
     type Result = ();
 
     fn handle(&mut self, msg: TryLock, ctx: &mut Context<Self>) {
-        let result = self.try_lock(msg.offer_id, msg.holder, msg.timeout, ctx);
+        let result = if Instant::now() >= msg.not_after {
+            Err(LockRefused::SearchEnded)
+        } else {
+            self.try_lock(msg.offer_id, msg.holder, msg.timeout, ctx)
+        };
         m::lock_attempt(result.is_ok());
         msg.reply.send(result);
     }

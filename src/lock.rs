@@ -160,6 +160,10 @@ pub enum LockRefused {
     /// The offer's deadline is not in the future.
     #[error("offer deadline already passed")]
     DeadlinePassed,
+    /// The search asking for the lock has passed its own deadline (checked by
+    /// the driver's actor, which knows the time the request reaches it).
+    #[error("the search asking for the lock has ended")]
+    SearchEnded,
 }
 
 /// Why a driver's answer to an offer was refused.

@@ -303,15 +303,20 @@ impl Matcher {
             let request_id = key.1.clone();
             return self.finish(&key, ServerMessage::Cancelled { request_id });
         }
-        if search.deadline_passed {
+        let out_of_time = search.deadline_passed
+            || Instant::now() >= search.started + self.config.search_timeout();
+        if out_of_time || search.candidates_tried >= self.config.max_candidates {
             let request_id = key.1.clone();
             return self.finish(&key, ServerMessage::NoDriver { request_id });
         }
         let started = Instant::now();
+        // Drivers being locked for other searches and drivers who turned this
+        // one down are skipped, however many: the walk ends at the first free
+        // driver or the radius, so a search parks only when nobody in reach is
+        // free for it, and then the next driver to free up wakes it.
         let candidate = self
             .drivers
             .nearest_within(search.pickup, self.config.radius_m)
-            .take(self.config.max_candidates as usize)
             .find(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id));
         m::index_query(started.elapsed());
         match candidate {
@@ -343,11 +348,11 @@ impl Matcher {
         };
         let offer_id = self.ids.next_offer();
         let seq = search.seq;
+        let search_deadline = search.started + self.config.search_timeout();
         search.phase = Phase::Locking {
             driver: driver.clone(),
             offer_id,
         };
-        search.candidates_tried += 1;
         let holder = OfferHolder {
             search: seq,
             rider_id: key.0.clone(),
@@ -364,6 +369,7 @@ impl Matcher {
             offer_id,
             holder,
             timeout: self.config.offer_timeout(),
+            not_after: search_deadline,
             reply,
         });
     }
@@ -617,7 +623,10 @@ impl Handler<OfferEnded> for Matcher {
         };
         if matches!(search.phase, Phase::Locking { .. }) {
             // The ending overtook the lock's answer; the answer will be stale.
+            // The lock was granted all the same: the offer counts as made.
             self.locking.remove(&driver_id);
+            search.offered = true;
+            search.candidates_tried += 1;
         }
         match (ended.ending, ended.trip_id) {
             (Ending::Accepted, Some(trip_id)) => {
@@ -684,6 +693,7 @@ impl Handler<LockAnswered> for Matcher {
                 };
                 // The driver's actor recorded request→offer as it sent it.
                 search.offered = true;
+                search.candidates_tried += 1;
                 // The driver will say it is unavailable too; taking it out now
                 // spares other searches a refused attempt in between.
                 self.drivers.remove(&driver_id);

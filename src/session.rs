@@ -9,8 +9,10 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -29,6 +31,10 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A connection silent for this long (no frame, not even a pong) is dropped,
 /// so that a driver whose phone vanished stops being offered.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a write may take: a client that lets its socket buffer fill for
+/// this long is not reading, and is disconnected rather than left to pin its
+/// session.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most outgoing messages written before one flush.
 const WRITE_BATCH: u64 = 64;
 
@@ -39,21 +45,49 @@ const WRITE_BATCH: u64 = 64;
 /// front, and 32 pointers cost a tenth of 32 unboxed messages on every idle
 /// connection.
 #[derive(Clone, Debug)]
-pub struct Outbox(mpsc::Sender<Box<ServerMessage>>);
+pub struct Outbox {
+    queue: mpsc::Sender<Box<ServerMessage>>,
+    /// Raised when the queue overflows: the session closes the connection,
+    /// since a client that doesn't read can't be told anything reliably.
+    overflowed: Arc<Notify>,
+}
 
 /// The receiving end of an [`Outbox`], drained by the connection's session.
-pub type Inbox = mpsc::Receiver<Box<ServerMessage>>;
+pub struct Inbox {
+    queue: mpsc::Receiver<Box<ServerMessage>>,
+    overflowed: Arc<Notify>,
+}
 
 impl Outbox {
     /// A new outbox and the receiving end its session drains.
     pub fn new() -> (Outbox, Inbox) {
         let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
-        (Outbox(tx), rx)
+        let overflowed = Arc::new(Notify::new());
+        let inbox = Inbox {
+            queue: rx,
+            overflowed: overflowed.clone(),
+        };
+        (
+            Outbox {
+                queue: tx,
+                overflowed,
+            },
+            inbox,
+        )
     }
 
-    /// Queues `message`; `false` if the connection is gone or not reading.
+    /// Queues `message`; `false` if the connection is gone or not reading
+    /// (and then the connection is closed: nothing sent later could be
+    /// trusted to arrive after this loss).
     pub fn send(&self, message: ServerMessage) -> bool {
-        self.0.try_send(Box::new(message)).is_ok()
+        match self.queue.try_send(Box::new(message)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 }
 
@@ -184,9 +218,9 @@ pub async fn run<P: Peer>(
                     }
                 }
             }
-            message = outbox.recv() => match message {
+            message = outbox.queue.recv() => match message {
                 Some(message) => {
-                    if write_batch(&mut ws, message, &mut outbox).await.is_err() {
+                    if within_write_timeout(write_batch(&mut ws, message, &mut outbox.queue)).await.is_err() {
                         break None;
                     }
                 }
@@ -195,11 +229,14 @@ pub async fn run<P: Peer>(
                 // reading). It gets nothing more.
                 None => break close_frame(CloseCode::Policy, "replaced by a newer connection, or not reading"),
             },
+            _ = outbox.overflowed.notified() => {
+                break close_frame(CloseCode::Policy, "not reading its messages");
+            }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > CLIENT_TIMEOUT {
                     break close_frame(CloseCode::Away, "no frames within the client timeout");
                 }
-                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                if within_write_timeout(ws.send(Message::Ping(Default::default()))).await.is_err() {
                     break None;
                 }
             }
@@ -223,14 +260,25 @@ async fn write_error(
         m::protocol_error(*code);
     }
     m::ws_messages_out(1);
-    ws.send(encode(&message)).await
+    within_write_timeout(ws.send(encode(&message))).await
+}
+
+/// Runs a write, failing it if the client hasn't taken it within
+/// [`WRITE_TIMEOUT`].
+async fn within_write_timeout(
+    write: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), WsError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(result) => result,
+        Err(_) => Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
+    }
 }
 
 /// Writes `first` and whatever else is already queued, then flushes once.
 async fn write_batch(
     ws: &mut WebSocketStream<TcpStream>,
     first: Box<ServerMessage>,
-    outbox: &mut Inbox,
+    outbox: &mut mpsc::Receiver<Box<ServerMessage>>,
 ) -> Result<(), WsError> {
     ws.feed(encode(&first)).await?;
     let mut written: u64 = 1;

@@ -498,3 +498,67 @@ async fn a_free_driver_goes_to_the_oldest_waiting_rider_in_reach() {
     );
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_at_one_spot_reaches_every_free_driver() {
+    // More requests at once than the old look-up's cap: each must find its
+    // own free driver instead of parking behind drivers being locked.
+    const N: usize = 40;
+    let engine = common::engine(|c| {
+        c.max_requests_per_rider = 100;
+        c.max_messages_per_s = 1_000;
+    })
+    .await;
+    let mut drivers = Vec::new();
+    for i in 0..N {
+        let lat = LAT + 0.0001 * i as f64;
+        drivers.push(Client::available_driver(&engine, &format!("d{i}"), lat, LON).await);
+    }
+    wait_for_available(&engine, N).await;
+    let mut rider = Client::rider(&engine, "r").await;
+    for i in 0..N {
+        rider.request_ride(&format!("q{i}"), LAT, LON).await;
+    }
+    for driver in &mut drivers {
+        let (offer_id, _) = driver.expect_offer().await;
+        driver
+            .send(json!({"type": "accept", "offer_id": offer_id}))
+            .await;
+    }
+    let mut matched = std::collections::HashSet::new();
+    while matched.len() < N {
+        match rider.recv().await {
+            ServerMessage::Searching { .. } => {}
+            ServerMessage::Matched { driver_id, .. } => {
+                assert!(matched.insert(driver_id.to_string()))
+            }
+            other => panic!("expected searching or matched, got {other:?}"),
+        }
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_gives_up_after_max_candidates_offers() {
+    let engine = common::engine(|c| c.max_candidates = 2).await;
+    let mut drivers = Vec::new();
+    for i in 0..3 {
+        drivers.push(
+            Client::available_driver(&engine, &format!("d{i}"), LAT + 0.001 * (i + 1) as f64, LON)
+                .await,
+        );
+    }
+    wait_for_available(&engine, 3).await;
+    let mut rider = Client::rider(&engine, "r").await;
+    rider.request_ride("q", LAT, LON).await;
+    rider.expect_searching("q").await;
+    for driver in drivers.iter_mut().take(2) {
+        let (offer_id, _) = driver.expect_offer().await;
+        driver
+            .send(json!({"type": "decline", "offer_id": offer_id}))
+            .await;
+    }
+    assert!(matches!(rider.recv().await, ServerMessage::NoDriver { .. }));
+    drivers[2].expect_silence(Duration::from_millis(200)).await;
+    engine.shutdown().await;
+}
