@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use ridelock::{Config, Engine};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -24,19 +25,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives while the engine starts must stop
+    // it cleanly, not kill the process with the default action.
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let engine = Engine::start(config).await.context("starting the engine")?;
-    shutdown_signal()
-        .await
-        .context("waiting for a shutdown signal")?;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
     tracing::info!("shutting down");
     engine.shutdown().await;
     Ok(())
-}
-
-async fn shutdown_signal() -> std::io::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result,
-        _ = terminate.recv() => Ok(()),
-    }
 }
