@@ -39,9 +39,7 @@ async fn a_rider_is_matched_with_a_driver_who_accepts() {
     assert!(expires_in_ms > 14_000 && expires_in_ms <= 15_000);
     assert!(fencing_token > 0);
 
-    driver
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    driver.accept(offer_id).await;
     let trip_id = match driver.recv().await {
         ServerMessage::TripAssigned {
             trip_id,
@@ -88,15 +86,11 @@ async fn the_nearest_driver_is_offered_first() {
     rider.request_ride("q", LAT, LON).await;
     rider.expect_searching("q").await;
     let (offer_id, _) = near.expect_offer().await;
-    near.send(json!({"type": "decline", "offer_id": offer_id}))
-        .await;
+    near.decline(offer_id).await;
     let (offer_id, _) = middle.expect_offer().await;
-    middle
-        .send(json!({"type": "decline", "offer_id": offer_id}))
-        .await;
+    middle.decline(offer_id).await;
     let (offer_id, _) = far.expect_offer().await;
-    far.send(json!({"type": "decline", "offer_id": offer_id}))
-        .await;
+    far.decline(offer_id).await;
     outside.expect_silence(Duration::from_millis(200)).await;
     engine.shutdown().await;
 }
@@ -112,14 +106,10 @@ async fn a_decline_moves_on_to_the_next_driver_and_never_back() {
     rider.request_ride("q", LAT, LON).await;
     rider.expect_searching("q").await;
     let (offer_id, _) = first.expect_offer().await;
-    first
-        .send(json!({"type": "decline", "offer_id": offer_id}))
-        .await;
+    first.decline(offer_id).await;
     let (offer_id, request) = second.expect_offer().await;
     assert_eq!(request, "q");
-    second
-        .send(json!({"type": "decline", "offer_id": offer_id}))
-        .await;
+    second.decline(offer_id).await;
     // Both declined: neither is asked again for this request, which runs out.
     match rider.recv().await {
         ServerMessage::NoDriver { request_id } => assert_eq!(&*request_id, "q"),
@@ -132,17 +122,12 @@ async fn a_decline_moves_on_to_the_next_driver_and_never_back() {
     rider.request_ride("q2", LAT, LON).await;
     rider.expect_searching("q2").await;
     let (offer_id, _) = first.expect_offer().await;
-    first
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    first.accept(offer_id).await;
     assert!(matches!(
         first.recv().await,
         ServerMessage::TripAssigned { .. }
     ));
-    match rider.recv().await {
-        ServerMessage::Matched { driver_id, .. } => assert_eq!(&*driver_id, "first"),
-        other => panic!("expected matched, got {other:?}"),
-    }
+    assert_eq!(rider.expect_matched().await, "first");
     engine.shutdown().await;
 }
 
@@ -165,17 +150,10 @@ async fn an_expired_offer_moves_on_and_a_late_accept_is_refused() {
         other => panic!("expected offer_revoked, got {other:?}"),
     }
     let (offer_id, _) = awake.expect_offer().await;
-    sleepy
-        .send(json!({"type": "accept", "offer_id": stale_offer}))
-        .await;
+    sleepy.accept(stale_offer).await;
     assert_eq!(sleepy.expect_error().await, "offer_expired");
-    awake
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
-    match rider.recv().await {
-        ServerMessage::Matched { driver_id, .. } => assert_eq!(&*driver_id, "awake"),
-        other => panic!("expected matched, got {other:?}"),
-    }
+    awake.accept(offer_id).await;
+    assert_eq!(rider.expect_matched().await, "awake");
     engine.shutdown().await;
 }
 
@@ -204,9 +182,7 @@ async fn a_rider_cancelling_during_an_offer_frees_the_driver() {
     assert!(
         matches!(rider.recv().await, ServerMessage::Cancelled { request_id } if &*request_id == "q")
     );
-    driver
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    driver.accept(offer_id).await;
     assert_eq!(driver.expect_error().await, "offer_expired");
 
     // Offerable again at once.
@@ -234,13 +210,8 @@ async fn a_driver_disconnecting_during_an_offer_passes_it_on_at_once() {
     drop(leaving);
     let (offer_id, _) = staying.expect_offer().await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    staying
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
-    match rider.recv().await {
-        ServerMessage::Matched { driver_id, .. } => assert_eq!(&*driver_id, "staying"),
-        other => panic!("expected matched, got {other:?}"),
-    }
+    staying.accept(offer_id).await;
+    assert_eq!(rider.expect_matched().await, "staying");
     engine.shutdown().await;
 }
 
@@ -263,9 +234,7 @@ async fn two_riders_racing_for_one_driver_one_wins() {
         panic!("expected offer, got {offer:?}");
     };
     // Only one offer at a time, whatever the other rider does.
-    driver
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    driver.accept(offer_id).await;
     assert!(matches!(
         driver.recv().await,
         ServerMessage::TripAssigned { .. }
@@ -291,9 +260,7 @@ async fn a_waiting_rider_gets_a_driver_who_becomes_available() {
     let mut driver = Client::available_driver(&engine, "late", LAT + 0.001, LON).await;
     let (offer_id, request) = driver.expect_offer().await;
     assert_eq!(request, "q");
-    driver
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    driver.accept(offer_id).await;
     assert!(matches!(rider.recv().await, ServerMessage::Matched { .. }));
     engine.shutdown().await;
 }
@@ -326,9 +293,7 @@ async fn a_driver_on_a_trip_is_not_offered_until_the_trip_completes() {
     a.request_ride("q", LAT, LON).await;
     a.expect_searching("q").await;
     let (offer_id, _) = driver.expect_offer().await;
-    driver
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    driver.accept(offer_id).await;
     let ServerMessage::TripAssigned { trip_id, .. } = driver.recv().await else {
         panic!("expected trip_assigned");
     };
@@ -425,9 +390,7 @@ async fn a_second_connection_replaces_the_first() {
     let mut third = Client::driver(&engine, "d").await;
     let (resent, _) = third.expect_offer().await;
     assert_eq!(resent, offer_id);
-    third
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    third.accept(offer_id).await;
     assert!(matches!(
         third.recv().await,
         ServerMessage::TripAssigned { .. }
@@ -521,9 +484,7 @@ async fn a_burst_of_requests_at_one_spot_reaches_every_free_driver() {
     }
     for driver in &mut drivers {
         let (offer_id, _) = driver.expect_offer().await;
-        driver
-            .send(json!({"type": "accept", "offer_id": offer_id}))
-            .await;
+        driver.accept(offer_id).await;
     }
     let mut matched = std::collections::HashSet::new();
     while matched.len() < N {
@@ -554,9 +515,7 @@ async fn a_request_gives_up_after_max_candidates_offers() {
     rider.expect_searching("q").await;
     for driver in drivers.iter_mut().take(2) {
         let (offer_id, _) = driver.expect_offer().await;
-        driver
-            .send(json!({"type": "decline", "offer_id": offer_id}))
-            .await;
+        driver.decline(offer_id).await;
     }
     assert!(matches!(rider.recv().await, ServerMessage::NoDriver { .. }));
     drivers[2].expect_silence(Duration::from_millis(200)).await;

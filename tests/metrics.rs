@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use common::{wait_for_available, Client};
 use ridelock::protocol::ServerMessage;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const LAT: f64 = 52.5200;
 const LON: f64 = 13.4050;
@@ -62,17 +62,13 @@ async fn a_match_moves_the_counters_and_fills_the_histograms() {
     rider.request_ride("q", LAT, LON).await;
     rider.expect_searching("q").await;
     let (offer_id, _) = driver.expect_offer().await;
-    driver
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    driver.accept(offer_id).await;
     assert!(matches!(rider.recv().await, ServerMessage::Matched { .. }));
     assert!(matches!(
         driver.recv().await,
         ServerMessage::TripAssigned { .. }
     ));
-    driver
-        .send(json!({"type": "accept", "offer_id": 999_999}))
-        .await;
+    driver.accept(999_999).await;
     assert_eq!(driver.expect_error().await, "unknown_offer");
 
     let after = samples(&scrape(engine.local_addr()).await);
@@ -168,14 +164,10 @@ async fn the_dashboard_only_asks_for_exported_metrics() {
     assert!(matches!(rider.recv().await, ServerMessage::NoDriver { .. }));
     rider.request_ride("q2", LAT, LON).await;
     let (offer_id, _) = driver.expect_offer().await;
-    driver
-        .send(json!({"type": "decline", "offer_id": offer_id}))
-        .await;
+    driver.decline(offer_id).await;
     rider.request_ride("q3", LAT, LON).await;
     let (offer_id, _) = driver.expect_offer().await;
-    driver
-        .send(json!({"type": "accept", "offer_id": offer_id}))
-        .await;
+    driver.accept(offer_id).await;
     assert!(matches!(
         driver.recv().await,
         ServerMessage::TripAssigned { .. }

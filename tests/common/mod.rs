@@ -171,6 +171,26 @@ impl Client {
         }
     }
 
+    /// Answers an offer.
+    pub async fn accept(&mut self, offer_id: u64) {
+        self.send(json!({"type": "accept", "offer_id": offer_id}))
+            .await;
+    }
+
+    /// Turns an offer down.
+    pub async fn decline(&mut self, offer_id: u64) {
+        self.send(json!({"type": "decline", "offer_id": offer_id}))
+            .await;
+    }
+
+    /// The next message, which must be `matched`; returns the driver's id.
+    pub async fn expect_matched(&mut self) -> String {
+        match self.recv().await {
+            ServerMessage::Matched { driver_id, .. } => driver_id.to_string(),
+            other => panic!("{}: expected matched, got {other:?}", self.id),
+        }
+    }
+
     pub async fn request_ride(&mut self, request_id: &str, lat: f64, lon: f64) {
         self.send(json!({
             "type": "request_ride",
