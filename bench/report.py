@@ -123,7 +123,8 @@ def scenario_rows(name, r):
 
 out = []
 out.append("# Benchmarks\n")
-out.append(f"Measured by `bench/run` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. "
+measured_at = datetime.fromtimestamp(os.path.getmtime(os.path.join(results, "loopback.json")), timezone.utc)
+out.append(f"Measured by `bench/run` on {measured_at.strftime('%Y-%m-%d %H:%M UTC')}. "
            "Engine and simulator share the machine, so every figure is what the engine does with "
            "roughly half of it. Absolute numbers drift on a shared machine; the loopback column "
            "relates each one to a plain tokio-tungstenite echo server measured in the same run.\n")
