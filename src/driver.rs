@@ -36,6 +36,13 @@ use crate::session::Outbox;
 /// the trip completes.
 const RETIRE_AFTER: Duration = Duration::from_secs(60);
 
+/// Moves shorter than this don't move the driver in the matcher's index: GPS
+/// jitter and parked drivers re-sending their spot would otherwise cost an
+/// index update and a matcher message each. The actor keeps the exact
+/// position for distances in offers and matches; ranking is off by at most
+/// this much.
+pub const MIN_INDEX_MOVE_M: f64 = 5.0;
+
 /// Who holds a driver's lock: one ride request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OfferHolder {
@@ -303,7 +310,11 @@ impl DriverActor {
             .lock
             .location()
             .filter(|_| availability == Availability::Available);
-        if location != self.indexed_at {
+        let moved = match (location, self.indexed_at) {
+            (Some(now), Some(indexed)) => now.distance_m(indexed) >= MIN_INDEX_MOVE_M,
+            (now, indexed) => now.is_some() != indexed.is_some(),
+        };
+        if moved {
             match location {
                 Some(location) => self.matcher.do_send(DriverAvailable {
                     driver_id: self.id.clone(),

@@ -521,3 +521,25 @@ async fn a_request_gives_up_after_max_candidates_offers() {
     drivers[2].expect_silence(Duration::from_millis(200)).await;
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_moves_keep_the_exact_position_for_offers() {
+    let engine = common::engine(|_| {}).await;
+    let mut driver = Client::available_driver(&engine, "d", LAT, LON).await;
+    wait_for_available(&engine, 1).await;
+    // ~2.2 m north: below the index's move threshold, but the driver's actor
+    // knows where the driver really is.
+    driver
+        .send(json!({"type": "location", "lat": LAT + 0.00002, "lon": LON}))
+        .await;
+    let mut rider = Client::rider(&engine, "r").await;
+    rider.request_ride("q", LAT, LON).await;
+    rider.expect_searching("q").await;
+    match driver.recv().await {
+        ServerMessage::Offer { distance_m, .. } => {
+            assert!((distance_m - 2.22).abs() < 0.05, "{distance_m}")
+        }
+        other => panic!("expected offer, got {other:?}"),
+    }
+    engine.shutdown().await;
+}
