@@ -47,8 +47,9 @@ pub struct Args {
     /// Time over which drivers connect, before the steady phase.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ramp: Option<Duration>,
-    /// Time after the steady phase for outstanding requests to end (riders
-    /// cancel what is still open when it starts).
+    /// Longest time after the steady phase for open requests to end (riders
+    /// cancel what is still open when it starts; the run moves on as soon as
+    /// nothing is open). A request still open after it is a violation.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub drain: Option<Duration>,
     /// Interval between a driver's location updates (jittered ±10%).
@@ -171,7 +172,7 @@ impl Scenario {
                 rider_connections: 8,
                 duration: secs(3),
                 ramp: secs(1),
-                drain: secs(2),
+                drain: secs(5),
                 update_interval: secs(1),
                 accept_prob: 0.7,
                 no_answer_prob: 0.1,

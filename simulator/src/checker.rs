@@ -172,6 +172,9 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct RequestLedger {
     requests: HashMap<String, Entry>,
+    /// Acknowledged requests whose (first) final message has arrived.
+    finished: usize,
+    acknowledged: usize,
 }
 
 impl RequestLedger {
@@ -182,10 +185,16 @@ impl RequestLedger {
 
     /// The engine answered `searching`: it now owes this request one final.
     pub fn acknowledged(&mut self, request_id: &str) {
-        self.requests
-            .entry(request_id.to_string())
-            .or_default()
-            .acknowledged = true;
+        let entry = self.requests.entry(request_id.to_string()).or_default();
+        if !entry.acknowledged {
+            entry.acknowledged = true;
+            self.acknowledged += 1;
+            // A final can't precede its `searching` on one connection, but
+            // count it if the order ever were otherwise.
+            if entry.finals > 0 {
+                self.finished += 1;
+            }
+        }
     }
 
     /// `driver` sent `accept` for an offer of `request_id` (recorded before
@@ -202,6 +211,9 @@ impl RequestLedger {
     pub fn final_message(&mut self, request_id: &str, how: Final) -> Option<String> {
         let entry = self.requests.entry(request_id.to_string()).or_default();
         entry.finals += 1;
+        if entry.finals == 1 && entry.acknowledged {
+            self.finished += 1;
+        }
         if entry.finals > 1 {
             return Some(format!(
                 "request {request_id} got a second final message ({how:?})"
@@ -229,7 +241,12 @@ impl RequestLedger {
 
     /// Requests the engine acknowledged.
     pub fn acknowledged_count(&self) -> usize {
-        self.requests.values().filter(|e| e.acknowledged).count()
+        self.acknowledged
+    }
+
+    /// Acknowledged requests still owed a final message.
+    pub fn open_count(&self) -> usize {
+        self.acknowledged - self.finished
     }
 }
 
@@ -307,6 +324,8 @@ mod tests {
             .contains("second"));
         assert_eq!(ledger.final_message("b", Final::Cancelled), None);
         assert_eq!(ledger.finish(), vec!["request c never got a final message"]);
+        assert_eq!(ledger.open_count(), 1);
+        assert_eq!(ledger.acknowledged_count(), 3);
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub async fn run(
     let steady_end = snapshot(&shared, engine_pid).await;
 
     let _ = phase.send(Phase::Draining);
-    tokio::time::sleep(plan.drain).await;
+    drain(&shared, plan.drain).await;
     let _ = stop.send(true);
     let _ = phase.send(Phase::Stopped);
     for task in drivers.into_iter().chain(riders) {
@@ -211,6 +211,28 @@ pub async fn run(
         rider_errors: stats.rider_errors.get(),
         dropped_arrivals: stats.dropped_arrivals.get(),
     })
+}
+
+/// Waits, up to `longest`, until every acknowledged request has its final
+/// message (an engine working through a backlog gets the time it needs), then
+/// a little longer so that a duplicate final would still be seen.
+async fn drain(shared: &Shared, longest: Duration) {
+    const GRACE: Duration = Duration::from_millis(250);
+    let until = Instant::now() + longest;
+    loop {
+        let open = shared
+            .stats
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open_count();
+        let now = Instant::now();
+        if open == 0 || now >= until {
+            tokio::time::sleep_until((now + GRACE).min(until.max(now))).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The engine's location counter; also proves the engine is there.
