@@ -218,9 +218,8 @@ struct Search {
     excluded: Vec<DriverId>,
     cancel_requested: bool,
     deadline_passed: bool,
+    /// Drivers this request has been offered to (locks granted).
     candidates_tried: u32,
-    /// Whether any driver has been offered this request yet.
-    offered: bool,
 }
 
 impl Search {
@@ -358,7 +357,7 @@ impl Matcher {
             rider_id: key.0.clone(),
             request_id: key.1.clone(),
             pickup: search.pickup,
-            first_offer_since: (!search.offered).then_some(search.started),
+            first_offer_since: (search.candidates_tried == 0).then_some(search.started),
         };
         self.unpark(seq);
         self.locking.insert(driver_id.clone());
@@ -529,7 +528,6 @@ impl Handler<RequestRide> for Matcher {
                 cancel_requested: false,
                 deadline_passed: false,
                 candidates_tried: 0,
-                offered: false,
             },
         );
         self.deadlines.push(Reverse((
@@ -625,7 +623,6 @@ impl Handler<OfferEnded> for Matcher {
             // The ending overtook the lock's answer; the answer will be stale.
             // The lock was granted all the same: the offer counts as made.
             self.locking.remove(&driver_id);
-            search.offered = true;
             search.candidates_tried += 1;
         }
         match (ended.ending, ended.trip_id) {
@@ -692,7 +689,6 @@ impl Handler<LockAnswered> for Matcher {
                     fencing_token,
                 };
                 // The driver's actor recorded request→offer as it sent it.
-                search.offered = true;
                 search.candidates_tried += 1;
                 // The driver will say it is unavailable too; taking it out now
                 // spares other searches a refused attempt in between.
