@@ -65,6 +65,26 @@ pub struct Config {
     /// `ridelock` binary); 0 means one per core.
     #[arg(long, env = "RIDELOCK_IO_THREADS", default_value_t = 0)]
     pub io_threads: usize,
+
+    /// Cluster mode: the Redis servers that hold the drivers' locks,
+    /// comma-separated (`redis://h1:6379,redis://h2:6379,redis://h3:6379`).
+    /// One server is enough when it is trusted to stay up; several
+    /// independent ones are used as a Redlock majority. Empty (the default):
+    /// one engine on its own, no Redis. See docs/cluster.md.
+    #[arg(long = "redis", env = "RIDELOCK_REDIS", value_delimiter = ',')]
+    pub redis: Vec<String>,
+
+    /// Cluster mode: this node's id, unique in the cluster (letters, digits,
+    /// `-`, `_`, `.`). Defaults to `node-` and a random suffix.
+    #[arg(long, env = "RIDELOCK_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Cluster mode: how long one Redis server may take to answer, in
+    /// milliseconds. Keep it far below the offer timeout: a dead server then
+    /// costs little, and the lock's validity is what is left after it.
+    #[arg(long, env = "RIDELOCK_REDIS_TIMEOUT_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -82,6 +102,16 @@ impl Config {
     /// The search timeout as a duration.
     pub fn search_timeout(&self) -> Duration {
         Duration::from_millis(self.search_timeout_ms)
+    }
+
+    /// The per-server Redis timeout as a duration.
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    /// Whether the engine runs as a node of a cluster (Redis configured).
+    pub fn is_cluster(&self) -> bool {
+        !self.redis.is_empty()
     }
 
     /// Driver threads, with 0 resolved to the number of cores.

@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix::ArbiterHandle;
 
+use crate::cluster::wire::{NodeId, Wire};
+use crate::cluster::{self, Cluster};
 use crate::ids::Ids;
 use crate::location::LatLon;
 use crate::lock::{
     AnswerError, Availability, DriverLock, Ended, Ending, FencingToken, LockRefused, LockState,
-    Offer, OfferId,
+    Offer, OfferId, TripId,
 };
 use crate::matcher::{DriverAvailable, DriverUnavailable, LockAnswered, Matcher, OfferEnded};
 use crate::metrics as m;
@@ -35,6 +37,10 @@ use crate::session::Outbox;
 /// before it is retired (its memory freed). A driver on a trip is kept until
 /// the trip completes.
 const RETIRE_AFTER: Duration = Duration::from_secs(60);
+
+/// Cluster mode: room left between an offer's deadline and the end of its
+/// lock's validity, for the accept's confirm to reach Redis.
+const CONFIRM_ROOM: Duration = Duration::from_millis(500);
 
 /// Moves shorter than this don't move the driver in the matcher's index: GPS
 /// jitter and parked drivers re-sending their spot would otherwise cost an
@@ -58,6 +64,9 @@ pub struct OfferHolder {
     /// When the request arrived, on the request's first offer only: the
     /// driver's actor records request→offer as it sends that offer.
     pub first_offer_since: Option<Instant>,
+    /// Cluster mode: the node the rider is on, when it is not this one.
+    /// Answers and outcomes go there instead of to this node's matcher.
+    pub node: Option<NodeId>,
 }
 
 /// The lock was granted: the offer is on its way to the driver.
@@ -85,25 +94,48 @@ pub struct TryLock {
     pub reply: LockReply,
 }
 
-/// The way back to the matcher for a lock answer. The matcher hears exactly
-/// once per request: the driver's answer, or, if the request is dropped
-/// unanswered (the actor stopped with it still in its mailbox), a refusal.
-/// So no search ever waits for an answer that will not come.
+/// The way back to the requesting matcher for a lock answer. It hears
+/// exactly once per request: the driver's answer, or, if the request is
+/// dropped unanswered (the actor stopped with it still in its mailbox, or the
+/// driver is not on this node), a refusal. So no search waits for an answer
+/// that will not come (a message lost between nodes is the one exception,
+/// covered by the requesting matcher's own timeout).
 pub struct LockReply {
-    matcher: Addr<Matcher>,
+    to: ReplyTo,
     answer: Option<LockAnswered>,
 }
 
+enum ReplyTo {
+    Matcher(Addr<Matcher>),
+    Node(Arc<Cluster>, NodeId),
+}
+
 impl LockReply {
-    /// A reply for the lock request `offer_id` of `holder` to `driver_id`.
+    /// A reply to this node's matcher for the lock request `offer_id` of
+    /// `holder` to `driver_id`.
     pub fn new(
         matcher: Addr<Matcher>,
         driver_id: DriverId,
         offer_id: OfferId,
         holder: &OfferHolder,
     ) -> Self {
+        Self::with(ReplyTo::Matcher(matcher), driver_id, offer_id, holder)
+    }
+
+    /// A reply to another node's matcher.
+    pub fn to_node(
+        cluster: Arc<Cluster>,
+        node: NodeId,
+        driver_id: DriverId,
+        offer_id: OfferId,
+        holder: &OfferHolder,
+    ) -> Self {
+        Self::with(ReplyTo::Node(cluster, node), driver_id, offer_id, holder)
+    }
+
+    fn with(to: ReplyTo, driver_id: DriverId, offer_id: OfferId, holder: &OfferHolder) -> Self {
         LockReply {
-            matcher,
+            to,
             answer: Some(LockAnswered {
                 driver_id,
                 offer_id,
@@ -119,7 +151,24 @@ impl LockReply {
     pub fn send(mut self, result: Result<Granted, LockRefused>) {
         if let Some(mut answer) = self.answer.take() {
             answer.result = result;
-            self.matcher.do_send(answer);
+            self.deliver(answer);
+        }
+    }
+
+    fn deliver(&self, answer: LockAnswered) {
+        match &self.to {
+            ReplyTo::Matcher(matcher) => matcher.do_send(answer),
+            ReplyTo::Node(cluster, node) => cluster.send(
+                node,
+                Wire::Answer {
+                    driver: answer.driver_id,
+                    offer_id: answer.offer_id,
+                    search: answer.search,
+                    rider_id: answer.rider_id,
+                    request_id: answer.request_id,
+                    result: answer.result.map(|granted| granted.fencing_token),
+                },
+            ),
         }
     }
 }
@@ -127,7 +176,7 @@ impl LockReply {
 impl Drop for LockReply {
     fn drop(&mut self) {
         if let Some(answer) = self.answer.take() {
-            self.matcher.do_send(answer);
+            self.deliver(answer);
         }
     }
 }
@@ -188,6 +237,8 @@ pub struct DriverActor {
     matcher: Addr<Matcher>,
     registry: Arc<DriverRegistry>,
     ids: Arc<Ids>,
+    /// Cluster mode: the lock store and the other nodes.
+    cluster: Option<Arc<Cluster>>,
     expiry_timer: Option<SpawnHandle>,
     /// When the held offer was granted (for the lock-hold histogram).
     granted_at: Option<Instant>,
@@ -218,6 +269,7 @@ impl DriverActor {
             session: None,
             matcher: registry.matcher.clone(),
             ids: registry.ids.clone(),
+            cluster: registry.cluster.clone(),
             registry,
             expiry_timer: None,
             granted_at: None,
@@ -283,11 +335,53 @@ impl DriverActor {
             .take()
             .map_or(Duration::ZERO, |at| at.elapsed());
         m::offer_ended(ended.ending, held_for);
-        self.matcher.do_send(OfferEnded {
-            driver_id: self.id.clone(),
-            driver_location: self.lock.location(),
-            ended,
-        });
+        let Some(cluster) = &self.cluster else {
+            self.matcher.do_send(OfferEnded {
+                driver_id: self.id.clone(),
+                driver_location: self.lock.location(),
+                ended,
+            });
+            return;
+        };
+        if ended.ending != Ending::Accepted {
+            // Frees the lock for the next offer at once; if this is lost, the
+            // key's expiry frees it a little later.
+            let (cluster, driver, owner) = (cluster.clone(), self.id.clone(), self.owner(offer));
+            actix::spawn(async move {
+                let started = Instant::now();
+                let released = cluster.locks().release(&driver, &owner).await;
+                m::redis_op("release", started.elapsed(), released > 0);
+            });
+        }
+        match offer.holder.node.clone() {
+            Some(node) => cluster.send(
+                &node,
+                Wire::Ended {
+                    driver: self.id.clone(),
+                    at: self.lock.location(),
+                    offer_id: offer.offer_id,
+                    fencing_token: offer.fencing_token,
+                    search: offer.holder.search,
+                    rider_id: offer.holder.rider_id.clone(),
+                    request_id: offer.holder.request_id.clone(),
+                    pickup: offer.holder.pickup,
+                    ending: ended.ending,
+                    trip_id: ended.trip_id,
+                },
+            ),
+            None => self.matcher.do_send(OfferEnded {
+                driver_id: self.id.clone(),
+                driver_location: self.lock.location(),
+                ended,
+            }),
+        }
+    }
+
+    /// The owner value of `offer`'s lock in the lock store.
+    fn owner(&self, offer: &Offer<OfferHolder>) -> String {
+        let cluster = self.cluster.as_ref().expect("only cluster locks have owners");
+        let node = offer.holder.node.as_ref().unwrap_or(cluster.node());
+        cluster::owner(node, offer.offer_id)
     }
 
     /// Brings everything outside the lock in line with it: a dropped
@@ -315,6 +409,9 @@ impl DriverActor {
             (now, indexed) => now.is_some() != indexed.is_some(),
         };
         if moved {
+            if let Some(cluster) = &self.cluster {
+                cluster.announce(&self.id, location);
+            }
             match location {
                 Some(location) => self.matcher.do_send(DriverAvailable {
                     driver_id: self.id.clone(),
@@ -458,9 +555,12 @@ impl Handler<FromDriver> for DriverActor {
             }
             DriverCommand::Accept { offer_id } => {
                 let trip_id = self.ids.next_trip();
-                match self.lock.accept(offer_id, trip_id, now) {
-                    Ok(ended) => self.report(ended, ctx),
-                    Err(e) => self.answer_failed(e, ctx),
+                match &self.cluster {
+                    None => match self.lock.accept(offer_id, trip_id, now) {
+                        Ok(ended) => self.report(ended, ctx),
+                        Err(e) => self.answer_failed(e, ctx),
+                    },
+                    Some(_) => self.accept_in_cluster(offer_id, trip_id, now, ctx),
                 }
             }
             DriverCommand::Decline { offer_id } => match self.lock.decline(offer_id, now) {
@@ -481,11 +581,15 @@ impl Handler<TryLock> for DriverActor {
     type Result = ();
 
     fn handle(&mut self, msg: TryLock, ctx: &mut Context<Self>) {
-        let result = if Instant::now() >= msg.not_after {
-            Err(LockRefused::SearchEnded)
-        } else {
-            self.try_lock(msg.offer_id, msg.holder, msg.timeout, ctx)
-        };
+        if Instant::now() >= msg.not_after {
+            m::lock_attempt(false);
+            return msg.reply.send(Err(LockRefused::SearchEnded));
+        }
+        if self.cluster.is_some() {
+            return self.try_lock_in_cluster(msg, ctx);
+        }
+        let token = self.ids.next_token();
+        let result = self.try_lock(msg.offer_id, msg.holder, msg.timeout, token, ctx);
         m::lock_attempt(result.is_ok());
         msg.reply.send(result);
     }
@@ -497,12 +601,13 @@ impl DriverActor {
         offer_id: OfferId,
         holder: OfferHolder,
         timeout: Duration,
+        fencing_token: FencingToken,
         ctx: &mut Context<Self>,
     ) -> Result<Granted, LockRefused> {
         let now = Instant::now();
         let offer = Offer {
             offer_id,
-            fencing_token: self.ids.next_token(),
+            fencing_token,
             deadline: now + timeout,
             holder,
         };
@@ -520,6 +625,105 @@ impl DriverActor {
         self.arm_expiry(deadline, ctx);
         self.sync(ctx);
         Ok(Granted { fencing_token })
+    }
+
+    /// Cluster mode: the lock is taken in Redis first (with its fencing
+    /// token), then here. The actor handles nothing else meanwhile
+    /// (`ctx.wait`), so the driver's state can't change under the attempt;
+    /// the wait is one Redis round trip, bounded by the per-server timeout.
+    fn try_lock_in_cluster(&mut self, msg: TryLock, ctx: &mut Context<Self>) {
+        // Asking Redis for a driver who can't take the offer anyway would
+        // only hold the key for nothing.
+        if let Some(refused) = self.lock.refusal() {
+            m::lock_attempt(false);
+            return msg.reply.send(Err(refused));
+        }
+        let cluster = self.cluster.clone().expect("cluster mode");
+        let TryLock {
+            offer_id,
+            holder,
+            timeout,
+            reply,
+            ..
+        } = msg;
+        let node = holder.node.as_ref().unwrap_or(cluster.node());
+        let owner = cluster::owner(node, offer_id);
+        let (driver, floor) = (self.id.clone(), self.lock.newest_token());
+        let started = Instant::now();
+        let acquire = async move {
+            let ttl = timeout + cluster::LOCK_MARGIN;
+            let result = cluster.locks().acquire(&driver, &owner, ttl, floor).await;
+            (result, cluster, driver, owner)
+        };
+        ctx.wait(acquire.into_actor(self).map(
+            move |(result, cluster, driver, owner), act, ctx| {
+                m::redis_op("acquire", started.elapsed(), result.is_ok());
+                let result = match result {
+                    Ok(grant) => {
+                        // The offer lasts no longer than the lock can be relied
+                        // on, less room for the accept's confirm to get there.
+                        let timeout = timeout.min(grant.validity.saturating_sub(CONFIRM_ROOM));
+                        let granted = if timeout.is_zero() {
+                            Err(LockRefused::StoreUnavailable)
+                        } else {
+                            act.try_lock(offer_id, holder, timeout, grant.fencing_token, ctx)
+                        };
+                        if granted.is_err() {
+                            actix::spawn(async move {
+                                cluster.locks().release(&driver, &owner).await;
+                            });
+                        }
+                        granted
+                    }
+                    Err(error) => {
+                        m::redis_lock_refused(&error);
+                        Err(error.as_refusal())
+                    }
+                };
+                m::lock_attempt(result.is_ok());
+                reply.send(result);
+            },
+        ));
+    }
+
+    /// Cluster mode: the accept books only if the offer's lock still holds in
+    /// Redis (`confirm`), which is what makes a node that stalled past the
+    /// lock's expiry, or whose requester gave up on the offer, unable to
+    /// book. The actor handles nothing else until Redis answers.
+    fn accept_in_cluster(
+        &mut self,
+        offer_id: OfferId,
+        trip_id: TripId,
+        now: Instant,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Err(e) = self.lock.check_answerable(offer_id, now) {
+            return self.answer_failed(e, ctx);
+        }
+        let cluster = self.cluster.clone().expect("cluster mode");
+        let offer = self.lock.current_offer().expect("an answerable offer is held");
+        let (driver, owner) = (self.id.clone(), self.owner(offer));
+        let started = Instant::now();
+        let confirm = async move { cluster.locks().confirm(&driver, &owner, trip_id).await };
+        ctx.wait(confirm.into_actor(self).map(move |confirmed, act, ctx| {
+            m::redis_op("confirm", started.elapsed(), confirmed);
+            if confirmed {
+                // Nothing ran in between: the offer is as it was at `now`.
+                match act.lock.accept(offer_id, trip_id, now) {
+                    Ok(ended) => act.report(ended, ctx),
+                    Err(e) => act.answer_failed(e, ctx),
+                }
+            } else {
+                if let Some(ended) = act.lock.lose(offer_id) {
+                    act.report(ended, ctx);
+                }
+                act.error(
+                    ErrorCode::OfferExpired,
+                    format!("offer {offer_id} lost its lock before your accept could be confirmed"),
+                );
+            }
+            act.sync(ctx);
+        }));
     }
 }
 
@@ -546,11 +750,18 @@ pub struct DriverRegistry {
     arbiters: Vec<ArbiterHandle>,
     matcher: Addr<Matcher>,
     ids: Arc<Ids>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl DriverRegistry {
-    /// A registry that starts driver actors round the given arbiters.
-    pub fn new(arbiters: Vec<ArbiterHandle>, matcher: Addr<Matcher>, ids: Arc<Ids>) -> Arc<Self> {
+    /// A registry that starts driver actors round the given arbiters; with
+    /// `cluster`, their locks are taken in Redis.
+    pub fn new(
+        arbiters: Vec<ArbiterHandle>,
+        matcher: Addr<Matcher>,
+        ids: Arc<Ids>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Self> {
         assert!(
             !arbiters.is_empty(),
             "driver actors need at least one arbiter"
@@ -561,6 +772,7 @@ impl DriverRegistry {
             arbiters,
             matcher,
             ids,
+            cluster,
         })
     }
 
@@ -604,6 +816,14 @@ impl DriverRegistry {
                 Ok(Err(Retired)) | Err(_) => self.forget(&id, &addr),
             }
         }
+    }
+
+    /// The actor of a driver connected to this node (or lately connected),
+    /// without creating one.
+    pub fn get(&self, id: &DriverId) -> Option<Addr<DriverActor>> {
+        let (_, shard) = self.shard(id);
+        let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(id).cloned()
     }
 
     /// Drops `id` from the map if it still points at `addr`.

@@ -14,6 +14,8 @@ use actix::prelude::*;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::cluster::bus::Bus;
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::driver::DriverRegistry;
 use crate::ids::Ids;
@@ -40,6 +42,9 @@ pub enum StartError {
     /// The actor system did not come up.
     #[error("actor system failed to start: {0}")]
     Actors(String),
+    /// Cluster mode: a Redis server could not be reached.
+    #[error("cannot reach redis: {0}")]
+    Redis(String),
 }
 
 /// A running engine.
@@ -51,6 +56,25 @@ pub struct Engine {
     server: JoinHandle<()>,
     system: System,
     actors: Option<std::thread::JoinHandle<()>>,
+    /// Cluster mode: the link to the other nodes.
+    bus: Option<Bus>,
+}
+
+async fn connect_cluster(config: &Config) -> Result<Arc<Cluster>, StartError> {
+    let node = match &config.node_id {
+        Some(node) if cluster::valid_node_id(node) => node.clone(),
+        Some(node) => {
+            return Err(StartError::Config(format!(
+                "--node-id {node:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+            )))
+        }
+        None => format!("node-{:08x}", rand::random::<u32>()),
+    };
+    let cluster = Cluster::connect(&node, &config.redis, config.redis_timeout())
+        .await
+        .map_err(|e| StartError::Redis(e.to_string()))?;
+    tracing::info!(node, servers = config.redis.len(), "cluster mode");
+    Ok(cluster)
 }
 
 impl Engine {
@@ -73,25 +97,37 @@ impl Engine {
             source,
         })?;
         let metrics = crate::metrics::install();
+        let cluster = match config.is_cluster() {
+            false => None,
+            true => Some(connect_cluster(&config).await?),
+        };
         let config = Arc::new(config);
-        let ids = Arc::new(Ids::default());
+        let ids = Arc::new(match cluster {
+            Some(_) => Ids::for_cluster(),
+            None => Ids::default(),
+        });
         let admission = Arc::new(Admission::new(config.max_queued_requests));
 
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let (actor_config, actor_ids, actor_admission) =
-            (config.clone(), ids.clone(), admission.clone());
+        let (actor_config, actor_ids, actor_admission, actor_cluster) =
+            (config.clone(), ids.clone(), admission.clone(), cluster.clone());
         let actors = std::thread::Builder::new()
             .name("ridelock-matcher".into())
             .spawn(move || {
                 let system = System::new();
                 let started = system.block_on(async move {
-                    let matcher =
-                        Matcher::new(actor_config.clone(), actor_ids.clone(), actor_admission)
-                            .start();
+                    let matcher = Matcher::new(
+                        actor_config.clone(),
+                        actor_ids.clone(),
+                        actor_admission,
+                        actor_cluster.clone(),
+                    )
+                    .start();
                     let arbiters: Vec<_> = (0..actor_config.driver_threads())
                         .map(|_| Arbiter::new().handle())
                         .collect();
-                    let registry = DriverRegistry::new(arbiters, matcher.clone(), actor_ids);
+                    let registry =
+                        DriverRegistry::new(arbiters, matcher.clone(), actor_ids, actor_cluster);
                     (System::current(), matcher, registry)
                 });
                 if started_tx.send(started).is_ok() {
@@ -103,6 +139,7 @@ impl Engine {
             .await
             .map_err(|_| StartError::Actors("actor thread exited during start".into()))?;
 
+        let bus = cluster.map(|cluster| Bus::start(cluster, matcher.clone(), registry.clone()));
         let shared = Arc::new(Shared {
             admission,
             config,
@@ -123,6 +160,7 @@ impl Engine {
             server,
             system,
             actors: Some(actors),
+            bus,
         })
     }
 
@@ -149,6 +187,9 @@ impl Engine {
         // Every connection task holds a drain sender; recv() yields None once
         // all have finished.
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.drained.recv()).await;
+        if let Some(bus) = self.bus.take() {
+            bus.stop().await;
+        }
         self.stop_actors().await;
         tracing::info!("ridelock engine stopped");
     }

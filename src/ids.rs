@@ -3,7 +3,8 @@
 //! Offer ids, trip ids and session ids only need to be unique; fencing tokens
 //! must also grow. One atomic counter per kind gives both across every driver
 //! of this engine, even when a driver's actor is retired and later recreated.
-//! (Several engine nodes take fencing tokens from Redis instead.)
+//! (Several engine nodes take fencing tokens from Redis instead, and start
+//! their offer and trip ids at random points, see [`Ids::for_cluster`].)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +20,20 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// Counters for a node of a cluster: offer and trip ids start at a random
+    /// multiple of 2^32 below 2^53 (so they stay exact in JavaScript clients).
+    /// A driver may get offers from any node, and its app tells them apart by
+    /// id: two nodes' ranges overlap only if they drew the same of 2^21
+    /// starting points.
+    pub fn for_cluster() -> Self {
+        let base = || u64::from(rand::random::<u32>() & 0x1F_FFFF) << 32;
+        Ids {
+            offers: AtomicU64::new(base()),
+            trips: AtomicU64::new(base()),
+            ..Ids::default()
+        }
+    }
+
     /// A fresh offer id.
     pub fn next_offer(&self) -> OfferId {
         self.offers.fetch_add(1, Ordering::Relaxed) + 1

@@ -71,7 +71,8 @@ pub enum LockState<H> {
 }
 
 /// The one way an offer ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Ending {
     /// The driver accepted; the driver is now on the trip.
     Accepted,
@@ -135,7 +136,8 @@ impl Availability {
 }
 
 /// Why a lock was not granted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LockRefused {
     /// The driver is not connected or does not want work.
     #[error("driver is offline")]
@@ -164,6 +166,14 @@ pub enum LockRefused {
     /// the driver's actor, which knows the time the request reaches it).
     #[error("the search asking for the lock has ended")]
     SearchEnded,
+    /// Cluster mode: another node's offer holds the driver's lock in Redis
+    /// (decided by the driver's actor, not by this state machine).
+    #[error("the driver's lock is held by another offer")]
+    HeldElsewhere,
+    /// Cluster mode: the lock store (Redis) could not grant the lock: no
+    /// majority of servers answered in time.
+    #[error("the lock store is unavailable")]
+    StoreUnavailable,
 }
 
 /// Why a driver's answer to an offer was refused.
@@ -268,7 +278,9 @@ impl<H> DriverLock<H> {
         self.availability() == Availability::Available
     }
 
-    fn refusal(&self) -> Option<LockRefused> {
+    /// Why a lock would be refused now, whatever its token; `None` when the
+    /// driver is offerable.
+    pub fn refusal(&self) -> Option<LockRefused> {
         match self.state {
             LockState::Offered(_) => Some(LockRefused::AlreadyOffered),
             LockState::OnTrip(_) => Some(LockRefused::OnTrip),
@@ -390,6 +402,18 @@ impl<H> DriverLock<H> {
         }
     }
 
+    /// The lock behind `offer_id` was lost where it is really held (it
+    /// lapsed in the lock store, or its requester gave up on it): the offer
+    /// ends as `Expired`, whatever its local deadline says.
+    pub fn lose(&mut self, offer_id: OfferId) -> Option<Ended<H>> {
+        match &self.state {
+            LockState::Offered(offer) if offer.offer_id == offer_id => {
+                self.end_offer(Ending::Expired)
+            }
+            _ => None,
+        }
+    }
+
     /// The driver completed `trip_id` and is free again.
     pub fn complete_trip(&mut self, trip_id: TripId) -> Result<Trip<H>, TripError> {
         match &self.state {
@@ -406,7 +430,10 @@ impl<H> DriverLock<H> {
 
     /// Whether an answer to `offer_id` may be taken now. Expires the offer if
     /// its deadline has passed, handing the ending back inside the error.
-    fn check_answerable(&mut self, offer_id: OfferId, now: Instant) -> Result<(), AnswerError<H>> {
+    /// (`accept` and `decline` check this themselves; a caller that must do
+    /// something slow before accepting, such as confirming a lock held in
+    /// Redis, checks first and accepts with the same `now` afterwards.)
+    pub fn check_answerable(&mut self, offer_id: OfferId, now: Instant) -> Result<(), AnswerError<H>> {
         match &self.state {
             LockState::Offered(offer) if offer.offer_id == offer_id => {
                 if offer.deadline <= now {
@@ -491,6 +518,27 @@ mod tests {
         assert_eq!(lock.availability(), Availability::Available);
         assert!(lock.try_lock(offer(1, 1, later, 7), t0).is_ok());
         assert_eq!(lock.availability(), Availability::Offered);
+    }
+
+    #[test]
+    fn a_lost_lock_ends_its_offer_as_expired_and_only_that_offer() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(15);
+        lock.try_lock(offer(1, 1, later, 7), t0).unwrap();
+        assert!(lock.check_answerable(1, t0).is_ok());
+        assert_eq!(lock.lose(2), None, "another offer's loss changes nothing");
+        let ended = lock.lose(1).expect("the held offer ends");
+        assert_eq!(ended.ending, Ending::Expired);
+        assert_eq!(lock.availability(), Availability::Available);
+        assert!(matches!(
+            lock.accept(1, 1, t0),
+            Err(AnswerError::OfferEnded {
+                offer_id: 1,
+                ending: Ending::Expired
+            })
+        ));
+        assert_eq!(lock.lose(1), None, "an offer ends once");
     }
 
     #[test]

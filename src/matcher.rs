@@ -18,13 +18,16 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use crate::cluster::store::Settled;
+use crate::cluster::wire::{NodeId, Wire};
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::driver::{CancelOffer, DriverActor, Granted, LockReply, OfferHolder, TryLock};
 use crate::ids::Ids;
 use crate::location::LatLon;
 use crate::lock::{Ended, Ending, FencingToken, LockRefused, OfferId};
 use crate::metrics as m;
-use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
+use crate::protocol::{DriverId, ErrorCode, NoDriverReason, RequestId, RiderId, ServerMessage};
 use crate::session::Outbox;
 use crate::spatial::SpatialIndex;
 
@@ -36,6 +39,15 @@ const DEADLINE_TICK: Duration = Duration::from_millis(10);
 /// Parked searches looked at oldest-first before falling back to a spatial
 /// query when a driver frees up (see `wake_parked`).
 const OLDEST_PARKED_SCAN: usize = 64;
+
+/// Cluster mode: how long a remote lock's answer may take before the lock is
+/// settled in Redis instead (see `settle_due`); also the slack on a remote
+/// offer's outcome beyond its deadline.
+const REMOTE_ANSWER_WAIT: Duration = Duration::from_secs(2);
+/// Cluster mode: how often, and how many times, a settle that Redis could
+/// not decide is tried again before the rider is told `no_driver`.
+const SETTLE_RETRY: Duration = Duration::from_millis(500);
+const SETTLE_ATTEMPTS: u32 = 60;
 
 /// How often the matcher's gauges (searches, waiting riders, index size) are
 /// refreshed.
@@ -191,18 +203,22 @@ pub struct GetStats;
 
 type SearchKey = (RiderId, RequestId);
 
+/// Where a driver's actor is: on this node, or (cluster mode) on another.
+#[derive(Clone, Debug)]
+enum Target {
+    Local(Addr<DriverActor>),
+    Remote { node: NodeId, driver: DriverId },
+}
+
 #[derive(Clone, Debug)]
 enum Phase {
     /// No driver asked yet, or the last one is done with: looking or parked.
     Looking,
     /// A lock was asked of `driver`; its answer is on the way.
-    Locking {
-        driver: Addr<DriverActor>,
-        offer_id: OfferId,
-    },
+    Locking { driver: Target, offer_id: OfferId },
     /// `driver` holds the offer.
     Offered {
-        driver: Addr<DriverActor>,
+        driver: Target,
         offer_id: OfferId,
         fencing_token: FencingToken,
     },
@@ -220,6 +236,8 @@ struct Search {
     deadline_passed: bool,
     /// Drivers this request has been offered to (locks granted).
     candidates_tried: u32,
+    /// Cluster mode: a settle of the current remote offer is in flight.
+    settling: bool,
 }
 
 impl Search {
@@ -251,6 +269,13 @@ pub struct Matcher {
     /// skipped when they come up).
     deadlines: BinaryHeap<Reverse<(Instant, u64, SearchKey)>>,
     next_seq: u64,
+    /// Cluster mode: the lock store and the other nodes.
+    cluster: Option<Arc<Cluster>>,
+    /// Indexed drivers connected to other nodes, and which node.
+    remote: HashMap<DriverId, NodeId>,
+    /// When news of a remote lock is overdue (see `settle`), soonest first:
+    /// (when, search seq, offer, attempts so far, search).
+    remote_due: BinaryHeap<Reverse<(Instant, u64, OfferId, u32, SearchKey)>>,
 }
 
 impl Actor for Matcher {
@@ -270,7 +295,14 @@ impl Actor for Matcher {
 impl Matcher {
     /// A matcher with an empty index; `admission` counts the ride requests
     /// sessions have queued for it.
-    pub fn new(config: Arc<Config>, ids: Arc<Ids>, admission: Arc<Admission>) -> Self {
+    ///
+    /// With `cluster`, drivers on other nodes are indexed and offered too.
+    pub fn new(
+        config: Arc<Config>,
+        ids: Arc<Ids>,
+        admission: Arc<Admission>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
         Matcher {
             config,
             ids,
@@ -284,6 +316,9 @@ impl Matcher {
             waiting_at: SpatialIndex::new(),
             deadlines: BinaryHeap::new(),
             next_seq: 0,
+            cluster,
+            remote: HashMap::new(),
+            remote_due: BinaryHeap::new(),
         }
     }
 
@@ -306,7 +341,13 @@ impl Matcher {
             || Instant::now() >= search.started + self.config.search_timeout();
         if out_of_time || search.candidates_tried >= self.config.max_candidates {
             let request_id = key.1.clone();
-            return self.finish(&key, ServerMessage::NoDriver { request_id });
+            return self.finish(
+                &key,
+                ServerMessage::NoDriver {
+                    request_id,
+                    reason: None,
+                },
+            );
         }
         let started = Instant::now();
         // Drivers being locked for other searches and drivers who turned this
@@ -339,8 +380,13 @@ impl Matcher {
     }
 
     fn ask_for_lock(&mut self, key: SearchKey, driver_id: DriverId, ctx: &mut Context<Self>) {
-        let Some(driver) = self.driver_addrs.get(&driver_id).cloned() else {
-            return self.park(&key);
+        let target = match (self.driver_addrs.get(&driver_id), self.remote.get(&driver_id)) {
+            (Some(addr), _) => Target::Local(addr.clone()),
+            (None, Some(node)) => Target::Remote {
+                node: node.clone(),
+                driver: driver_id.clone(),
+            },
+            (None, None) => return self.park(&key),
         };
         let Some(search) = self.searches.get_mut(&key) else {
             return;
@@ -349,7 +395,7 @@ impl Matcher {
         let seq = search.seq;
         let search_deadline = search.started + self.config.search_timeout();
         search.phase = Phase::Locking {
-            driver: driver.clone(),
+            driver: target.clone(),
             offer_id,
         };
         let holder = OfferHolder {
@@ -358,23 +404,110 @@ impl Matcher {
             request_id: key.1.clone(),
             pickup: search.pickup,
             first_offer_since: (search.candidates_tried == 0).then_some(search.started),
+            node: None,
         };
         self.unpark(seq);
         self.locking.insert(driver_id.clone());
-        // The answer comes back as a `LockAnswered` message; a request that
-        // never reaches the driver answers itself (refused) when dropped.
-        let reply = LockReply::new(ctx.address(), driver_id, offer_id, &holder);
-        driver.do_send(TryLock {
-            offer_id,
-            holder,
-            timeout: self.config.offer_timeout(),
-            not_after: search_deadline,
-            reply,
-        });
+        match target {
+            Target::Local(driver) => {
+                // The answer comes back as a `LockAnswered` message; a request
+                // that never reaches the driver answers itself (refused) when
+                // dropped.
+                let reply = LockReply::new(ctx.address(), driver_id, offer_id, &holder);
+                driver.do_send(TryLock {
+                    offer_id,
+                    holder,
+                    timeout: self.config.offer_timeout(),
+                    not_after: search_deadline,
+                    reply,
+                });
+            }
+            Target::Remote { node, driver } => {
+                let cluster = self.cluster.as_ref().expect("remote drivers only in cluster mode");
+                let now = Instant::now();
+                cluster.send(
+                    &node,
+                    Wire::Lock {
+                        from: cluster.node().clone(),
+                        driver,
+                        offer_id,
+                        search: seq,
+                        rider_id: holder.rider_id,
+                        request_id: holder.request_id,
+                        pickup: holder.pickup,
+                        timeout_ms: self.config.offer_timeout_ms,
+                        search_left_ms: search_deadline.saturating_duration_since(now).as_millis()
+                            as u64,
+                    },
+                );
+                self.remote_due
+                    .push(Reverse((now + REMOTE_ANSWER_WAIT, seq, offer_id, 0, key)));
+            }
+        }
+    }
+
+    /// Cluster mode: news of a remote lock is overdue (the answer or the
+    /// outcome was lost between nodes, or the driver's node died). Settling
+    /// it in Redis tells for certain whether the driver accepted, and stops
+    /// any later acceptance; until Redis can tell, it is asked again.
+    fn settle_due(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        while let Some(Reverse((due, ..))) = self.remote_due.peek() {
+            if *due > now {
+                break;
+            }
+            let Some(Reverse((_, seq, offer_id, attempts, key))) = self.remote_due.pop() else {
+                break;
+            };
+            let Some(search) = self
+                .searches
+                .get_mut(&key)
+                .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id) && !s.settling)
+            else {
+                continue;
+            };
+            let (Phase::Locking { driver, .. } | Phase::Offered { driver, .. }) = &search.phase
+            else {
+                continue;
+            };
+            let Target::Remote { driver, .. } = driver.clone() else {
+                continue;
+            };
+            search.settling = true;
+            let cluster = self.cluster.clone().expect("remote offers only in cluster mode");
+            let owner = cluster::owner(cluster.node(), offer_id);
+            let matcher = ctx.address();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = cluster.locks().settle(&driver, &owner).await;
+                m::redis_op("settle", started.elapsed(), outcome.is_some());
+                matcher.do_send(SettleOutcome {
+                    key,
+                    seq,
+                    offer_id,
+                    attempts: attempts + 1,
+                    driver_id: driver,
+                    outcome,
+                });
+            });
+        }
+    }
+
+    /// A search's current driver is done with it without a trip: the search
+    /// goes on without that driver.
+    fn move_on(&mut self, key: SearchKey, driver_id: DriverId, ctx: &mut Context<Self>) {
+        if let Some(search) = self.searches.get_mut(&key) {
+            search.excluded.push(driver_id);
+            search.phase = Phase::Looking;
+            self.advance(key, ctx);
+        }
     }
 
     /// Ends the searching part of searches whose deadline has passed.
     fn expire_searches(&mut self, ctx: &mut Context<Self>) {
+        if !self.remote_due.is_empty() {
+            self.settle_due(ctx);
+        }
         let now = Instant::now();
         while let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
             if *deadline > now {
@@ -464,10 +597,30 @@ impl Matcher {
                 driver,
                 offer_id,
                 fencing_token,
-            } => driver.do_send(CancelOffer {
-                offer_id: *offer_id,
-                fencing_token: *fencing_token,
-            }),
+            } => match driver {
+                Target::Local(driver) => driver.do_send(CancelOffer {
+                    offer_id: *offer_id,
+                    fencing_token: *fencing_token,
+                }),
+                Target::Remote { node, driver } => {
+                    let cluster = self.cluster.as_ref().expect("cluster mode");
+                    cluster.send(
+                        node,
+                        Wire::Cancel {
+                            driver: driver.clone(),
+                            offer_id: *offer_id,
+                            fencing_token: *fencing_token,
+                        },
+                    );
+                }
+            },
+        }
+    }
+
+    /// Takes a remote driver out of the index.
+    fn forget_remote(&mut self, driver_id: &DriverId) {
+        if self.remote.remove(driver_id).is_some() {
+            self.drivers.remove(driver_id);
         }
     }
 }
@@ -528,6 +681,7 @@ impl Handler<RequestRide> for Matcher {
                 cancel_requested: false,
                 deadline_passed: false,
                 candidates_tried: 0,
+                settling: false,
             },
         );
         self.deadlines.push(Reverse((
@@ -581,6 +735,8 @@ impl Handler<DriverAvailable> for Matcher {
         match msg.driver {
             Some(driver) => {
                 self.driver_addrs.insert(msg.driver_id.clone(), driver);
+                // Connected here now, whatever another node said before.
+                self.remote.remove(&msg.driver_id);
             }
             // A move of a driver the matcher already took out of the index
             // (it was just locked): the driver says unavailable next.
@@ -596,8 +752,9 @@ impl Handler<DriverUnavailable> for Matcher {
     type Result = ();
 
     fn handle(&mut self, msg: DriverUnavailable, _ctx: &mut Context<Self>) {
-        self.drivers.remove(&msg.driver_id);
-        self.driver_addrs.remove(&msg.driver_id);
+        if self.driver_addrs.remove(&msg.driver_id).is_some() {
+            self.drivers.remove(&msg.driver_id);
+        }
     }
 }
 
@@ -642,6 +799,7 @@ impl Handler<OfferEnded> for Matcher {
                     search.excluded.push(driver_id);
                 }
                 search.phase = Phase::Looking;
+                search.settling = false;
                 self.advance(key, ctx);
             }
         }
@@ -677,32 +835,235 @@ impl Handler<LockAnswered> for Matcher {
                     return;
                 };
                 let driver = driver.clone();
-                if search.cancel_requested {
-                    driver.do_send(CancelOffer {
-                        offer_id,
-                        fencing_token,
-                    });
-                }
+                let first_offer = search.candidates_tried == 0;
                 search.phase = Phase::Offered {
-                    driver,
+                    driver: driver.clone(),
                     offer_id,
                     fencing_token,
                 };
-                // The driver's actor recorded request→offer as it sent it.
+                // The driver's actor recorded request→offer as it sent a
+                // local offer; a remote one is recorded here, as granted.
                 search.candidates_tried += 1;
+                if let Target::Remote { .. } = driver {
+                    if first_offer {
+                        m::request_to_offer(search.started.elapsed());
+                    }
+                    // The outcome is due by the offer's deadline; past that
+                    // (plus the lock's margin), it is settled in Redis.
+                    let due = Instant::now()
+                        + self.config.offer_timeout()
+                        + cluster::LOCK_MARGIN
+                        + REMOTE_ANSWER_WAIT;
+                    self.remote_due
+                        .push(Reverse((due, seq, offer_id, 0, key.clone())));
+                }
+                if search.cancel_requested {
+                    self.cancel(&key, ctx);
+                }
                 // The driver will say it is unavailable too; taking it out now
                 // spares other searches a refused attempt in between.
                 self.drivers.remove(&driver_id);
                 self.driver_addrs.remove(&driver_id);
+                self.remote.remove(&driver_id);
             }
-            Err(_) => {
+            Err(LockRefused::StoreUnavailable) => {
+                // Redis can't grant locks now: say so rather than trying every
+                // driver in reach against a store that is down.
+                let request_id = key.1.clone();
+                self.finish(
+                    &key,
+                    ServerMessage::NoDriver {
+                        request_id,
+                        reason: Some(NoDriverReason::LocksUnavailable),
+                    },
+                );
+            }
+            Err(refused) => {
+                let remote = matches!(search.phase, Phase::Locking { driver: Target::Remote { .. }, .. });
                 search.phase = Phase::Looking;
+                if remote || refused == LockRefused::HeldElsewhere {
+                    // The index was wrong about this driver (news between nodes
+                    // is late): don't ask it again for this search, and drop
+                    // a remote entry that names a driver gone from its node.
+                    search.excluded.push(driver_id.clone());
+                    if matches!(refused, LockRefused::Offline | LockRefused::NoLocation) {
+                        self.forget_remote(&driver_id);
+                    }
+                }
                 self.advance(key, ctx);
                 // The refusing driver may still be offerable for someone parked.
                 if let Some(at) = self.drivers.position(&driver_id) {
                     self.wake_parked(&driver_id, at, ctx);
                 }
             }
+        }
+    }
+}
+
+/// Cluster mode: what settling an overdue remote lock found out.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SettleOutcome {
+    key: SearchKey,
+    seq: u64,
+    offer_id: OfferId,
+    attempts: u32,
+    driver_id: DriverId,
+    outcome: Option<Settled>,
+}
+
+impl Handler<SettleOutcome> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: SettleOutcome, ctx: &mut Context<Self>) {
+        let SettleOutcome {
+            key,
+            seq,
+            offer_id,
+            attempts,
+            driver_id,
+            outcome,
+        } = msg;
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id))
+        else {
+            return; // the news arrived after all
+        };
+        search.settling = false;
+        if matches!(search.phase, Phase::Locking { .. }) {
+            self.locking.remove(&driver_id);
+        }
+        match outcome {
+            Some(Settled::Trip(trip_id)) => {
+                let driver_location = self.drivers.position(&driver_id).unwrap_or(search.pickup);
+                let message = ServerMessage::Matched {
+                    request_id: key.1.clone(),
+                    trip_id,
+                    driver_id,
+                    driver_location,
+                    distance_m: driver_location.distance_m(search.pickup),
+                };
+                self.finish(&key, message);
+            }
+            Some(Settled::Dead) => {
+                tracing::info!(driver = %driver_id, offer_id, "no news of a remote offer; it ended without a trip");
+                self.move_on(key, driver_id, ctx);
+            }
+            None if attempts < SETTLE_ATTEMPTS => {
+                m::redis_settle_undecided();
+                self.remote_due
+                    .push(Reverse((Instant::now() + SETTLE_RETRY, seq, offer_id, attempts, key)));
+            }
+            None => {
+                // Redis has not been able to tell for a long while: the rider is
+                // told, and the lock lapses in Redis by itself.
+                m::redis_settle_undecided();
+                let request_id = key.1.clone();
+                self.finish(
+                    &key,
+                    ServerMessage::NoDriver {
+                        request_id,
+                        reason: Some(NoDriverReason::LocksUnavailable),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Cluster mode: a driver on another node is offerable at `at`, or (`None`)
+/// no longer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteDriver {
+    /// The driver's node.
+    pub node: NodeId,
+    /// The driver.
+    pub driver: DriverId,
+    /// Where, while offerable.
+    pub at: Option<LatLon>,
+}
+
+impl Handler<RemoteDriver> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteDriver, ctx: &mut Context<Self>) {
+        let RemoteDriver { node, driver, at } = msg;
+        match at {
+            // A driver connected here is this node's to announce.
+            Some(_) if self.driver_addrs.contains_key(&driver) => {}
+            Some(at) => {
+                self.remote.insert(driver.clone(), node);
+                self.drivers.upsert(driver.clone(), at);
+                self.wake_parked(&driver, at, ctx);
+            }
+            None => {
+                if self.remote.get(&driver) == Some(&node) {
+                    self.forget_remote(&driver);
+                }
+            }
+        }
+    }
+}
+
+/// Cluster mode: every offerable driver of another node, replacing what this
+/// node had for it (sent when the subscription to Redis starts).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteSnapshot {
+    /// The node.
+    pub node: NodeId,
+    /// Its offerable drivers.
+    pub drivers: Vec<(DriverId, LatLon)>,
+}
+
+impl Handler<RemoteSnapshot> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteSnapshot, ctx: &mut Context<Self>) {
+        self.forget_node(&msg.node);
+        for (driver, at) in msg.drivers {
+            self.handle(
+                RemoteDriver {
+                    node: msg.node.clone(),
+                    driver,
+                    at: Some(at),
+                },
+                ctx,
+            );
+        }
+    }
+}
+
+/// Cluster mode: a node left or died; its drivers are not offerable here
+/// until they reconnect somewhere.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeGone {
+    /// The node.
+    pub node: NodeId,
+}
+
+impl Handler<NodeGone> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeGone, _ctx: &mut Context<Self>) {
+        self.forget_node(&msg.node);
+    }
+}
+
+impl Matcher {
+    fn forget_node(&mut self, node: &NodeId) {
+        let gone: Vec<DriverId> = self
+            .remote
+            .iter()
+            .filter(|(_, n)| *n == node)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for driver in gone {
+            self.forget_remote(&driver);
         }
     }
 }

@@ -71,6 +71,20 @@ pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 /// Errors sent to clients by `code`.
 pub const PROTOCOL_ERRORS: &str = "ridelock_protocol_errors_total";
 
+/// Cluster mode: one Redis lock operation across the servers, by `op`
+/// (acquire, confirm, release, settle).
+pub const REDIS_OP: &str = "ridelock_redis_op_seconds";
+/// Cluster mode: lock operations that failed, by `kind`: `held` (another
+/// offer holds the lock), `no_quorum`, `slow`, `lost` (an accept's lock was
+/// gone), `undecided` (a settle without a majority answering).
+pub const REDIS_LOCK_ERRORS: &str = "ridelock_redis_lock_errors_total";
+/// Cluster mode: lock acquisitions refused because fewer than a majority of
+/// Redis servers answered in time.
+pub const REDIS_QUORUM_FAILURES: &str = "ridelock_redis_quorum_failures_total";
+/// Cluster mode: messages to other nodes (availability and offers) by
+/// `result` (ok, failed), counted per server written to.
+pub const CLUSTER_MESSAGES: &str = "ridelock_cluster_messages_total";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 // Handles for the per-message counters, looked up once: `counter!` hashes the
@@ -155,6 +169,13 @@ fn describe() {
     describe_counter!(LOCATION_UPDATES, "Driver location updates");
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
+    describe_histogram!(REDIS_OP, Unit::Seconds, "Redis lock operations by op");
+    describe_counter!(REDIS_LOCK_ERRORS, "Failed Redis lock operations by kind");
+    describe_counter!(
+        REDIS_QUORUM_FAILURES,
+        "Lock acquisitions without a majority of Redis servers answering"
+    );
+    describe_counter!(CLUSTER_MESSAGES, "Messages published to other nodes by result");
 }
 
 /// Creates every counter and gauge at zero, with every label value it can
@@ -169,8 +190,15 @@ fn preregister() {
         LOCK_ATTEMPTS,
         LOCK_REFUSALS,
         LOCATION_UPDATES,
+        REDIS_QUORUM_FAILURES,
     ] {
         counter!(counter).increment(0);
+    }
+    for kind in ["held", "no_quorum", "slow", "lost", "undecided"] {
+        counter!(REDIS_LOCK_ERRORS, "kind" => kind).increment(0);
+    }
+    for result in ["ok", "failed"] {
+        counter!(CLUSTER_MESSAGES, "result" => result).increment(0);
     }
     for ending in [
         Ending::Accepted,
@@ -277,4 +305,28 @@ pub(crate) fn ws_messages_out(count: u64) {
 
 pub(crate) fn protocol_error(code: ErrorCode) {
     counter!(PROTOCOL_ERRORS, "code" => code.as_str()).increment(1);
+}
+
+pub(crate) fn redis_op(op: &'static str, elapsed: Duration, ok: bool) {
+    histogram!(REDIS_OP, "op" => op).record(elapsed);
+    if !ok && op == "confirm" {
+        counter!(REDIS_LOCK_ERRORS, "kind" => "lost").increment(1);
+    }
+}
+
+pub(crate) fn redis_lock_refused(error: &crate::cluster::store::LockError) {
+    let kind = error.kind();
+    counter!(REDIS_LOCK_ERRORS, "kind" => kind).increment(1);
+    if kind == "no_quorum" {
+        counter!(REDIS_QUORUM_FAILURES).increment(1);
+    }
+}
+
+pub(crate) fn redis_settle_undecided() {
+    counter!(REDIS_LOCK_ERRORS, "kind" => "undecided").increment(1);
+}
+
+pub(crate) fn cluster_published(messages: usize, ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!(CLUSTER_MESSAGES, "result" => result).increment(messages as u64);
 }

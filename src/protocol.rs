@@ -148,6 +148,9 @@ pub enum ServerMessage {
     NoDriver {
         /// The request.
         request_id: RequestId,
+        /// Why, when it was not simply that nobody took the ride in time.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<NoDriverReason>,
     },
     /// To a rider, final: the request was cancelled.
     Cancelled {
@@ -210,6 +213,16 @@ impl RevokeReason {
             Ending::Accepted | Ending::Declined | Ending::DriverDisconnected => None,
         }
     }
+}
+
+/// Why a request ended `no_driver`, when there is more to say than that
+/// nobody in reach took it before its deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoDriverReason {
+    /// Cluster mode: the lock store (Redis) could not grant locks; retrying
+    /// later may succeed.
+    LocksUnavailable,
 }
 
 /// Every error code a client can receive (see `docs/protocol.md`).
@@ -505,9 +518,19 @@ mod tests {
     fn server_messages_carry_their_type() {
         let json = serde_json::to_string(&ServerMessage::NoDriver {
             request_id: "r1".into(),
+            reason: None,
         })
         .unwrap();
         assert_eq!(json, r#"{"type":"no_driver","request_id":"r1"}"#);
+        let json = serde_json::to_string(&ServerMessage::NoDriver {
+            request_id: "r1".into(),
+            reason: Some(NoDriverReason::LocksUnavailable),
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"no_driver","request_id":"r1","reason":"locks_unavailable"}"#
+        );
         let json =
             serde_json::to_value(ServerMessage::error(ErrorCode::UnknownOffer, "x")).unwrap();
         assert_eq!(json["code"], "unknown_offer");

@@ -153,7 +153,7 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
             }
             (request_id, Final::Matched(driver_id.to_string()))
         }
-        ServerMessage::NoDriver { request_id } => {
+        ServerMessage::NoDriver { request_id, .. } => {
             stats.no_driver.inc();
             (request_id, Final::NoDriver)
         }

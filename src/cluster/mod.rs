@@ -1,11 +1,127 @@
-//! Driver locks shared by several engine nodes, held in Redis.
+//! Cluster mode: several engine nodes serving one city, driver locks in Redis.
 //!
-//! The building blocks of cluster mode (issue 5), not yet wired into the
-//! engine: [`redlock`] is the quorum arithmetic, [`store`] the Lua-scripted
-//! lock on one Redis server and the Redlock acquisition across several. The
-//! lock rules themselves stay in [`crate::lock`]: a driver's actor still
-//! refuses any fencing token that is not newer than the last it saw, which is
-//! what makes a late node harmless whatever Redis says.
+//! Each node keeps the design of the single engine (a driver's actor is the
+//! only place its lock changes, the matcher owns an R-tree of offerable
+//! drivers) and adds three things, all through Redis (`docs/cluster.md` has
+//! the design, its costs and its failure cases):
+//!
+//! - every node announces its drivers' availability on a pub/sub channel and
+//!   keeps a hash of them for nodes that join or resubscribe later, so every
+//!   matcher indexes every offerable driver of the city ([`bus`]);
+//! - a driver's lock is a Redis key taken by the driver's own actor, with a
+//!   fencing token from a per-driver counter taken in the same Lua script,
+//!   across a Redlock majority when there are several servers ([`store`],
+//!   [`redlock`]); an `accept` books only if the lock still holds
+//!   (`confirm`), so a node that stalled past the expiry can't book late;
+//! - a rider's node asks a driver's node for an offer, and hears the answer
+//!   and the outcome, over per-node channels ([`wire`]); if news is lost, the
+//!   rider's node settles the lock in Redis itself, which tells it for certain
+//!   whether the driver accepted and stops any later acceptance.
 
+pub mod bus;
 pub mod redlock;
 pub mod store;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::location::LatLon;
+use crate::lock::OfferId;
+use crate::protocol::DriverId;
+use store::{Redlock, StoreError};
+pub use wire::NodeId;
+use wire::Wire;
+
+/// How much longer a driver's lock lives in Redis than the offer it backs:
+/// room for the accept's confirm to reach Redis before the key lapses.
+pub const LOCK_MARGIN: Duration = Duration::from_secs(1);
+
+/// The owner value of the lock behind one offer: the requesting node and
+/// its offer id, unique across the cluster.
+pub fn owner(node: &str, offer_id: OfferId) -> String {
+    format!("{node}/{offer_id}")
+}
+
+/// Whether `node` is usable as a node id: it is part of Redis keys, channel
+/// names and lock owner values.
+pub fn valid_node_id(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 64
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// One node's link to the cluster: its lock store and its outgoing messages.
+pub struct Cluster {
+    node: NodeId,
+    urls: Vec<String>,
+    locks: Redlock,
+    /// Availability changes of this node's drivers not yet published,
+    /// coalesced per driver (only the newest matters), so a slow Redis makes
+    /// announcements late, never unbounded.
+    pending: Mutex<HashMap<DriverId, Option<LatLon>>>,
+    announced: Notify,
+    directed: mpsc::UnboundedSender<(NodeId, Wire)>,
+    directed_rx: Mutex<Option<mpsc::UnboundedReceiver<(NodeId, Wire)>>>,
+}
+
+impl Cluster {
+    /// Connects to every Redis server; any one unreachable is an error, so
+    /// that a wrong URL is found at start rather than as lost quorum later.
+    pub async fn connect(
+        node: &str,
+        urls: &[String],
+        per_server_timeout: Duration,
+    ) -> Result<Arc<Self>, StoreError> {
+        let locks = Redlock::connect(urls, per_server_timeout).await?;
+        let (directed, directed_rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(Cluster {
+            node: node.into(),
+            urls: urls.to_vec(),
+            locks,
+            pending: Mutex::default(),
+            announced: Notify::new(),
+            directed,
+            directed_rx: Mutex::new(Some(directed_rx)),
+        }))
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The driver locks.
+    pub fn locks(&self) -> &Redlock {
+        &self.locks
+    }
+
+    /// This node's driver is offerable at `at` (or, `None`, no longer):
+    /// published to the other nodes soon, coalesced with later changes.
+    pub fn announce(&self, driver: &DriverId, at: Option<LatLon>) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(driver.clone(), at);
+        self.announced.notify_one();
+    }
+
+    /// Sends `message` to `node` (at most once; see [`wire`]).
+    pub fn send(&self, node: &NodeId, message: Wire) {
+        // Fails only once the publisher has stopped (shutdown).
+        let _ = self.directed.send((node.clone(), message));
+    }
+
+    fn take_pending(&self) -> Vec<(DriverId, Option<LatLon>)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect()
+    }
+}

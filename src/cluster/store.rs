@@ -11,6 +11,7 @@
 //!   owner value. A plain `DEL` could free a lock that expired and was taken
 //!   by someone else in the meantime.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -18,13 +19,17 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::time::Instant;
 
-use super::redlock::{judge, AttemptFailed};
-use crate::lock::FencingToken;
+use super::redlock::{judge, quorum, AttemptFailed};
+use crate::lock::{FencingToken, LockRefused, TripId};
 
 /// Sets the lock if free and takes a fencing token in the same step.
-/// KEYS: lock, token counter. ARGV: owner, ttl ms, token floor.
-/// Returns the token, or nil when the lock is held.
+/// KEYS: lock, token counter, the owner's settled mark. ARGV: owner, ttl ms,
+/// token floor. Returns the token, or nil when the lock is held or the owner
+/// has already given up on it (see [`SETTLE`]).
 const ACQUIRE: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return false
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local floor = tonumber(ARGV[3])
   local current = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -44,15 +49,47 @@ end
 return 0
 "#;
 
-/// The driver accepted: keeps the lock (for the trip's start) only if the
-/// caller still owns it. KEYS: lock. ARGV: owner, hold ms.
+/// The driver accepted: only if the caller still owns the lock (and its
+/// requester has not given up on it), records the trip under the owner and
+/// frees the lock (the driver's actor holds the trip from here).
+/// KEYS: lock, the owner's trip record, the owner's settled mark.
+/// ARGV: owner, trip id, record ttl ms.
 const CONFIRM: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 "#;
+
+/// The requester gives up waiting for news of a lock (a message between
+/// nodes was lost): marks the owner settled, so that no later acquire or
+/// confirm for it can succeed, and says what had happened: the trip id if
+/// the driver had accepted, `released` if the lock was still held (it is now
+/// freed), `gone` otherwise. KEYS: lock, the owner's trip record, the
+/// owner's settled mark. ARGV: owner, mark ttl ms.
+const SETTLE: &str = r#"
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+local trip = redis.call('GET', KEYS[2])
+if trip then
+  return trip
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 'released'
+end
+return 'gone'
+"#;
+
+static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE));
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
+static CONFIRM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CONFIRM));
+static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
+
+/// How long trip records and settled marks are kept: far longer than any
+/// offer, so that a requester settling late still finds them.
+pub const RECORD_TTL: Duration = Duration::from_secs(600);
 
 /// What can go wrong talking to a lock server.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +125,34 @@ pub enum LockError {
     },
 }
 
+impl LockError {
+    /// How a driver's actor reports this refusal: the lock held by another
+    /// offer, or the store unable to decide (servers unreachable or slow).
+    pub fn as_refusal(&self) -> LockRefused {
+        match self {
+            LockError::Refused {
+                reason: AttemptFailed::NoQuorum { granted, needed, .. },
+                unreachable,
+            } if granted + unreachable < *needed => LockRefused::HeldElsewhere,
+            LockError::Refused { .. } => LockRefused::StoreUnavailable,
+        }
+    }
+
+    /// A short name for metrics labels: `held` (another offer has it),
+    /// `no_quorum` (too few servers answered), `slow` (a majority granted
+    /// it, but too late to rely on).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LockError::Refused {
+                reason: AttemptFailed::Expired,
+                ..
+            } => "slow",
+            _ if self.as_refusal() == LockRefused::HeldElsewhere => "held",
+            _ => "no_quorum",
+        }
+    }
+}
+
 /// The driver's lock, held by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -105,6 +170,24 @@ fn lock_key(driver: &str) -> String {
 
 fn token_key(driver: &str) -> String {
     format!("ridelock:driver:{driver}:token")
+}
+
+fn trip_key(owner: &str) -> String {
+    format!("ridelock:owner:{owner}:trip")
+}
+
+fn settled_key(owner: &str) -> String {
+    format!("ridelock:owner:{owner}:settled")
+}
+
+/// What had become of a lock its requester gave up waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The driver accepted: this trip.
+    Trip(TripId),
+    /// The lock can no longer lead to a trip (freed now, expired, or never
+    /// taken).
+    Dead,
 }
 
 /// Locks on one Redis server.
@@ -151,13 +234,22 @@ impl LockServer {
         &self.url
     }
 
+    /// A connection for other commands (publishing, the node registry).
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    /// The per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     async fn run<T: redis::FromRedisValue>(
         &self,
-        script: &str,
+        script: &Script,
         keys: &[String],
         args: &[String],
     ) -> Result<T, StoreError> {
-        let script = Script::new(script);
         let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(key);
@@ -189,8 +281,8 @@ impl LockServer {
     ) -> Result<Option<FencingToken>, StoreError> {
         let ttl_ms = ttl.as_millis().max(1).to_string();
         self.run(
-            ACQUIRE,
-            &[lock_key(driver), token_key(driver)],
+            &ACQUIRE_SCRIPT,
+            &[lock_key(driver), token_key(driver), settled_key(owner)],
             &[owner.to_string(), ttl_ms, token_floor.to_string()],
         )
         .await
@@ -199,24 +291,44 @@ impl LockServer {
     /// Frees `driver`'s lock if `owner` still holds it; whether it did.
     pub async fn release(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
         let deleted: i64 = self
-            .run(RELEASE, &[lock_key(driver)], &[owner.to_string()])
+            .run(&RELEASE_SCRIPT, &[lock_key(driver)], &[owner.to_string()])
             .await?;
         Ok(deleted == 1)
     }
 
-    /// Keeps `driver`'s lock for `hold` more if `owner` still holds it
-    /// (the driver accepted); whether it did.
+    /// `driver` accepted trip `trip_id` under `owner`'s lock: records the trip
+    /// and frees the lock, only if `owner` still holds it; whether it did.
     pub async fn confirm(
         &self,
         driver: &str,
         owner: &str,
-        hold: Duration,
+        trip_id: TripId,
     ) -> Result<bool, StoreError> {
-        let hold_ms = hold.as_millis().max(1).to_string();
         let kept: i64 = self
-            .run(CONFIRM, &[lock_key(driver)], &[owner.to_string(), hold_ms])
+            .run(
+                &CONFIRM_SCRIPT,
+                &[lock_key(driver), trip_key(owner), settled_key(owner)],
+                &[
+                    owner.to_string(),
+                    trip_id.to_string(),
+                    RECORD_TTL.as_millis().to_string(),
+                ],
+            )
             .await?;
         Ok(kept == 1)
+    }
+
+    /// Gives up on `owner`'s lock of `driver` for good (see [`SETTLE`]): the
+    /// trip it became, or `None` when it can no longer become one.
+    pub async fn settle(&self, driver: &str, owner: &str) -> Result<Option<TripId>, StoreError> {
+        let answer: String = self
+            .run(
+                &SETTLE_SCRIPT,
+                &[lock_key(driver), trip_key(owner), settled_key(owner)],
+                &[owner.to_string(), RECORD_TTL.as_millis().to_string()],
+            )
+            .await?;
+        Ok(answer.parse().ok())
     }
 }
 
@@ -304,15 +416,51 @@ impl Redlock {
             .count()
     }
 
-    /// The driver accepted: keeps the lock for `hold` where `owner` still
-    /// holds it. True only if a majority still did; a node that lost its lock
-    /// (it stalled past the expiry) learns it here and must not book.
-    pub async fn confirm(&self, driver: &str, owner: &str, hold: Duration) -> bool {
-        let kept = join_all(self.servers.iter().map(|s| s.confirm(driver, owner, hold)))
-            .await
+    /// The driver accepted: records the trip and frees the lock where
+    /// `owner` still holds it. True only if a majority still did; a node that
+    /// lost its lock (it stalled past the expiry, or its requester gave up)
+    /// learns it here and must not book.
+    pub async fn confirm(&self, driver: &str, owner: &str, trip_id: TripId) -> bool {
+        let kept = join_all(
+            self.servers
+                .iter()
+                .map(|s| s.confirm(driver, owner, trip_id)),
+        )
+        .await
+        .into_iter()
+        .filter(|r| matches!(r, Ok(true)))
+        .count();
+        kept >= quorum(self.servers.len())
+    }
+
+    /// The requester of `owner`'s lock gives up waiting for news of it: what
+    /// had become of it, once that is certain.
+    ///
+    /// A confirm that counted reached a majority before any settle mark did
+    /// (a mark blocks confirms), so every server asked shows its trip record.
+    /// The trip is certain when a majority shows it; its absence is certain
+    /// when even the servers that did not answer could not make a majority
+    /// with those that show it. Anything between (servers unreachable) is
+    /// `None`: ask again later.
+    pub async fn settle(&self, driver: &str, owner: &str) -> Option<Settled> {
+        let answers = join_all(self.servers.iter().map(|s| s.settle(driver, owner))).await;
+        let unanswered = answers.iter().filter(|a| a.is_err()).count();
+        let trips: Vec<TripId> = answers
             .into_iter()
-            .filter(|r| matches!(r, Ok(true)))
-            .count();
-        kept >= super::redlock::quorum(self.servers.len())
+            .filter_map(|a| a.ok().flatten())
+            .collect();
+        let needed = quorum(self.servers.len());
+        if trips.len() >= needed {
+            trips.first().copied().map(Settled::Trip)
+        } else if trips.len() + unanswered < needed {
+            Some(Settled::Dead)
+        } else {
+            None
+        }
+    }
+
+    /// The servers, for the cluster's own commands.
+    pub fn server_list(&self) -> &[LockServer] {
+        &self.servers
     }
 }

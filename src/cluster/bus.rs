@@ -1,0 +1,497 @@
+//! The tasks that connect a node to the others through Redis.
+//!
+//! - The publisher sends this node's messages: availability changes of its
+//!   drivers (on [`DRIVERS_CHANNEL`], mirrored into this node's hash
+//!   `ridelock:node:{id}:drivers` for late joiners) and messages to other
+//!   nodes. It writes to every server, so that any one of them is enough to
+//!   listen to. Once a second it refreshes this node's liveness key on each
+//!   server; a server that lost it (restarted empty) gets this node's whole
+//!   state again.
+//! - The listener subscribes on one server at a time (the next one when that
+//!   connection is lost), loads every live node's hash when it subscribes,
+//!   hands messages to the matcher and to driver actors, and once a second
+//!   drops the drivers of nodes whose liveness key has lapsed (a node that
+//!   died: its drivers are offerable again once they reconnect elsewhere).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use futures_util::future::join_all;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::store::LockServer;
+use super::wire::{node_channel, NodeId, Wire, DRIVERS_CHANNEL};
+use super::Cluster;
+use crate::driver::{CancelOffer, DriverRegistry, Granted, LockReply, OfferHolder, TryLock};
+use crate::location::LatLon;
+use crate::lock::{Ended, Offer};
+use crate::matcher::{LockAnswered, Matcher, NodeGone, OfferEnded, RemoteDriver, RemoteSnapshot};
+use crate::protocol::DriverId;
+
+/// How often liveness keys are refreshed and checked.
+const ALIVE_REFRESH: Duration = Duration::from_secs(1);
+/// How long a node's liveness key lives: a node silent this long is dead.
+const ALIVE_TTL: Duration = Duration::from_secs(3);
+/// Wait before subscribing again after losing the subscription.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
+/// Liveness checks in a row that may fail before the listener gives up on
+/// its server (a paused server keeps the socket open but answers nothing).
+const CHECKS_BEFORE_SWITCH: u32 = 3;
+
+/// The set of live node ids, on every server.
+const NODES_KEY: &str = "ridelock:nodes";
+
+fn alive_key(node: &str) -> String {
+    format!("ridelock:node:{node}:alive")
+}
+
+fn drivers_key(node: &str) -> String {
+    format!("ridelock:node:{node}:drivers")
+}
+
+fn encode_at(at: LatLon) -> String {
+    format!("{},{}", at.lat, at.lon)
+}
+
+fn decode_at(text: &str) -> Option<LatLon> {
+    let (lat, lon) = text.split_once(',')?;
+    LatLon::new(lat.parse().ok()?, lon.parse().ok()?).ok()
+}
+
+/// The running tasks; dropping this does not stop them, [`Bus::stop`] does.
+pub struct Bus {
+    tasks: Vec<JoinHandle<()>>,
+    cluster: Arc<Cluster>,
+}
+
+impl Bus {
+    /// Starts the publisher and the listener on the current tokio runtime.
+    pub fn start(
+        cluster: Arc<Cluster>,
+        matcher: Addr<Matcher>,
+        registry: Arc<DriverRegistry>,
+    ) -> Bus {
+        let directed = cluster
+            .directed_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("the bus starts once per cluster link");
+        let tasks = vec![
+            tokio::spawn(publish(cluster.clone(), directed)),
+            tokio::spawn(listen(cluster.clone(), matcher, registry)),
+        ];
+        Bus { tasks, cluster }
+    }
+
+    /// Stops the tasks and takes this node out of the cluster at once
+    /// (without waiting for its liveness key to lapse), best effort.
+    pub async fn stop(self) {
+        self.abort();
+        let node = self.cluster.node.clone();
+        join_all(self.cluster.locks.server_list().iter().map(|server| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SREM").arg(NODES_KEY).arg(&*node).ignore();
+            pipe.cmd("DEL").arg(alive_key(&node)).ignore();
+            pipe.cmd("DEL").arg(drivers_key(&node)).ignore();
+            run_pipe(server, pipe)
+        }))
+        .await;
+    }
+}
+
+impl Bus {
+    fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+async fn run_pipe(server: &LockServer, pipe: redis::Pipeline) -> bool {
+    let mut connection = server.connection();
+    matches!(
+        tokio::time::timeout(server.timeout(), pipe.query_async::<()>(&mut connection)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The publisher task.
+async fn publish(cluster: Arc<Cluster>, mut directed: mpsc::UnboundedReceiver<(NodeId, Wire)>) {
+    // This node's offerable drivers, for servers that lost them.
+    let mut own: HashMap<DriverId, LatLon> = HashMap::new();
+    let mut alive = tokio::time::interval(ALIVE_REFRESH);
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut messages = Vec::new();
+        tokio::select! {
+            message = directed.recv() => match message {
+                Some(message) => messages.push(message),
+                None => return,
+            },
+            _ = cluster.announced.notified() => {}
+            _ = alive.tick() => {
+                refresh_alive(&cluster, &own).await;
+                continue;
+            }
+        }
+        while let Ok(message) = directed.try_recv() {
+            messages.push(message);
+        }
+        let changes = cluster.take_pending();
+        for (driver, at) in &changes {
+            match at {
+                Some(at) => own.insert(driver.clone(), *at),
+                None => own.remove(driver),
+            };
+        }
+        let node = &cluster.node;
+        let mut pipe = redis::pipe();
+        for (driver, at) in &changes {
+            match at {
+                Some(at) => pipe
+                    .cmd("HSET")
+                    .arg(drivers_key(node))
+                    .arg(&**driver)
+                    .arg(encode_at(*at))
+                    .ignore(),
+                None => pipe
+                    .cmd("HDEL")
+                    .arg(drivers_key(node))
+                    .arg(&**driver)
+                    .ignore(),
+            };
+            let wire = Wire::Driver {
+                node: node.clone(),
+                driver: driver.clone(),
+                at: *at,
+            };
+            publish_cmd(&mut pipe, DRIVERS_CHANNEL, &wire);
+        }
+        for (to, wire) in &messages {
+            publish_cmd(&mut pipe, &node_channel(to), wire);
+        }
+        let sent = join_all(
+            cluster
+                .locks
+                .server_list()
+                .iter()
+                .map(|server| run_pipe(server, pipe.clone())),
+        )
+        .await;
+        for ok in sent {
+            crate::metrics::cluster_published(changes.len() + messages.len(), ok);
+        }
+    }
+}
+
+fn publish_cmd(pipe: &mut redis::Pipeline, channel: &str, wire: &Wire) {
+    let payload = serde_json::to_string(wire).expect("wire messages serialize");
+    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+}
+
+/// Keeps this node's liveness key alive on every server; a server that has
+/// lost it (restarted empty, or this node was paused past the key's life)
+/// gets this node's drivers again, republished so that listeners learn them.
+async fn refresh_alive(cluster: &Cluster, own: &HashMap<DriverId, LatLon>) {
+    let node = &cluster.node;
+    join_all(cluster.locks.server_list().iter().map(|server| async move {
+        let mut connection = server.connection();
+        let kept = tokio::time::timeout(
+            server.timeout(),
+            redis::cmd("PEXPIRE")
+                .arg(alive_key(node))
+                .arg(ALIVE_TTL.as_millis() as u64)
+                .query_async::<i64>(&mut connection),
+        )
+        .await;
+        if !matches!(kept, Ok(Ok(0))) {
+            return; // kept alive, or the server is unreachable
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD").arg(NODES_KEY).arg(&**node).ignore();
+        pipe.cmd("SET")
+            .arg(alive_key(node))
+            .arg(1)
+            .arg("PX")
+            .arg(ALIVE_TTL.as_millis() as u64)
+            .ignore();
+        pipe.cmd("DEL").arg(drivers_key(node)).ignore();
+        for (driver, at) in own {
+            pipe.cmd("HSET")
+                .arg(drivers_key(node))
+                .arg(&**driver)
+                .arg(encode_at(*at))
+                .ignore();
+            let wire = Wire::Driver {
+                node: node.clone(),
+                driver: driver.clone(),
+                at: Some(*at),
+            };
+            publish_cmd(&mut pipe, DRIVERS_CHANNEL, &wire);
+        }
+        if run_pipe(server, pipe).await {
+            tracing::info!(server = server.url(), drivers = own.len(), "announced this node");
+        }
+    }))
+    .await;
+}
+
+/// The listener task: subscribed to one server at a time, round the list.
+async fn listen(cluster: Arc<Cluster>, matcher: Addr<Matcher>, registry: Arc<DriverRegistry>) {
+    let mut next = 0;
+    loop {
+        let server = &cluster.locks.server_list()[next % cluster.urls.len()];
+        next += 1;
+        match listen_on(&cluster, server, &matcher, &registry).await {
+            Ok(()) => tracing::warn!(server = server.url(), "lost the cluster subscription"),
+            Err(e) => tracing::warn!(server = server.url(), "cannot subscribe: {e}"),
+        }
+        tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+    }
+}
+
+async fn listen_on(
+    cluster: &Arc<Cluster>,
+    server: &LockServer,
+    matcher: &Addr<Matcher>,
+    registry: &Arc<DriverRegistry>,
+) -> Result<(), redis::RedisError> {
+    let timeout = server.timeout() * 4;
+    let client = redis::Client::open(server.url())?;
+    let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| io_timeout())??;
+    pubsub.subscribe(DRIVERS_CHANNEL).await?;
+    pubsub.subscribe(node_channel(&cluster.node)).await?;
+    // Subscribed first, then the snapshot: a change in between is in both,
+    // and both say the same.
+    let mut connection = server.connection();
+    let mut live = snapshot(cluster, &mut connection, matcher, timeout).await?;
+    tracing::info!(server = server.url(), nodes = live.len(), "joined the cluster");
+    let mut messages = pubsub.into_on_message();
+    let mut check = tokio::time::interval(ALIVE_REFRESH);
+    let mut failed_checks = 0;
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else { return Ok(()) };
+                match serde_json::from_slice::<Wire>(message.get_payload_bytes()) {
+                    Ok(wire) => deliver(cluster, wire, matcher, registry),
+                    Err(e) => tracing::warn!("unreadable cluster message: {e}"),
+                }
+            }
+            _ = check.tick() => {
+                match check_nodes(cluster, &mut connection, &mut live, matcher, timeout).await {
+                    Ok(()) => failed_checks = 0,
+                    Err(e) => {
+                        failed_checks += 1;
+                        if failed_checks >= CHECKS_BEFORE_SWITCH {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn io_timeout() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer from redis",
+    ))
+}
+
+async fn query<T: redis::FromRedisValue>(
+    cmd: &redis::Cmd,
+    connection: &mut ConnectionManager,
+    timeout: Duration,
+) -> Result<T, redis::RedisError> {
+    tokio::time::timeout(timeout, cmd.query_async(connection))
+        .await
+        .map_err(|_| io_timeout())?
+}
+
+/// Loads the drivers of every live node but this one; the set of live nodes.
+async fn snapshot(
+    cluster: &Cluster,
+    connection: &mut ConnectionManager,
+    matcher: &Addr<Matcher>,
+    timeout: Duration,
+) -> Result<HashSet<NodeId>, redis::RedisError> {
+    let nodes: Vec<String> = query(redis::cmd("SMEMBERS").arg(NODES_KEY), connection, timeout).await?;
+    let mut live = HashSet::new();
+    for node in nodes {
+        if *node == *cluster.node {
+            continue;
+        }
+        let node: NodeId = node.into();
+        let alive: bool = query(redis::cmd("EXISTS").arg(alive_key(&node)), connection, timeout).await?;
+        if !alive {
+            matcher.do_send(NodeGone { node });
+            continue;
+        }
+        let entries: HashMap<String, String> =
+            query(redis::cmd("HGETALL").arg(drivers_key(&node)), connection, timeout).await?;
+        let drivers = entries
+            .into_iter()
+            .filter_map(|(driver, at)| Some((DriverId::from(driver), decode_at(&at)?)))
+            .collect();
+        matcher.do_send(RemoteSnapshot {
+            node: node.clone(),
+            drivers,
+        });
+        live.insert(node);
+    }
+    Ok(live)
+}
+
+/// Drops the drivers of nodes whose liveness key lapsed.
+async fn check_nodes(
+    cluster: &Cluster,
+    connection: &mut ConnectionManager,
+    live: &mut HashSet<NodeId>,
+    matcher: &Addr<Matcher>,
+    timeout: Duration,
+) -> Result<(), redis::RedisError> {
+    let nodes: Vec<String> = query(redis::cmd("SMEMBERS").arg(NODES_KEY), connection, timeout).await?;
+    let mut seen = HashSet::new();
+    for node in nodes {
+        if *node == *cluster.node {
+            continue;
+        }
+        let alive: bool = query(redis::cmd("EXISTS").arg(alive_key(&node)), connection, timeout).await?;
+        let node: NodeId = node.into();
+        if alive {
+            seen.insert(node);
+        } else {
+            // Dead: forget it here and everywhere.
+            let _: Result<i64, _> =
+                query(redis::cmd("SREM").arg(NODES_KEY).arg(&*node), connection, timeout).await;
+        }
+    }
+    for gone in live.difference(&seen) {
+        tracing::info!(node = %gone, "node left the cluster; dropping its drivers");
+        matcher.do_send(NodeGone { node: gone.clone() });
+    }
+    *live = seen;
+    Ok(())
+}
+
+/// Hands one message to whoever it is for.
+fn deliver(
+    cluster: &Arc<Cluster>,
+    wire: Wire, matcher: &Addr<Matcher>, registry: &Arc<DriverRegistry>) {
+    match wire {
+        Wire::Driver { node, driver, at } => {
+            if node != cluster.node {
+                matcher.do_send(RemoteDriver { node, driver, at });
+            }
+        }
+        Wire::Lock {
+            from,
+            driver,
+            offer_id,
+            search,
+            rider_id,
+            request_id,
+            pickup,
+            timeout_ms,
+            search_left_ms,
+        } => {
+            let holder = OfferHolder {
+                search,
+                rider_id,
+                request_id,
+                pickup,
+                first_offer_since: None,
+                node: Some(from.clone()),
+            };
+            let reply = LockReply::to_node(cluster.clone(), from, driver.clone(), offer_id, &holder);
+            match registry.get(&driver) {
+                Some(actor) => actor.do_send(TryLock {
+                    offer_id,
+                    holder,
+                    timeout: Duration::from_millis(timeout_ms),
+                    not_after: Instant::now() + Duration::from_millis(search_left_ms),
+                    reply,
+                }),
+                // Not connected here (any more): the reply's drop refuses.
+                None => drop(reply),
+            }
+        }
+        Wire::Answer {
+            driver,
+            offer_id,
+            search,
+            rider_id,
+            request_id,
+            result,
+        } => matcher.do_send(LockAnswered {
+            driver_id: driver,
+            offer_id,
+            search,
+            rider_id,
+            request_id,
+            result: result.map(|fencing_token| Granted { fencing_token }),
+        }),
+        Wire::Ended {
+            driver,
+            at,
+            offer_id,
+            fencing_token,
+            search,
+            rider_id,
+            request_id,
+            pickup,
+            ending,
+            trip_id,
+        } => matcher.do_send(OfferEnded {
+            driver_id: driver,
+            driver_location: at,
+            ended: Ended {
+                offer: Offer {
+                    offer_id,
+                    fencing_token,
+                    // Not used by the matcher; the deadline lived on the
+                    // driver's node.
+                    deadline: Instant::now(),
+                    holder: OfferHolder {
+                        search,
+                        rider_id,
+                        request_id,
+                        pickup,
+                        first_offer_since: None,
+                        node: None,
+                    },
+                },
+                ending,
+                trip_id,
+            },
+        }),
+        Wire::Cancel {
+            driver,
+            offer_id,
+            fencing_token,
+        } => {
+            if let Some(actor) = registry.get(&driver) {
+                actor.do_send(CancelOffer {
+                    offer_id,
+                    fencing_token,
+                });
+            }
+        }
+    }
+}

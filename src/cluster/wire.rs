@@ -1,0 +1,148 @@
+//! What engine nodes tell each other through Redis pub/sub, as JSON.
+//!
+//! Two kinds of channel: [`DRIVERS_CHANNEL`], where every node announces its
+//! drivers becoming offerable, moving, or leaving the pool; and one channel
+//! per node ([`node_channel`]) for the offers its riders make to drivers on
+//! other nodes and the answers and outcomes that come back. Pub/sub delivers
+//! at most once: every message here is either repeated by a later one (a
+//! driver's next change) or covered by a timeout on the requesting node (see
+//! the matcher's `settle`), so a lost one costs time, never a stuck lock.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::location::LatLon;
+use crate::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
+use crate::protocol::{DriverId, RequestId, RiderId};
+
+/// An engine node's id (`--node-id`).
+pub type NodeId = Arc<str>;
+
+/// Where nodes announce their drivers' availability.
+pub const DRIVERS_CHANNEL: &str = "ridelock:drivers";
+
+/// The channel a node listens on for messages addressed to it.
+pub fn node_channel(node: &str) -> String {
+    format!("ridelock:node:{node}")
+}
+
+/// One message between nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Wire {
+    /// On [`DRIVERS_CHANNEL`]: `driver`, connected to `node`, is offerable at
+    /// `at`, or (`at` absent) no longer offerable.
+    Driver {
+        /// The driver's node.
+        node: NodeId,
+        /// The driver.
+        driver: DriverId,
+        /// Where, while offerable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<LatLon>,
+    },
+    /// To a driver's node: lock `driver` for this request and offer it.
+    Lock {
+        /// The requesting node (where the rider is).
+        from: NodeId,
+        /// The driver.
+        driver: DriverId,
+        /// The offer's id (the requesting node's).
+        offer_id: OfferId,
+        /// The requesting node's search number.
+        search: u64,
+        /// The rider.
+        rider_id: RiderId,
+        /// The rider's request.
+        request_id: RequestId,
+        /// Where the rider waits.
+        pickup: LatLon,
+        /// How long the driver has to answer, ms.
+        timeout_ms: u64,
+        /// How long the search goes on looking, ms from sending: a lock asked
+        /// for later is refused.
+        search_left_ms: u64,
+    },
+    /// To the requesting node: the driver's node granted or refused a lock.
+    Answer {
+        /// The driver.
+        driver: DriverId,
+        /// The offer.
+        offer_id: OfferId,
+        /// The search.
+        search: u64,
+        /// The rider.
+        rider_id: RiderId,
+        /// The request.
+        request_id: RequestId,
+        /// The fencing token when granted, or why not.
+        result: Result<FencingToken, LockRefused>,
+    },
+    /// To the requesting node: an offer it was granted ended.
+    Ended {
+        /// The driver.
+        driver: DriverId,
+        /// The driver's location as it ended.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<LatLon>,
+        /// The offer.
+        offer_id: OfferId,
+        /// Its fencing token.
+        fencing_token: FencingToken,
+        /// The search.
+        search: u64,
+        /// The rider.
+        rider_id: RiderId,
+        /// The request.
+        request_id: RequestId,
+        /// Where the rider waits.
+        pickup: LatLon,
+        /// How it ended.
+        ending: Ending,
+        /// The trip, when accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trip_id: Option<TripId>,
+    },
+    /// To a driver's node: the rider withdrew this offer.
+    Cancel {
+        /// The driver.
+        driver: DriverId,
+        /// The offer.
+        offer_id: OfferId,
+        /// Its fencing token.
+        fencing_token: FencingToken,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_tagged_json() {
+        let answer = Wire::Answer {
+            driver: "d1".into(),
+            offer_id: 7,
+            search: 3,
+            rider_id: "r1".into(),
+            request_id: "q1".into(),
+            result: Err(LockRefused::StaleToken {
+                offered: 4,
+                newest: 9,
+            }),
+        };
+        let json = serde_json::to_string(&answer).unwrap();
+        assert!(json.starts_with(r#"{"t":"answer""#), "{json}");
+        assert_eq!(serde_json::from_str::<Wire>(&json).unwrap(), answer);
+
+        let gone = Wire::Driver {
+            node: "a".into(),
+            driver: "d1".into(),
+            at: None,
+        };
+        let json = serde_json::to_string(&gone).unwrap();
+        assert_eq!(json, r#"{"t":"driver","node":"a","driver":"d1"}"#);
+        assert_eq!(serde_json::from_str::<Wire>(&json).unwrap(), gone);
+    }
+}
