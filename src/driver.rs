@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix::ArbiterHandle;
 
+use crate::cluster::store::TRIP_HOLD;
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::{self, Cluster};
 use crate::ids::Ids;
 use crate::location::LatLon;
 use crate::lock::{
     AnswerError, Availability, DriverLock, Ended, Ending, FencingToken, LockRefused, LockState,
-    Offer, OfferId, TripId,
+    Offer, OfferId, Trip, TripId,
 };
 use crate::matcher::{DriverAvailable, DriverUnavailable, LockAnswered, Matcher, OfferEnded};
 use crate::metrics as m;
@@ -243,6 +244,8 @@ pub struct DriverActor {
     /// When the held offer was granted (for the lock-hold histogram).
     granted_at: Option<Instant>,
     retire_timer: Option<SpawnHandle>,
+    /// Cluster mode: renews the trip's lock in Redis while the trip lasts.
+    trip_renewal: Option<SpawnHandle>,
     /// Where the matcher's index has this driver (`None`: not indexed). Kept
     /// so that the matcher hears of every change exactly once.
     indexed_at: Option<LatLon>,
@@ -274,6 +277,7 @@ impl DriverActor {
             expiry_timer: None,
             granted_at: None,
             retire_timer: None,
+            trip_renewal: None,
             indexed_at: None,
             counted_as: None,
             retired: false,
@@ -379,7 +383,10 @@ impl DriverActor {
 
     /// The owner value of `offer`'s lock in the lock store.
     fn owner(&self, offer: &Offer<OfferHolder>) -> String {
-        let cluster = self.cluster.as_ref().expect("only cluster locks have owners");
+        let cluster = self
+            .cluster
+            .as_ref()
+            .expect("only cluster locks have owners");
         let node = offer.holder.node.as_ref().unwrap_or(cluster.node());
         cluster::owner(node, offer.offer_id)
     }
@@ -567,11 +574,10 @@ impl Handler<FromDriver> for DriverActor {
                 Ok(ended) => self.report(ended, ctx),
                 Err(e) => self.answer_failed(e, ctx),
             },
-            DriverCommand::TripCompleted { trip_id } => {
-                if let Err(e) = self.lock.complete_trip(trip_id) {
-                    self.error(ErrorCode::UnknownTrip, e.to_string());
-                }
-            }
+            DriverCommand::TripCompleted { trip_id } => match self.lock.complete_trip(trip_id) {
+                Ok(trip) => self.trip_ended(&trip, ctx),
+                Err(e) => self.error(ErrorCode::UnknownTrip, e.to_string()),
+            },
         }
         self.sync(ctx);
     }
@@ -686,6 +692,41 @@ impl DriverActor {
         ));
     }
 
+    /// Cluster mode: a driver on a trip keeps its lock in Redis, so that no
+    /// node can lock it meanwhile (not even through another connection of
+    /// the same driver to another node). The lock lives [`TRIP_HOLD`] at a
+    /// time and is renewed well within that.
+    fn renew_during_trip(&mut self, owner: String, ctx: &mut Context<Self>) {
+        let cluster = self.cluster.clone().expect("cluster mode");
+        let driver = self.id.clone();
+        self.trip_renewal = Some(ctx.run_interval(TRIP_HOLD / 3, move |_, _| {
+            let (cluster, driver, owner) = (cluster.clone(), driver.clone(), owner.clone());
+            actix::spawn(async move {
+                let started = Instant::now();
+                let renewed = cluster.locks().renew(&driver, &owner).await;
+                m::redis_op("renew", started.elapsed(), renewed > 0);
+            });
+        }));
+    }
+
+    /// The driver completed `trip`: in cluster mode its lock is released.
+    fn trip_ended(&mut self, trip: &Trip<OfferHolder>, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.trip_renewal.take() {
+            ctx.cancel_future(timer);
+        }
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let node = trip.holder.node.as_ref().unwrap_or(cluster.node());
+        let owner = cluster::owner(node, trip.offer_id);
+        let driver = self.id.clone();
+        actix::spawn(async move {
+            let started = Instant::now();
+            let released = cluster.locks().release(&driver, &owner).await;
+            m::redis_op("release", started.elapsed(), released > 0);
+        });
+    }
+
     /// Cluster mode: the accept books only if the offer's lock still holds in
     /// Redis (`confirm`), which is what makes a node that stalled past the
     /// lock's expiry, or whose requester gave up on the offer, unable to
@@ -701,7 +742,10 @@ impl DriverActor {
             return self.answer_failed(e, ctx);
         }
         let cluster = self.cluster.clone().expect("cluster mode");
-        let offer = self.lock.current_offer().expect("an answerable offer is held");
+        let offer = self
+            .lock
+            .current_offer()
+            .expect("an answerable offer is held");
         let (driver, owner) = (self.id.clone(), self.owner(offer));
         let started = Instant::now();
         let confirm = async move { cluster.locks().confirm(&driver, &owner, trip_id).await };
@@ -710,7 +754,10 @@ impl DriverActor {
             if confirmed {
                 // Nothing ran in between: the offer is as it was at `now`.
                 match act.lock.accept(offer_id, trip_id, now) {
-                    Ok(ended) => act.report(ended, ctx),
+                    Ok(ended) => {
+                        act.renew_during_trip(act.owner(&ended.offer), ctx);
+                        act.report(ended, ctx);
+                    }
                     Err(e) => act.answer_failed(e, ctx),
                 }
             } else {

@@ -109,8 +109,12 @@ impl Engine {
         let admission = Arc::new(Admission::new(config.max_queued_requests));
 
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let (actor_config, actor_ids, actor_admission, actor_cluster) =
-            (config.clone(), ids.clone(), admission.clone(), cluster.clone());
+        let (actor_config, actor_ids, actor_admission, actor_cluster) = (
+            config.clone(),
+            ids.clone(),
+            admission.clone(),
+            cluster.clone(),
+        );
         let actors = std::thread::Builder::new()
             .name("ridelock-matcher".into())
             .spawn(move || {

@@ -136,7 +136,9 @@ impl Availability {
 }
 
 /// Why a lock was not granted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LockRefused {
     /// The driver is not connected or does not want work.
@@ -433,7 +435,11 @@ impl<H> DriverLock<H> {
     /// (`accept` and `decline` check this themselves; a caller that must do
     /// something slow before accepting, such as confirming a lock held in
     /// Redis, checks first and accepts with the same `now` afterwards.)
-    pub fn check_answerable(&mut self, offer_id: OfferId, now: Instant) -> Result<(), AnswerError<H>> {
+    pub fn check_answerable(
+        &mut self,
+        offer_id: OfferId,
+        now: Instant,
+    ) -> Result<(), AnswerError<H>> {
         match &self.state {
             LockState::Offered(offer) if offer.offer_id == offer_id => {
                 if offer.deadline <= now {

@@ -203,6 +203,10 @@ pub struct GetStats;
 
 type SearchKey = (RiderId, RequestId);
 
+/// When news of a remote lock is due: (when, search seq, offer, settle
+/// attempts so far, search).
+type RemoteDue = (Instant, u64, OfferId, u32, SearchKey);
+
 /// Where a driver's actor is: on this node, or (cluster mode) on another.
 #[derive(Clone, Debug)]
 enum Target {
@@ -275,7 +279,7 @@ pub struct Matcher {
     remote: HashMap<DriverId, NodeId>,
     /// When news of a remote lock is overdue (see `settle`), soonest first:
     /// (when, search seq, offer, attempts so far, search).
-    remote_due: BinaryHeap<Reverse<(Instant, u64, OfferId, u32, SearchKey)>>,
+    remote_due: BinaryHeap<Reverse<RemoteDue>>,
 }
 
 impl Actor for Matcher {
@@ -380,7 +384,10 @@ impl Matcher {
     }
 
     fn ask_for_lock(&mut self, key: SearchKey, driver_id: DriverId, ctx: &mut Context<Self>) {
-        let target = match (self.driver_addrs.get(&driver_id), self.remote.get(&driver_id)) {
+        let target = match (
+            self.driver_addrs.get(&driver_id),
+            self.remote.get(&driver_id),
+        ) {
             (Some(addr), _) => Target::Local(addr.clone()),
             (None, Some(node)) => Target::Remote {
                 node: node.clone(),
@@ -423,7 +430,10 @@ impl Matcher {
                 });
             }
             Target::Remote { node, driver } => {
-                let cluster = self.cluster.as_ref().expect("remote drivers only in cluster mode");
+                let cluster = self
+                    .cluster
+                    .as_ref()
+                    .expect("remote drivers only in cluster mode");
                 let now = Instant::now();
                 cluster.send(
                     &node,
@@ -474,7 +484,10 @@ impl Matcher {
                 continue;
             };
             search.settling = true;
-            let cluster = self.cluster.clone().expect("remote offers only in cluster mode");
+            let cluster = self
+                .cluster
+                .clone()
+                .expect("remote offers only in cluster mode");
             let owner = cluster::owner(cluster.node(), offer_id);
             let matcher = ctx.address();
             tokio::spawn(async move {
@@ -879,7 +892,13 @@ impl Handler<LockAnswered> for Matcher {
                 );
             }
             Err(refused) => {
-                let remote = matches!(search.phase, Phase::Locking { driver: Target::Remote { .. }, .. });
+                let remote = matches!(
+                    search.phase,
+                    Phase::Locking {
+                        driver: Target::Remote { .. },
+                        ..
+                    }
+                );
                 search.phase = Phase::Looking;
                 if remote || refused == LockRefused::HeldElsewhere {
                     // The index was wrong about this driver (news between nodes
@@ -953,8 +972,13 @@ impl Handler<SettleOutcome> for Matcher {
             }
             None if attempts < SETTLE_ATTEMPTS => {
                 m::redis_settle_undecided();
-                self.remote_due
-                    .push(Reverse((Instant::now() + SETTLE_RETRY, seq, offer_id, attempts, key)));
+                self.remote_due.push(Reverse((
+                    Instant::now() + SETTLE_RETRY,
+                    seq,
+                    offer_id,
+                    attempts,
+                    key,
+                )));
             }
             None => {
                 // Redis has not been able to tell for a long while: the rider is

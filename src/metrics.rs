@@ -175,7 +175,10 @@ fn describe() {
         REDIS_QUORUM_FAILURES,
         "Lock acquisitions without a majority of Redis servers answering"
     );
-    describe_counter!(CLUSTER_MESSAGES, "Messages published to other nodes by result");
+    describe_counter!(
+        CLUSTER_MESSAGES,
+        "Messages published to other nodes by result"
+    );
 }
 
 /// Creates every counter and gauge at zero, with every label value it can

@@ -112,7 +112,10 @@ async fn a_decline_moves_on_to_the_next_driver_and_never_back() {
     second.decline(offer_id).await;
     // Both declined: neither is asked again for this request, which runs out.
     match rider.recv().await {
-        ServerMessage::NoDriver { request_id, reason: None } => assert_eq!(&*request_id, "q"),
+        ServerMessage::NoDriver {
+            request_id,
+            reason: None,
+        } => assert_eq!(&*request_id, "q"),
         other => panic!("expected no_driver, got {other:?}"),
     }
     first.expect_silence(Duration::from_millis(100)).await;

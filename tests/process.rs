@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -12,28 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Starts the binary on an ephemeral port; returns it and the address it logged.
 fn start_engine() -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ridelock"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("ridelock starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the engine logs its address before its output ends")
-            .expect("readable log");
-        if let Some(rest) = line.split("local_addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining the log so the engine never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    common::spawn_engine(&["--listen", "127.0.0.1:0"])
 }
 
 fn signal(child: &Child, name: &str) {

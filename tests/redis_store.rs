@@ -2,80 +2,16 @@
 //! processes, each started by the test on a free port (so tests can kill them)
 //! and killed when the test ends.
 
+mod common;
+
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::redis::RedisServer;
 use ridelock::cluster::redlock::AttemptFailed;
-use ridelock::cluster::store::{LockError, LockServer, Redlock};
+use ridelock::cluster::store::{LockError, LockServer, Redlock, Settled};
 
 const TIMEOUT: Duration = Duration::from_millis(200);
-
-/// A private `redis-server` (no persistence), killed on drop.
-struct RedisServer {
-    child: Child,
-    url: String,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        RedisServer::on_port(port)
-    }
-
-    fn on_port(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (see README)");
-        // Owned from here on: a failed start below still kills it.
-        let server = RedisServer {
-            child,
-            url: format!("redis://127.0.0.1:{port}/"),
-        };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    fn port(&self) -> u16 {
-        self.url
-            .trim_start_matches("redis://127.0.0.1:")
-            .trim_end_matches('/')
-            .parse()
-            .unwrap()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 #[tokio::test]
 async fn a_driver_is_locked_once_and_tokens_grow() {
@@ -121,14 +57,26 @@ async fn only_the_owner_releases_or_confirms() {
         .unwrap()
         .unwrap();
     assert!(!server.release("d", "theirs").await.unwrap());
-    assert!(!server.confirm("d", "theirs", ttl).await.unwrap());
+    assert!(!server.confirm("d", "theirs", 1).await.unwrap());
     assert_eq!(
         server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
         None
     );
-    assert!(server.confirm("d", "mine", ttl).await.unwrap());
+    assert!(server.confirm("d", "mine", 1).await.unwrap());
+    // Confirmed: the lock is kept for the trip, renewable only by its owner.
+    assert_eq!(
+        server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
+        None
+    );
+    assert!(server.renew("d", "mine").await.unwrap());
+    assert!(!server.renew("d", "theirs").await.unwrap());
+    // The trip ends: the owner releases it, and the next offer may lock.
     assert!(server.release("d", "mine").await.unwrap());
     assert!(!server.release("d", "mine").await.unwrap());
+    assert_eq!(
+        server.try_acquire("d", "next", ttl, 0).await.unwrap(),
+        Some(2)
+    );
 }
 
 #[tokio::test]
@@ -147,15 +95,9 @@ async fn an_expired_lock_is_free_and_its_late_owner_can_do_nothing() {
         .unwrap();
     assert_eq!(token, Some(2));
     // The stalled owner wakes up: its confirm and release touch nothing.
-    assert!(!server
-        .confirm("d", "slow-node:1", Duration::from_secs(15))
-        .await
-        .unwrap());
+    assert!(!server.confirm("d", "slow-node:1", 1).await.unwrap());
     assert!(!server.release("d", "slow-node:1").await.unwrap());
-    assert!(server
-        .confirm("d", "fast-node:2", Duration::from_secs(15))
-        .await
-        .unwrap());
+    assert!(server.confirm("d", "fast-node:2", 2).await.unwrap());
 }
 
 #[tokio::test]
@@ -200,7 +142,8 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
         .unwrap();
     assert_eq!(grant.granted, 2);
     assert_eq!(grant.fencing_token, 2);
-    assert!(redlock.confirm("d", "a:3", ttl).await);
+    assert!(redlock.confirm("d", "a:3", 5).await);
+    assert_eq!(redlock.renew("d", "a:3").await, 2);
     assert_eq!(redlock.release("d", "a:3").await, 2);
 
     // Two of three gone: no majority, and the one grant is given back.
@@ -256,4 +199,72 @@ async fn a_lost_server_refuses_then_recovers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(recovered, "locking did not resume after redis came back");
+}
+
+#[tokio::test]
+async fn settling_tells_what_became_of_a_lock_and_stops_late_actors() {
+    let redis = RedisServer::start();
+    let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    let ttl = Duration::from_secs(15);
+
+    // Still held: settling frees it, and neither a confirm nor a new acquire
+    // under that owner can succeed afterwards.
+    server
+        .try_acquire("d", "a/1", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(server.settle("d", "a/1").await.unwrap(), None);
+    assert!(!server.confirm("d", "a/1", 7).await.unwrap());
+    assert_eq!(server.try_acquire("d", "a/1", ttl, 0).await.unwrap(), None);
+    // Someone else may lock the driver at once.
+    assert_eq!(
+        server.try_acquire("d", "b/1", ttl, 0).await.unwrap(),
+        Some(2)
+    );
+    assert!(server.release("d", "b/1").await.unwrap());
+
+    // Accepted before the settle: the settle finds the trip.
+    server
+        .try_acquire("d", "a/2", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(server.confirm("d", "a/2", 42).await.unwrap());
+    assert_eq!(server.settle("d", "a/2").await.unwrap(), Some(42));
+
+    // Never taken (the request was lost on the way): settled before the
+    // late request arrives, which is then refused.
+    assert_eq!(server.settle("d", "a/3").await.unwrap(), None);
+    assert_eq!(server.try_acquire("d", "a/3", ttl, 0).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn redlock_settles_by_majority() {
+    let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let redlock = Redlock::connect(&urls, TIMEOUT).await.unwrap();
+    let ttl = Duration::from_secs(15);
+
+    redlock.acquire("d", "a/1", ttl, 0).await.unwrap();
+    assert!(redlock.confirm("d", "a/1", 9).await);
+    assert_eq!(redlock.settle("d", "a/1").await, Some(Settled::Trip(9)));
+    assert_eq!(redlock.release("d", "a/1").await, 3, "the trip ended");
+
+    redlock.acquire("d", "a/2", ttl, 0).await.unwrap();
+    servers[0].kill();
+    // One down: the two that answer make a majority without a trip.
+    assert_eq!(redlock.settle("d", "a/2").await, Some(Settled::Dead));
+    assert!(
+        !redlock.confirm("d", "a/2", 10).await,
+        "settled: too late to book"
+    );
+
+    // A trip confirmed on a majority that includes a server now down: the
+    // one left with it can't make a majority alone, and absence can't be
+    // proved either, so the settle is undecided rather than wrong.
+    redlock.acquire("d", "a/3", ttl, 0).await.unwrap();
+    assert!(redlock.confirm("d", "a/3", 11).await);
+    servers[1].kill();
+    assert_eq!(redlock.settle("d", "a/3").await, None);
 }

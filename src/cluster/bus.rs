@@ -242,7 +242,11 @@ async fn refresh_alive(cluster: &Cluster, own: &HashMap<DriverId, LatLon>) {
             publish_cmd(&mut pipe, DRIVERS_CHANNEL, &wire);
         }
         if run_pipe(server, pipe).await {
-            tracing::info!(server = server.url(), drivers = own.len(), "announced this node");
+            tracing::info!(
+                server = server.url(),
+                drivers = own.len(),
+                "announced this node"
+            );
         }
     }))
     .await;
@@ -279,7 +283,11 @@ async fn listen_on(
     // and both say the same.
     let mut connection = server.connection();
     let mut live = snapshot(cluster, &mut connection, matcher, timeout).await?;
-    tracing::info!(server = server.url(), nodes = live.len(), "joined the cluster");
+    tracing::info!(
+        server = server.url(),
+        nodes = live.len(),
+        "joined the cluster"
+    );
     let mut messages = pubsub.into_on_message();
     let mut check = tokio::time::interval(ALIVE_REFRESH);
     let mut failed_checks = 0;
@@ -331,20 +339,30 @@ async fn snapshot(
     matcher: &Addr<Matcher>,
     timeout: Duration,
 ) -> Result<HashSet<NodeId>, redis::RedisError> {
-    let nodes: Vec<String> = query(redis::cmd("SMEMBERS").arg(NODES_KEY), connection, timeout).await?;
+    let nodes: Vec<String> =
+        query(redis::cmd("SMEMBERS").arg(NODES_KEY), connection, timeout).await?;
     let mut live = HashSet::new();
     for node in nodes {
         if *node == *cluster.node {
             continue;
         }
         let node: NodeId = node.into();
-        let alive: bool = query(redis::cmd("EXISTS").arg(alive_key(&node)), connection, timeout).await?;
+        let alive: bool = query(
+            redis::cmd("EXISTS").arg(alive_key(&node)),
+            connection,
+            timeout,
+        )
+        .await?;
         if !alive {
             matcher.do_send(NodeGone { node });
             continue;
         }
-        let entries: HashMap<String, String> =
-            query(redis::cmd("HGETALL").arg(drivers_key(&node)), connection, timeout).await?;
+        let entries: HashMap<String, String> = query(
+            redis::cmd("HGETALL").arg(drivers_key(&node)),
+            connection,
+            timeout,
+        )
+        .await?;
         let drivers = entries
             .into_iter()
             .filter_map(|(driver, at)| Some((DriverId::from(driver), decode_at(&at)?)))
@@ -366,20 +384,30 @@ async fn check_nodes(
     matcher: &Addr<Matcher>,
     timeout: Duration,
 ) -> Result<(), redis::RedisError> {
-    let nodes: Vec<String> = query(redis::cmd("SMEMBERS").arg(NODES_KEY), connection, timeout).await?;
+    let nodes: Vec<String> =
+        query(redis::cmd("SMEMBERS").arg(NODES_KEY), connection, timeout).await?;
     let mut seen = HashSet::new();
     for node in nodes {
         if *node == *cluster.node {
             continue;
         }
-        let alive: bool = query(redis::cmd("EXISTS").arg(alive_key(&node)), connection, timeout).await?;
+        let alive: bool = query(
+            redis::cmd("EXISTS").arg(alive_key(&node)),
+            connection,
+            timeout,
+        )
+        .await?;
         let node: NodeId = node.into();
         if alive {
             seen.insert(node);
         } else {
             // Dead: forget it here and everywhere.
-            let _: Result<i64, _> =
-                query(redis::cmd("SREM").arg(NODES_KEY).arg(&*node), connection, timeout).await;
+            let _: Result<i64, _> = query(
+                redis::cmd("SREM").arg(NODES_KEY).arg(&*node),
+                connection,
+                timeout,
+            )
+            .await;
         }
     }
     for gone in live.difference(&seen) {
@@ -393,7 +421,10 @@ async fn check_nodes(
 /// Hands one message to whoever it is for.
 fn deliver(
     cluster: &Arc<Cluster>,
-    wire: Wire, matcher: &Addr<Matcher>, registry: &Arc<DriverRegistry>) {
+    wire: Wire,
+    matcher: &Addr<Matcher>,
+    registry: &Arc<DriverRegistry>,
+) {
     match wire {
         Wire::Driver { node, driver, at } => {
             if node != cluster.node {
@@ -419,7 +450,8 @@ fn deliver(
                 first_offer_since: None,
                 node: Some(from.clone()),
             };
-            let reply = LockReply::to_node(cluster.clone(), from, driver.clone(), offer_id, &holder);
+            let reply =
+                LockReply::to_node(cluster.clone(), from, driver.clone(), offer_id, &holder);
             match registry.get(&driver) {
                 Some(actor) => actor.do_send(TryLock {
                     offer_id,

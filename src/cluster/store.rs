@@ -51,14 +51,24 @@ return 0
 
 /// The driver accepted: only if the caller still owns the lock (and its
 /// requester has not given up on it), records the trip under the owner and
-/// frees the lock (the driver's actor holds the trip from here).
+/// keeps the lock for the trip (renewed while it lasts, released when it
+/// ends), so no other node can lock a driver who is on a trip.
 /// KEYS: lock, the owner's trip record, the owner's settled mark.
-/// ARGV: owner, trip id, record ttl ms.
+/// ARGV: owner, trip id, record ttl ms, hold ms.
 const CONFIRM: &str = r#"
 if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-  redis.call('DEL', KEYS[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return 1
+end
+return 0
+"#;
+
+/// Keeps the lock for `hold` more, only while the caller owns it.
+/// KEYS: lock. ARGV: owner, hold ms.
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 "#;
@@ -86,6 +96,12 @@ static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE))
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 static CONFIRM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CONFIRM));
 static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
+static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+
+/// How long a confirmed lock (a driver on a trip) is held between renewals:
+/// long enough to ride out a slow Redis, short enough that a node that died
+/// mid-trip frees its driver soon.
+pub const TRIP_HOLD: Duration = Duration::from_secs(30);
 
 /// How long trip records and settled marks are kept: far longer than any
 /// offer, so that a requester settling late still finds them.
@@ -131,7 +147,10 @@ impl LockError {
     pub fn as_refusal(&self) -> LockRefused {
         match self {
             LockError::Refused {
-                reason: AttemptFailed::NoQuorum { granted, needed, .. },
+                reason:
+                    AttemptFailed::NoQuorum {
+                        granted, needed, ..
+                    },
                 unreachable,
             } if granted + unreachable < *needed => LockRefused::HeldElsewhere,
             LockError::Refused { .. } => LockRefused::StoreUnavailable,
@@ -297,7 +316,8 @@ impl LockServer {
     }
 
     /// `driver` accepted trip `trip_id` under `owner`'s lock: records the trip
-    /// and frees the lock, only if `owner` still holds it; whether it did.
+    /// and keeps the lock for [`TRIP_HOLD`], only if `owner` still holds it;
+    /// whether it did.
     pub async fn confirm(
         &self,
         driver: &str,
@@ -312,7 +332,21 @@ impl LockServer {
                     owner.to_string(),
                     trip_id.to_string(),
                     RECORD_TTL.as_millis().to_string(),
+                    TRIP_HOLD.as_millis().to_string(),
                 ],
+            )
+            .await?;
+        Ok(kept == 1)
+    }
+
+    /// Keeps `owner`'s lock of `driver` for another [`TRIP_HOLD`]; whether
+    /// `owner` still held it.
+    pub async fn renew(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
+        let kept: i64 = self
+            .run(
+                &RENEW_SCRIPT,
+                &[lock_key(driver)],
+                &[owner.to_string(), TRIP_HOLD.as_millis().to_string()],
             )
             .await?;
         Ok(kept == 1)
@@ -416,8 +450,8 @@ impl Redlock {
             .count()
     }
 
-    /// The driver accepted: records the trip and frees the lock where
-    /// `owner` still holds it. True only if a majority still did; a node that
+    /// The driver accepted: records the trip and keeps the lock for the trip
+    /// where `owner` still holds it. True only if a majority still did; a node that
     /// lost its lock (it stalled past the expiry, or its requester gave up)
     /// learns it here and must not book.
     pub async fn confirm(&self, driver: &str, owner: &str, trip_id: TripId) -> bool {
@@ -431,6 +465,16 @@ impl Redlock {
         .filter(|r| matches!(r, Ok(true)))
         .count();
         kept >= quorum(self.servers.len())
+    }
+
+    /// Keeps `owner`'s lock of a driver on a trip for another [`TRIP_HOLD`]
+    /// wherever it still holds it; on how many servers it did.
+    pub async fn renew(&self, driver: &str, owner: &str) -> usize {
+        join_all(self.servers.iter().map(|s| s.renew(driver, owner)))
+            .await
+            .into_iter()
+            .filter(|r| matches!(r, Ok(true)))
+            .count()
     }
 
     /// The requester of `owner`'s lock gives up waiting for news of it: what

@@ -1,6 +1,9 @@
 //! Test harness: a real engine on an ephemeral port and real WebSocket clients.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod redis;
+pub mod scenario;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -72,6 +75,36 @@ pub async fn http_get(addr: impl tokio::net::ToSocketAddrs, path: &str) -> Strin
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// Starts the `ridelock` binary with `args` (add `--listen 127.0.0.1:0` for
+/// an ephemeral port); returns it and the address it logged. Its log is
+/// drained on a thread so it never blocks on a full pipe.
+pub fn spawn_engine(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ridelock"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("ridelock starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let Some(line) = lines.next() else {
+            let status = child.wait().expect("the engine exits");
+            panic!("the engine exited ({status}) before logging its address");
+        };
+        let line = line.expect("readable log");
+        if let Some(rest) = line.split("local_addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
 }
 
 /// A WebSocket client speaking the engine's protocol.

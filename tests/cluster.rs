@@ -1,0 +1,400 @@
+//! Cluster mode: several engine nodes sharing drivers' locks through Redis.
+//!
+//! Every test starts its own `redis-server` processes on free ports (so it
+//! can kill or pause them) and two or three nodes: in-process engines on
+//! ephemeral ports, or `ridelock` processes where a node itself must be
+//! paused with SIGSTOP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::{signal, RedisServer};
+use common::{wait_for_available, Client};
+use ridelock::protocol::{NoDriverReason, ServerMessage};
+use ridelock::Engine;
+use serde_json::json;
+
+const LAT: f64 = 52.5200;
+const LON: f64 = 13.4050;
+
+/// A cluster node on `redis` called `id`, with `adjust` applied.
+async fn node(
+    redis: &[&RedisServer],
+    id: &str,
+    adjust: impl FnOnce(&mut ridelock::Config),
+) -> Engine {
+    let urls: Vec<String> = redis.iter().map(|r| r.url.clone()).collect();
+    common::engine(|c| {
+        c.redis = urls;
+        c.node_id = Some(id.to_string());
+        adjust(c);
+    })
+    .await
+}
+
+/// The next message that is not `offer_revoked`.
+async fn next_answer(client: &mut Client) -> ServerMessage {
+    loop {
+        match client.recv().await {
+            ServerMessage::OfferRevoked { .. } => continue,
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rider_on_one_node_is_matched_to_a_driver_on_another() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let b = node(&[&redis], "b", |_| {}).await;
+
+    let mut driver = Client::available_driver(&b, "d1", LAT, LON).await;
+    // Node a learns of b's driver through Redis.
+    wait_for_available(&a, 1).await;
+
+    let mut rider = Client::rider(&a, "r1").await;
+    rider.request_ride("q1", LAT + 0.001, LON).await;
+    rider.expect_searching("q1").await;
+    let (offer_id, fencing_token) = match driver.recv().await {
+        ServerMessage::Offer {
+            offer_id,
+            rider_id,
+            request_id,
+            fencing_token,
+            ..
+        } => {
+            assert_eq!((&*rider_id, &*request_id), ("r1", "q1"));
+            (offer_id, fencing_token)
+        }
+        other => panic!("expected an offer, got {other:?}"),
+    };
+    assert_eq!(fencing_token, 1, "the first lock of d1 in Redis");
+    driver.accept(offer_id).await;
+    match driver.recv().await {
+        ServerMessage::TripAssigned { offer_id: o, .. } => assert_eq!(o, offer_id),
+        other => panic!("expected trip_assigned, got {other:?}"),
+    }
+    assert_eq!(rider.expect_matched().await, "d1");
+    // Taken out of both nodes' indexes.
+    wait_for_available(&a, 0).await;
+    wait_for_available(&b, 0).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_riders_on_two_nodes_racing_for_one_driver_exactly_one_wins() {
+    let redis = RedisServer::start();
+    let short = |c: &mut ridelock::Config| c.search_timeout_ms = 1_500;
+    let a = node(&[&redis], "a", short).await;
+    let b = node(&[&redis], "b", short).await;
+
+    for round in 0..4 {
+        // The driver on a, then on b: both the local and the remote side
+        // win some races.
+        let home = if round % 2 == 0 { &a } else { &b };
+        let id = format!("d{round}");
+        let mut driver = Client::available_driver(home, &id, LAT, LON).await;
+        wait_for_available(&a, 1).await;
+        wait_for_available(&b, 1).await;
+
+        let mut rider_a = Client::rider(&a, &format!("ra{round}")).await;
+        let mut rider_b = Client::rider(&b, &format!("rb{round}")).await;
+        tokio::join!(
+            rider_a.request_ride("q", LAT, LON + 0.001),
+            rider_b.request_ride("q", LAT, LON - 0.001),
+        );
+        rider_a.expect_searching("q").await;
+        rider_b.expect_searching("q").await;
+
+        let (offer_id, _) = driver.expect_offer().await;
+        driver.accept(offer_id).await;
+        assert!(matches!(
+            driver.recv().await,
+            ServerMessage::TripAssigned { .. }
+        ));
+        let (final_a, final_b) = tokio::join!(rider_a.recv(), rider_b.recv());
+        let matched = [&final_a, &final_b]
+            .iter()
+            .filter(|m| matches!(m, ServerMessage::Matched { .. }))
+            .count();
+        let refused = [&final_a, &final_b]
+            .iter()
+            .filter(|m| matches!(m, ServerMessage::NoDriver { .. }))
+            .count();
+        assert_eq!(
+            (matched, refused),
+            (1, 1),
+            "round {round}: {final_a:?} / {final_b:?}"
+        );
+        // The driver was offered once only.
+        driver.expect_silence(Duration::from_millis(300)).await;
+        driver.send(json!({"type": "unavailable"})).await;
+        wait_for_available(&a, 0).await;
+        wait_for_available(&b, 0).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_driver_is_double_booked_across_three_nodes() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", common::scenario::adjust).await;
+    let b = node(&[&redis], "b", common::scenario::adjust).await;
+    let c = node(&[&redis], "c", common::scenario::adjust).await;
+    common::scenario::no_double_booking(&[a.local_addr(), b.local_addr(), c.local_addr()]).await;
+    for node in [a, b, c] {
+        node.shutdown().await;
+    }
+}
+
+/// `rider` asks for a ride and `driver`, the only one in reach, takes it.
+async fn match_one(rider: &mut Client, round: usize, mut driver: Client) {
+    let request = format!("q{round}");
+    rider.request_ride(&request, LAT, LON).await;
+    rider.expect_searching(&request).await;
+    let (offer_id, _) = driver.expect_offer().await;
+    driver.accept(offer_id).await;
+    assert!(matches!(
+        driver.recv().await,
+        ServerMessage::TripAssigned { .. }
+    ));
+    assert_eq!(rider.expect_matched().await, driver.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locking_goes_on_by_majority_when_one_of_three_redis_servers_dies() {
+    let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let a = node(&servers.iter().collect::<Vec<_>>(), "a", |_| {}).await;
+    let b = node(&servers.iter().collect::<Vec<_>>(), "b", |_| {}).await;
+
+    let mut rider = Client::rider(&a, "r").await;
+    let d0 = Client::available_driver(&b, "d0", LAT, LON).await;
+    wait_for_available(&a, 1).await;
+    match_one(&mut rider, 0, d0).await;
+
+    // The first server is the one both nodes listen on: its loss also moves
+    // their subscriptions to the next server.
+    servers[0].kill();
+    let d1 = Client::available_driver(&b, "d1", LAT, LON).await;
+    wait_for_available(&a, 1).await;
+    match_one(&mut rider, 1, d1).await;
+    let d2 = Client::available_driver(&a, "d2", LAT, LON).await;
+    wait_for_available(&a, 1).await;
+    match_one(&mut rider, 2, d2).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lost_means_refusals_and_redis_back_means_recovery() {
+    let mut redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let b = node(&[&redis], "b", |_| {}).await;
+
+    let mut local = Client::available_driver(&a, "d1", LAT, LON).await;
+    wait_for_available(&a, 1).await;
+    let mut rider = Client::rider(&a, "r").await;
+
+    redis.kill();
+    rider.request_ride("q1", LAT, LON).await;
+    rider.expect_searching("q1").await;
+    match rider.recv().await {
+        ServerMessage::NoDriver {
+            reason: Some(NoDriverReason::LocksUnavailable),
+            ..
+        } => {}
+        other => panic!("expected no_driver (locks_unavailable), got {other:?}"),
+    }
+    // Nothing was offered, and the driver is still offerable.
+    local.expect_silence(Duration::from_millis(200)).await;
+    wait_for_available(&a, 1).await;
+
+    // Back, empty (no persistence): locks are granted again, and the nodes
+    // announce their drivers again so that remote matching resumes too.
+    let _restarted = RedisServer::on_port(redis.port());
+    let mut recovered = false;
+    for attempt in 0..50 {
+        let request = format!("retry{attempt}");
+        rider.request_ride(&request, LAT, LON).await;
+        rider.expect_searching(&request).await;
+        if let Some(ServerMessage::Offer { offer_id, .. }) =
+            local.recv_within(Duration::from_millis(300)).await
+        {
+            local.accept(offer_id).await;
+            assert!(matches!(
+                next_answer(&mut local).await,
+                ServerMessage::TripAssigned { .. }
+            ));
+            assert_eq!(rider.expect_matched().await, "d1");
+            recovered = true;
+            break;
+        }
+        match rider.recv().await {
+            ServerMessage::NoDriver { .. } => {}
+            other => panic!("expected no_driver while redis is coming back, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "locking did not resume after redis came back");
+
+    let mut remote = Client::available_driver(&b, "d2", LAT, LON).await;
+    wait_for_available(&a, 1).await;
+    rider.request_ride("q2", LAT, LON).await;
+    rider.expect_searching("q2").await;
+    let (offer_id, _) = remote.expect_offer().await;
+    remote.accept(offer_id).await;
+    assert_eq!(rider.expect_matched().await, "d2");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_frees_its_drivers_for_the_others() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let (mut b, b_addr) = common::spawn_engine(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        &redis.url,
+        "--node-id",
+        "b",
+    ]);
+    let b_addr = b_addr.parse().unwrap();
+
+    // A driver on b, offered to a rider on a: the lock is b's driver actor's.
+    let mut on_b = Client::connect(b_addr, "driver", "d").await;
+    on_b.send(json!({"type": "location", "lat": LAT, "lon": LON}))
+        .await;
+    on_b.send(json!({"type": "available"})).await;
+    wait_for_available(&a, 1).await;
+    let mut rider = Client::rider(&a, "r").await;
+    rider.request_ride("q1", LAT, LON).await;
+    rider.expect_searching("q1").await;
+    on_b.expect_offer().await;
+
+    // b dies with the offer out. a forgets b's drivers; the rider's search
+    // settles the lock (no trip) and waits for another driver.
+    b.kill().unwrap();
+    b.wait().unwrap();
+    wait_for_available(&a, 0).await;
+
+    // The driver's app reconnects to a: offerable again, and the waiting
+    // rider gets it once b's lock is gone.
+    let mut on_a = Client::available_driver(&a, "d", LAT, LON).await;
+    let (offer_id, _) = tokio::time::timeout(Duration::from_secs(10), on_a.expect_offer())
+        .await
+        .expect("offered once b's lock has lapsed");
+    on_a.accept(offer_id).await;
+    assert!(matches!(
+        on_a.recv().await,
+        ServerMessage::TripAssigned { .. }
+    ));
+    assert_eq!(rider.expect_matched().await, "d");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
+    let redis = RedisServer::start();
+    let args = |id: &'static str| {
+        vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--redis".into(),
+            redis.url.clone(),
+            "--node-id".into(),
+            id.into(),
+            "--offer-timeout-ms".into(),
+            "1500".into(),
+        ]
+    };
+    let spawn = |id| {
+        let args = args(id);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, addr) = common::spawn_engine(&refs);
+        (child, addr.parse::<std::net::SocketAddr>().unwrap())
+    };
+    let (mut a, a_addr) = spawn("a");
+    let (mut b, b_addr) = spawn("b");
+
+    // The driver on a is offered to a rider on b.
+    let mut on_a = Client::connect(a_addr, "driver", "d").await;
+    on_a.send(json!({"type": "location", "lat": LAT, "lon": LON}))
+        .await;
+    on_a.send(json!({"type": "available"})).await;
+    let mut first = Client::connect(b_addr, "rider", "r1").await;
+    first.request_ride("q1", LAT, LON).await;
+    first.expect_searching("q1").await;
+    let (stale_offer, _) = on_a.expect_offer().await;
+
+    // a stalls with the offer out; the driver's accept waits in its socket.
+    signal(a.id(), libc::SIGSTOP);
+    on_a.accept(stale_offer).await;
+    // Past the offer (1.5 s) and its lock's margin (1 s).
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+
+    // Meanwhile the driver's app reconnects to b and takes another ride.
+    let mut on_b = Client::connect(b_addr, "driver", "d").await;
+    on_b.send(json!({"type": "location", "lat": LAT, "lon": LON}))
+        .await;
+    on_b.send(json!({"type": "available"})).await;
+    let mut second = Client::connect(b_addr, "rider", "r2").await;
+    second.request_ride("q2", LAT, LON).await;
+    second.expect_searching("q2").await;
+    let (offer_id, _) = on_b.expect_offer().await;
+    on_b.accept(offer_id).await;
+    assert!(matches!(
+        on_b.recv().await,
+        ServerMessage::TripAssigned { .. }
+    ));
+    assert_eq!(second.expect_matched().await, "d");
+
+    // a wakes up and handles the stale accept: refused, nothing booked.
+    signal(a.id(), libc::SIGCONT);
+    match next_answer(&mut on_a).await {
+        ServerMessage::Error { code, .. } => assert_eq!(code.as_str(), "offer_expired"),
+        other => panic!("expected the stale accept refused, got {other:?}"),
+    }
+    if let Some(message) = on_a.recv_within(Duration::from_millis(500)).await {
+        assert!(
+            !matches!(message, ServerMessage::TripAssigned { .. }),
+            "the stale accept booked a trip"
+        );
+    }
+    // The first rider was never matched: it cancels and is told so.
+    first
+        .send(json!({"type": "cancel", "request_id": "q1"}))
+        .await;
+    match first.recv().await {
+        ServerMessage::Cancelled { .. } => {}
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn unreachable_redis_at_start_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ridelock"))
+        .args(["--listen", "127.0.0.1:0", "--redis", &url])
+        .output()
+        .expect("ridelock runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach redis") && stderr.contains(&format!("127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}
