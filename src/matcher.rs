@@ -506,16 +506,6 @@ impl Matcher {
         }
     }
 
-    /// A search's current driver is done with it without a trip: the search
-    /// goes on without that driver.
-    fn move_on(&mut self, key: SearchKey, driver_id: DriverId, ctx: &mut Context<Self>) {
-        if let Some(search) = self.searches.get_mut(&key) {
-            search.excluded.push(driver_id);
-            search.phase = Phase::Looking;
-            self.advance(key, ctx);
-        }
-    }
-
     /// Ends the searching part of searches whose deadline has passed.
     fn expire_searches(&mut self, ctx: &mut Context<Self>) {
         if !self.remote_due.is_empty() {
@@ -967,8 +957,12 @@ impl Handler<SettleOutcome> for Matcher {
                 self.finish(&key, message);
             }
             Some(Settled::Dead) => {
+                // Whatever happened to the offer (the driver's node died, or
+                // news was lost), it is over without a trip. The driver is not
+                // held against this rider: it may not have seen the offer.
                 tracing::info!(driver = %driver_id, offer_id, "no news of a remote offer; it ended without a trip");
-                self.move_on(key, driver_id, ctx);
+                search.phase = Phase::Looking;
+                self.advance(key, ctx);
             }
             None if attempts < SETTLE_ATTEMPTS => {
                 m::redis_settle_undecided();
@@ -1073,8 +1067,23 @@ pub struct NodeGone {
 impl Handler<NodeGone> for Matcher {
     type Result = ();
 
-    fn handle(&mut self, msg: NodeGone, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: NodeGone, ctx: &mut Context<Self>) {
         self.forget_node(&msg.node);
+        // Offers out to the dead node's drivers will get no news: settle them
+        // now rather than at their deadline, so their riders move on and the
+        // locks are freed for the drivers' reconnections elsewhere.
+        let now = Instant::now();
+        for (key, search) in &self.searches {
+            if let Phase::Locking { driver, offer_id } | Phase::Offered { driver, offer_id, .. } =
+                &search.phase
+            {
+                if matches!(driver, Target::Remote { node, .. } if *node == msg.node) {
+                    self.remote_due
+                        .push(Reverse((now, search.seq, *offer_id, 0, key.clone())));
+                }
+            }
+        }
+        self.settle_due(ctx);
     }
 }
 
