@@ -146,9 +146,14 @@ fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_only_asks_for_exported_metrics() {
     let _serial = SERIAL.lock().await;
+    // A cluster node (on a private Redis), so that the Redis side's metrics
+    // are exported too; everything else is the same as on its own.
+    let redis = common::redis::RedisServer::start();
     let engine = common::engine(|c| {
         c.offer_timeout_ms = 100;
         c.search_timeout_ms = 300;
+        c.redis = vec![redis.url.clone()];
+        c.node_id = Some("metrics".into());
     })
     .await;
     // Traffic that touches every histogram: an expiry, a decline, an accept.
