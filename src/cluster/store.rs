@@ -64,11 +64,18 @@ end
 return 0
 "#;
 
-/// Keeps the lock for `hold` more, only while the caller owns it.
+/// A trip's lock: keeps it for `hold` more while the caller owns it, and
+/// takes it again if it is free (the server restarted empty, or a renewal
+/// came late); fails only if another offer holds it.
 /// KEYS: lock. ARGV: owner, hold ms.
 const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 "#;
@@ -339,8 +346,8 @@ impl LockServer {
         Ok(kept == 1)
     }
 
-    /// Keeps `owner`'s lock of `driver` for another [`TRIP_HOLD`]; whether
-    /// `owner` still held it.
+    /// Keeps `owner`'s trip lock of `driver` for another [`TRIP_HOLD`],
+    /// taking it again if it is free; whether `owner` holds it now.
     pub async fn renew(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
         let kept: i64 = self
             .run(
