@@ -785,6 +785,34 @@ impl Handler<CancelOffer> for DriverActor {
     }
 }
 
+/// Cluster mode: `node` died or left. An offer this driver holds for one of
+/// its riders can no longer reach that rider: it is withdrawn, as a rider
+/// who disconnected withdraws its offers.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HolderNodeGone {
+    /// The node.
+    pub node: NodeId,
+}
+
+impl Handler<HolderNodeGone> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: HolderNodeGone, ctx: &mut Context<Self>) {
+        let Some(offer) = self.lock.current_offer() else {
+            return;
+        };
+        if offer.holder.node.as_ref() != Some(&msg.node) {
+            return;
+        }
+        let (offer_id, token) = (offer.offer_id, offer.fencing_token);
+        if let Some(ended) = self.lock.cancel(offer_id, token) {
+            self.report(ended, ctx);
+            self.sync(ctx);
+        }
+    }
+}
+
 /// Number of independently locked shards of the registry map, so that
 /// connects on different threads rarely wait for one another.
 const REGISTRY_SHARDS: usize = 16;
@@ -871,6 +899,17 @@ impl DriverRegistry {
         let (_, shard) = self.shard(id);
         let map = shard.lock().unwrap_or_else(|e| e.into_inner());
         map.get(id).cloned()
+    }
+
+    /// Tells every driver actor that `node` is gone (see [`HolderNodeGone`]).
+    /// O(drivers), for a rare event.
+    pub fn holder_node_gone(&self, node: &NodeId) {
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for actor in map.values() {
+                actor.do_send(HolderNodeGone { node: node.clone() });
+            }
+        }
     }
 
     /// Drops `id` from the map if it still points at `addr`.

@@ -277,6 +277,10 @@ pub struct Matcher {
     cluster: Option<Arc<Cluster>>,
     /// Indexed drivers connected to other nodes, and which node.
     remote: HashMap<DriverId, NodeId>,
+    /// Another node's word that a driver indexed here as local is offerable
+    /// there (it moved nodes and this node has not yet seen it go): used
+    /// when the local actor says the driver is unavailable here.
+    shadowed: HashMap<DriverId, (NodeId, LatLon)>,
     /// When news of a remote lock is overdue (see `settle`), soonest first:
     /// (when, search seq, offer, attempts so far, search).
     remote_due: BinaryHeap<Reverse<RemoteDue>>,
@@ -322,6 +326,7 @@ impl Matcher {
             next_seq: 0,
             cluster,
             remote: HashMap::new(),
+            shadowed: HashMap::new(),
             remote_due: BinaryHeap::new(),
         }
     }
@@ -754,9 +759,20 @@ impl Handler<DriverAvailable> for Matcher {
 impl Handler<DriverUnavailable> for Matcher {
     type Result = ();
 
-    fn handle(&mut self, msg: DriverUnavailable, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: DriverUnavailable, ctx: &mut Context<Self>) {
         if self.driver_addrs.remove(&msg.driver_id).is_some() {
             self.drivers.remove(&msg.driver_id);
+        }
+        // Another node said it has this driver: believe it now.
+        if let Some((node, at)) = self.shadowed.remove(&msg.driver_id) {
+            self.handle(
+                RemoteDriver {
+                    node,
+                    driver: msg.driver_id,
+                    at: Some(at),
+                },
+                ctx,
+            );
         }
     }
 }
@@ -1010,8 +1026,11 @@ impl Handler<RemoteDriver> for Matcher {
     fn handle(&mut self, msg: RemoteDriver, ctx: &mut Context<Self>) {
         let RemoteDriver { node, driver, at } = msg;
         match at {
-            // A driver connected here is this node's to announce.
-            Some(_) if self.driver_addrs.contains_key(&driver) => {}
+            // A driver connected here is this node's to announce, until its
+            // actor here says otherwise.
+            Some(at) if self.driver_addrs.contains_key(&driver) => {
+                self.shadowed.insert(driver, (node, at));
+            }
             Some(at) => {
                 self.remote.insert(driver.clone(), node);
                 self.drivers.upsert(driver.clone(), at);
@@ -1020,6 +1039,9 @@ impl Handler<RemoteDriver> for Matcher {
             None => {
                 if self.remote.get(&driver) == Some(&node) {
                     self.forget_remote(&driver);
+                }
+                if self.shadowed.get(&driver).is_some_and(|(n, _)| *n == node) {
+                    self.shadowed.remove(&driver);
                 }
             }
         }
@@ -1089,6 +1111,7 @@ impl Handler<NodeGone> for Matcher {
 
 impl Matcher {
     fn forget_node(&mut self, node: &NodeId) {
+        self.shadowed.retain(|_, (n, _)| n != node);
         let gone: Vec<DriverId> = self
             .remote
             .iter()

@@ -400,3 +400,61 @@ fn unreachable_redis_at_start_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_offered_to_a_dead_nodes_rider_is_freed() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let (mut b, b_addr) = common::spawn_engine(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        &redis.url,
+        "--node-id",
+        "b",
+    ]);
+    let mut driver = Client::available_driver(&a, "d", LAT, LON).await;
+    let mut doomed = Client::connect(b_addr.parse().unwrap(), "rider", "r1").await;
+    doomed.request_ride("q1", LAT, LON).await;
+    doomed.expect_searching("q1").await;
+    driver.expect_offer().await;
+
+    // The rider's node dies: nobody is left to take the driver's answer, so
+    // the offer is withdrawn as if the rider had cancelled.
+    b.kill().unwrap();
+    b.wait().unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), driver.recv())
+        .await
+        .expect("the offer is withdrawn once b is seen dead")
+    {
+        ServerMessage::OfferRevoked { reason, .. } => {
+            assert_eq!(serde_json::to_value(reason).unwrap(), "rider_cancelled")
+        }
+        other => panic!("expected offer_revoked, got {other:?}"),
+    }
+    // And the driver is free for the next rider at once.
+    let mut rider = Client::rider(&a, "r2").await;
+    match_one(&mut rider, 2, driver).await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_moving_to_another_node_stays_offerable_everywhere() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let b = node(&[&redis], "b", |_| {}).await;
+    let on_a = Client::available_driver(&a, "d", LAT, LON).await;
+    wait_for_available(&b, 1).await;
+
+    // The app connects to b (without moving) and only then drops its
+    // connection to a: a must now offer it through b.
+    let on_b = Client::available_driver(&b, "d", LAT, LON).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(on_a);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_available(&a, 1).await;
+    let mut rider = Client::rider(&a, "r").await;
+    match_one(&mut rider, 0, on_b).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -37,8 +37,10 @@ use crate::protocol::DriverId;
 const ALIVE_REFRESH: Duration = Duration::from_secs(1);
 /// How long a node's liveness key lives: a node silent this long is dead.
 const ALIVE_TTL: Duration = Duration::from_secs(3);
-/// Wait before subscribing again after losing the subscription.
+/// Wait before subscribing again after losing the subscription, doubling
+/// up to the maximum while no server can be subscribed to.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
+const RESUBSCRIBE_DELAY_MAX: Duration = Duration::from_secs(2);
 /// Liveness checks in a row that may fail before the listener gives up on
 /// its server (a paused server keeps the socket open but answers nothing).
 const CHECKS_BEFORE_SWITCH: u32 = 3;
@@ -255,14 +257,23 @@ async fn refresh_alive(cluster: &Cluster, own: &HashMap<DriverId, LatLon>) {
 /// The listener task: subscribed to one server at a time, round the list.
 async fn listen(cluster: Arc<Cluster>, matcher: Addr<Matcher>, registry: Arc<DriverRegistry>) {
     let mut next = 0;
+    let mut delay = RESUBSCRIBE_DELAY;
     loop {
         let server = &cluster.locks.server_list()[next % cluster.urls.len()];
         next += 1;
+        let subscribed_at = Instant::now();
         match listen_on(&cluster, server, &matcher, &registry).await {
             Ok(()) => tracing::warn!(server = server.url(), "lost the cluster subscription"),
-            Err(e) => tracing::warn!(server = server.url(), "cannot subscribe: {e}"),
+            Err(e) => tracing::warn!(server = server.url(), "cluster subscription failed: {e}"),
         }
-        tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+        // A subscription that lasted resets the back-off; repeated failures
+        // (Redis down) retry ever more slowly, up to the maximum.
+        delay = if subscribed_at.elapsed() > RESUBSCRIBE_DELAY_MAX * 5 {
+            RESUBSCRIBE_DELAY
+        } else {
+            (delay * 2).min(RESUBSCRIBE_DELAY_MAX)
+        };
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -282,7 +293,7 @@ async fn listen_on(
     // Subscribed first, then the snapshot: a change in between is in both,
     // and both say the same.
     let mut connection = server.connection();
-    let mut live = snapshot(cluster, &mut connection, matcher, timeout).await?;
+    let mut live = snapshot(cluster, &mut connection, matcher, registry, timeout).await?;
     tracing::info!(
         server = server.url(),
         nodes = live.len(),
@@ -301,7 +312,7 @@ async fn listen_on(
                 }
             }
             _ = check.tick() => {
-                match check_nodes(cluster, &mut connection, &mut live, matcher, timeout).await {
+                match check_nodes(cluster, &mut connection, &mut live, matcher, registry, timeout).await {
                     Ok(()) => failed_checks = 0,
                     Err(e) => {
                         failed_checks += 1;
@@ -337,6 +348,7 @@ async fn snapshot(
     cluster: &Cluster,
     connection: &mut ConnectionManager,
     matcher: &Addr<Matcher>,
+    registry: &DriverRegistry,
     timeout: Duration,
 ) -> Result<HashSet<NodeId>, redis::RedisError> {
     let nodes: Vec<String> =
@@ -354,7 +366,7 @@ async fn snapshot(
         )
         .await?;
         if !alive {
-            matcher.do_send(NodeGone { node });
+            node_gone(&node, matcher, registry);
             continue;
         }
         let entries: HashMap<String, String> = query(
@@ -382,6 +394,7 @@ async fn check_nodes(
     connection: &mut ConnectionManager,
     live: &mut HashSet<NodeId>,
     matcher: &Addr<Matcher>,
+    registry: &DriverRegistry,
     timeout: Duration,
 ) -> Result<(), redis::RedisError> {
     let nodes: Vec<String> =
@@ -412,10 +425,17 @@ async fn check_nodes(
     }
     for gone in live.difference(&seen) {
         tracing::info!(node = %gone, "node left the cluster; dropping its drivers");
-        matcher.do_send(NodeGone { node: gone.clone() });
+        node_gone(gone, matcher, registry);
     }
     *live = seen;
     Ok(())
+}
+
+/// `node` died or left: the matcher drops its drivers and settles offers out
+/// to them; this node's drivers withdraw offers held for its riders.
+fn node_gone(node: &NodeId, matcher: &Addr<Matcher>, registry: &DriverRegistry) {
+    matcher.do_send(NodeGone { node: node.clone() });
+    registry.holder_node_gone(node);
 }
 
 /// Hands one message to whoever it is for.
