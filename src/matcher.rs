@@ -1096,8 +1096,10 @@ impl Handler<NodeGone> for Matcher {
         // locks are freed for the drivers' reconnections elsewhere.
         let now = Instant::now();
         for (key, search) in &self.searches {
-            if let Phase::Locking { driver, offer_id } | Phase::Offered { driver, offer_id, .. } =
-                &search.phase
+            if let Phase::Locking { driver, offer_id }
+            | Phase::Offered {
+                driver, offer_id, ..
+            } = &search.phase
             {
                 if matches!(driver, Target::Remote { node, .. } if *node == msg.node) {
                     self.remote_due

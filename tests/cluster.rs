@@ -341,7 +341,8 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
     // liveness lapsed) and settled the stale lock, so the rider still waiting
     // there is offered the driver again, under a new lock.
     let mut on_b = Client::connect(b_addr, "driver", "d").await;
-    on_b.send(json!({"type": "location", "lat": LAT, "lon": LON})).await;
+    on_b.send(json!({"type": "location", "lat": LAT, "lon": LON}))
+        .await;
     on_b.send(json!({"type": "available"})).await;
     let offer_id = match on_b.recv().await {
         ServerMessage::Offer {
@@ -358,7 +359,10 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
     };
     assert_ne!(offer_id, stale_offer);
     on_b.accept(offer_id).await;
-    assert!(matches!(on_b.recv().await, ServerMessage::TripAssigned { .. }));
+    assert!(matches!(
+        on_b.recv().await,
+        ServerMessage::TripAssigned { .. }
+    ));
     assert_eq!(first.expect_matched().await, "d");
 
     // a wakes up and handles the stale accept: refused, nothing booked.

@@ -26,7 +26,8 @@ pub enum Scenario {
     about = "Drives a ridelock engine like a city does"
 )]
 pub struct Args {
-    /// The engine, as ws://HOST:PORT.
+    /// The engine, as ws://HOST:PORT; for a cluster, its nodes
+    /// comma-separated (client `n` connects to node `n % nodes`).
     #[arg(long, env = "SIM_URL", default_value = "ws://127.0.0.1:8080")]
     pub url: String,
     /// The preset load shape.
@@ -86,9 +87,10 @@ pub struct Args {
     /// Driving speed in metres per second (street speed: ~30 km/h).
     #[arg(long, default_value_t = 8.3)]
     pub speed_mps: f64,
-    /// The engine's process id, to sample its RSS from /proc.
-    #[arg(long)]
-    pub engine_pid: Option<u32>,
+    /// The engine's process id, to sample its RSS and CPU from /proc; for a
+    /// cluster, every node's, comma-separated (the report sums them).
+    #[arg(long, value_delimiter = ',')]
+    pub engine_pid: Vec<u32>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -235,7 +237,12 @@ impl Args {
     pub fn plan(&self) -> anyhow::Result<Plan> {
         let p = self.scenario.preset();
         let plan = Plan {
-            url: self.url.trim_end_matches('/').to_string(),
+            url: self
+                .url
+                .split(',')
+                .map(|url| url.trim_end_matches('/'))
+                .collect::<Vec<_>>()
+                .join(","),
             scenario: format!("{:?}", self.scenario).to_lowercase(),
             drivers: self.drivers.unwrap_or(p.drivers),
             riders_per_s: self.riders_per_s.unwrap_or(p.riders_per_s),
@@ -284,8 +291,8 @@ impl Args {
             "the city centre is not a valid position"
         );
         anyhow::ensure!(
-            self.url.starts_with("ws://"),
-            "--url must look like ws://HOST:PORT"
+            self.url.split(',').all(|url| url.starts_with("ws://")),
+            "--url must look like ws://HOST:PORT (or several, comma-separated)"
         );
         Ok(plan)
     }

@@ -52,12 +52,9 @@ pub async fn run(
         return;
     }
     let id = format!("sim-d{n}");
-    let source = shared.target.source_for(n, shared.total_connections);
-    let ws = match shared
-        .target
-        .connect(&format!("/ws/driver?id={id}"), source)
-        .await
-    {
+    let target = shared.target_for(n);
+    let source = target.source_for(n, shared.total_connections);
+    let ws = match target.connect(&format!("/ws/driver?id={id}"), source).await {
         Ok(ws) => ws,
         Err(e) => return shared.stats.connect_failed(&e),
     };

@@ -25,7 +25,7 @@ fn run() -> anyhow::Result<u64> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let report = runtime.block_on(simulator::run::run(plan, args.engine_pid, !args.quiet))?;
+    let report = runtime.block_on(simulator::run::run(plan, &args.engine_pid, !args.quiet))?;
     print!("{}", report.table());
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)?;

@@ -49,14 +49,9 @@ pub async fn run(
     mut phase: watch::Receiver<Phase>,
 ) {
     let id = format!("sim-r{n}");
-    let source = shared
-        .target
-        .source_for(shared.plan.drivers + n, shared.total_connections);
-    let mut ws = match shared
-        .target
-        .connect(&format!("/ws/rider?id={id}"), source)
-        .await
-    {
+    let target = shared.target_for(shared.plan.drivers + n);
+    let source = target.source_for(shared.plan.drivers + n, shared.total_connections);
+    let mut ws = match target.connect(&format!("/ws/rider?id={id}"), source).await {
         Ok(ws) => ws,
         Err(e) => return shared.stats.connect_failed(&e),
     };

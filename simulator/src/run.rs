@@ -30,7 +30,8 @@ const ORDER_QUEUE: usize = 1024;
 /// What every virtual client shares.
 pub struct Shared {
     pub plan: Plan,
-    pub target: Target,
+    /// The engine's nodes (one unless it is a cluster).
+    pub targets: Vec<Target>,
     pub city: City,
     pub stats: Stats,
     /// Driver plus rider connections, for spreading source addresses.
@@ -48,29 +49,45 @@ struct Snapshot {
     engine_cpu_s: Option<f64>,
 }
 
-async fn snapshot(shared: &Shared, engine_pid: Option<u32>) -> Snapshot {
-    let engine_locations = shared
-        .target
-        .http_get("/metrics")
-        .await
-        .ok()
-        .and_then(|body| net::metric_value(&body, ENGINE_LOCATION_COUNTER));
+impl Shared {
+    /// The node client `n` (drivers first, then riders) connects to.
+    pub fn target_for(&self, n: usize) -> &Target {
+        &self.targets[n % self.targets.len()]
+    }
+}
+
+/// Sums `f` over the engine's processes; `None` if any is unknown.
+fn over_pids(pids: &[u32], f: impl Fn(u32) -> Option<f64>) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| f(pid)).sum()
+}
+
+/// The engine's location counter summed over its nodes.
+async fn engine_locations(targets: &[Target]) -> Option<f64> {
+    let mut total = 0.0;
+    for target in targets {
+        let body = target.http_get("/metrics").await.ok()?;
+        total += net::metric_value(&body, ENGINE_LOCATION_COUNTER)?;
+    }
+    Some(total)
+}
+
+async fn snapshot(shared: &Shared, engine_pids: &[u32]) -> Snapshot {
+    let engine_locations = engine_locations(&shared.targets).await;
     Snapshot {
         at: Instant::now(),
         requests: shared.stats.requests.get(),
         matches: shared.stats.matches.get(),
         locations: shared.stats.locations_sent.get(),
         engine_locations,
-        engine_cpu_s: engine_pid.and_then(net::cpu_seconds),
+        engine_cpu_s: over_pids(engine_pids, net::cpu_seconds),
     }
 }
 
 /// Runs the plan against the engine and reports.
-pub async fn run(
-    plan: Plan,
-    engine_pid: Option<u32>,
-    show_progress: bool,
-) -> anyhow::Result<Report> {
+pub async fn run(plan: Plan, engine_pids: &[u32], show_progress: bool) -> anyhow::Result<Report> {
     let open_files = net::raise_open_file_limit();
     let needed = plan.drivers + plan.rider_connections + 64;
     if (open_files as usize) < needed {
@@ -78,14 +95,19 @@ pub async fn run(
             "warning: open-file limit {open_files} is below the {needed} sockets this run needs; raise it (ulimit -n)"
         );
     }
-    let target = Target::resolve(&plan.url).await?;
-    let first = snapshot_engine(&target).await?;
+    let mut targets = Vec::new();
+    for url in plan.url.split(',') {
+        let target = Target::resolve(url).await?;
+        check_engine(&target).await?;
+        targets.push(target);
+    }
+    let first = engine_locations(&targets).await;
     let centre = LatLon::new(plan.centre.0, plan.centre.1).context("city centre")?;
     let shared = Arc::new(Shared {
         city: City::new(centre, plan.radius_m),
         total_connections: plan.drivers + plan.rider_connections,
         plan,
-        target,
+        targets,
         stats: Stats::default(),
     });
     let plan = &shared.plan;
@@ -119,16 +141,16 @@ pub async fn run(
     let rss_peak = Arc::new(AtomicU64::new(0));
     let sampler = tokio::spawn(sample(
         shared.clone(),
-        engine_pid,
+        engine_pids.to_vec(),
         rss_peak.clone(),
         show_progress,
     ));
 
     tokio::time::sleep_until(t0 + plan.ramp).await;
-    let steady_start = snapshot(&shared, engine_pid).await;
+    let steady_start = snapshot(&shared, engine_pids).await;
     let steady_end_at = steady_start.at + plan.duration;
     send_arrivals(&shared, &order_queues, steady_end_at).await;
-    let steady_end = snapshot(&shared, engine_pid).await;
+    let steady_end = snapshot(&shared, engine_pids).await;
 
     let _ = phase.send(Phase::Draining);
     drain(&shared, plan.drain).await;
@@ -138,7 +160,7 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     sampler.abort();
-    let last = snapshot_engine(&shared.target).await.ok();
+    let last = engine_locations(&shared.targets).await;
 
     let stats = &shared.stats;
     for missing in stats
@@ -159,14 +181,14 @@ pub async fn run(
         (Some(a), Some(b)) => Some((b - a) / window),
         _ => None,
     };
-    let backlog = match (first, last.flatten()) {
+    let backlog = match (first, last) {
         (Some(a), Some(b)) => Some(stats.locations_sent.get() as i64 - (b - a) as i64),
         _ => None,
     };
     let finals = stats.matches.get() + stats.no_driver.get() + stats.cancelled.get();
     let peak = stats.connected_peak();
     let rss = rss_peak.load(Ordering::Relaxed);
-    let rss = (engine_pid.is_some() && rss > 0).then_some(rss);
+    let rss = (!engine_pids.is_empty() && rss > 0).then_some(rss);
     Ok(Report {
         plan: shared.plan.clone(),
         elapsed_s: t0.elapsed().as_secs_f64(),
@@ -235,15 +257,15 @@ async fn drain(shared: &Shared, longest: Duration) {
     }
 }
 
-/// The engine's location counter; also proves the engine is there.
-async fn snapshot_engine(target: &Target) -> anyhow::Result<Option<f64>> {
-    let body = target.http_get("/metrics").await.with_context(|| {
+/// Proves an engine node is there.
+async fn check_engine(target: &Target) -> anyhow::Result<()> {
+    target.http_get("/metrics").await.with_context(|| {
         format!(
             "the engine at {} does not answer GET /metrics",
             target.authority
         )
     })?;
-    Ok(net::metric_value(&body, ENGINE_LOCATION_COUNTER))
+    Ok(())
 }
 
 /// Poisson arrivals until `until`, dealt round-robin to rider connections.
@@ -280,7 +302,7 @@ async fn send_arrivals(shared: &Shared, queues: &[mpsc::Sender<Order>], until: I
 }
 
 /// Samples the engine's RSS and draws the progress line twice a second.
-async fn sample(shared: Arc<Shared>, pid: Option<u32>, rss_peak: Arc<AtomicU64>, show: bool) {
+async fn sample(shared: Arc<Shared>, pids: Vec<u32>, rss_peak: Arc<AtomicU64>, show: bool) {
     let bar = ProgressBar::new_spinner();
     if show {
         bar.set_draw_target(ProgressDrawTarget::stderr());
@@ -294,7 +316,8 @@ async fn sample(shared: Arc<Shared>, pid: Option<u32>, rss_peak: Arc<AtomicU64>,
     let mut last = (Instant::now(), 0u64, 0u64);
     loop {
         tick.tick().await;
-        let rss = pid.and_then(net::rss_kib);
+        let rss =
+            over_pids(&pids, |pid| net::rss_kib(pid).map(|kib| kib as f64)).map(|kib| kib as u64);
         if let Some(rss) = rss {
             rss_peak.fetch_max(rss, Ordering::Relaxed);
         }
