@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix::ArbiterHandle;
 
-use crate::cluster::store::TRIP_HOLD;
+use crate::cluster::store::{TripRecord, TRIP_HOLD};
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::{self, Cluster};
 use crate::ids::Ids;
@@ -38,6 +38,11 @@ use crate::session::Outbox;
 /// before it is retired (its memory freed). A driver on a trip is kept until
 /// the trip completes.
 const RETIRE_AFTER: Duration = Duration::from_secs(60);
+
+/// Cluster mode: how often an accept's confirm is asked when Redis can't
+/// tell, and how long apart.
+const CONFIRM_ATTEMPTS: u32 = 3;
+const CONFIRM_RETRY: Duration = Duration::from_millis(100);
 
 /// Cluster mode: room left between an offer's deadline and the end of its
 /// lock's validity, for the accept's confirm to reach Redis.
@@ -519,6 +524,13 @@ impl Handler<Attach> for DriverActor {
         if let Some(message) = resend {
             self.tell(message);
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.broadcast(Wire::Attached {
+                node: cluster.node().clone(),
+                driver: self.id.clone(),
+            });
+            self.adopt_trip_from_redis(ctx);
+        }
         self.sync(ctx);
         Ok(())
     }
@@ -699,17 +711,22 @@ impl DriverActor {
     fn renew_during_trip(&mut self, owner: String, ctx: &mut Context<Self>) {
         let cluster = self.cluster.clone().expect("cluster mode");
         let driver = self.id.clone();
-        self.trip_renewal = Some(ctx.run_interval(TRIP_HOLD / 3, move |_, _| {
+        self.trip_renewal = Some(ctx.run_interval(TRIP_HOLD / 3, move |_, ctx| {
             let (cluster, driver, owner) = (cluster.clone(), driver.clone(), owner.clone());
+            let me = ctx.address();
             actix::spawn(async move {
                 let started = Instant::now();
                 let renewed = cluster.locks().renew(&driver, &owner).await;
-                m::redis_op("renew", started.elapsed(), renewed > 0);
+                m::redis_op("renew", started.elapsed(), renewed == Some(true));
+                if renewed == Some(false) {
+                    me.do_send(TripLockLost { owner });
+                }
             });
         }));
     }
 
-    /// The driver completed `trip`: in cluster mode its lock is released.
+    /// The driver's trip ended: in cluster mode its lock and its record in
+    /// Redis are freed.
     fn trip_ended(&mut self, trip: &Trip<OfferHolder>, ctx: &mut Context<Self>) {
         if let Some(timer) = self.trip_renewal.take() {
             ctx.cancel_future(timer);
@@ -722,15 +739,17 @@ impl DriverActor {
         let driver = self.id.clone();
         actix::spawn(async move {
             let started = Instant::now();
-            let released = cluster.locks().release(&driver, &owner).await;
-            m::redis_op("release", started.elapsed(), released > 0);
+            let freed = cluster.locks().finish(&driver, &owner).await;
+            m::redis_op("finish", started.elapsed(), freed > 0);
         });
     }
 
     /// Cluster mode: the accept books only if the offer's lock still holds in
     /// Redis (`confirm`), which is what makes a node that stalled past the
     /// lock's expiry, or whose requester gave up on the offer, unable to
-    /// book. The actor handles nothing else until Redis answers.
+    /// book. The actor handles nothing else until Redis answers. A confirm
+    /// that can't be told (servers not answering) is asked again: it is
+    /// idempotent while the lock is held.
     fn accept_in_cluster(
         &mut self,
         offer_id: OfferId,
@@ -746,31 +765,163 @@ impl DriverActor {
             .lock
             .current_offer()
             .expect("an answerable offer is held");
-        let (driver, owner) = (self.id.clone(), self.owner(offer));
+        let record = TripRecord {
+            owner: self.owner(offer),
+            trip_id,
+            offer_id,
+            fencing_token: offer.fencing_token,
+            rider_id: offer.holder.rider_id.clone(),
+            request_id: offer.holder.request_id.clone(),
+            pickup: offer.holder.pickup,
+            rider_node: offer
+                .holder
+                .node
+                .clone()
+                .unwrap_or_else(|| cluster.node().clone()),
+            rider_is_remote: offer.holder.node.is_some(),
+        };
+        let driver = self.id.clone();
         let started = Instant::now();
-        let confirm = async move { cluster.locks().confirm(&driver, &owner, trip_id).await };
-        ctx.wait(confirm.into_actor(self).map(move |confirmed, act, ctx| {
-            m::redis_op("confirm", started.elapsed(), confirmed);
-            if confirmed {
-                // Nothing ran in between: the offer is as it was at `now`.
-                match act.lock.accept(offer_id, trip_id, now) {
-                    Ok(ended) => {
-                        act.renew_during_trip(act.owner(&ended.offer), ctx);
-                        act.report(ended, ctx);
-                    }
-                    Err(e) => act.answer_failed(e, ctx),
+        let confirm = async move {
+            for attempt in 1..=CONFIRM_ATTEMPTS {
+                if let Some(kept) = cluster.locks().confirm(&driver, &record).await {
+                    return (kept, record.owner);
                 }
-            } else {
-                if let Some(ended) = act.lock.lose(offer_id) {
-                    act.report(ended, ctx);
+                if attempt < CONFIRM_ATTEMPTS {
+                    tokio::time::sleep(CONFIRM_RETRY).await;
                 }
-                act.error(
-                    ErrorCode::OfferExpired,
-                    format!("offer {offer_id} lost its lock before your accept could be confirmed"),
-                );
             }
-            act.sync(ctx);
+            (false, record.owner)
+        };
+        ctx.wait(
+            confirm
+                .into_actor(self)
+                .map(move |(confirmed, owner), act, ctx| {
+                    m::redis_op("confirm", started.elapsed(), confirmed);
+                    if confirmed {
+                        // Nothing ran in between: the offer is as it was at `now`.
+                        match act.lock.accept(offer_id, trip_id, now) {
+                            Ok(ended) => {
+                                act.renew_during_trip(owner, ctx);
+                                act.report(ended, ctx);
+                            }
+                            Err(e) => act.answer_failed(e, ctx),
+                        }
+                    } else {
+                        if let Some(ended) = act.lock.lose(offer_id) {
+                            act.report(ended, ctx);
+                        }
+                        act.error(
+                            ErrorCode::OfferExpired,
+                            format!(
+                                "offer {offer_id} lost its lock before your accept could be confirmed"
+                            ),
+                        );
+                    }
+                    act.sync(ctx);
+                }),
+        );
+    }
+
+    /// Cluster mode: a driver app that connects here while its trip is held
+    /// by its actor on another node (it reconnected elsewhere mid-trip) takes
+    /// the trip over from its record in Redis, with its lock, so that the
+    /// trip can be completed here.
+    fn adopt_trip_from_redis(&mut self, ctx: &mut Context<Self>) {
+        if !matches!(self.lock.state(), LockState::Free) {
+            return;
+        }
+        let cluster = self.cluster.clone().expect("cluster mode");
+        let driver = self.id.clone();
+        let lookup = async move { cluster.locks().current_trip(&driver).await };
+        ctx.wait(lookup.into_actor(self).map(|record, act, ctx| {
+            let Some(record) = record else { return };
+            let cluster = act.cluster.clone().expect("cluster mode");
+            let rider_node = (record.rider_node != *cluster.node()).then_some(record.rider_node);
+            let trip = Trip {
+                trip_id: record.trip_id,
+                offer_id: record.offer_id,
+                fencing_token: record.fencing_token,
+                holder: OfferHolder {
+                    search: 0,
+                    rider_id: record.rider_id,
+                    request_id: record.request_id,
+                    pickup: record.pickup,
+                    first_offer_since: None,
+                    node: rider_node,
+                },
+            };
+            let message = ServerMessage::TripAssigned {
+                trip_id: trip.trip_id,
+                offer_id: trip.offer_id,
+                rider_id: trip.holder.rider_id.clone(),
+                pickup: trip.holder.pickup,
+            };
+            if act.lock.adopt_trip(trip) {
+                tracing::info!(driver = %act.id, trip = record.trip_id, "took over a trip from another node");
+                act.renew_during_trip(record.owner, ctx);
+                act.tell(message);
+                act.sync(ctx);
+            }
         }));
+    }
+}
+
+/// Cluster mode: the trip's lock is no longer this actor's (the trip ended
+/// on the node the driver moved to, or Redis lost it).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct TripLockLost {
+    owner: String,
+}
+
+impl Handler<TripLockLost> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TripLockLost, ctx: &mut Context<Self>) {
+        let LockState::OnTrip(trip) = self.lock.state() else {
+            return;
+        };
+        let cluster = self.cluster.clone().expect("cluster mode");
+        let node = trip.holder.node.as_ref().unwrap_or(cluster.node());
+        if cluster::owner(node, trip.offer_id) != msg.owner {
+            return; // an older trip's renewal
+        }
+        if self.session.is_some() {
+            // The driver is here: the trip is still this actor's, whatever
+            // Redis forgot. It keeps renewing (and the driver can't be
+            // connected elsewhere, see `ConnectedElsewhere`).
+            tracing::warn!(driver = %self.id, "a trip's lock is gone from Redis; keeping the trip");
+            return;
+        }
+        // The driver moved on and its trip ended (or is held) elsewhere.
+        let trip_id = trip.trip_id;
+        if let Some(timer) = self.trip_renewal.take() {
+            ctx.cancel_future(timer);
+        }
+        let _ = self.lock.complete_trip(trip_id);
+        self.sync(ctx);
+    }
+}
+
+/// Cluster mode: the driver's app connected to another node. This node's
+/// connection of it, if any, is closed: a driver is reachable through one
+/// node at a time.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectedElsewhere {
+    /// The node it connected to.
+    pub node: NodeId,
+}
+
+impl Handler<ConnectedElsewhere> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectedElsewhere, ctx: &mut Context<Self>) {
+        if self.session.take().is_some() {
+            tracing::info!(driver = %self.id, node = %msg.node, "driver connected to another node; closing its connection here");
+            self.sync(ctx);
+        }
     }
 }
 

@@ -416,6 +416,18 @@ impl<H> DriverLock<H> {
         }
     }
 
+    /// Takes over a trip the driver is on elsewhere (cluster mode: the app
+    /// reconnected to another node mid-trip). Only a free driver can; the
+    /// trip's fencing token counts as seen. Whether it was taken.
+    pub fn adopt_trip(&mut self, trip: Trip<H>) -> bool {
+        if !matches!(self.state, LockState::Free) {
+            return false;
+        }
+        self.newest_token = self.newest_token.max(trip.fencing_token);
+        self.state = LockState::OnTrip(trip);
+        true
+    }
+
     /// The driver completed `trip_id` and is free again.
     pub fn complete_trip(&mut self, trip_id: TripId) -> Result<Trip<H>, TripError> {
         match &self.state {
@@ -545,6 +557,30 @@ mod tests {
             })
         ));
         assert_eq!(lock.lose(1), None, "an offer ends once");
+    }
+
+    #[test]
+    fn only_a_free_driver_adopts_a_trip_and_its_token_counts_as_seen() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let trip = Trip {
+            trip_id: 9,
+            offer_id: 3,
+            fencing_token: 40,
+            holder: 7,
+        };
+        lock.try_lock(offer(1, 1, t0 + Duration::from_secs(15), 7), t0)
+            .unwrap();
+        assert!(!lock.adopt_trip(trip.clone()), "not while offered");
+        lock.decline(1, t0).unwrap();
+        assert!(lock.adopt_trip(trip.clone()));
+        assert_eq!(lock.availability(), Availability::OnTrip);
+        assert!(!lock.adopt_trip(trip), "not while on a trip");
+        lock.complete_trip(9).unwrap();
+        assert!(matches!(
+            lock.try_lock(offer(2, 40, t0 + Duration::from_secs(15), 8), t0),
+            Err(LockRefused::StaleToken { newest: 40, .. })
+        ));
     }
 
     #[test]

@@ -240,8 +240,11 @@ struct Search {
     deadline_passed: bool,
     /// Drivers this request has been offered to (locks granted).
     candidates_tried: u32,
-    /// Cluster mode: a settle of the current remote offer is in flight.
-    settling: bool,
+    /// Cluster mode: the offer whose settle is in flight, if any.
+    settling: Option<OfferId>,
+    /// Cluster mode: where the remote driver of the current offer was when
+    /// it was granted (the index forgets it then), for a settled `matched`.
+    offered_at: Option<LatLon>,
 }
 
 impl Search {
@@ -474,11 +477,9 @@ impl Matcher {
             let Some(Reverse((_, seq, offer_id, attempts, key))) = self.remote_due.pop() else {
                 break;
             };
-            let Some(search) = self
-                .searches
-                .get_mut(&key)
-                .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id) && !s.settling)
-            else {
+            let Some(search) = self.searches.get_mut(&key).filter(|s| {
+                s.seq == seq && s.current_offer() == Some(offer_id) && s.settling != Some(offer_id)
+            }) else {
                 continue;
             };
             let (Phase::Locking { driver, .. } | Phase::Offered { driver, .. }) = &search.phase
@@ -488,7 +489,7 @@ impl Matcher {
             let Target::Remote { driver, .. } = driver.clone() else {
                 continue;
             };
-            search.settling = true;
+            search.settling = Some(offer_id);
             let cluster = self
                 .cluster
                 .clone()
@@ -625,6 +626,24 @@ impl Matcher {
         }
     }
 
+    /// Ends a search that can't lock drivers (Redis is down): `cancelled` if
+    /// the rider asked for that, else `no_driver` saying why.
+    fn finish_without_locks(&mut self, key: &SearchKey) {
+        let Some(search) = self.searches.get(key) else {
+            return;
+        };
+        let request_id = key.1.clone();
+        let message = if search.cancel_requested {
+            ServerMessage::Cancelled { request_id }
+        } else {
+            ServerMessage::NoDriver {
+                request_id,
+                reason: Some(NoDriverReason::LocksUnavailable),
+            }
+        };
+        self.finish(key, message);
+    }
+
     /// Takes a remote driver out of the index.
     fn forget_remote(&mut self, driver_id: &DriverId) {
         if self.remote.remove(driver_id).is_some() {
@@ -689,7 +708,8 @@ impl Handler<RequestRide> for Matcher {
                 cancel_requested: false,
                 deadline_passed: false,
                 candidates_tried: 0,
-                settling: false,
+                settling: None,
+                offered_at: None,
             },
         );
         self.deadlines.push(Reverse((
@@ -818,7 +838,6 @@ impl Handler<OfferEnded> for Matcher {
                     search.excluded.push(driver_id);
                 }
                 search.phase = Phase::Looking;
-                search.settling = false;
                 self.advance(key, ctx);
             }
         }
@@ -837,7 +856,6 @@ impl Handler<LockAnswered> for Matcher {
             request_id,
             result,
         } = msg;
-        self.locking.remove(&driver_id);
         let key = (rider_id, request_id);
         let Some(search) = self
             .searches
@@ -845,9 +863,11 @@ impl Handler<LockAnswered> for Matcher {
             .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id))
         else {
             // The offer already ended (the driver reported it before this
-            // answer arrived) or the search is gone: nothing left to do.
+            // answer arrived), or its settle gave up on it, or the search is
+            // gone: whoever ended it took the driver out of `locking`.
             return;
         };
+        self.locking.remove(&driver_id);
         match result {
             Ok(Granted { fencing_token }) => {
                 let Phase::Locking { driver, .. } = &search.phase else {
@@ -864,6 +884,7 @@ impl Handler<LockAnswered> for Matcher {
                 // local offer; a remote one is recorded here, as granted.
                 search.candidates_tried += 1;
                 if let Target::Remote { .. } = driver {
+                    search.offered_at = self.drivers.position(&driver_id);
                     if first_offer {
                         m::request_to_offer(search.started.elapsed());
                     }
@@ -888,14 +909,7 @@ impl Handler<LockAnswered> for Matcher {
             Err(LockRefused::StoreUnavailable) => {
                 // Redis can't grant locks now: say so rather than trying every
                 // driver in reach against a store that is down.
-                let request_id = key.1.clone();
-                self.finish(
-                    &key,
-                    ServerMessage::NoDriver {
-                        request_id,
-                        reason: Some(NoDriverReason::LocksUnavailable),
-                    },
-                );
+                self.finish_without_locks(&key);
             }
             Err(refused) => {
                 let remote = matches!(
@@ -956,13 +970,13 @@ impl Handler<SettleOutcome> for Matcher {
         else {
             return; // the news arrived after all
         };
-        search.settling = false;
+        search.settling = None;
         if matches!(search.phase, Phase::Locking { .. }) {
             self.locking.remove(&driver_id);
         }
         match outcome {
             Some(Settled::Trip(trip_id)) => {
-                let driver_location = self.drivers.position(&driver_id).unwrap_or(search.pickup);
+                let driver_location = search.offered_at.unwrap_or(search.pickup);
                 let message = ServerMessage::Matched {
                     request_id: key.1.clone(),
                     trip_id,
@@ -974,8 +988,10 @@ impl Handler<SettleOutcome> for Matcher {
             }
             Some(Settled::Dead) => {
                 // Whatever happened to the offer (the driver's node died, or
-                // news was lost), it is over without a trip. The driver is not
-                // held against this rider: it may not have seen the offer.
+                // news was lost), it is over without a trip. The driver is
+                // not held against this rider: it may never have seen the
+                // offer (a lost lock request: its node was resubscribing).
+                // A node that stays deaf is dropped by the liveness checks.
                 tracing::info!(driver = %driver_id, offer_id, "no news of a remote offer; it ended without a trip");
                 search.phase = Phase::Looking;
                 self.advance(key, ctx);
@@ -991,17 +1007,10 @@ impl Handler<SettleOutcome> for Matcher {
                 )));
             }
             None => {
-                // Redis has not been able to tell for a long while: the rider is
-                // told, and the lock lapses in Redis by itself.
+                // Redis has not been able to tell for a long while: the rider
+                // is told, and the lock lapses in Redis by itself.
                 m::redis_settle_undecided();
-                let request_id = key.1.clone();
-                self.finish(
-                    &key,
-                    ServerMessage::NoDriver {
-                        request_id,
-                        reason: Some(NoDriverReason::LocksUnavailable),
-                    },
-                );
+                self.finish_without_locks(&key);
             }
         }
     }
@@ -1108,6 +1117,33 @@ impl Handler<NodeGone> for Matcher {
             }
         }
         self.settle_due(ctx);
+    }
+}
+
+/// Cluster mode: the nodes alive as a (re)subscription found them; remote
+/// drivers of any other node are forgotten.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LiveNodes {
+    /// The live nodes, this one aside.
+    pub nodes: Vec<NodeId>,
+}
+
+impl Handler<LiveNodes> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: LiveNodes, ctx: &mut Context<Self>) {
+        let live: HashSet<&NodeId> = msg.nodes.iter().collect();
+        let dead: HashSet<NodeId> = self
+            .remote
+            .values()
+            .chain(self.shadowed.values().map(|(node, _)| node))
+            .filter(|node| !live.contains(node))
+            .cloned()
+            .collect();
+        for node in dead {
+            self.handle(NodeGone { node }, ctx);
+        }
     }
 }
 

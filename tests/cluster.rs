@@ -214,7 +214,7 @@ async fn redis_lost_means_refusals_and_redis_back_means_recovery() {
 
     // Back, empty (no persistence): locks are granted again, and the nodes
     // announce their drivers again so that remote matching resumes too.
-    let _restarted = RedisServer::on_port(redis.port());
+    let _restarted = RedisServer::at(redis.path());
     let mut recovered = false;
     for attempt in 0..50 {
         let request = format!("retry{attempt}");
@@ -244,7 +244,12 @@ async fn redis_lost_means_refusals_and_redis_back_means_recovery() {
     wait_for_available(&a, 1).await;
     rider.request_ride("q2", LAT, LON).await;
     rider.expect_searching("q2").await;
-    let (offer_id, _) = remote.expect_offer().await;
+    // b may still be resubscribing, and a lock request published meanwhile
+    // is lost: a settles it after 2 s and asks again.
+    let offer_id = match remote.recv_within(Duration::from_secs(10)).await {
+        Some(ServerMessage::Offer { offer_id, .. }) => offer_id,
+        other => panic!("expected an offer through b, got {other:?}"),
+    };
     remote.accept(offer_id).await;
     assert_eq!(rider.expect_matched().await, "d2");
     a.shutdown().await;
@@ -280,14 +285,14 @@ async fn a_node_that_dies_frees_its_drivers_for_the_others() {
     // settles the lock (no trip) and waits for another driver.
     b.kill().unwrap();
     b.wait().unwrap();
-    wait_for_available(&a, 0).await;
 
     // The driver's app reconnects to a: offerable again, and the waiting
     // rider gets it once b's lock is gone.
     let mut on_a = Client::available_driver(&a, "d", LAT, LON).await;
-    let (offer_id, _) = tokio::time::timeout(Duration::from_secs(10), on_a.expect_offer())
-        .await
-        .expect("offered once b's lock has lapsed");
+    let offer_id = match on_a.recv_within(Duration::from_secs(10)).await {
+        Some(ServerMessage::Offer { offer_id, .. }) => offer_id,
+        other => panic!("expected an offer once b is seen dead, got {other:?}"),
+    };
     on_a.accept(offer_id).await;
     assert!(matches!(
         on_a.recv().await,
@@ -300,22 +305,17 @@ async fn a_node_that_dies_frees_its_drivers_for_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
     let redis = RedisServer::start();
-    let args = |id: &'static str| {
-        vec![
-            "--listen".to_string(),
-            "127.0.0.1:0".into(),
-            "--redis".into(),
-            redis.url.clone(),
-            "--node-id".into(),
-            id.into(),
-            "--offer-timeout-ms".into(),
-            "1500".into(),
-        ]
-    };
-    let spawn = |id| {
-        let args = args(id);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, addr) = common::spawn_engine(&refs);
+    let spawn = |id: &str| {
+        let (child, addr) = common::spawn_engine(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &redis.url,
+            "--node-id",
+            id,
+            "--offer-timeout-ms",
+            "10000",
+        ]);
         (child, addr.parse::<std::net::SocketAddr>().unwrap())
     };
     let (mut a, a_addr) = spawn("a");
@@ -326,59 +326,62 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
     on_a.send(json!({"type": "location", "lat": LAT, "lon": LON}))
         .await;
     on_a.send(json!({"type": "available"})).await;
-    let mut first = Client::connect(b_addr, "rider", "r1").await;
-    first.request_ride("q1", LAT, LON).await;
-    first.expect_searching("q1").await;
-    let (stale_offer, _) = on_a.expect_offer().await;
-
-    // a stalls with the offer out; the driver's accept waits in its socket.
-    signal(a.id(), libc::SIGSTOP);
-    on_a.accept(stale_offer).await;
-    // Past the offer (1.5 s) and its lock's margin (1 s).
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
-
-    // Meanwhile the driver's app reconnects to b. b has given up on a (its
-    // liveness lapsed) and settled the stale lock, so the rider still waiting
-    // there is offered the driver again, under a new lock.
-    let mut on_b = Client::connect(b_addr, "driver", "d").await;
-    on_b.send(json!({"type": "location", "lat": LAT, "lon": LON}))
-        .await;
-    on_b.send(json!({"type": "available"})).await;
-    let offer_id = match on_b.recv().await {
+    let mut rider = Client::connect(b_addr, "rider", "r1").await;
+    rider.request_ride("q1", LAT, LON).await;
+    rider.expect_searching("q1").await;
+    let (stale_offer, stale_token) = match on_a.recv().await {
         ServerMessage::Offer {
             offer_id,
-            rider_id,
             fencing_token,
             ..
-        } => {
-            assert_eq!(&*rider_id, "r1");
-            assert!(fencing_token > 1, "a newer lock than the stale one");
-            offer_id
-        }
-        other => panic!("expected an offer on b, got {other:?}"),
+        } => (offer_id, fencing_token),
+        other => panic!("expected an offer, got {other:?}"),
     };
-    assert_ne!(offer_id, stale_offer);
-    on_b.accept(offer_id).await;
-    assert!(matches!(
-        on_b.recv().await,
-        ServerMessage::TripAssigned { .. }
-    ));
-    assert_eq!(first.expect_matched().await, "d");
 
-    // a wakes up and handles the stale accept: refused, nothing booked.
+    // a stalls with the offer out, and the driver's accept waits in its
+    // socket. b sees a dead (its liveness lapses after 3 s) and settles the
+    // lock: from then on no confirm under it can succeed.
+    signal(a.id(), libc::SIGSTOP);
+    on_a.accept(stale_offer).await;
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+
+    // a wakes up within the offer's own 10 s: its deadline has not passed,
+    // so only the lock in Redis can refuse the accept, and it does.
     signal(a.id(), libc::SIGCONT);
     match next_answer(&mut on_a).await {
-        ServerMessage::Error { code, .. } => assert_eq!(code.as_str(), "offer_expired"),
+        ServerMessage::Error { code, message, .. } => {
+            assert_eq!(code.as_str(), "offer_expired");
+            assert!(message.contains("lost its lock"), "{message}");
+        }
         other => panic!("expected the stale accept refused, got {other:?}"),
     }
-    if let Some(message) = on_a.recv_within(Duration::from_millis(500)).await {
-        assert!(
-            !matches!(message, ServerMessage::TripAssigned { .. }),
-            "the stale accept booked a trip"
-        );
+
+    // Nothing was booked; the driver is offered again, under a newer lock,
+    // to the rider still waiting on b (a is back in the cluster).
+    let (offer_id, token) = loop {
+        match on_a.recv().await {
+            ServerMessage::Offer {
+                offer_id,
+                fencing_token,
+                rider_id,
+                ..
+            } => {
+                assert_eq!(&*rider_id, "r1");
+                break (offer_id, fencing_token);
+            }
+            ServerMessage::OfferRevoked { .. } => continue,
+            ServerMessage::TripAssigned { .. } => panic!("the stale accept booked a trip"),
+            other => panic!("expected a new offer, got {other:?}"),
+        }
+    };
+    assert!(token > stale_token, "{token} after {stale_token}");
+    on_a.accept(offer_id).await;
+    match on_a.recv().await {
+        ServerMessage::TripAssigned { offer_id: o, .. } => assert_eq!(o, offer_id),
+        other => panic!("expected trip_assigned, got {other:?}"),
     }
-    // The rider was matched once only.
-    first.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(rider.expect_matched().await, "d");
+    rider.expect_silence(Duration::from_millis(300)).await;
     for child in [&mut a, &mut b] {
         let _ = child.kill();
         let _ = child.wait();
@@ -387,12 +390,10 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
 
 #[test]
 fn unreachable_redis_at_start_is_a_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("redis://127.0.0.1:{port}/");
+    // A socket nobody listens on (a TCP port picked free could be taken by
+    // a parallel test's server, and the node would then start and serve).
+    let path = std::env::temp_dir().join(format!("ridelock-nobody-{}.sock", std::process::id()));
+    let url = format!("redis+unix://{}", path.display());
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_ridelock"))
         .args(["--listen", "127.0.0.1:0", "--redis", &url])
         .output()
@@ -400,7 +401,7 @@ fn unreachable_redis_at_start_is_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("cannot reach redis") && stderr.contains(&format!("127.0.0.1:{port}")),
+        stderr.contains("cannot reach redis") && stderr.contains(&url),
         "{stderr}"
     );
 }
@@ -427,11 +428,8 @@ async fn a_driver_offered_to_a_dead_nodes_rider_is_freed() {
     // the offer is withdrawn as if the rider had cancelled.
     b.kill().unwrap();
     b.wait().unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), driver.recv())
-        .await
-        .expect("the offer is withdrawn once b is seen dead")
-    {
-        ServerMessage::OfferRevoked { reason, .. } => {
+    match driver.recv_within(Duration::from_secs(10)).await {
+        Some(ServerMessage::OfferRevoked { reason, .. }) => {
             assert_eq!(serde_json::to_value(reason).unwrap(), "rider_cancelled")
         }
         other => panic!("expected offer_revoked, got {other:?}"),
@@ -459,6 +457,45 @@ async fn a_driver_moving_to_another_node_stays_offerable_everywhere() {
     wait_for_available(&a, 1).await;
     let mut rider = Client::rider(&a, "r").await;
     match_one(&mut rider, 0, on_b).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_reconnecting_to_another_node_mid_trip_finishes_it_there() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let b = node(&[&redis], "b", |_| {}).await;
+    let mut on_a = Client::available_driver(&a, "d", LAT, LON).await;
+    let mut rider = Client::rider(&a, "r").await;
+    rider.request_ride("q1", LAT, LON).await;
+    rider.expect_searching("q1").await;
+    let (offer_id, _) = on_a.expect_offer().await;
+    on_a.accept(offer_id).await;
+    let trip_id = match on_a.recv().await {
+        ServerMessage::TripAssigned { trip_id, .. } => trip_id,
+        other => panic!("expected trip_assigned, got {other:?}"),
+    };
+    assert_eq!(rider.expect_matched().await, "d");
+
+    // Mid-trip, the app reconnects to b: a closes its old connection, and b
+    // takes the trip over.
+    let mut on_b = Client::driver(&b, "d").await;
+    match on_b.recv().await {
+        ServerMessage::TripAssigned { trip_id: t, .. } => assert_eq!(t, trip_id),
+        other => panic!("expected the trip resent on b, got {other:?}"),
+    }
+    on_a.expect_closed().await;
+
+    // The trip completes on b, and the driver is free everywhere.
+    on_b.send(json!({"type": "trip_completed", "trip_id": trip_id}))
+        .await;
+    on_b.send(json!({"type": "location", "lat": LAT, "lon": LON}))
+        .await;
+    on_b.send(json!({"type": "available"})).await;
+    on_b.expect_silence(Duration::from_millis(300)).await; // no unknown_trip
+    wait_for_available(&a, 1).await;
+    match_one(&mut rider, 2, on_b).await;
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Starts the binary on an ephemeral port; returns it and the address it logged.
-fn start_engine() -> (Child, String) {
+fn start_engine() -> (common::EngineProcess, String) {
     common::spawn_engine(&["--listen", "127.0.0.1:0"])
 }
 

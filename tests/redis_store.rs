@@ -9,9 +9,43 @@ use std::time::Duration;
 
 use common::redis::RedisServer;
 use ridelock::cluster::redlock::AttemptFailed;
-use ridelock::cluster::store::{LockError, LockServer, Redlock, Settled};
+use ridelock::cluster::store::{LockError, LockServer, Redlock, Settled, TripRecord};
+use ridelock::location::LatLon;
 
 const TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A trip record for a confirm under `owner`, for a rider on node "a".
+fn trip(owner: &str, trip_id: u64) -> TripRecord {
+    TripRecord {
+        owner: owner.to_string(),
+        trip_id,
+        offer_id: 1,
+        fencing_token: 1,
+        rider_id: "r".into(),
+        request_id: "q".into(),
+        pickup: LatLon::new(52.52, 13.405).unwrap(),
+        rider_node: "a".into(),
+        rider_is_remote: true,
+    }
+}
+
+/// Marks node "a" (the riders' node in these tests) alive on every server:
+/// a confirm needs its rider's node alive.
+async fn node_a_alive(servers: &[&RedisServer]) {
+    for server in servers {
+        let mut raw = redis::Client::open(server.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("ridelock:node:a:alive")
+            .arg(1)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+}
 
 #[tokio::test]
 async fn a_driver_is_locked_once_and_tokens_grow() {
@@ -50,6 +84,7 @@ async fn a_driver_is_locked_once_and_tokens_grow() {
 async fn only_the_owner_releases_or_confirms() {
     let redis = RedisServer::start();
     let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    node_a_alive(&[&redis]).await;
     let ttl = Duration::from_secs(15);
     server
         .try_acquire("d", "mine", ttl, 0)
@@ -57,12 +92,12 @@ async fn only_the_owner_releases_or_confirms() {
         .unwrap()
         .unwrap();
     assert!(!server.release("d", "theirs").await.unwrap());
-    assert!(!server.confirm("d", "theirs", 1).await.unwrap());
+    assert!(!server.confirm("d", &trip("theirs", 1)).await.unwrap());
     assert_eq!(
         server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
         None
     );
-    assert!(server.confirm("d", "mine", 1).await.unwrap());
+    assert!(server.confirm("d", &trip("mine", 1)).await.unwrap());
     // Confirmed: the lock is kept for the trip, renewable only by its owner.
     assert_eq!(
         server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
@@ -70,25 +105,36 @@ async fn only_the_owner_releases_or_confirms() {
     );
     assert!(server.renew("d", "mine").await.unwrap());
     assert!(!server.renew("d", "theirs").await.unwrap());
-    // Lost (a restart without persistence): the trip's renewal takes it back.
+    // The trip ends: the owner finishes it, and the next offer may lock.
+    assert!(!server.finish("d", "theirs").await.unwrap());
+    assert!(server.finish("d", "mine").await.unwrap());
+    assert!(
+        !server.renew("d", "mine").await.unwrap(),
+        "a late renewal takes nothing back"
+    );
+    assert_eq!(
+        server.try_acquire("d", "next", ttl, 0).await.unwrap(),
+        Some(2)
+    );
+    assert!(server.release("d", "next").await.unwrap());
+
+    // Lost (a restart without persistence): the renewal says so, and the
+    // token counter restarts; the driver actor's floor is what lifts it.
     let mut raw = redis::Client::open(redis.url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    server
+        .try_acquire("d", "mine2", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
-    assert!(server.renew("d", "mine").await.unwrap());
+    assert!(!server.renew("d", "mine2").await.unwrap());
     assert_eq!(
-        server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
-        None
-    );
-    // The trip ends: the owner releases it, and the next offer may lock.
-    assert!(server.release("d", "mine").await.unwrap());
-    assert!(!server.release("d", "mine").await.unwrap());
-    assert_eq!(
-        server.try_acquire("d", "next", ttl, 0).await.unwrap(),
-        Some(1),
-        "the counter went with the flush; the actor's floor is what lifts it"
+        server.try_acquire("d", "next2", ttl, 2).await.unwrap(),
+        Some(3)
     );
 }
 
@@ -96,6 +142,7 @@ async fn only_the_owner_releases_or_confirms() {
 async fn an_expired_lock_is_free_and_its_late_owner_can_do_nothing() {
     let redis = RedisServer::start();
     let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    node_a_alive(&[&redis]).await;
     server
         .try_acquire("d", "slow-node:1", Duration::from_millis(50), 0)
         .await
@@ -108,9 +155,9 @@ async fn an_expired_lock_is_free_and_its_late_owner_can_do_nothing() {
         .unwrap();
     assert_eq!(token, Some(2));
     // The stalled owner wakes up: its confirm and release touch nothing.
-    assert!(!server.confirm("d", "slow-node:1", 1).await.unwrap());
+    assert!(!server.confirm("d", &trip("slow-node:1", 1)).await.unwrap());
     assert!(!server.release("d", "slow-node:1").await.unwrap());
-    assert!(server.confirm("d", "fast-node:2", 2).await.unwrap());
+    assert!(server.confirm("d", &trip("fast-node:2", 2)).await.unwrap());
 }
 
 #[tokio::test]
@@ -133,6 +180,7 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
     let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let redlock = Redlock::connect(&urls, TIMEOUT).await.unwrap();
+    node_a_alive(&servers.iter().collect::<Vec<_>>()).await;
     let ttl = Duration::from_secs(15);
 
     let grant = redlock.acquire("d", "a:1", ttl, 0).await.unwrap();
@@ -155,9 +203,16 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
         .unwrap();
     assert_eq!(grant.granted, 2);
     assert_eq!(grant.fencing_token, 2);
-    assert!(redlock.confirm("d", "a:3", 5).await);
-    assert_eq!(redlock.renew("d", "a:3").await, 2);
-    assert_eq!(redlock.release("d", "a:3").await, 2);
+    assert_eq!(redlock.confirm("d", &trip("a:3", 5)).await, Some(true));
+    assert_eq!(redlock.renew("d", "a:3").await, Some(true));
+    assert_eq!(redlock.current_trip("d").await.map(|t| t.trip_id), Some(5));
+    assert_eq!(redlock.finish("d", "a:3").await, 2);
+    assert_eq!(redlock.current_trip("d").await, None);
+    assert_eq!(
+        redlock.renew("d", "a:3").await,
+        Some(false),
+        "the trip is over"
+    );
 
     // Two of three gone: no majority, and the one grant is given back.
     servers[1].kill();
@@ -202,7 +257,7 @@ async fn a_lost_server_refuses_then_recovers() {
     ));
 
     // Back on the same port (empty: no persistence): locks are granted again.
-    let _restarted = RedisServer::on_port(redis.port());
+    let _restarted = RedisServer::at(redis.path());
     let mut recovered = false;
     for _ in 0..100 {
         if redlock.acquire("e", "a:3", ttl, 0).await.is_ok() {
@@ -218,6 +273,7 @@ async fn a_lost_server_refuses_then_recovers() {
 async fn settling_tells_what_became_of_a_lock_and_stops_late_actors() {
     let redis = RedisServer::start();
     let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    node_a_alive(&[&redis]).await;
     let ttl = Duration::from_secs(15);
 
     // Still held: settling frees it, and neither a confirm nor a new acquire
@@ -228,7 +284,7 @@ async fn settling_tells_what_became_of_a_lock_and_stops_late_actors() {
         .unwrap()
         .unwrap();
     assert_eq!(server.settle("d", "a/1").await.unwrap(), None);
-    assert!(!server.confirm("d", "a/1", 7).await.unwrap());
+    assert!(!server.confirm("d", &trip("a/1", 7)).await.unwrap());
     assert_eq!(server.try_acquire("d", "a/1", ttl, 0).await.unwrap(), None);
     // Someone else may lock the driver at once.
     assert_eq!(
@@ -243,7 +299,7 @@ async fn settling_tells_what_became_of_a_lock_and_stops_late_actors() {
         .await
         .unwrap()
         .unwrap();
-    assert!(server.confirm("d", "a/2", 42).await.unwrap());
+    assert!(server.confirm("d", &trip("a/2", 42)).await.unwrap());
     assert_eq!(server.settle("d", "a/2").await.unwrap(), Some(42));
 
     // Never taken (the request was lost on the way): settled before the
@@ -257,10 +313,11 @@ async fn redlock_settles_by_majority() {
     let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let redlock = Redlock::connect(&urls, TIMEOUT).await.unwrap();
+    node_a_alive(&servers.iter().collect::<Vec<_>>()).await;
     let ttl = Duration::from_secs(15);
 
     redlock.acquire("d", "a/1", ttl, 0).await.unwrap();
-    assert!(redlock.confirm("d", "a/1", 9).await);
+    assert_eq!(redlock.confirm("d", &trip("a/1", 9)).await, Some(true));
     assert_eq!(redlock.settle("d", "a/1").await, Some(Settled::Trip(9)));
     assert_eq!(redlock.release("d", "a/1").await, 3, "the trip ended");
 
@@ -269,7 +326,7 @@ async fn redlock_settles_by_majority() {
     // One down: the two that answer make a majority without a trip.
     assert_eq!(redlock.settle("d", "a/2").await, Some(Settled::Dead));
     assert!(
-        !redlock.confirm("d", "a/2", 10).await,
+        redlock.confirm("d", &trip("a/2", 10)).await == Some(false),
         "settled: too late to book"
     );
 
@@ -277,7 +334,35 @@ async fn redlock_settles_by_majority() {
     // one left with it can't make a majority alone, and absence can't be
     // proved either, so the settle is undecided rather than wrong.
     redlock.acquire("d", "a/3", ttl, 0).await.unwrap();
-    assert!(redlock.confirm("d", "a/3", 11).await);
+    assert_eq!(redlock.confirm("d", &trip("a/3", 11)).await, Some(true));
     servers[1].kill();
     assert_eq!(redlock.settle("d", "a/3").await, None);
+    // Likewise a confirm asked again: one server alone can't tell.
+    assert_eq!(redlock.confirm("d", &trip("a/3", 11)).await, None);
+}
+
+#[tokio::test]
+async fn a_confirm_needs_the_riders_node_alive() {
+    let redis = RedisServer::start();
+    let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    let ttl = Duration::from_secs(15);
+    server
+        .try_acquire("d", "a/1", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    // Node a's liveness key is missing: its rider is gone, nobody would be
+    // told of the trip.
+    assert!(!server.confirm("d", &trip("a/1", 1)).await.unwrap());
+    node_a_alive(&[&redis]).await;
+    assert!(server.confirm("d", &trip("a/1", 1)).await.unwrap());
+    assert_eq!(
+        server.current_trip("d").await.unwrap().map(|t| t.owner),
+        Some("a/1".to_string())
+    );
+    // Only the trip's owner finishes it.
+    assert!(!server.finish("d", "a/2").await.unwrap());
+    assert!(server.current_trip("d").await.unwrap().is_some());
+    assert!(server.finish("d", "a/1").await.unwrap());
+    assert_eq!(server.current_trip("d").await.unwrap(), None);
 }

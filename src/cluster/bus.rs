@@ -24,13 +24,17 @@ use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::store::LockServer;
+use super::store::{alive_key, LockServer};
 use super::wire::{node_channel, NodeId, Wire, DRIVERS_CHANNEL};
 use super::Cluster;
-use crate::driver::{CancelOffer, DriverRegistry, Granted, LockReply, OfferHolder, TryLock};
+use crate::driver::{
+    CancelOffer, ConnectedElsewhere, DriverRegistry, Granted, LockReply, OfferHolder, TryLock,
+};
 use crate::location::LatLon;
 use crate::lock::{Ended, Offer};
-use crate::matcher::{LockAnswered, Matcher, NodeGone, OfferEnded, RemoteDriver, RemoteSnapshot};
+use crate::matcher::{
+    LiveNodes, LockAnswered, Matcher, NodeGone, OfferEnded, RemoteDriver, RemoteSnapshot,
+};
 use crate::protocol::DriverId;
 
 /// How often liveness keys are refreshed and checked.
@@ -45,12 +49,28 @@ const RESUBSCRIBE_DELAY_MAX: Duration = Duration::from_secs(2);
 /// its server (a paused server keeps the socket open but answers nothing).
 const CHECKS_BEFORE_SWITCH: u32 = 3;
 
+/// Liveness checks between two full reloads of the other nodes' drivers.
+const RESYNC_EVERY: u32 = 30;
+
+/// Forgets a node whose liveness key has lapsed, atomically with the check,
+/// so that a node that comes back at that moment (it re-creates its key
+/// before re-announcing) is never forgotten after it came back.
+/// KEYS: the node set, the node's liveness key, the node's drivers.
+/// ARGV: the node. Returns 1 if it was forgotten.
+const FORGET_DEAD: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"#;
+
+static FORGET_DEAD_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(FORGET_DEAD));
+
 /// The set of live node ids, on every server.
 const NODES_KEY: &str = "ridelock:nodes";
-
-fn alive_key(node: &str) -> String {
-    format!("ridelock:node:{node}:alive")
-}
 
 fn drivers_key(node: &str) -> String {
     format!("ridelock:node:{node}:drivers")
@@ -130,7 +150,7 @@ async fn run_pipe(server: &LockServer, pipe: redis::Pipeline) -> bool {
 }
 
 /// The publisher task.
-async fn publish(cluster: Arc<Cluster>, mut directed: mpsc::UnboundedReceiver<(NodeId, Wire)>) {
+async fn publish(cluster: Arc<Cluster>, mut directed: mpsc::UnboundedReceiver<super::Outgoing>) {
     // This node's offerable drivers, for servers that lost them.
     let mut own: HashMap<DriverId, LatLon> = HashMap::new();
     let mut alive = tokio::time::interval(ALIVE_REFRESH);
@@ -182,7 +202,10 @@ async fn publish(cluster: Arc<Cluster>, mut directed: mpsc::UnboundedReceiver<(N
             publish_cmd(&mut pipe, DRIVERS_CHANNEL, &wire);
         }
         for (to, wire) in &messages {
-            publish_cmd(&mut pipe, &node_channel(to), wire);
+            match to {
+                Some(node) => publish_cmd(&mut pipe, &node_channel(node), wire),
+                None => publish_cmd(&mut pipe, DRIVERS_CHANNEL, wire),
+            }
         }
         let sent = join_all(
             cluster
@@ -210,15 +233,23 @@ async fn refresh_alive(cluster: &Cluster, own: &HashMap<DriverId, LatLon>) {
     let node = &cluster.node;
     join_all(cluster.locks.server_list().iter().map(|server| async move {
         let mut connection = server.connection();
+        // Listed on every refresh too: a node taken for dead by a slow check
+        // lists itself again.
+        let mut refresh = redis::pipe();
+        refresh
+            .cmd("PEXPIRE")
+            .arg(alive_key(node))
+            .arg(ALIVE_TTL.as_millis() as u64)
+            .cmd("SADD")
+            .arg(NODES_KEY)
+            .arg(&**node)
+            .ignore();
         let kept = tokio::time::timeout(
             server.timeout(),
-            redis::cmd("PEXPIRE")
-                .arg(alive_key(node))
-                .arg(ALIVE_TTL.as_millis() as u64)
-                .query_async::<i64>(&mut connection),
+            refresh.query_async::<(i64,)>(&mut connection),
         )
         .await;
-        if !matches!(kept, Ok(Ok(0))) {
+        if !matches!(kept, Ok(Ok((0,)))) {
             return; // kept alive, or the server is unreachable
         }
         let mut pipe = redis::pipe();
@@ -288,8 +319,14 @@ async fn listen_on(
     let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
         .await
         .map_err(|_| io_timeout())??;
-    pubsub.subscribe(DRIVERS_CHANNEL).await?;
-    pubsub.subscribe(node_channel(&cluster.node)).await?;
+    // A server that accepts connections but doesn't answer (paused) must not
+    // hold the listener: subscribing has a timeout like everything else.
+    tokio::time::timeout(timeout, pubsub.subscribe(DRIVERS_CHANNEL))
+        .await
+        .map_err(|_| io_timeout())??;
+    tokio::time::timeout(timeout, pubsub.subscribe(node_channel(&cluster.node)))
+        .await
+        .map_err(|_| io_timeout())??;
     // Subscribed first, then the snapshot: a change in between is in both,
     // and both say the same.
     let mut connection = server.connection();
@@ -302,6 +339,7 @@ async fn listen_on(
     let mut messages = pubsub.into_on_message();
     let mut check = tokio::time::interval(ALIVE_REFRESH);
     let mut failed_checks = 0;
+    let mut checks: u32 = 0;
     loop {
         tokio::select! {
             message = messages.next() => {
@@ -312,7 +350,18 @@ async fn listen_on(
                 }
             }
             _ = check.tick() => {
-                match check_nodes(cluster, &mut connection, &mut live, matcher, registry, timeout).await {
+                checks = checks.wrapping_add(1);
+                // Now and then, everything again: an announcement lost on its
+                // way (pub/sub is at most once) is not repeated until the
+                // driver changes, and a parked driver doesn't.
+                let result = if checks % RESYNC_EVERY == 0 {
+                    snapshot(cluster, &mut connection, matcher, registry, timeout)
+                        .await
+                        .map(|now_live| live = now_live)
+                } else {
+                    check_nodes(cluster, &mut connection, &mut live, matcher, registry, timeout).await
+                };
+                match result {
                     Ok(()) => failed_checks = 0,
                     Err(e) => {
                         failed_checks += 1;
@@ -343,7 +392,8 @@ async fn query<T: redis::FromRedisValue>(
         .map_err(|_| io_timeout())?
 }
 
-/// Loads the drivers of every live node but this one; the set of live nodes.
+/// Loads the drivers of every live node but this one (the matcher forgets
+/// any other node's); the set of live nodes.
 async fn snapshot(
     cluster: &Cluster,
     connection: &mut ConnectionManager,
@@ -359,36 +409,64 @@ async fn snapshot(
             continue;
         }
         let node: NodeId = node.into();
-        let alive: bool = query(
-            redis::cmd("EXISTS").arg(alive_key(&node)),
-            connection,
-            timeout,
-        )
-        .await?;
-        if !alive {
+        if load_node(&node, connection, matcher, timeout).await? {
+            live.insert(node);
+        } else {
+            forget_dead(&node, connection, timeout).await;
             node_gone(&node, matcher, registry);
-            continue;
         }
-        let entries: HashMap<String, String> = query(
-            redis::cmd("HGETALL").arg(drivers_key(&node)),
-            connection,
-            timeout,
-        )
-        .await?;
-        let drivers = entries
-            .into_iter()
-            .filter_map(|(driver, at)| Some((DriverId::from(driver), decode_at(&at)?)))
-            .collect();
-        matcher.do_send(RemoteSnapshot {
-            node: node.clone(),
-            drivers,
-        });
-        live.insert(node);
     }
+    matcher.do_send(LiveNodes {
+        nodes: live.iter().cloned().collect(),
+    });
     Ok(live)
 }
 
-/// Drops the drivers of nodes whose liveness key lapsed.
+/// Loads `node`'s drivers into the matcher if it is alive; whether it is.
+async fn load_node(
+    node: &NodeId,
+    connection: &mut ConnectionManager,
+    matcher: &Addr<Matcher>,
+    timeout: Duration,
+) -> Result<bool, redis::RedisError> {
+    let alive: bool = query(
+        redis::cmd("EXISTS").arg(alive_key(node)),
+        connection,
+        timeout,
+    )
+    .await?;
+    if !alive {
+        return Ok(false);
+    }
+    let entries: HashMap<String, String> = query(
+        redis::cmd("HGETALL").arg(drivers_key(node)),
+        connection,
+        timeout,
+    )
+    .await?;
+    let drivers = entries
+        .into_iter()
+        .filter_map(|(driver, at)| Some((DriverId::from(driver), decode_at(&at)?)))
+        .collect();
+    matcher.do_send(RemoteSnapshot {
+        node: node.clone(),
+        drivers,
+    });
+    Ok(true)
+}
+
+async fn forget_dead(node: &NodeId, connection: &mut ConnectionManager, timeout: Duration) {
+    let mut invocation = FORGET_DEAD_SCRIPT.prepare_invoke();
+    invocation
+        .key(NODES_KEY)
+        .key(alive_key(node))
+        .key(drivers_key(node))
+        .arg(&**node);
+    let _ = tokio::time::timeout(timeout, invocation.invoke_async::<i64>(connection)).await;
+}
+
+/// Drops the drivers of nodes whose liveness key lapsed, and loads those of
+/// nodes that (re)appeared.
 async fn check_nodes(
     cluster: &Cluster,
     connection: &mut ConnectionManager,
@@ -404,23 +482,21 @@ async fn check_nodes(
         if *node == *cluster.node {
             continue;
         }
+        let node: NodeId = node.into();
         let alive: bool = query(
             redis::cmd("EXISTS").arg(alive_key(&node)),
             connection,
             timeout,
         )
         .await?;
-        let node: NodeId = node.into();
-        if alive {
+        if !alive {
+            forget_dead(&node, connection, timeout).await;
+        } else if live.contains(&node) {
             seen.insert(node);
-        } else {
-            // Dead: forget it here and everywhere.
-            let _: Result<i64, _> = query(
-                redis::cmd("SREM").arg(NODES_KEY).arg(&*node),
-                connection,
-                timeout,
-            )
-            .await;
+        } else if load_node(&node, connection, matcher, timeout).await? {
+            // New, or back after being taken for dead: what it announced
+            // meanwhile may have been dropped here.
+            seen.insert(node);
         }
     }
     for gone in live.difference(&seen) {
@@ -449,6 +525,13 @@ fn deliver(
         Wire::Driver { node, driver, at } => {
             if node != cluster.node {
                 matcher.do_send(RemoteDriver { node, driver, at });
+            }
+        }
+        Wire::Attached { node, driver } => {
+            if node != cluster.node {
+                if let Some(actor) = registry.get(&driver) {
+                    actor.do_send(ConnectedElsewhere { node });
+                }
             }
         }
         Wire::Lock {

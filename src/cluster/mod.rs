@@ -56,6 +56,9 @@ pub fn valid_node_id(node: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
+/// A message to publish: to one node, or (`None`) on the drivers channel.
+type Outgoing = (Option<NodeId>, Wire);
+
 /// One node's link to the cluster: its lock store and its outgoing messages.
 pub struct Cluster {
     node: NodeId,
@@ -66,8 +69,8 @@ pub struct Cluster {
     /// announcements late, never unbounded.
     pending: Mutex<HashMap<DriverId, Option<LatLon>>>,
     announced: Notify,
-    directed: mpsc::UnboundedSender<(NodeId, Wire)>,
-    directed_rx: Mutex<Option<mpsc::UnboundedReceiver<(NodeId, Wire)>>>,
+    directed: mpsc::UnboundedSender<Outgoing>,
+    directed_rx: Mutex<Option<mpsc::UnboundedReceiver<Outgoing>>>,
 }
 
 impl Cluster {
@@ -114,7 +117,12 @@ impl Cluster {
     /// Sends `message` to `node` (at most once; see [`wire`]).
     pub fn send(&self, node: &NodeId, message: Wire) {
         // Fails only once the publisher has stopped (shutdown).
-        let _ = self.directed.send((node.clone(), message));
+        let _ = self.directed.send((Some(node.clone()), message));
+    }
+
+    /// Publishes `message` to every node, on the drivers channel.
+    pub fn broadcast(&self, message: Wire) {
+        let _ = self.directed.send((None, message));
     }
 
     fn take_pending(&self) -> Vec<(DriverId, Option<LatLon>)> {

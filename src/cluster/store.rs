@@ -20,7 +20,12 @@ use redis::Script;
 use tokio::time::Instant;
 
 use super::redlock::{judge, quorum, AttemptFailed};
-use crate::lock::{FencingToken, LockRefused, TripId};
+use serde::{Deserialize, Serialize};
+
+use super::wire::NodeId;
+use crate::location::LatLon;
+use crate::lock::{FencingToken, LockRefused, OfferId, TripId};
+use crate::protocol::{RequestId, RiderId};
 
 /// Sets the lock if free and takes a fencing token in the same step.
 /// KEYS: lock, token counter, the owner's settled mark. ARGV: owner, ttl ms,
@@ -49,35 +54,55 @@ end
 return 0
 "#;
 
-/// The driver accepted: only if the caller still owns the lock (and its
-/// requester has not given up on it), records the trip under the owner and
-/// keeps the lock for the trip (renewed while it lasts, released when it
-/// ends), so no other node can lock a driver who is on a trip.
-/// KEYS: lock, the owner's trip record, the owner's settled mark.
-/// ARGV: owner, trip id, record ttl ms, hold ms.
+/// The driver accepted: only if the caller still owns the lock, its
+/// requester has not given up on it, and the requester's node is alive,
+/// records the trip under the owner (for a settle) and as the driver's
+/// current trip (for the driver's app reconnecting to another node), and
+/// keeps the lock for the trip, so no node can lock a driver on a trip.
+/// KEYS: lock, the owner's trip record, the owner's settled mark, the
+/// requesting node's liveness key, the driver's current trip.
+/// ARGV: owner, trip id, record ttl ms, hold ms, the trip (JSON), whether
+/// the requesting node is another node ('1': its liveness is checked; the
+/// confirming node itself is alive by definition).
 const CONFIRM: &str = r#"
-if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.call('EXISTS', KEYS[3]) == 0
+    and (ARGV[6] == '0' or redis.call('EXISTS', KEYS[4]) == 1)
+    and redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('SET', KEYS[5], ARGV[1] .. '|' .. ARGV[5], 'PX', ARGV[4])
   return 1
 end
 return 0
 "#;
 
-/// A trip's lock: keeps it for `hold` more while the caller owns it, and
-/// takes it again if it is free (the server restarted empty, or a renewal
-/// came late); fails only if another offer holds it.
-/// KEYS: lock. ARGV: owner, hold ms.
+/// A trip's lock and the driver's current trip: kept for `hold` more while
+/// the caller owns the lock. 0 when it does not (the trip ended on another
+/// node the driver moved to, or the server lost it).
+/// KEYS: lock, the driver's current trip. ARGV: owner, hold ms.
 const RENEW: &str = r#"
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return 1
 end
 return 0
+"#;
+
+/// The trip ended: frees the lock and the driver's current trip, each only
+/// if it is still the caller's. KEYS: lock, the driver's current trip.
+/// ARGV: owner.
+const FINISH: &str = r#"
+local freed = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  freed = 1
+end
+local trip = redis.call('GET', KEYS[2])
+if trip and string.sub(trip, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+  redis.call('DEL', KEYS[2])
+end
+return freed
 "#;
 
 /// The requester gives up waiting for news of a lock (a message between
@@ -104,6 +129,7 @@ static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE))
 static CONFIRM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CONFIRM));
 static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+static FINISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FINISH));
 
 /// How long a confirmed lock (a driver on a trip) is held between renewals:
 /// long enough to ride out a slow Redis, short enough that a node that died
@@ -196,6 +222,39 @@ fn lock_key(driver: &str) -> String {
 
 fn token_key(driver: &str) -> String {
     format!("ridelock:driver:{driver}:token")
+}
+
+fn current_trip_key(driver: &str) -> String {
+    format!("ridelock:driver:{driver}:trip")
+}
+
+/// A node's liveness key (see `bus`): present while the node is alive.
+pub(crate) fn alive_key(node: &str) -> String {
+    format!("ridelock:node:{node}:alive")
+}
+
+/// A driver's trip as kept in Redis while it lasts, so that the driver's
+/// actor on whichever node the app reconnects to can take it over.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TripRecord {
+    /// The owner value of the trip's lock.
+    pub owner: String,
+    /// The trip.
+    pub trip_id: TripId,
+    /// The offer it came from.
+    pub offer_id: OfferId,
+    /// That offer's fencing token.
+    pub fencing_token: FencingToken,
+    /// The rider.
+    pub rider_id: RiderId,
+    /// The rider's request.
+    pub request_id: RequestId,
+    /// Where the rider waits.
+    pub pickup: LatLon,
+    /// The rider's node.
+    pub rider_node: NodeId,
+    /// Whether that is another node than the driver's (at the accept).
+    pub rider_is_remote: bool,
 }
 
 fn trip_key(owner: &str) -> String {
@@ -322,41 +381,82 @@ impl LockServer {
         Ok(deleted == 1)
     }
 
-    /// `driver` accepted trip `trip_id` under `owner`'s lock: records the trip
-    /// and keeps the lock for [`TRIP_HOLD`], only if `owner` still holds it;
-    /// whether it did.
-    pub async fn confirm(
-        &self,
-        driver: &str,
-        owner: &str,
-        trip_id: TripId,
-    ) -> Result<bool, StoreError> {
+    /// `driver` accepted `trip` under its owner's lock: records it and keeps
+    /// the lock for [`TRIP_HOLD`], only if the owner still holds it (and see
+    /// [`CONFIRM`]); whether it did.
+    pub async fn confirm(&self, driver: &str, trip: &TripRecord) -> Result<bool, StoreError> {
+        let remote_rider = if trip.rider_is_remote { "1" } else { "0" };
+        let json = serde_json::to_string(trip).expect("trip records serialize");
         let kept: i64 = self
             .run(
                 &CONFIRM_SCRIPT,
-                &[lock_key(driver), trip_key(owner), settled_key(owner)],
                 &[
-                    owner.to_string(),
-                    trip_id.to_string(),
+                    lock_key(driver),
+                    trip_key(&trip.owner),
+                    settled_key(&trip.owner),
+                    alive_key(&trip.rider_node),
+                    current_trip_key(driver),
+                ],
+                &[
+                    trip.owner.clone(),
+                    trip.trip_id.to_string(),
                     RECORD_TTL.as_millis().to_string(),
                     TRIP_HOLD.as_millis().to_string(),
+                    json,
+                    remote_rider.to_string(),
                 ],
             )
             .await?;
         Ok(kept == 1)
     }
 
-    /// Keeps `owner`'s trip lock of `driver` for another [`TRIP_HOLD`],
-    /// taking it again if it is free; whether `owner` holds it now.
+    /// Keeps `owner`'s trip lock of `driver` (and the driver's current trip)
+    /// for another [`TRIP_HOLD`]; whether `owner` still held it.
     pub async fn renew(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
         let kept: i64 = self
             .run(
                 &RENEW_SCRIPT,
-                &[lock_key(driver)],
+                &[lock_key(driver), current_trip_key(driver)],
                 &[owner.to_string(), TRIP_HOLD.as_millis().to_string()],
             )
             .await?;
         Ok(kept == 1)
+    }
+
+    /// `owner`'s trip of `driver` ended: frees its lock and the driver's
+    /// current trip; whether the lock was still `owner`'s.
+    pub async fn finish(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
+        let freed: i64 = self
+            .run(
+                &FINISH_SCRIPT,
+                &[lock_key(driver), current_trip_key(driver)],
+                &[owner.to_string()],
+            )
+            .await?;
+        Ok(freed == 1)
+    }
+
+    /// The driver's current trip, if one is recorded.
+    pub async fn current_trip(&self, driver: &str) -> Result<Option<TripRecord>, StoreError> {
+        let mut connection = self.connection.clone();
+        let value: Option<String> = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("GET")
+                .arg(current_trip_key(driver))
+                .query_async(&mut connection),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout {
+            server: self.url.clone(),
+            timeout: self.timeout,
+        })?
+        .map_err(|source| StoreError::Redis {
+            server: self.url.clone(),
+            source,
+        })?;
+        Ok(value
+            .and_then(|v| v.split_once('|').map(|(_, json)| json.to_string()))
+            .and_then(|json| serde_json::from_str(&json).ok()))
     }
 
     /// Gives up on `owner`'s lock of `driver` for good (see [`SETTLE`]): the
@@ -457,31 +557,60 @@ impl Redlock {
             .count()
     }
 
-    /// The driver accepted: records the trip and keeps the lock for the trip
-    /// where `owner` still holds it. True only if a majority still did; a node that
-    /// lost its lock (it stalled past the expiry, or its requester gave up)
-    /// learns it here and must not book.
-    pub async fn confirm(&self, driver: &str, owner: &str, trip_id: TripId) -> bool {
-        let kept = join_all(
-            self.servers
-                .iter()
-                .map(|s| s.confirm(driver, owner, trip_id)),
-        )
-        .await
-        .into_iter()
-        .filter(|r| matches!(r, Ok(true)))
-        .count();
-        kept >= quorum(self.servers.len())
+    /// The driver accepted `trip`: records it and keeps the lock for the trip
+    /// where its owner still holds it. `Some(true)` when a majority did,
+    /// `Some(false)` when a majority certainly did not (a node that lost its
+    /// lock learns it here and must not book), `None` when too few servers
+    /// answered to tell (ask again: confirm is idempotent while the lock is
+    /// held, and fails for good once it was settled).
+    pub async fn confirm(&self, driver: &str, trip: &TripRecord) -> Option<bool> {
+        let answers = join_all(self.servers.iter().map(|s| s.confirm(driver, trip))).await;
+        let kept = answers.iter().filter(|r| matches!(r, Ok(true))).count();
+        let unanswered = answers.iter().filter(|r| r.is_err()).count();
+        let needed = quorum(self.servers.len());
+        if kept >= needed {
+            Some(true)
+        } else if kept + unanswered < needed {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     /// Keeps `owner`'s lock of a driver on a trip for another [`TRIP_HOLD`]
-    /// wherever it still holds it; on how many servers it did.
-    pub async fn renew(&self, driver: &str, owner: &str) -> usize {
-        join_all(self.servers.iter().map(|s| s.renew(driver, owner)))
+    /// wherever it still holds it. `Some(true)` when a majority did,
+    /// `Some(false)` when a majority answered that it is no longer
+    /// `owner`'s, `None` when too few servers answered.
+    pub async fn renew(&self, driver: &str, owner: &str) -> Option<bool> {
+        let answers = join_all(self.servers.iter().map(|s| s.renew(driver, owner))).await;
+        let kept = answers.iter().filter(|r| matches!(r, Ok(true))).count();
+        let lost = answers.iter().filter(|r| matches!(r, Ok(false))).count();
+        let needed = quorum(self.servers.len());
+        if kept >= needed {
+            Some(true)
+        } else if lost >= needed {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// `owner`'s trip of `driver` ended: frees its lock everywhere; on how
+    /// many servers it was still `owner`'s.
+    pub async fn finish(&self, driver: &str, owner: &str) -> usize {
+        join_all(self.servers.iter().map(|s| s.finish(driver, owner)))
             .await
             .into_iter()
             .filter(|r| matches!(r, Ok(true)))
             .count()
+    }
+
+    /// The driver's current trip, as any server that answers has it.
+    pub async fn current_trip(&self, driver: &str) -> Option<TripRecord> {
+        join_all(self.servers.iter().map(|s| s.current_trip(driver)))
+            .await
+            .into_iter()
+            .find_map(|r| r.ok().flatten())
     }
 
     /// The requester of `owner`'s lock gives up waiting for news of it: what

@@ -42,6 +42,15 @@ pub enum Wire {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         at: Option<LatLon>,
     },
+    /// On [`DRIVERS_CHANNEL`]: `driver`'s app connected to `node`. Any other
+    /// node with a connection of that driver closes it, so a driver is
+    /// connected (and offered) through one node at a time.
+    Attached {
+        /// The node it connected to.
+        node: NodeId,
+        /// The driver.
+        driver: DriverId,
+    },
     /// To a driver's node: lock `driver` for this request and offer it.
     Lock {
         /// The requesting node (where the rider is).

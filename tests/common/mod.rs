@@ -31,6 +31,13 @@ pub fn config(adjust: impl FnOnce(&mut Config)) -> Config {
 
 /// Starts an engine with `adjust` applied to the test config.
 pub async fn engine(adjust: impl FnOnce(&mut Config)) -> Engine {
+    // `RIDELOCK_TEST_LOG=debug cargo test …` shows the engines' logs.
+    if let Ok(filter) = std::env::var("RIDELOCK_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
     Engine::start(config(adjust)).await.expect("engine starts")
 }
 
@@ -80,7 +87,7 @@ pub async fn http_get(addr: impl tokio::net::ToSocketAddrs, path: &str) -> Strin
 /// Starts the `ridelock` binary with `args` (add `--listen 127.0.0.1:0` for
 /// an ephemeral port); returns it and the address it logged. Its log is
 /// drained on a thread so it never blocks on a full pipe.
-pub fn spawn_engine(args: &[&str]) -> (std::process::Child, String) {
+pub fn spawn_engine(args: &[&str]) -> (EngineProcess, String) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_ridelock"))
@@ -103,8 +110,49 @@ pub fn spawn_engine(args: &[&str]) -> (std::process::Child, String) {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    let addr_for_log = addr.clone();
+    // RIDELOCK_TEST_LOG=1 shows the process's log on the test's stderr.
+    let echo = std::env::var_os("RIDELOCK_TEST_LOG").is_some();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if echo {
+                eprintln!("[{addr_for_log}] {line}");
+            }
+        }
+    });
+    (EngineProcess(child), addr)
+}
+
+/// A `ridelock` process, killed when dropped (a failing test must not leave
+/// it running, or paused).
+pub struct EngineProcess(pub std::process::Child);
+
+impl std::ops::Deref for EngineProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for EngineProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return; // exited and reaped: its pid may be someone else's now
+        }
+        // SAFETY: kill(2) on our own, unreaped child's pid; SIGCONT first so
+        // that a paused process can die.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGCONT);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A WebSocket client speaking the engine's protocol.

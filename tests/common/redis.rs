@@ -1,38 +1,40 @@
-//! A private `redis-server` for tests: its own free port, no persistence,
+//! A private `redis-server` for tests: its own socket, no persistence,
 //! killed when dropped, so tests can kill, pause and restart it.
 
-use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// A private `redis-server` (no persistence), killed on drop.
+/// A private `redis-server` (no persistence), killed on drop. It listens on
+/// a Unix socket of its own rather than a TCP port: tests run in parallel,
+/// and a port picked free can be taken by another test's server or client
+/// before this one binds it; a path can't.
 pub struct RedisServer {
     child: Child,
+    path: PathBuf,
     pub url: String,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        RedisServer::on_port(port)
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ridelock-redis-{}-{}.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        RedisServer::at(&path)
     }
 
-    pub fn on_port(port: u16) -> RedisServer {
+    /// A server on `path` (again, after [`kill`](Self::kill): a restart, empty).
+    pub fn at(path: &Path) -> RedisServer {
+        let _ = std::fs::remove_file(path);
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(path)
+            .args(["--unixsocketperm", "700"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -40,23 +42,21 @@ impl RedisServer {
         // Owned from here on: a failed start below still kills it.
         let server = RedisServer {
             child,
-            url: format!("redis://127.0.0.1:{port}/"),
+            path: path.to_path_buf(),
+            url: format!("redis+unix://{}", path.display()),
         };
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return server;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not start on port {port}");
+        panic!("redis-server did not start on {}", path.display());
     }
 
-    pub fn port(&self) -> u16 {
-        self.url
-            .trim_start_matches("redis://127.0.0.1:")
-            .trim_end_matches('/')
-            .parse()
-            .unwrap()
+    /// Where it listens.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Stops the server answering without closing its sockets (SIGSTOP).
