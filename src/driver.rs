@@ -717,7 +717,7 @@ impl DriverActor {
             actix::spawn(async move {
                 let started = Instant::now();
                 let renewed = cluster.locks().renew(&driver, &owner).await;
-                m::redis_op("renew", started.elapsed(), renewed == Some(true));
+                m::redis_op("renew", started.elapsed(), renewed != Some(false));
                 if renewed == Some(false) {
                     me.do_send(TripLockLost { owner });
                 }

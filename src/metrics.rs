@@ -72,11 +72,12 @@ pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 pub const PROTOCOL_ERRORS: &str = "ridelock_protocol_errors_total";
 
 /// Cluster mode: one Redis lock operation across the servers, by `op`
-/// (acquire, confirm, release, settle).
+/// (acquire, confirm, renew, release, finish, settle).
 pub const REDIS_OP: &str = "ridelock_redis_op_seconds";
 /// Cluster mode: lock operations that failed, by `kind`: `held` (another
-/// offer holds the lock), `no_quorum`, `slow`, `lost` (an accept's lock was
-/// gone), `undecided` (a settle without a majority answering).
+/// offer holds the lock), `no_quorum`, `slow`, `lost` (an accept's confirm or
+/// a trip's renewal found the lock gone), `undecided` (a settle try without a
+/// majority answering).
 pub const REDIS_LOCK_ERRORS: &str = "ridelock_redis_lock_errors_total";
 /// Cluster mode: lock acquisitions refused because fewer than a majority of
 /// Redis servers answered in time.
@@ -312,7 +313,7 @@ pub(crate) fn protocol_error(code: ErrorCode) {
 
 pub(crate) fn redis_op(op: &'static str, elapsed: Duration, ok: bool) {
     histogram!(REDIS_OP, "op" => op).record(elapsed);
-    if !ok && op == "confirm" {
+    if !ok && (op == "confirm" || op == "renew") {
         counter!(REDIS_LOCK_ERRORS, "kind" => "lost").increment(1);
     }
 }
