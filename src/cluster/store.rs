@@ -176,16 +176,19 @@ pub enum LockError {
 
 impl LockError {
     /// How a driver's actor reports this refusal: the lock held by another
-    /// offer, or the store unable to decide (servers unreachable or slow).
+    /// offer (some server said so), or the store unable to decide (every
+    /// server that did not grant it was unreachable, or it was too slow).
     pub fn as_refusal(&self) -> LockRefused {
         match self {
+            // Some server answered that another offer holds it: the driver is
+            // taken, whatever the others said.
             LockError::Refused {
                 reason:
                     AttemptFailed::NoQuorum {
-                        granted, needed, ..
+                        granted, servers, ..
                     },
                 unreachable,
-            } if granted + unreachable < *needed => LockRefused::HeldElsewhere,
+            } if granted + unreachable < *servers => LockRefused::HeldElsewhere,
             LockError::Refused { .. } => LockRefused::StoreUnavailable,
         }
     }
@@ -642,5 +645,38 @@ impl Redlock {
     /// The servers, for the cluster's own commands.
     pub fn server_list(&self) -> &[LockServer] {
         &self.servers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_quorum(granted: usize, unreachable: usize) -> LockError {
+        LockError::Refused {
+            reason: AttemptFailed::NoQuorum {
+                granted,
+                servers: 3,
+                needed: 2,
+            },
+            unreachable,
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_held_when_any_server_says_so() {
+        // One granted, one held, one down: taken, not a store outage.
+        assert_eq!(no_quorum(1, 1).as_refusal(), LockRefused::HeldElsewhere);
+        assert_eq!(no_quorum(0, 0).as_refusal(), LockRefused::HeldElsewhere);
+        assert_eq!(no_quorum(0, 0).kind(), "held");
+        // Everyone who did not grant it was unreachable: the store can't say.
+        assert_eq!(no_quorum(1, 2).as_refusal(), LockRefused::StoreUnavailable);
+        assert_eq!(no_quorum(0, 3).kind(), "no_quorum");
+        let slow = LockError::Refused {
+            reason: AttemptFailed::Expired,
+            unreachable: 0,
+        };
+        assert_eq!(slow.as_refusal(), LockRefused::StoreUnavailable);
+        assert_eq!(slow.kind(), "slow");
     }
 }
