@@ -82,7 +82,7 @@ pub struct Config {
     /// Cluster mode: how long one Redis server may take to answer, in
     /// milliseconds. Keep it far below the offer timeout: a dead server then
     /// costs little, and the lock's validity is what is left after it.
-    #[arg(long, env = "RIDELOCK_REDIS_TIMEOUT_MS", default_value_t = 100,
+    #[arg(long, env = "RIDELOCK_REDIS_TIMEOUT_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub redis_timeout_ms: u64,
 }

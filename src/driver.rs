@@ -44,6 +44,11 @@ const RETIRE_AFTER: Duration = Duration::from_secs(60);
 const CONFIRM_ATTEMPTS: u32 = 3;
 const CONFIRM_RETRY: Duration = Duration::from_millis(100);
 
+/// Cluster mode: how often, and how far apart, a driver's current trip is
+/// looked up again when Redis could not tell.
+const TRIP_LOOKUP_ATTEMPTS: u32 = 5;
+const TRIP_LOOKUP_RETRY: Duration = Duration::from_millis(500);
+
 /// Cluster mode: room left between an offer's deadline and the end of its
 /// lock's validity, for the accept's confirm to reach Redis.
 const CONFIRM_ROOM: Duration = Duration::from_millis(500);
@@ -529,7 +534,7 @@ impl Handler<Attach> for DriverActor {
                 node: cluster.node().clone(),
                 driver: self.id.clone(),
             });
-            self.adopt_trip_from_redis(ctx);
+            self.adopt_trip_from_redis(1, ctx);
         }
         self.sync(ctx);
         Ok(())
@@ -695,7 +700,14 @@ impl DriverActor {
                     }
                     Err(error) => {
                         m::redis_lock_refused(&error);
-                        Err(error.as_refusal())
+                        let refusal = error.as_refusal();
+                        if refusal == LockRefused::HeldElsewhere {
+                            // Free here, yet locked in Redis: perhaps a trip of
+                            // this driver that its actor on another node still
+                            // holds (the app reconnected here as it accepted).
+                            act.adopt_trip_from_redis(1, ctx);
+                        }
+                        Err(refusal)
                     }
                 };
                 m::lock_attempt(result.is_ok());
@@ -827,15 +839,27 @@ impl DriverActor {
     /// by its actor on another node (it reconnected elsewhere mid-trip) takes
     /// the trip over from its record in Redis, with its lock, so that the
     /// trip can be completed here.
-    fn adopt_trip_from_redis(&mut self, ctx: &mut Context<Self>) {
-        if !matches!(self.lock.state(), LockState::Free) {
+    fn adopt_trip_from_redis(&mut self, attempt: u32, ctx: &mut Context<Self>) {
+        if !matches!(self.lock.state(), LockState::Free) || self.session.is_none() {
             return;
         }
         let cluster = self.cluster.clone().expect("cluster mode");
         let driver = self.id.clone();
         let lookup = async move { cluster.locks().current_trip(&driver).await };
-        ctx.wait(lookup.into_actor(self).map(|record, act, ctx| {
-            let Some(record) = record else { return };
+        ctx.wait(lookup.into_actor(self).map(move |record, act, ctx| {
+            let record = match record {
+                Ok(Some(record)) => record,
+                Ok(None) => return,
+                Err(()) => {
+                    // Redis could not tell: ask again a little later.
+                    if attempt < TRIP_LOOKUP_ATTEMPTS {
+                        ctx.run_later(TRIP_LOOKUP_RETRY, move |act, ctx| {
+                            act.adopt_trip_from_redis(attempt + 1, ctx)
+                        });
+                    }
+                    return;
+                }
+            };
             let cluster = act.cluster.clone().expect("cluster mode");
             let rider_node = (record.rider_node != *cluster.node()).then_some(record.rider_node);
             let trip = Trip {

@@ -496,7 +496,7 @@ impl Matcher {
                 .expect("remote offers only in cluster mode");
             let owner = cluster::owner(cluster.node(), offer_id);
             let matcher = ctx.address();
-            tokio::spawn(async move {
+            cluster.clone().spawn(async move {
                 let started = Instant::now();
                 let outcome = cluster.locks().settle(&driver, &owner).await;
                 m::redis_op("settle", started.elapsed(), outcome.is_some());
@@ -971,7 +971,10 @@ impl Handler<SettleOutcome> for Matcher {
             return; // the news arrived after all
         };
         search.settling = None;
-        if matches!(search.phase, Phase::Locking { .. }) {
+        // Leaving `Locking` (any outcome but "ask again") frees the driver
+        // for other searches here.
+        let leaves = outcome.is_some() || attempts >= SETTLE_ATTEMPTS;
+        if leaves && matches!(search.phase, Phase::Locking { .. }) {
             self.locking.remove(&driver_id);
         }
         match outcome {

@@ -15,6 +15,10 @@ use ridelock::protocol::{NoDriverReason, ServerMessage};
 use ridelock::Engine;
 use serde_json::json;
 
+/// How long a test waits for news that crosses nodes (see
+/// `Client::expect_offer_within`).
+const CROSS_NODE: Duration = Duration::from_secs(10);
+
 const LAT: f64 = 52.5200;
 const LON: f64 = 13.4050;
 
@@ -108,7 +112,7 @@ async fn two_riders_on_two_nodes_racing_for_one_driver_exactly_one_wins() {
         rider_a.expect_searching("q").await;
         rider_b.expect_searching("q").await;
 
-        let (offer_id, _) = driver.expect_offer().await;
+        let (offer_id, _) = driver.expect_offer_within(CROSS_NODE).await;
         driver.accept(offer_id).await;
         assert!(matches!(
             driver.recv().await,
@@ -155,7 +159,7 @@ async fn match_one(rider: &mut Client, round: usize, mut driver: Client) {
     let request = format!("q{round}");
     rider.request_ride(&request, LAT, LON).await;
     rider.expect_searching(&request).await;
-    let (offer_id, _) = driver.expect_offer().await;
+    let (offer_id, _) = driver.expect_offer_within(CROSS_NODE).await;
     driver.accept(offer_id).await;
     assert!(matches!(
         driver.recv().await,
@@ -279,7 +283,7 @@ async fn a_node_that_dies_frees_its_drivers_for_the_others() {
     let mut rider = Client::rider(&a, "r").await;
     rider.request_ride("q1", LAT, LON).await;
     rider.expect_searching("q1").await;
-    on_b.expect_offer().await;
+    on_b.expect_offer_within(CROSS_NODE).await;
 
     // b dies with the offer out. a forgets b's drivers; the rider's search
     // settles the lock (no trip) and waits for another driver.
@@ -422,7 +426,7 @@ async fn a_driver_offered_to_a_dead_nodes_rider_is_freed() {
     let mut doomed = Client::connect(b_addr.parse().unwrap(), "rider", "r1").await;
     doomed.request_ride("q1", LAT, LON).await;
     doomed.expect_searching("q1").await;
-    driver.expect_offer().await;
+    driver.expect_offer_within(CROSS_NODE).await;
 
     // The rider's node dies: nobody is left to take the driver's answer, so
     // the offer is withdrawn as if the rider had cancelled.

@@ -92,7 +92,7 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Starts the publisher and the listener on the current tokio runtime.
+    /// Starts the publisher and the listener on the cluster's Redis runtime.
     pub fn start(
         cluster: Arc<Cluster>,
         matcher: Addr<Matcher>,
@@ -105,8 +105,8 @@ impl Bus {
             .take()
             .expect("the bus starts once per cluster link");
         let tasks = vec![
-            tokio::spawn(publish(cluster.clone(), directed)),
-            tokio::spawn(listen(cluster.clone(), matcher, registry)),
+            cluster.spawn(publish(cluster.clone(), directed)),
+            cluster.spawn(listen(cluster.clone(), matcher, registry)),
         ];
         Bus { tasks, cluster }
     }
@@ -411,8 +411,7 @@ async fn snapshot(
         let node: NodeId = node.into();
         if load_node(&node, connection, matcher, timeout).await? {
             live.insert(node);
-        } else {
-            forget_dead(&node, connection, timeout).await;
+        } else if forget_dead(&node, connection, timeout).await {
             node_gone(&node, matcher, registry);
         }
     }
@@ -455,14 +454,18 @@ async fn load_node(
     Ok(true)
 }
 
-async fn forget_dead(node: &NodeId, connection: &mut ConnectionManager, timeout: Duration) {
+/// Forgets `node` in Redis if it is (still) dead; whether it was.
+async fn forget_dead(node: &NodeId, connection: &mut ConnectionManager, timeout: Duration) -> bool {
     let mut invocation = FORGET_DEAD_SCRIPT.prepare_invoke();
     invocation
         .key(NODES_KEY)
         .key(alive_key(node))
         .key(drivers_key(node))
         .arg(&**node);
-    let _ = tokio::time::timeout(timeout, invocation.invoke_async::<i64>(connection)).await;
+    matches!(
+        tokio::time::timeout(timeout, invocation.invoke_async::<i64>(connection)).await,
+        Ok(Ok(1))
+    )
 }
 
 /// Drops the drivers of nodes whose liveness key lapsed, and loads those of
@@ -490,7 +493,13 @@ async fn check_nodes(
         )
         .await?;
         if !alive {
-            forget_dead(&node, connection, timeout).await;
+            if !forget_dead(&node, connection, timeout).await && live.contains(&node) {
+                // Back just as it was about to be forgotten (or Redis did not
+                // answer): leave it as it was.
+                seen.insert(node);
+            }
+            // Otherwise dead, and forgotten everywhere: dropped below if it
+            // was live here.
         } else if live.contains(&node) {
             seen.insert(node);
         } else if load_node(&node, connection, matcher, timeout).await? {

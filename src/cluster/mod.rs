@@ -56,11 +56,46 @@ pub fn valid_node_id(node: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
+/// A thread of its own for Redis I/O. Lock calls have a short timeout
+/// (`--redis-timeout-ms`); if the connections' socket I/O ran on the same
+/// runtime as thousands of WebSocket sessions, a node busy with its sockets
+/// would time out its own lock calls although Redis answered at once. Here
+/// a reply is read as soon as it arrives.
+struct RedisRuntime(Option<tokio::runtime::Runtime>);
+
+impl RedisRuntime {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ridelock-redis")
+            .enable_all()
+            .build()
+            .expect("a one-thread runtime starts");
+        RedisRuntime(Some(runtime))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
+}
+
+impl Drop for RedisRuntime {
+    fn drop(&mut self) {
+        // The last reference may go inside an async task, where a blocking
+        // shutdown would panic.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A message to publish: to one node, or (`None`) on the drivers channel.
 type Outgoing = (Option<NodeId>, Wire);
 
 /// One node's link to the cluster: its lock store and its outgoing messages.
 pub struct Cluster {
+    /// The runtime that does all Redis I/O (see [`RedisRuntime`]).
+    runtime: RedisRuntime,
     node: NodeId,
     urls: Vec<String>,
     locks: Redlock,
@@ -81,9 +116,18 @@ impl Cluster {
         urls: &[String],
         per_server_timeout: Duration,
     ) -> Result<Arc<Self>, StoreError> {
-        let locks = Redlock::connect(urls, per_server_timeout).await?;
+        let runtime = RedisRuntime::start();
+        // Connected from the Redis runtime, so that the connections' own
+        // tasks (which do the socket I/O) live there.
+        let connect_urls = urls.to_vec();
+        let locks = runtime
+            .handle()
+            .spawn(async move { Redlock::connect(&connect_urls, per_server_timeout).await })
+            .await
+            .expect("connecting to redis does not panic")?;
         let (directed, directed_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Cluster {
+            runtime,
             node: node.into(),
             urls: urls.to_vec(),
             locks,
@@ -92,6 +136,15 @@ impl Cluster {
             directed,
             directed_rx: Mutex::new(Some(directed_rx)),
         }))
+    }
+
+    /// Runs `task` on the Redis runtime.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.handle().spawn(task)
     }
 
     /// This node's id.

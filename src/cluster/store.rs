@@ -608,12 +608,20 @@ impl Redlock {
             .count()
     }
 
-    /// The driver's current trip, as any server that answers has it.
-    pub async fn current_trip(&self, driver: &str) -> Option<TripRecord> {
-        join_all(self.servers.iter().map(|s| s.current_trip(driver)))
-            .await
-            .into_iter()
-            .find_map(|r| r.ok().flatten())
+    /// The driver's current trip: `Ok(Some)` as any server that answers has
+    /// it, `Ok(None)` when a majority answered that there is none, `Err`
+    /// when too few answered to tell (ask again).
+    pub async fn current_trip(&self, driver: &str) -> Result<Option<TripRecord>, ()> {
+        let answers = join_all(self.servers.iter().map(|s| s.current_trip(driver))).await;
+        let answered = answers.iter().filter(|a| a.is_ok()).count();
+        if let Some(trip) = answers.into_iter().find_map(|a| a.ok().flatten()) {
+            return Ok(Some(trip));
+        }
+        if answered >= quorum(self.servers.len()) {
+            Ok(None)
+        } else {
+            Err(())
+        }
     }
 
     /// The requester of `owner`'s lock gives up waiting for news of it: what

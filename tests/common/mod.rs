@@ -244,6 +244,23 @@ impl Client {
         }
     }
 
+    /// Like [`expect_offer`](Self::expect_offer), waiting up to `wait` (news
+    /// that crosses nodes through Redis can take a few seconds on a loaded
+    /// machine: a node subscribing late, a lost message settled after 2 s).
+    pub async fn expect_offer_within(&mut self, wait: Duration) -> (u64, String) {
+        match self.recv_within(wait).await {
+            Some(ServerMessage::Offer {
+                offer_id,
+                request_id,
+                ..
+            }) => (offer_id, request_id.to_string()),
+            other => panic!(
+                "{}: expected an offer within {wait:?}, got {other:?}",
+                self.id
+            ),
+        }
+    }
+
     /// The next message, which must be an error; returns its code.
     pub async fn expect_error(&mut self) -> String {
         match self.recv().await {
