@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix::ArbiterHandle;
 
-use crate::cluster::store::{TripRecord, TRIP_HOLD};
+use crate::cluster::store::{Settled, TripRecord, TRIP_HOLD};
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::{self, Cluster};
 use crate::ids::Ids;
@@ -803,7 +803,17 @@ impl DriverActor {
                     tokio::time::sleep(CONFIRM_RETRY).await;
                 }
             }
-            (false, record.owner)
+            // Still can't tell whether a confirm landed: settle it from this
+            // side, which stops any later confirm and says whether one had
+            // landed (then the trip is booked after all). If even that can't
+            // tell, the offer is treated as lost; a trip record a confirm may
+            // have left is never adopted by this actor (it remembers the
+            // offer as ended) and lapses with its lock.
+            let landed = matches!(
+                cluster.locks().settle(&driver, &record.owner).await,
+                Some(Settled::Trip(_))
+            );
+            (landed, record.owner)
         };
         ctx.wait(
             confirm
@@ -860,6 +870,11 @@ impl DriverActor {
                     return;
                 }
             };
+            if act.lock.ending_of(record.offer_id).is_some() {
+                // This actor ended that offer itself (its accept could not be
+                // confirmed): not a trip to take over.
+                return;
+            }
             let cluster = act.cluster.clone().expect("cluster mode");
             let rider_node = (record.rider_node != *cluster.node()).then_some(record.rider_node);
             let trip = Trip {

@@ -416,6 +416,15 @@ impl<H> DriverLock<H> {
         }
     }
 
+    /// How `offer_id` ended, if it is one of the offers this driver
+    /// remembers.
+    pub fn ending_of(&self, offer_id: OfferId) -> Option<Ending> {
+        self.recent_endings
+            .iter()
+            .find(|(id, _)| *id == offer_id)
+            .map(|&(_, ending)| ending)
+    }
+
     /// Takes over a trip the driver is on elsewhere (cluster mode: the app
     /// reconnected to another node mid-trip). Only a free driver can; the
     /// trip's fencing token counts as seen. Whether it was taken.
@@ -557,6 +566,8 @@ mod tests {
             })
         ));
         assert_eq!(lock.lose(1), None, "an offer ends once");
+        assert_eq!(lock.ending_of(1), Some(Ending::Expired));
+        assert_eq!(lock.ending_of(2), None);
     }
 
     #[test]

@@ -246,6 +246,11 @@ async fn redis_lost_means_refusals_and_redis_back_means_recovery() {
 
     let mut remote = Client::available_driver(&b, "d2", LAT, LON).await;
     wait_for_available(&a, 1).await;
+    // And b sees a driver of a's (out of the rider's reach): a has registered
+    // again too, which a confirm for a's rider needs (a rider's node must be
+    // alive for its trip to be booked).
+    let _far = Client::available_driver(&a, "far", LAT + 1.0, LON).await;
+    wait_for_available(&b, 2).await;
     rider.request_ride("q2", LAT, LON).await;
     rider.expect_searching("q2").await;
     // b may still be resubscribing, and a lock request published meanwhile
@@ -255,7 +260,14 @@ async fn redis_lost_means_refusals_and_redis_back_means_recovery() {
         other => panic!("expected an offer through b, got {other:?}"),
     };
     remote.accept(offer_id).await;
-    assert_eq!(rider.expect_matched().await, "d2");
+    match next_answer(&mut remote).await {
+        ServerMessage::TripAssigned { .. } => {}
+        other => panic!("expected trip_assigned through b, got {other:?}"),
+    }
+    match rider.recv_within(CROSS_NODE).await {
+        Some(ServerMessage::Matched { driver_id, .. }) => assert_eq!(&*driver_id, "d2"),
+        other => panic!("expected matched to d2, got {other:?}"),
+    }
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -318,7 +330,7 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
             "--node-id",
             id,
             "--offer-timeout-ms",
-            "10000",
+            "15000",
         ]);
         (child, addr.parse::<std::net::SocketAddr>().unwrap())
     };
@@ -343,13 +355,13 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
     };
 
     // a stalls with the offer out, and the driver's accept waits in its
-    // socket. b sees a dead (its liveness lapses after 3 s) and settles the
+    // socket. b sees a dead (its liveness lapses after 5 s) and settles the
     // lock: from then on no confirm under it can succeed.
     signal(a.id(), libc::SIGSTOP);
     on_a.accept(stale_offer).await;
-    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    tokio::time::sleep(Duration::from_millis(8_000)).await;
 
-    // a wakes up within the offer's own 10 s: its deadline has not passed,
+    // a wakes up within the offer's own 15 s: its deadline has not passed,
     // so only the lock in Redis can refuse the accept, and it does.
     signal(a.id(), libc::SIGCONT);
     match next_answer(&mut on_a).await {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
+use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -40,7 +40,9 @@ use crate::protocol::DriverId;
 /// How often liveness keys are refreshed and checked.
 const ALIVE_REFRESH: Duration = Duration::from_secs(1);
 /// How long a node's liveness key lives: a node silent this long is dead.
-const ALIVE_TTL: Duration = Duration::from_secs(3);
+/// Five refreshes' worth, so that a node whose cores are busy for a few
+/// seconds is not taken for dead.
+const ALIVE_TTL: Duration = Duration::from_secs(5);
 /// Wait before subscribing again after losing the subscription, doubling
 /// up to the maximum while no server can be subscribed to.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
@@ -48,6 +50,10 @@ const RESUBSCRIBE_DELAY_MAX: Duration = Duration::from_secs(2);
 /// Liveness checks in a row that may fail before the listener gives up on
 /// its server (a paused server keeps the socket open but answers nothing).
 const CHECKS_BEFORE_SWITCH: u32 = 3;
+
+/// How many times the per-server timeout a whole node's drivers may take to
+/// load.
+const BULK_TIMEOUT_FACTOR: u32 = 20;
 
 /// Liveness checks between two full reloads of the other nodes' drivers.
 const RESYNC_EVERY: u32 = 30;
@@ -328,8 +334,18 @@ async fn listen_on(
         .await
         .map_err(|_| io_timeout())??;
     // Subscribed first, then the snapshot: a change in between is in both,
-    // and both say the same.
-    let mut connection = server.connection();
+    // and both say the same. The listener's reads (whole hashes, at scale
+    // megabytes) get a connection of their own, so that lock calls never
+    // queue behind them.
+    // (Each command carries its own timeout; the client's default of 500 ms
+    // would cut a large load short.)
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut connection = tokio::time::timeout(
+        timeout,
+        client.get_multiplexed_async_connection_with_config(&config),
+    )
+    .await
+    .map_err(|_| io_timeout())??;
     let mut live = snapshot(cluster, &mut connection, matcher, registry, timeout).await?;
     tracing::info!(
         server = server.url(),
@@ -384,7 +400,7 @@ fn io_timeout() -> redis::RedisError {
 
 async fn query<T: redis::FromRedisValue>(
     cmd: &redis::Cmd,
-    connection: &mut ConnectionManager,
+    connection: &mut MultiplexedConnection,
     timeout: Duration,
 ) -> Result<T, redis::RedisError> {
     tokio::time::timeout(timeout, cmd.query_async(connection))
@@ -396,7 +412,7 @@ async fn query<T: redis::FromRedisValue>(
 /// any other node's); the set of live nodes.
 async fn snapshot(
     cluster: &Cluster,
-    connection: &mut ConnectionManager,
+    connection: &mut MultiplexedConnection,
     matcher: &Addr<Matcher>,
     registry: &DriverRegistry,
     timeout: Duration,
@@ -424,7 +440,7 @@ async fn snapshot(
 /// Loads `node`'s drivers into the matcher if it is alive; whether it is.
 async fn load_node(
     node: &NodeId,
-    connection: &mut ConnectionManager,
+    connection: &mut MultiplexedConnection,
     matcher: &Addr<Matcher>,
     timeout: Duration,
 ) -> Result<bool, redis::RedisError> {
@@ -437,10 +453,11 @@ async fn load_node(
     if !alive {
         return Ok(false);
     }
+    // A whole node's drivers: more time than a single-key command.
     let entries: HashMap<String, String> = query(
         redis::cmd("HGETALL").arg(drivers_key(node)),
         connection,
-        timeout,
+        timeout * BULK_TIMEOUT_FACTOR,
     )
     .await?;
     let drivers = entries
@@ -455,7 +472,11 @@ async fn load_node(
 }
 
 /// Forgets `node` in Redis if it is (still) dead; whether it was.
-async fn forget_dead(node: &NodeId, connection: &mut ConnectionManager, timeout: Duration) -> bool {
+async fn forget_dead(
+    node: &NodeId,
+    connection: &mut MultiplexedConnection,
+    timeout: Duration,
+) -> bool {
     let mut invocation = FORGET_DEAD_SCRIPT.prepare_invoke();
     invocation
         .key(NODES_KEY)
@@ -472,7 +493,7 @@ async fn forget_dead(node: &NodeId, connection: &mut ConnectionManager, timeout:
 /// nodes that (re)appeared.
 async fn check_nodes(
     cluster: &Cluster,
-    connection: &mut ConnectionManager,
+    connection: &mut MultiplexedConnection,
     live: &mut HashSet<NodeId>,
     matcher: &Addr<Matcher>,
     registry: &DriverRegistry,

@@ -19,7 +19,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::time::Instant;
 
-use super::redlock::{judge, quorum, AttemptFailed};
+use super::redlock::{judge, quorum, retry_delay, AttemptFailed};
 use serde::{Deserialize, Serialize};
 
 use super::wire::NodeId;
@@ -135,6 +135,9 @@ static FINISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FINISH));
 /// long enough to ride out a slow Redis, short enough that a node that died
 /// mid-trip frees its driver soon.
 pub const TRIP_HOLD: Duration = Duration::from_secs(30);
+
+/// The longest random wait before a split vote is tried again.
+const SPLIT_VOTE_RETRY: Duration = Duration::from_millis(50);
 
 /// How long trip records and settled marks are kept: far longer than any
 /// offer, so that a requester settling late still finds them.
@@ -514,7 +517,33 @@ impl Redlock {
     /// another's: the token is a strong hint, and the driver's own actor, which
     /// refuses any token not newer than the last it saw, is what guarantees
     /// that a stale holder can never act.
+    ///
+    /// A split vote (some servers granted it, too few) is tried once more
+    /// after a random delay, as Redlock prescribes, so that two actors of one
+    /// driver on two nodes (a driver connected twice) don't keep splitting
+    /// it. A lock held elsewhere is not retried: the matcher moves on to the
+    /// next driver instead.
     pub async fn acquire(
+        &self,
+        driver: &str,
+        owner: &str,
+        ttl: Duration,
+        token_floor: FencingToken,
+    ) -> Result<Grant, LockError> {
+        match self.try_once(driver, owner, ttl, token_floor).await {
+            Err(LockError::Refused {
+                reason: AttemptFailed::NoQuorum { granted, .. },
+                ..
+            }) if granted > 0 => {
+                let delay = retry_delay(SPLIT_VOTE_RETRY, &mut rand::rng());
+                tokio::time::sleep(delay).await;
+                self.try_once(driver, owner, ttl, token_floor).await
+            }
+            result => result,
+        }
+    }
+
+    async fn try_once(
         &self,
         driver: &str,
         owner: &str,
