@@ -27,12 +27,11 @@ def read(name, suffix):
         return f.read().strip()
 
 
-def engine_quantile(name, metric, q, labels=""):
-    """histogram_quantile over the engine's own buckets, in milliseconds;
-    `labels` selects one series, as its labels before `le` (`op="acquire",`)."""
+def engine_quantile(name, metric, q):
+    """histogram_quantile over the engine's own buckets, in milliseconds."""
     buckets = []
     for line in read(name, ".metrics").splitlines():
-        m = re.match(r'%s_bucket\{%sle="([^"]+)"\} (\S+)' % (metric, re.escape(labels)), line)
+        m = re.match(r'%s_bucket\{le="([^"]+)"\} (\S+)' % metric, line)
         if m:
             le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
             buckets.append((le, float(m.group(2))))
@@ -72,8 +71,6 @@ mx = load("matches-max")
 l5 = load("latency-5k")
 l1 = load("latency-1k")
 city = load("city")
-c1 = load("cluster-1-node")
-c2 = load("cluster-2-nodes")
 
 one_way = lb["one_way_msgs_per_s"]
 echo = lb["echo_round_trips_per_s"]
@@ -159,35 +156,6 @@ for name in ["matches-max", "latency-5k", "latency-1k", "city"]:
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
 out.append("")
-out.append("## Cluster mode (Redis locks)\n")
-out.append("The `matches-max` load again, with the engine in cluster mode: one node taking every lock "
-           "in a private `redis-server`, then two nodes sharing it (drivers and riders alternate "
-           "between the nodes, so about half the matches cross nodes). Everything (nodes, Redis, "
-           "simulator) shares the same two cores.\n")
-out.append("| scenario | matches/s | vs. standalone | vs. loopback echo | request→offer p50 / p99 (clients) | engine CPU (all nodes) | Redis CPU | violations |")
-out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for name, r in [("matches-max (standalone)", mx), ("cluster-1-node", c1), ("cluster-2-nodes", c2)]:
-    lat = r["latency_ms"]["request_to_offer"]
-    try:
-        redis_cpu = float(read(name, ".redis-cpu"))
-        window = r["elapsed_s"]
-        redis = f"{redis_cpu / window:.2f} cores" if window else "n/a"
-    except (FileNotFoundError, ValueError):
-        redis = "n/a"
-    out.append(f"| {name} | {r['matches_per_s']:,.0f} | {pct(r['matches_per_s'], mx['matches_per_s'])} | "
-               f"{pct(r['matches_per_s'] * 4, echo)} | {lat['p50']:.3f} / {lat['p99']:.3f} | "
-               f"{r.get('engine_cpu_cores') or 0:.2f} cores | {redis} | {r['violations']} |")
-out.append("")
-out.append("Node n0's own histograms, p50 / p99 in ms (Redis CPU is its average over the whole run):\n")
-for name in ["cluster-1-node", "cluster-2-nodes"]:
-    parts = [f"request→offer {ms(engine_quantile(name, 'ridelock_request_to_offer_seconds', 0.5))} / "
-             f"{ms(engine_quantile(name, 'ridelock_request_to_offer_seconds', 0.99))}"]
-    for op in ["acquire", "confirm", "release"]:
-        label = f'op="{op}",'
-        parts.append(f"Redis {op} {ms(engine_quantile(name, 'ridelock_redis_op_seconds', 0.5, label))} / "
-                     f"{ms(engine_quantile(name, 'ridelock_redis_op_seconds', 0.99, label))}")
-    out.append(f"- {name}: " + "; ".join(parts))
-out.append("")
 out.append("## Command lines\n")
 out.append("```sh")
 out.append("target/release/loopback serve --listen 127.0.0.1:19000")
@@ -195,11 +163,6 @@ out.append("target/release/loopback bench --url ws://127.0.0.1:19000 --duration 
 for name in ["locations", "matches-max", "latency-5k", "latency-1k", "city"]:
     out.append(f"target/release/ridelock --listen 127.0.0.1:19100 {read(name, '.engine-flags')}")
     out.append(f"target/release/simulator --url ws://127.0.0.1:19100 --engine-pid PID {read(name, '.sim-flags')}")
-out.append("redis-server --port 19200 --save '' --appendonly no")
-for name, urls in [("cluster-1-node", "ws://127.0.0.1:19100"), ("cluster-2-nodes", "ws://127.0.0.1:19100,ws://127.0.0.1:19101")]:
-    out.append(f"# {name}: each node n$i on 127.0.0.1:1910$i")
-    out.append(f"target/release/ridelock --listen 127.0.0.1:1910$i --redis redis://127.0.0.1:19200 --node-id n$i {read(name, '.engine-flags').split(' (')[0]}")
-    out.append(f"target/release/simulator --url {urls} --engine-pid PIDS {read(name, '.sim-flags')}")
 out.append("```\n")
 with open(os.path.join(os.path.dirname(__file__), "notes.md")) as f:
     out.append(f.read())
