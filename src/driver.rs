@@ -357,15 +357,11 @@ impl DriverActor {
             });
             return;
         };
+        let cluster = cluster.clone();
         if ended.ending != Ending::Accepted {
-            // Frees the lock for the next offer at once; if this is lost, the
-            // key's expiry frees it a little later.
-            let (cluster, driver, owner) = (cluster.clone(), self.id.clone(), self.owner(offer));
-            actix::spawn(async move {
-                let started = Instant::now();
-                let released = cluster.locks().release(&driver, &owner).await;
-                m::redis_op("release", started.elapsed(), released > 0);
-            });
+            // Frees the lock for the next offer; if this is lost, the key's
+            // expiry frees it a little later.
+            self.free_in_redis(Freeing::Offer, self.owner(offer), ctx);
         }
         match offer.holder.node.clone() {
             Some(node) => cluster.send(
@@ -676,44 +672,44 @@ impl DriverActor {
         let acquire = async move {
             let ttl = timeout + cluster::LOCK_MARGIN;
             let result = cluster.locks().acquire(&driver, &owner, ttl, floor).await;
-            (result, cluster, driver, owner)
+            (result, owner)
         };
-        ctx.wait(acquire.into_actor(self).map(
-            move |(result, cluster, driver, owner), act, ctx| {
-                m::redis_op("acquire", started.elapsed(), result.is_ok());
-                let result = match result {
-                    Ok(grant) => {
-                        // The offer lasts no longer than the lock can be relied
-                        // on, less room for the accept's confirm to get there.
-                        let timeout = timeout.min(grant.validity.saturating_sub(CONFIRM_ROOM));
-                        let granted = if timeout.is_zero() {
-                            Err(LockRefused::StoreUnavailable)
-                        } else {
-                            act.try_lock(offer_id, holder, timeout, grant.fencing_token, ctx)
-                        };
-                        if granted.is_err() {
-                            actix::spawn(async move {
-                                cluster.locks().release(&driver, &owner).await;
-                            });
+        ctx.wait(
+            acquire
+                .into_actor(self)
+                .map(move |(result, owner), act, ctx| {
+                    m::redis_op("acquire", started.elapsed(), result.is_ok());
+                    let result = match result {
+                        Ok(grant) => {
+                            // The offer lasts no longer than the lock can be relied
+                            // on, less room for the accept's confirm to get there.
+                            let timeout = timeout.min(grant.validity.saturating_sub(CONFIRM_ROOM));
+                            let granted = if timeout.is_zero() {
+                                Err(LockRefused::StoreUnavailable)
+                            } else {
+                                act.try_lock(offer_id, holder, timeout, grant.fencing_token, ctx)
+                            };
+                            if granted.is_err() {
+                                act.free_in_redis(Freeing::Offer, owner, ctx);
+                            }
+                            granted
                         }
-                        granted
-                    }
-                    Err(error) => {
-                        m::redis_lock_refused(&error);
-                        let refusal = error.as_refusal();
-                        if refusal == LockRefused::HeldElsewhere {
-                            // Free here, yet locked in Redis: perhaps a trip of
-                            // this driver that its actor on another node still
-                            // holds (the app reconnected here as it accepted).
-                            act.adopt_trip_from_redis(1, ctx);
+                        Err(error) => {
+                            m::redis_lock_refused(&error);
+                            let refusal = error.as_refusal();
+                            if refusal == LockRefused::HeldElsewhere {
+                                // Free here, yet locked in Redis: perhaps a trip of
+                                // this driver that its actor on another node still
+                                // holds (the app reconnected here as it accepted).
+                                act.adopt_trip_from_redis(1, ctx);
+                            }
+                            Err(refusal)
                         }
-                        Err(refusal)
-                    }
-                };
-                m::lock_attempt(result.is_ok());
-                reply.send(result);
-            },
-        ));
+                    };
+                    m::lock_attempt(result.is_ok());
+                    reply.send(result);
+                }),
+        );
     }
 
     /// Cluster mode: a driver on a trip keeps its lock in Redis, so that no
@@ -748,12 +744,30 @@ impl DriverActor {
         };
         let node = trip.holder.node.as_ref().unwrap_or(cluster.node());
         let owner = cluster::owner(node, trip.offer_id);
+        self.free_in_redis(Freeing::Trip, owner, ctx);
+    }
+
+    /// Frees `owner`'s lock in Redis before the actor handles anything else:
+    /// the next lock request for this driver, which may follow at once, must
+    /// not find the old lock still there (it would be refused as held
+    /// elsewhere, and the asking search would pass this driver by).
+    fn free_in_redis(&mut self, freeing: Freeing, owner: String, ctx: &mut Context<Self>) {
+        let cluster = self.cluster.clone().expect("cluster mode");
         let driver = self.id.clone();
-        actix::spawn(async move {
-            let started = Instant::now();
-            let freed = cluster.locks().finish(&driver, &owner).await;
-            m::redis_op("finish", started.elapsed(), freed > 0);
-        });
+        let started = Instant::now();
+        let free = async move {
+            match freeing {
+                Freeing::Offer => cluster.locks().release(&driver, &owner).await,
+                Freeing::Trip => cluster.locks().finish(&driver, &owner).await,
+            }
+        };
+        ctx.wait(free.into_actor(self).map(move |freed, _, _| {
+            let op = match freeing {
+                Freeing::Offer => "release",
+                Freeing::Trip => "finish",
+            };
+            m::redis_op(op, started.elapsed(), freed > 0);
+        }));
     }
 
     /// Cluster mode: the accept books only if the offer's lock still holds in
@@ -904,6 +918,15 @@ impl DriverActor {
             }
         }));
     }
+}
+
+/// What [`DriverActor::free_in_redis`] frees.
+#[derive(Clone, Copy)]
+enum Freeing {
+    /// An offer's lock (it ended without a trip).
+    Offer,
+    /// A trip's lock and the driver's current-trip record.
+    Trip,
 }
 
 /// Cluster mode: the trip's lock is no longer this actor's (the trip ended

@@ -48,6 +48,10 @@ const REMOTE_ANSWER_WAIT: Duration = Duration::from_secs(2);
 /// not decide is tried again before the rider is told `no_driver`.
 const SETTLE_RETRY: Duration = Duration::from_millis(500);
 const SETTLE_ATTEMPTS: u32 = 60;
+/// Cluster mode: lock attempts in a row Redis may fail to decide before a
+/// request ends `no_driver` (`locks_unavailable`), and the wait between them.
+const STORE_FAILURES: u32 = 3;
+const STORE_RETRY: Duration = Duration::from_millis(200);
 
 /// How often the matcher's gauges (searches, waiting riders, index size) are
 /// refreshed.
@@ -240,6 +244,8 @@ struct Search {
     deadline_passed: bool,
     /// Drivers this request has been offered to (locks granted).
     candidates_tried: u32,
+    /// Cluster mode: lock attempts in a row that Redis could not decide.
+    store_failures: u32,
     /// Cluster mode: the offer whose settle is in flight, if any.
     settling: Option<OfferId>,
     /// Cluster mode: where the remote driver of the current offer was when
@@ -710,6 +716,7 @@ impl Handler<RequestRide> for Matcher {
                 candidates_tried: 0,
                 settling: None,
                 offered_at: None,
+                store_failures: 0,
             },
         );
         self.deadlines.push(Reverse((
@@ -875,6 +882,7 @@ impl Handler<LockAnswered> for Matcher {
                 };
                 let driver = driver.clone();
                 let first_offer = search.candidates_tried == 0;
+                search.store_failures = 0;
                 search.phase = Phase::Offered {
                     driver: driver.clone(),
                     offer_id,
@@ -907,9 +915,23 @@ impl Handler<LockAnswered> for Matcher {
                 self.remote.remove(&driver_id);
             }
             Err(LockRefused::StoreUnavailable) => {
-                // Redis can't grant locks now: say so rather than trying every
-                // driver in reach against a store that is down.
-                self.finish_without_locks(&key);
+                // Redis could not decide. Once may be a slow reply: try again
+                // shortly. Several times in a row, it is down: say so rather
+                // than trying every driver in reach against it.
+                search.store_failures += 1;
+                if search.store_failures >= STORE_FAILURES {
+                    return self.finish_without_locks(&key);
+                }
+                search.phase = Phase::Looking;
+                ctx.run_later(STORE_RETRY, move |act, ctx| {
+                    let looking = act
+                        .searches
+                        .get(&key)
+                        .is_some_and(|s| s.seq == seq && matches!(s.phase, Phase::Looking));
+                    if looking {
+                        act.advance(key, ctx);
+                    }
+                });
             }
             Err(refused) => {
                 let remote = matches!(

@@ -450,24 +450,18 @@ fn unreachable_redis_at_start_is_a_clear_error() {
 async fn a_driver_offered_to_a_dead_nodes_rider_is_freed() {
     let redis = RedisServer::start();
     let a = node(&[&redis], "a", |_| {}).await;
-    let (mut b, b_addr) = common::spawn_engine(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--redis",
-        &redis.url,
-        "--node-id",
-        "b",
-    ]);
+    let b = node(&[&redis], "b", |_| {}).await;
     let mut driver = Client::available_driver(&a, "d", LAT, LON).await;
-    let mut doomed = Client::connect(b_addr.parse().unwrap(), "rider", "r1").await;
+    let mut doomed = Client::rider(&b, "r1").await;
     doomed.request_ride("q1", LAT, LON).await;
     doomed.expect_searching("q1").await;
     driver.expect_offer_within(CROSS_NODE).await;
 
-    // The rider's node dies: nobody is left to take the driver's answer, so
-    // the offer is withdrawn as if the rider had cancelled.
-    b.kill().unwrap();
-    b.wait().unwrap();
+    // The rider's node dies (dropped without a shutdown: it stops serving,
+    // its actors and its Redis tasks stop, and it never says goodbye):
+    // nobody is left to take the driver's answer, so the offer is withdrawn
+    // as if the rider had cancelled.
+    drop(b);
     match driver.recv_within(Duration::from_secs(10)).await {
         Some(ServerMessage::OfferRevoked { reason, .. }) => {
             assert_eq!(serde_json::to_value(reason).unwrap(), "rider_cancelled")

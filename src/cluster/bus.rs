@@ -170,6 +170,7 @@ async fn publish(cluster: Arc<Cluster>, mut directed: mpsc::UnboundedReceiver<su
             },
             _ = cluster.announced.notified() => {}
             _ = alive.tick() => {
+                tracing::trace!("refreshing liveness");
                 refresh_alive(&cluster, &own).await;
                 continue;
             }
@@ -255,8 +256,13 @@ async fn refresh_alive(cluster: &Cluster, own: &HashMap<DriverId, LatLon>) {
             refresh.query_async::<(i64,)>(&mut connection),
         )
         .await;
-        if !matches!(kept, Ok(Ok((0,)))) {
-            return; // kept alive, or the server is unreachable
+        match &kept {
+            Ok(Ok((0,))) => {}
+            Ok(Ok(_)) => return, // kept alive
+            Ok(Err(e)) => {
+                return tracing::debug!(server = server.url(), "liveness refresh failed: {e}")
+            }
+            Err(_) => return tracing::debug!(server = server.url(), "liveness refresh timed out"),
         }
         let mut pipe = redis::pipe();
         pipe.cmd("SADD").arg(NODES_KEY).arg(&**node).ignore();

@@ -92,7 +92,10 @@ pub fn spawn_engine(args: &[&str]) -> (EngineProcess, String) {
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_ridelock"))
         .args(args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("RIDELOCK_TEST_CHILD_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
