@@ -4,9 +4,10 @@
 Usage: bench/cluster_report.py RESULTS_DIR (writes Markdown to stdout)."""
 import json
 import os
-import re
 import sys
 from datetime import datetime, timezone
+
+from histogram import quantile
 
 results = sys.argv[1]
 
@@ -16,30 +17,12 @@ def load(name):
         return json.load(f)
 
 
-def quantile(name, metric, q, labels=""):
+def node_quantile(name, metric, q, labels=""):
     """histogram_quantile over node n0's buckets, in milliseconds."""
     path = os.path.join(results, name + ".metrics")
     if not os.path.exists(path):
         return None
-    buckets = []
-    for line in open(path).read().splitlines():
-        m = re.match(r'%s_bucket\{%sle="([^"]+)"\} (\S+)' % (metric, re.escape(labels)), line)
-        if m:
-            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
-            buckets.append((le, float(m.group(2))))
-    buckets.sort()
-    if not buckets or buckets[-1][1] == 0:
-        return None
-    rank = q * buckets[-1][1]
-    prev_le, prev_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float("inf"):
-                return prev_le * 1000
-            span = count - prev_count
-            return (prev_le + (le - prev_le) * (0 if span == 0 else (rank - prev_count) / span)) * 1000
-        prev_le, prev_count = le, count
-    return None
+    return quantile(open(path).read(), metric, q, labels)
 
 
 def ms(x):
@@ -81,12 +64,12 @@ out.append("Node n0's own histograms, p50 / p99 in ms (Redis CPU is its average 
 for rate in (1000, 3000):
     for kind in ("cluster-1-node", "cluster-2-nodes"):
         name = f"{kind}-{rate}"
-        parts = [f"request→offer {ms(quantile(name, 'ridelock_request_to_offer_seconds', 0.5))} / "
-                 f"{ms(quantile(name, 'ridelock_request_to_offer_seconds', 0.99))}"]
+        parts = [f"request→offer {ms(node_quantile(name, 'ridelock_request_to_offer_seconds', 0.5))} / "
+                 f"{ms(node_quantile(name, 'ridelock_request_to_offer_seconds', 0.99))}"]
         for op in ("acquire", "confirm", "finish"):
             label = f'op="{op}",'
-            parts.append(f"Redis {op} {ms(quantile(name, 'ridelock_redis_op_seconds', 0.5, label))} / "
-                         f"{ms(quantile(name, 'ridelock_redis_op_seconds', 0.99, label))}")
+            parts.append(f"Redis {op} {ms(node_quantile(name, 'ridelock_redis_op_seconds', 0.5, label))} / "
+                         f"{ms(node_quantile(name, 'ridelock_redis_op_seconds', 0.99, label))}")
         out.append(f"- {name}: " + "; ".join(parts))
 out.append("")
 notes = os.path.join(os.path.dirname(__file__), "cluster-notes.md")

@@ -8,10 +8,11 @@ and memory go) is appended as written.
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 from datetime import datetime, timezone
+
+from histogram import quantile
 
 results, fd_limit = sys.argv[1], sys.argv[2]
 
@@ -29,26 +30,7 @@ def read(name, suffix):
 
 def engine_quantile(name, metric, q):
     """histogram_quantile over the engine's own buckets, in milliseconds."""
-    buckets = []
-    for line in read(name, ".metrics").splitlines():
-        m = re.match(r'%s_bucket\{le="([^"]+)"\} (\S+)' % metric, line)
-        if m:
-            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
-            buckets.append((le, float(m.group(2))))
-    buckets.sort()
-    if not buckets or buckets[-1][1] == 0:
-        return None
-    rank = q * buckets[-1][1]
-    prev_le, prev_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if le == float("inf"):
-                return prev_le * 1000
-            span = count - prev_count
-            frac = 0 if span == 0 else (rank - prev_count) / span
-            return (prev_le + (le - prev_le) * frac) * 1000
-        prev_le, prev_count = le, count
-    return None
+    return quantile(read(name, ".metrics"), metric, q)
 
 
 def machine():

@@ -389,12 +389,27 @@ impl DriverActor {
 
     /// The owner value of `offer`'s lock in the lock store.
     fn owner(&self, offer: &Offer<OfferHolder>) -> String {
+        self.owner_of(&offer.holder, offer.offer_id)
+    }
+
+    /// The owner value of the lock behind `offer_id` held for `holder`: the
+    /// requesting node (this one for its own riders) and the offer id.
+    fn owner_of(&self, holder: &OfferHolder, offer_id: OfferId) -> String {
         let cluster = self
             .cluster
             .as_ref()
             .expect("only cluster locks have owners");
-        let node = offer.holder.node.as_ref().unwrap_or(cluster.node());
-        cluster::owner(node, offer.offer_id)
+        cluster::owner(holder.node.as_ref().unwrap_or(cluster.node()), offer_id)
+    }
+
+    /// The message that tells the app it is on `trip`.
+    fn trip_assigned(trip: &Trip<OfferHolder>) -> ServerMessage {
+        ServerMessage::TripAssigned {
+            trip_id: trip.trip_id,
+            offer_id: trip.offer_id,
+            rider_id: trip.holder.rider_id.clone(),
+            pickup: trip.holder.pickup,
+        }
     }
 
     /// Brings everything outside the lock in line with it: a dropped
@@ -514,12 +529,7 @@ impl Handler<Attach> for DriverActor {
         // A reconnecting app learns what it is in the middle of.
         let resend = match (self.lock.state(), self.lock.location()) {
             (LockState::Offered(offer), Some(at)) => Some(Self::offer_message(offer, at, now)),
-            (LockState::OnTrip(trip), _) => Some(ServerMessage::TripAssigned {
-                trip_id: trip.trip_id,
-                offer_id: trip.offer_id,
-                rider_id: trip.holder.rider_id.clone(),
-                pickup: trip.holder.pickup,
-            }),
+            (LockState::OnTrip(trip), _) => Some(Self::trip_assigned(trip)),
             _ => None,
         };
         if let Some(message) = resend {
@@ -665,8 +675,7 @@ impl DriverActor {
             reply,
             ..
         } = msg;
-        let node = holder.node.as_ref().unwrap_or(cluster.node());
-        let owner = cluster::owner(node, offer_id);
+        let owner = self.owner_of(&holder, offer_id);
         let (driver, floor) = (self.id.clone(), self.lock.newest_token());
         let started = Instant::now();
         let acquire = async move {
@@ -739,12 +748,10 @@ impl DriverActor {
         if let Some(timer) = self.trip_renewal.take() {
             ctx.cancel_future(timer);
         }
-        let Some(cluster) = self.cluster.clone() else {
-            return;
-        };
-        let node = trip.holder.node.as_ref().unwrap_or(cluster.node());
-        let owner = cluster::owner(node, trip.offer_id);
-        self.free_in_redis(Freeing::Trip, owner, ctx);
+        if self.cluster.is_some() {
+            let owner = self.owner_of(&trip.holder, trip.offer_id);
+            self.free_in_redis(Freeing::Trip, owner, ctx);
+        }
     }
 
     /// Frees `owner`'s lock in Redis before the actor handles anything else:
@@ -904,12 +911,7 @@ impl DriverActor {
                     node: rider_node,
                 },
             };
-            let message = ServerMessage::TripAssigned {
-                trip_id: trip.trip_id,
-                offer_id: trip.offer_id,
-                rider_id: trip.holder.rider_id.clone(),
-                pickup: trip.holder.pickup,
-            };
+            let message = Self::trip_assigned(&trip);
             if act.lock.adopt_trip(trip) {
                 tracing::info!(driver = %act.id, trip = record.trip_id, "took over a trip from another node");
                 act.renew_during_trip(record.owner, ctx);
@@ -944,9 +946,7 @@ impl Handler<TripLockLost> for DriverActor {
         let LockState::OnTrip(trip) = self.lock.state() else {
             return;
         };
-        let cluster = self.cluster.clone().expect("cluster mode");
-        let node = trip.holder.node.as_ref().unwrap_or(cluster.node());
-        if cluster::owner(node, trip.offer_id) != msg.owner {
+        if self.owner_of(&trip.holder, trip.offer_id) != msg.owner {
             return; // an older trip's renewal
         }
         if self.session.is_some() {

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::driver::{CancelOffer, DriverActor, Granted, LockReply, OfferHolder, TryLock};
 use crate::ids::Ids;
 use crate::location::LatLon;
-use crate::lock::{Ended, Ending, FencingToken, LockRefused, OfferId};
+use crate::lock::{Ended, Ending, FencingToken, LockRefused, OfferId, TripId};
 use crate::metrics as m;
 use crate::protocol::{DriverId, ErrorCode, NoDriverReason, RequestId, RiderId, ServerMessage};
 use crate::session::Outbox;
@@ -632,6 +632,28 @@ impl Matcher {
         }
     }
 
+    /// Ends a search with `matched`: trip `trip_id` with `driver_id`, who is
+    /// at `driver_location`.
+    fn finish_matched(
+        &mut self,
+        key: &SearchKey,
+        trip_id: TripId,
+        driver_id: DriverId,
+        driver_location: LatLon,
+    ) {
+        let Some(search) = self.searches.get(key) else {
+            return;
+        };
+        let message = ServerMessage::Matched {
+            request_id: key.1.clone(),
+            trip_id,
+            driver_id,
+            driver_location,
+            distance_m: driver_location.distance_m(search.pickup),
+        };
+        self.finish(key, message);
+    }
+
     /// Ends a search that can't lock drivers (Redis is down): `cancelled` if
     /// the rider asked for that, else `no_driver` saying why.
     fn finish_without_locks(&mut self, key: &SearchKey) {
@@ -830,15 +852,8 @@ impl Handler<OfferEnded> for Matcher {
         }
         match (ended.ending, ended.trip_id) {
             (Ending::Accepted, Some(trip_id)) => {
-                let driver_location = driver_location.unwrap_or(search.pickup);
-                let message = ServerMessage::Matched {
-                    request_id: key.1.clone(),
-                    trip_id,
-                    driver_id,
-                    driver_location,
-                    distance_m: driver_location.distance_m(search.pickup),
-                };
-                self.finish(&key, message);
+                let at = driver_location.unwrap_or(search.pickup);
+                self.finish_matched(&key, trip_id, driver_id, at);
             }
             (ending, _) => {
                 if matches!(ending, Ending::Declined | Ending::Expired) {
@@ -1001,15 +1016,8 @@ impl Handler<SettleOutcome> for Matcher {
         }
         match outcome {
             Some(Settled::Trip(trip_id)) => {
-                let driver_location = search.offered_at.unwrap_or(search.pickup);
-                let message = ServerMessage::Matched {
-                    request_id: key.1.clone(),
-                    trip_id,
-                    driver_id,
-                    driver_location,
-                    distance_m: driver_location.distance_m(search.pickup),
-                };
-                self.finish(&key, message);
+                let at = search.offered_at.unwrap_or(search.pickup);
+                self.finish_matched(&key, trip_id, driver_id, at);
             }
             Some(Settled::Dead) => {
                 // Whatever happened to the offer (the driver's node died, or

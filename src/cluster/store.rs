@@ -349,7 +349,15 @@ impl LockServer {
             invocation.arg(arg);
         }
         let mut connection = self.connection.clone();
-        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await {
+        self.bounded(invocation.invoke_async(&mut connection)).await
+    }
+
+    /// Awaits one call to this server within the per-server timeout.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result.map_err(|source| StoreError::Redis {
                 server: self.url.clone(),
                 source,
@@ -445,21 +453,13 @@ impl LockServer {
     /// The driver's current trip, if one is recorded.
     pub async fn current_trip(&self, driver: &str) -> Result<Option<TripRecord>, StoreError> {
         let mut connection = self.connection.clone();
-        let value: Option<String> = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("GET")
-                .arg(current_trip_key(driver))
-                .query_async(&mut connection),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout {
-            server: self.url.clone(),
-            timeout: self.timeout,
-        })?
-        .map_err(|source| StoreError::Redis {
-            server: self.url.clone(),
-            source,
-        })?;
+        let value: Option<String> = self
+            .bounded(
+                redis::cmd("GET")
+                    .arg(current_trip_key(driver))
+                    .query_async(&mut connection),
+            )
+            .await?;
         Ok(value
             .and_then(|v| v.split_once('|').map(|(_, json)| json.to_string()))
             .and_then(|json| serde_json::from_str(&json).ok()))
