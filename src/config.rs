@@ -2,9 +2,54 @@
 //! fallback, documented field by field.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+use crate::auth::Role;
+
+/// The `ridelock` command line: serve (the default), or a tool.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ridelock",
+    version,
+    about = "Ride-sharing matchmaking engine",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// A tool to run instead of the engine.
+    #[command(subcommand)]
+    pub tool: Option<Tool>,
+    /// The engine's flags.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Tools beside the engine.
+#[derive(Debug, Subcommand)]
+pub enum Tool {
+    /// Print a signed token for a driver, rider or operator (for operators,
+    /// scripts and the simulator; apps get theirs from the login service).
+    Token(TokenArgs),
+}
+
+/// `ridelock token`.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// What the token lets its holder be.
+    #[arg(long)]
+    pub role: Role,
+    /// The driver's or rider's id (the token's `sub`).
+    #[arg(long)]
+    pub id: String,
+    /// How long the token is valid, e.g. `1h`, `15m`, `30s`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// The secret the engine verifies tokens with.
+    #[arg(long, env = "RIDELOCK_AUTH_SECRET_FILE")]
+    pub auth_secret_file: PathBuf,
+}
 
 /// How a ridelock engine runs.
 #[derive(Clone, Debug, Parser)]
@@ -13,6 +58,60 @@ pub struct Config {
     /// Address to serve WebSockets, /metrics and /healthz on.
     #[arg(long, env = "RIDELOCK_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+
+    /// A second address serving only `/metrics` and `/healthz`, unauthenticated,
+    /// for a Prometheus on a private network. With it and a secret, the
+    /// public port no longer serves `/metrics` at all.
+    #[arg(long, env = "RIDELOCK_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// File holding the secret that signs client tokens (HS256 JWTs with
+    /// `sub`, `role`, `exp`); its bytes with surrounding whitespace trimmed,
+    /// at least 32. Without it the engine runs in open mode: identities are
+    /// taken from the `id` query parameter, unverified. See docs/security.md.
+    #[arg(long, env = "RIDELOCK_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+
+    /// Allow open mode (no `--auth-secret-file`) on an address other than
+    /// loopback. Anyone who reaches the port can then act as any driver or
+    /// rider.
+    #[arg(long, env = "RIDELOCK_INSECURE_OPEN")]
+    pub insecure_open: bool,
+
+    /// Clock skew allowed between the token issuer and the engine, in seconds:
+    /// a token is accepted up to this long after its `exp`, and a connection
+    /// whose token expires is closed (1008) this long after `exp`.
+    #[arg(long, env = "RIDELOCK_TOKEN_LEEWAY_S", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub token_leeway_s: u64,
+
+    /// Web origins whose pages may open WebSockets here (repeatable, e.g.
+    /// `https://rider.example.com`). A browser's `Origin` must be one of
+    /// these or the engine's own origin; clients that send no `Origin` (apps)
+    /// are not affected. Stops cross-site WebSocket hijacking.
+    #[arg(
+        long = "allowed-origin",
+        env = "RIDELOCK_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Open WebSocket connections at most, over all clients; past it, upgrades
+    /// get HTTP 503 while `/healthz` still answers. 0: the open-file limit
+    /// less a reserve for handshakes, health checks and Redis.
+    #[arg(long, env = "RIDELOCK_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Connections (WebSockets and handshakes) from one client address at
+    /// most; past it, new ones get HTTP 429 and are closed at once. 0: no
+    /// limit (behind a reverse proxy every client has the proxy's address:
+    /// limit per client there). See docs/security.md.
+    #[arg(
+        long,
+        env = "RIDELOCK_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 1024
+    )]
+    pub max_connections_per_address: usize,
 
     /// How long a driver has to answer an offer, in milliseconds. The driver is
     /// locked for the rider this long at most.
@@ -38,17 +137,25 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_candidates: u32,
 
-    /// Requests one rider may have in flight at once.
+    /// Requests one rider may have in flight at once, over all of that
+    /// rider's connections.
     #[arg(long, env = "RIDELOCK_MAX_REQUESTS_PER_RIDER", default_value_t = 8)]
     pub max_requests_per_rider: usize,
+
+    /// Searches in flight at most, over all riders (looking, offered, or
+    /// parked waiting for a driver); past it, new requests get `overloaded`.
+    #[arg(long, env = "RIDELOCK_MAX_SEARCHES", default_value_t = 100_000)]
+    pub max_searches: usize,
 
     /// Ride requests that may wait for the matcher at once; past this, new
     /// requests are refused with `overloaded` (the matcher is behind).
     #[arg(long, env = "RIDELOCK_MAX_QUEUED_REQUESTS", default_value_t = 4096)]
     pub max_queued_requests: usize,
 
-    /// Messages per second one connection may send, sustained; bursts of twice
-    /// this are allowed. Past it the client gets `rate_limited`.
+    /// Frames per second one connection may send (text, binary and pings
+    /// alike), sustained; bursts of twice this are allowed. Past it frames
+    /// are dropped with one `rate_limited` error per second, and a connection
+    /// that keeps flooding is closed with 1008.
     #[arg(long, env = "RIDELOCK_MAX_MESSAGES_PER_S", default_value_t = 50)]
     pub max_messages_per_s: u32,
 
@@ -56,6 +163,36 @@ pub struct Config {
     /// close that connection with code 1009.
     #[arg(long, env = "RIDELOCK_MAX_MESSAGE_BYTES", default_value_t = 4096)]
     pub max_message_bytes: usize,
+
+    /// How often an idle connection is pinged, in milliseconds.
+    #[arg(long, env = "RIDELOCK_PING_INTERVAL_MS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub ping_interval_ms: u64,
+
+    /// A connection silent this long (no frame, not even a pong) is closed
+    /// with 1001, in milliseconds, so that a driver whose phone vanished stops
+    /// being offered.
+    #[arg(long, env = "RIDELOCK_CLIENT_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub client_timeout_ms: u64,
+
+    /// Longest one write to a client may take, in milliseconds; a client that
+    /// leaves its socket buffer full this long is disconnected.
+    #[arg(long, env = "RIDELOCK_WRITE_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub write_timeout_ms: u64,
+
+    /// Time a client has to send its request head and complete the HTTP
+    /// exchange or WebSocket handshake, in milliseconds.
+    #[arg(long, env = "RIDELOCK_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub handshake_timeout_ms: u64,
+
+    /// Messages the engine may queue for one connection; a client that lets
+    /// more pile up is not reading and is closed with 1008.
+    #[arg(long, env = "RIDELOCK_OUTBOX_CAPACITY", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub outbox_capacity: u32,
 
     /// Threads running driver actors (actix arbiters); 0 means one per core.
     #[arg(long, env = "RIDELOCK_DRIVER_THREADS", default_value_t = 0)]
@@ -102,6 +239,31 @@ impl Config {
     /// The search timeout as a duration.
     pub fn search_timeout(&self) -> Duration {
         Duration::from_millis(self.search_timeout_ms)
+    }
+
+    /// The ping interval as a duration.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+
+    /// The client silence timeout as a duration.
+    pub fn client_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_timeout_ms)
+    }
+
+    /// The write timeout as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// The handshake timeout as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The token leeway as a duration.
+    pub fn token_leeway(&self) -> Duration {
+        Duration::from_secs(self.token_leeway_s)
     }
 
     /// The per-server Redis timeout as a duration.

@@ -14,13 +14,15 @@ use actix::prelude::*;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::{self, Verifier};
 use crate::cluster::bus::Bus;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
+use crate::connections::ConnectionLimits;
 use crate::driver::DriverRegistry;
 use crate::ids::Ids;
 use crate::matcher::{Admission, GetStats, Matcher, MatcherStats};
-use crate::server::{self, Shared};
+use crate::server::{self, Routes, Shared};
 
 /// How long shutdown waits for connections to say goodbye.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +52,7 @@ pub enum StartError {
 /// A running engine.
 pub struct Engine {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     drained: mpsc::Receiver<()>,
@@ -77,6 +80,29 @@ async fn connect_cluster(config: &Config) -> Result<Arc<Cluster>, StartError> {
     Ok(cluster)
 }
 
+/// The token verifier `config` asks for; in open mode, `None` after a
+/// warning, and a refusal to face a network unless `--insecure-open` says so.
+fn verifier(config: &Config) -> Result<Option<Verifier>, StartError> {
+    if let Some(path) = &config.auth_secret_file {
+        let secret = auth::read_secret(path).map_err(|e| StartError::Config(e.to_string()))?;
+        return Ok(Some(Verifier::new(&secret, config.token_leeway())));
+    }
+    let exposed = [Some(config.listen), config.metrics_listen]
+        .into_iter()
+        .flatten()
+        .any(|addr| !addr.ip().is_loopback());
+    if exposed && !config.insecure_open {
+        return Err(StartError::Config(format!(
+            "refusing to serve {} without --auth-secret-file: anyone who reaches it could act as any driver or rider (pass --insecure-open to do it anyway)",
+            config.listen
+        )));
+    }
+    tracing::warn!(
+        "open mode: no --auth-secret-file, so identities are taken from the URL unverified; for local use only"
+    );
+    Ok(None)
+}
+
 impl Engine {
     /// Binds `config.listen`, starts the actors, and serves on the current
     /// tokio runtime. Returns once the engine accepts connections.
@@ -96,6 +122,26 @@ impl Engine {
             addr: config.listen,
             source,
         })?;
+        let verifier = verifier(&config)?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                server::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(listener) => Some(listener.local_addr().map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?),
+            None => None,
+        };
+        let connections = ConnectionLimits::new(
+            ConnectionLimits::total_cap(config.max_connections, crate::limits::open_file_limit()),
+            config.max_connections_per_address,
+        );
         let metrics = crate::metrics::install();
         let cluster = match config.is_cluster() {
             false => None,
@@ -151,13 +197,36 @@ impl Engine {
             matcher,
             ids,
             metrics,
+            verifier,
+            connections,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain, drained) = mpsc::channel(1);
-        let server = tokio::spawn(server::serve(listener, shared.clone(), shutdown_rx, drain));
-        tracing::info!(%local_addr, "ridelock engine serving");
+        if let Some(listener) = metrics_listener {
+            tokio::spawn(server::serve(
+                listener,
+                shared.clone(),
+                Routes::Metrics,
+                shutdown_rx.clone(),
+                drain.clone(),
+            ));
+        }
+        let server = tokio::spawn(server::serve(
+            listener,
+            shared.clone(),
+            Routes::Public,
+            shutdown_rx,
+            drain,
+        ));
+        match metrics_addr {
+            Some(metrics_addr) => {
+                tracing::info!(%local_addr, %metrics_addr, "ridelock engine serving")
+            }
+            None => tracing::info!(%local_addr, "ridelock engine serving"),
+        }
         Ok(Engine {
             local_addr,
+            metrics_addr,
             shared,
             shutdown,
             drained,
@@ -171,6 +240,11 @@ impl Engine {
     /// The address the engine serves on (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The private metrics address, with `--metrics-listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The matcher's counts.

@@ -11,12 +11,15 @@
 //! - [`spatial`]: the R-tree of available drivers, nearest first in metres;
 //! - [`driver`]: one actix actor per driver, the only owner of its lock;
 //! - [`matcher`]: the actor that turns ride requests into locked drivers;
-//! - [`protocol`], [`session`], [`server`]: the WebSocket API;
+//! - [`protocol`], [`session`], [`server`]: the WebSocket API; [`auth`]: who
+//!   a connection is (signed tokens); [`connections`]: connection caps;
 //! - [`engine`]: starts and stops it all; [`config`]: its flags.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod connections;
 pub mod driver;
 pub mod engine;
 pub mod ids;

@@ -28,6 +28,19 @@ pub fn raise_open_file_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// The open-file soft limit in force (0 if it can't be read).
+pub fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    limit.rlim_cur
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

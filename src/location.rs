@@ -2,6 +2,7 @@
 //! distance between them.
 
 use geo::{Distance, Haversine, Point};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// The sphere geo's `Haversine` measures on (GRS80 mean radius), in metres.
@@ -14,12 +15,63 @@ pub const EARTH_RADIUS_M: f64 = 6_371_008.8;
 /// Construct it with [`LatLon::new`] to have it validated; the serde
 /// representation is `{"lat": .., "lon": ..}` and is validated by the protocol
 /// layer before any engine code sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct LatLon {
     /// Latitude in degrees, -90..=90.
     pub lat: f64,
     /// Longitude in degrees, -180..=180.
     pub lon: f64,
+}
+
+/// Only `{"lat": .., "lon": ..}`: serde's derive would also take a
+/// two-element array, and `[13.40, 52.52]` in GeoJSON's lon/lat order would
+/// then silently become a pickup in the wrong place.
+impl<'de> Deserialize<'de> for LatLon {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "lowercase")]
+        enum Field {
+            Lat,
+            Lon,
+            #[serde(other)]
+            Other,
+        }
+
+        struct LatLonVisitor;
+
+        impl<'de> Visitor<'de> for LatLonVisitor {
+            type Value = LatLon;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"an object {"lat": .., "lon": ..}"#)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LatLon, A::Error> {
+                let (mut lat, mut lon) = (None, None);
+                while let Some(field) = map.next_key()? {
+                    match field {
+                        Field::Lat if lat.is_some() => {
+                            return Err(de::Error::duplicate_field("lat"))
+                        }
+                        Field::Lon if lon.is_some() => {
+                            return Err(de::Error::duplicate_field("lon"))
+                        }
+                        Field::Lat => lat = Some(map.next_value()?),
+                        Field::Lon => lon = Some(map.next_value()?),
+                        Field::Other => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(LatLon {
+                    lat: lat.ok_or_else(|| de::Error::missing_field("lat"))?,
+                    lon: lon.ok_or_else(|| de::Error::missing_field("lon"))?,
+                })
+            }
+        }
+
+        deserializer.deserialize_map(LatLonVisitor)
+    }
 }
 
 /// Why a coordinate was refused.

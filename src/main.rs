@@ -1,9 +1,10 @@
 //! The `ridelock` binary: parse flags, set up logging, serve until SIGINT or
-//! SIGTERM.
+//! SIGTERM; or `ridelock token`, which prints a signed token.
 
 use anyhow::Context;
 use clap::Parser;
-use ridelock::{Config, Engine};
+use ridelock::config::{Cli, TokenArgs, Tool};
+use ridelock::{auth, Config, Engine};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -13,7 +14,11 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let config = Config::parse();
+    let cli = Cli::parse();
+    if let Some(Tool::Token(args)) = cli.tool {
+        return print_token(args);
+    }
+    let config = cli.config;
     let open_files = ridelock::limits::raise_open_file_limit();
     tracing::info!(open_files, "open-file limit (one per connection)");
     tokio::runtime::Builder::new_multi_thread()
@@ -37,5 +42,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     engine.shutdown().await;
+    Ok(())
+}
+
+fn print_token(args: TokenArgs) -> anyhow::Result<()> {
+    auth::check_id(&args.id).context("--id")?;
+    let secret = auth::read_secret(&args.auth_secret_file)?;
+    println!("{}", auth::mint(&secret, args.role, &args.id, args.ttl));
     Ok(())
 }

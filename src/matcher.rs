@@ -272,9 +272,12 @@ pub struct Matcher {
     /// Drivers with a lock request on the way: other searches skip them.
     locking: HashSet<DriverId>,
     searches: HashMap<SearchKey, Search>,
-    /// Requests in flight per rider connection (for the per-connection limit
-    /// and to cancel them when it closes).
+    /// Requests in flight per rider connection (to cancel them when it
+    /// closes).
     by_session: HashMap<u64, HashSet<RequestId>>,
+    /// Requests in flight per rider, over all of that rider's connections
+    /// (for `--max-requests-per-rider`).
+    by_rider: HashMap<RiderId, usize>,
     /// Parked searches, oldest first, and where they wait.
     waiting: BTreeMap<u64, SearchKey>,
     waiting_at: SpatialIndex<u64>,
@@ -329,6 +332,7 @@ impl Matcher {
             locking: HashSet::new(),
             searches: HashMap::new(),
             by_session: HashMap::new(),
+            by_rider: HashMap::new(),
             waiting: BTreeMap::new(),
             waiting_at: SpatialIndex::new(),
             deadlines: BinaryHeap::new(),
@@ -593,6 +597,12 @@ impl Matcher {
                 self.by_session.remove(&search.rider.session);
             }
         }
+        if let Some(count) = self.by_rider.get_mut(&key.0) {
+            *count -= 1;
+            if *count == 0 {
+                self.by_rider.remove(&key.0);
+            }
+        }
         m::search_finished(&message, search.started.elapsed(), search.candidates_tried);
         search.rider.outbox.send(message);
     }
@@ -702,19 +712,31 @@ impl Handler<RequestRide> for Matcher {
             ));
             return;
         }
-        let in_flight = self.by_session.get(&rider.session).map_or(0, HashSet::len);
+        let in_flight = self.by_rider.get(&rider.rider_id).copied().unwrap_or(0);
         if in_flight >= self.config.max_requests_per_rider {
             m::protocol_error(ErrorCode::TooManyRequests);
             rider.outbox.send(ServerMessage::request_error(
                 ErrorCode::TooManyRequests,
                 request_id,
                 format!(
-                    "at most {} requests may be in flight per connection",
+                    "at most {} requests may be in flight per rider, over all of its connections",
                     self.config.max_requests_per_rider
                 ),
             ));
             return;
         }
+        // Parked searches hold memory and wake-up work for as long as their
+        // deadline: the total is bounded like the queue in front of it.
+        if self.searches.len() >= self.config.max_searches {
+            m::protocol_error(ErrorCode::Overloaded);
+            rider.outbox.send(ServerMessage::request_error(
+                ErrorCode::Overloaded,
+                request_id,
+                "the engine holds as many searches as it may; retry in a moment",
+            ));
+            return;
+        }
+        *self.by_rider.entry(rider.rider_id.clone()).or_insert(0) += 1;
         self.next_seq += 1;
         let seq = self.next_seq;
         self.by_session

@@ -70,6 +70,21 @@ pub const LOCATION_UPDATES: &str = "ridelock_location_updates_total";
 pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 /// Errors sent to clients by `code`.
 pub const PROTOCOL_ERRORS: &str = "ridelock_protocol_errors_total";
+/// Incoming frames dropped by a connection's rate limit.
+pub const FRAMES_DROPPED: &str = "ridelock_frames_dropped_total";
+/// Connections closed for flooding (1008).
+pub const FLOOD_CLOSES: &str = "ridelock_flood_closes_total";
+/// Connections refused before the upgrade, by `reason`: `unauthorized`
+/// (401), `origin` (403), `address_limit` (429), `connection_limit` (503).
+pub const CONNECTIONS_REFUSED: &str = "ridelock_connections_refused_total";
+
+/// The `reason` labels of [`CONNECTIONS_REFUSED`].
+pub const REFUSAL_REASONS: [&str; 4] = [
+    "unauthorized",
+    "origin",
+    "address_limit",
+    "connection_limit",
+];
 
 /// Cluster mode: one Redis lock operation across the servers, by `op`
 /// (acquire, confirm, renew, release, finish, settle).
@@ -170,6 +185,12 @@ fn describe() {
     describe_counter!(LOCATION_UPDATES, "Driver location updates");
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
+    describe_counter!(FRAMES_DROPPED, "Incoming frames dropped by rate limits");
+    describe_counter!(FLOOD_CLOSES, "Connections closed for flooding");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused before the upgrade by reason"
+    );
     describe_histogram!(REDIS_OP, Unit::Seconds, "Redis lock operations by op");
     describe_counter!(REDIS_LOCK_ERRORS, "Failed Redis lock operations by kind");
     describe_counter!(
@@ -195,8 +216,13 @@ fn preregister() {
         LOCK_REFUSALS,
         LOCATION_UPDATES,
         REDIS_QUORUM_FAILURES,
+        FRAMES_DROPPED,
+        FLOOD_CLOSES,
     ] {
         counter!(counter).increment(0);
+    }
+    for reason in REFUSAL_REASONS {
+        counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(0);
     }
     for kind in ["held", "no_quorum", "slow", "lost", "undecided"] {
         counter!(REDIS_LOCK_ERRORS, "kind" => kind).increment(0);
@@ -309,6 +335,18 @@ pub(crate) fn ws_messages_out(count: u64) {
 
 pub(crate) fn protocol_error(code: ErrorCode) {
     counter!(PROTOCOL_ERRORS, "code" => code.as_str()).increment(1);
+}
+
+pub(crate) fn frame_dropped() {
+    counter!(FRAMES_DROPPED).increment(1);
+}
+
+pub(crate) fn flood_closed() {
+    counter!(FLOOD_CLOSES).increment(1);
+}
+
+pub(crate) fn connection_refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
 pub(crate) fn redis_op(op: &'static str, elapsed: Duration, ok: bool) {

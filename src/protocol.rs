@@ -507,6 +507,42 @@ mod tests {
     }
 
     #[test]
+    fn a_pickup_must_be_an_object() {
+        // GeoJSON order ([lon, lat]) must not be read as lat/lon.
+        let e = RiderCommand::parse(
+            r#"{"type":"request_ride","request_id":"r","pickup":[13.40,52.52]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidField);
+        assert!(e.message.contains("lat"), "{}", e.message);
+        for pickup in [
+            r#"{"lat":1}"#,
+            r#"{"lat":1,"lon":2,"lat":3}"#,
+            r#""1,2""#,
+            "null",
+        ] {
+            let text = format!(r#"{{"type":"request_ride","request_id":"r","pickup":{pickup}}}"#);
+            assert_eq!(
+                code_of::<RiderCommand>(&text),
+                ErrorCode::InvalidField,
+                "{text}"
+            );
+        }
+        // Other fields beside lat and lon are ignored, as before.
+        let ok = RiderCommand::parse(
+            r#"{"type":"request_ride","request_id":"r","pickup":{"lat":1,"lon":2,"alt":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            RiderCommand::RequestRide {
+                request_id: "r".into(),
+                pickup: LatLon { lat: 1.0, lon: 2.0 }
+            }
+        );
+    }
+
+    #[test]
     fn messages_name_the_problem() {
         let e = DriverCommand::parse(r#"{"type":"location","lat":1}"#).unwrap_err();
         assert!(e.message.contains("lon"), "{}", e.message);

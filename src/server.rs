@@ -1,39 +1,45 @@
-//! The listening socket: one port for the WebSocket API, `/metrics` and
-//! `/healthz`.
+//! The listening sockets: one port for the WebSocket API, `/metrics` and
+//! `/healthz`, and optionally a private one for `/metrics` and `/healthz`.
 //!
-//! Each connection's request head is parsed with tungstenite's own HTTP parser
-//! (httparse underneath) and routed by path. WebSocket paths go through
-//! [`authenticate`], the single place that decides who a connection is, then
-//! through tungstenite's handshake, then to a [`session`](crate::session).
+//! HTTP is hyper's (HTTP/1.0 and 1.1, size and time limits, 431 and 400 for
+//! broken heads); the upgrade to a WebSocket is checked here in order: the
+//! total connection cap, the `Origin`, who the client is
+//! ([`auth::authenticate`], the one place that decides it), and the
+//! WebSocket handshake itself. Then the upgraded socket goes to a
+//! [`session`](crate::session).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use actix::Addr;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::http::{Method, Request, Response, StatusCode};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
-use tokio_tungstenite::tungstenite::handshake::server::{create_response, write_response, Request};
-use tokio_tungstenite::tungstenite::http::{Response, StatusCode};
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::handshake::server::create_response;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::auth::{self, AuthError, Identity, Role, Verifier};
 use crate::config::Config;
+use crate::connections::{ConnectionLimits, SessionGuard};
 use crate::driver::{Detach, DriverActor, DriverRegistry, FromDriver};
 use crate::ids::Ids;
 use crate::matcher::{Admission, CancelRide, Matcher, RequestRide, RiderGone, RiderLink};
+use crate::metrics as m;
 use crate::protocol::{DriverCommand, ErrorCode, RiderCommand, ServerMessage};
-use crate::session::{self, Outbox, Peer};
+use crate::session::{self, Outbox, Peer, Settings};
 
-/// Largest HTTP request head accepted.
+/// Largest HTTP request head accepted (hyper's smallest buffer); larger heads
+/// get 431.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
-/// Time a client has to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest driver or rider id accepted.
-const MAX_ID_LEN: usize = 64;
 
 /// What every connection needs from the engine.
 pub struct Shared {
@@ -49,6 +55,20 @@ pub struct Shared {
     pub ids: Arc<Ids>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Verifies client tokens; `None` in open mode.
+    pub verifier: Option<Verifier>,
+    /// Connection caps.
+    pub connections: Arc<ConnectionLimits>,
+}
+
+/// Which paths a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    /// The public port: WebSockets, `/healthz`, and `/metrics` unless it has
+    /// its own address.
+    Public,
+    /// The private metrics port: `/metrics` and `/healthz` only, no token.
+    Metrics,
 }
 
 /// Accepts connections until `shutdown` turns true. Each connection task holds
@@ -57,6 +77,7 @@ pub struct Shared {
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    routes: Routes,
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
 ) {
@@ -67,11 +88,21 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer_addr)) => {
+                let Some(address_guard) = shared.connections.admit_socket(peer_addr.ip()) else {
+                    m::connection_refused("address_limit");
+                    // Answered without reading the request: the point is to
+                    // spend nothing on this address until it closes some.
+                    let _ = stream.try_write(
+                        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 39\r\nConnection: close\r\n\r\ntoo many connections from your address\n",
+                    );
+                    continue;
+                };
                 let (shared, shutdown, drain) = (shared.clone(), shutdown.clone(), drain.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &shared, shutdown).await {
-                        tracing::debug!(%peer_addr, "connection refused: {e}");
+                    if let Err(e) = handle(stream, &shared, routes, shutdown).await {
+                        tracing::debug!(%peer_addr, "connection ended: {e}");
                     }
+                    drop(address_guard);
                     drop(drain);
                 });
             }
@@ -79,71 +110,91 @@ pub async fn serve(
                 // Out of file descriptors, typically: back off instead of
                 // spinning, and keep serving the connections already open.
                 tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-/// Who a WebSocket connection speaks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// A driver app.
-    Driver(Arc<str>),
-    /// A rider app.
-    Rider(Arc<str>),
-}
-
-/// Decides who a connection is from its request. Today the `id` query
-/// parameter is taken at its word; token authentication belongs here.
-pub fn authenticate(request: &Request) -> Result<Identity, (StatusCode, String)> {
-    let uri = request.uri();
-    let role: fn(Arc<str>) -> Identity = match uri.path() {
-        "/ws/driver" => Identity::Driver,
-        "/ws/rider" => Identity::Rider,
-        _ => return Err((StatusCode::NOT_FOUND, "no such endpoint".into())),
-    };
-    let id = uri
-        .query()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "id"))
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default();
-    if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            format!("an id query parameter of 1 to {MAX_ID_LEN} bytes is required"),
-        ));
-    }
-    Ok(role(id.into()))
+/// A WebSocket upgrade the HTTP exchange agreed to, picked up once hyper
+/// hands the socket over.
+struct Upgrade {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    identity: Identity,
+    expires_at: Option<u64>,
+    guard: SessionGuard,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ConnectionError {
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("request head not received in time")]
-    HeadTimeout,
-    #[error("bad request: {0}")]
-    BadRequest(String),
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("request not completed within the handshake timeout")]
+    Timeout,
 }
 
 async fn handle(
     stream: TcpStream,
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    routes: Routes,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
-    // The handshake's request, response and buffers are dropped before the
-    // session starts: a connection lives for hours and keeps only what it uses.
-    let Some((ws, identity)) = handshake(stream, shared).await? else {
-        return Ok(());
+    // Offers and answers are small and latency-bound.
+    stream.set_nodelay(true).ok();
+    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::default();
+    let service = {
+        let (shared, upgrade) = (shared.clone(), upgrade.clone());
+        service_fn(move |request| {
+            let response = route(request, &shared, routes, &upgrade);
+            async move { Ok::<_, Infallible>(response) }
+        })
     };
-    let (outbox, inbox) = Outbox::new();
-    let rate = shared.config.max_messages_per_s;
+    // One request per connection: a WebSocket upgrade, a health check or a
+    // scrape (every plain response says `Connection: close`; hyper's own
+    // keep-alive switch would also overwrite the upgrade's `Connection`
+    // header). The whole exchange has the handshake timeout, so a silent or
+    // slow socket costs a file descriptor for that long at most.
+    let connection = http1::Builder::new()
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::time::timeout(shared.config.handshake_timeout(), connection)
+        .await
+        .map_err(|_| ConnectionError::Timeout)??;
+    let pending = upgrade.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(pending) = pending {
+        let upgraded = pending.on_upgrade.await?;
+        let config = session::websocket_config(shared.config.max_message_bytes);
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config))
+                .await;
+        let expires = pending.expires_at.map(|exp| {
+            let left = exp.saturating_sub(auth::unix_now());
+            tokio::time::Instant::now()
+                + std::time::Duration::from_secs(left)
+                + shared.config.token_leeway()
+        });
+        run_session(ws, pending.identity, expires, shared, shutdown).await;
+        drop(pending.guard);
+    }
+    Ok(())
+}
+
+async fn run_session(
+    ws: session::Socket,
+    identity: Identity,
+    expires: Option<tokio::time::Instant>,
+    shared: &Shared,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (outbox, inbox) = Outbox::new(shared.config.outbox_capacity as usize);
+    let settings = Settings::from_config(&shared.config);
     match identity {
         Identity::Driver(driver_id) => {
             let session = shared.ids.next_session();
             let driver = shared.registry.attach(driver_id, session, outbox).await;
-            session::run(ws, DriverPeer { driver, session }, inbox, rate, shutdown).await;
+            let peer = DriverPeer { driver, session };
+            session::run(ws, peer, inbox, settings, expires, shutdown).await;
         }
         Identity::Rider(rider_id) => {
             let rider = RiderLink {
@@ -156,138 +207,217 @@ async fn handle(
                 admission: shared.admission.clone(),
                 rider,
             };
-            session::run(ws, peer, inbox, rate, shutdown).await;
+            session::run(ws, peer, inbox, settings, expires, shutdown).await;
         }
     }
-    Ok(())
 }
 
-/// Reads the request head and either answers it as plain HTTP (`None`) or
-/// completes the WebSocket handshake for a known identity.
-async fn handshake(
-    mut stream: TcpStream,
+type Body = Full<Bytes>;
+
+/// Answers one HTTP request; a WebSocket upgrade it agrees to is left in
+/// `upgrade` for [`handle`].
+fn route(
+    request: Request<Incoming>,
     shared: &Shared,
-) -> Result<Option<(WebSocketStream<TcpStream>, Identity)>, ConnectionError> {
-    // Offers and answers are small and latency-bound.
-    stream.set_nodelay(true)?;
-    let (request, leftover) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await
-    {
-        Ok(Ok(parsed)) => parsed,
-        Ok(Err(HeadError::Io(e))) => return Err(e.into()),
-        Ok(Err(HeadError::Invalid(status, why))) => {
-            respond(&mut stream, status, &why).await?;
-            return Err(ConnectionError::BadRequest(why));
-        }
-        Err(_) => return Err(ConnectionError::HeadTimeout),
-    };
-    match request.uri().path() {
-        "/metrics" => {
-            let body = shared.metrics.render();
-            respond_with(
-                &mut stream,
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                &body,
-            )
-            .await?;
-            return Ok(None);
-        }
-        "/healthz" => {
-            respond(&mut stream, StatusCode::OK, "ok").await?;
-            return Ok(None);
-        }
-        _ => {}
+    routes: Routes,
+    upgrade: &Mutex<Option<Upgrade>>,
+) -> Response<Body> {
+    let mut response = respond(request, shared, routes, upgrade);
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let identity = match authenticate(&request) {
-        Ok(identity) => identity,
-        Err((status, why)) => {
-            respond(&mut stream, status, &why).await?;
-            return Err(ConnectionError::BadRequest(why));
-        }
-    };
-    let response = match create_response(&request) {
-        Ok(response) => response,
-        Err(e) => {
-            let why = format!("not a WebSocket handshake: {e}");
-            respond(&mut stream, StatusCode::BAD_REQUEST, &why).await?;
-            return Err(ConnectionError::BadRequest(why));
-        }
-    };
-    let mut head = Vec::with_capacity(256);
-    write_response(&mut head, &response).map_err(|e| ConnectionError::BadRequest(e.to_string()))?;
-    stream.write_all(&head).await?;
-    let config = session::websocket_config(shared.config.max_message_bytes);
-    let ws =
-        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
-    Ok(Some((ws, identity)))
+    response
 }
 
-enum HeadError {
-    Io(std::io::Error),
-    Invalid(StatusCode, String),
-}
-
-/// Reads until a full request head has arrived; returns it and any bytes
-/// read past it.
-async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), HeadError> {
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        if buf.len() >= MAX_HEAD_BYTES {
-            return Err(HeadError::Invalid(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "request head too large".into(),
-            ));
-        }
-        let mut chunk = [0u8; 1024];
-        let n = stream.read(&mut chunk).await.map_err(HeadError::Io)?;
-        if n == 0 {
-            return Err(HeadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        match Request::try_parse(&buf) {
-            Ok(Some((size, request))) => return Ok((request, buf.split_off(size))),
-            Ok(None) => continue,
-            Err(e) => {
-                let status = match e {
-                    tokio_tungstenite::tungstenite::Error::Protocol(
-                        tokio_tungstenite::tungstenite::error::ProtocolError::WrongHttpMethod,
-                    ) => StatusCode::METHOD_NOT_ALLOWED,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                return Err(HeadError::Invalid(status, e.to_string()));
-            }
-        }
+fn respond(
+    mut request: Request<Incoming>,
+    shared: &Shared,
+    routes: Routes,
+    upgrade: &Mutex<Option<Upgrade>>,
+) -> Response<Body> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
+    }
+    let path = request.uri().path().to_string();
+    match (routes, path.as_str()) {
+        (_, "/healthz") => text(StatusCode::OK, "ok"),
+        (Routes::Metrics, "/metrics") => metrics(shared),
+        (Routes::Public, "/metrics") => match public_metrics_access(&request, shared) {
+            Ok(()) => metrics(shared),
+            Err(refusal) => refusal.into_response(),
+        },
+        (Routes::Public, _) => match auth::endpoint_role(&path) {
+            Some(role) => match agree_to_upgrade(&mut request, role, shared) {
+                Ok((response, pending)) => {
+                    *upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some(pending);
+                    response
+                }
+                Err(refusal) => refusal.into_response(),
+            },
+            None => text(StatusCode::NOT_FOUND, "no such endpoint"),
+        },
+        (Routes::Metrics, _) => text(
+            StatusCode::NOT_FOUND,
+            "this port serves /metrics and /healthz",
+        ),
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: StatusCode, body: &str) -> std::io::Result<()> {
-    respond_with(
-        stream,
-        status,
-        "text/plain; charset=utf-8",
-        &format!("{body}\n"),
+/// `/metrics` on the public port: open in open mode; with a secret, moved to
+/// `--metrics-listen` if that is set, else for `ops` tokens only.
+fn public_metrics_access(request: &Request<Incoming>, shared: &Shared) -> Result<(), Refusal> {
+    let Some(verifier) = &shared.verifier else {
+        return Ok(());
+    };
+    if shared.config.metrics_listen.is_some() {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "/metrics is served on the metrics address",
+        ));
+    }
+    let authorization = header_str(request, header::AUTHORIZATION);
+    auth::bearer_token(authorization, request.uri().query())
+        .ok_or(AuthError::Missing)
+        .and_then(|token| verifier.verify(&token, Role::Ops))
+        .map(|_| ())
+        .map_err(Refusal::unauthorized)
+}
+
+fn metrics(shared: &Shared) -> Response<Body> {
+    let mut response = Response::new(Body::from(shared.metrics.render()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// Checks a WebSocket upgrade request; the 101 response and what the session
+/// needs, or the refusal to send instead.
+fn agree_to_upgrade(
+    request: &mut Request<Incoming>,
+    role: Role,
+    shared: &Shared,
+) -> Result<(Response<Body>, Upgrade), Refusal> {
+    let Some(guard) = shared.connections.admit_session() else {
+        m::connection_refused("connection_limit");
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the engine holds its limit of {} connections; retry shortly",
+                shared.connections.max_sessions()
+            ),
+        ));
+    };
+    if let Err(why) = check_origin(request, &shared.config.allowed_origins) {
+        m::connection_refused("origin");
+        return Err(Refusal::new(StatusCode::FORBIDDEN, why));
+    }
+    let verified = auth::authenticate(
+        shared.verifier.as_ref(),
+        role,
+        header_str(request, header::AUTHORIZATION),
+        request.uri().query(),
     )
-    .await
+    .map_err(|e| match e {
+        // Open mode: an unusable `id` is a bad request, not a failed login.
+        AuthError::BadId(why) => Refusal::new(StatusCode::BAD_REQUEST, why),
+        e => Refusal::unauthorized(e),
+    })?;
+    // tungstenite checks the handshake (GET, HTTP/1.1, Upgrade, Connection,
+    // version 13, key) and computes the accept key.
+    let handshake = {
+        let mut head = Request::new(());
+        *head.method_mut() = request.method().clone();
+        *head.uri_mut() = request.uri().clone();
+        *head.version_mut() = request.version();
+        *head.headers_mut() = request.headers().clone();
+        head
+    };
+    let response = create_response(&handshake).map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("not a WebSocket handshake: {e}"),
+        )
+    })?;
+    let pending = Upgrade {
+        on_upgrade: hyper::upgrade::on(request),
+        identity: verified.identity,
+        expires_at: verified.expires_at,
+        guard,
+    };
+    Ok((response.map(|()| Body::default()), pending))
 }
 
-async fn respond_with(
-    stream: &mut TcpStream,
+/// A browser's `Origin` must be the engine's own or an allowed one; a request
+/// with no `Origin` is not from a browser page and is not affected. This is
+/// what stops a page on another site from opening a WebSocket with the
+/// user's cookies or a token it found (cross-site WebSocket hijacking).
+fn check_origin(request: &Request<Incoming>, allowed: &[String]) -> Result<(), String> {
+    let Some(origin) = request.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    let same_origin = header_str(request, header::HOST).is_some_and(|host| {
+        origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host))
+    });
+    if same_origin || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "origin {origin} may not open WebSockets here (see --allowed-origin)"
+        ))
+    }
+}
+
+fn header_str<B>(request: &Request<B>, name: header::HeaderName) -> Option<&str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A request refused: its status and one-line reason.
+struct Refusal {
     status: StatusCode,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let response = Response::builder()
-        .status(status)
-        .header("Content-Type", content_type)
-        .header("Content-Length", body.len())
-        .header("Connection", "close")
-        .body(())
-        .map_err(std::io::Error::other)?;
-    let mut out = Vec::with_capacity(body.len() + 128);
-    write_response(&mut out, &response).map_err(std::io::Error::other)?;
-    out.extend_from_slice(body.as_bytes());
-    stream.write_all(&out).await?;
-    stream.shutdown().await
+    reason: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    fn unauthorized(e: AuthError) -> Self {
+        m::connection_refused("unauthorized");
+        Refusal::new(StatusCode::UNAUTHORIZED, e.to_string())
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut response = text(self.status, &self.reason);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ridelock\""),
+            );
+        }
+        response
+    }
+}
+
+/// A plain-text response: one line and a newline.
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(Body::from(format!("{body}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// A driver connection hands commands to the driver's actor.
@@ -360,7 +490,7 @@ impl Peer for RiderPeer {
     }
 }
 
-/// Binds the listener (separate so callers can learn the port first).
+/// Binds a listener (separate so callers can learn the port first).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }

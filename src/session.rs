@@ -6,12 +6,12 @@
 //! A session never blocks on an actor: commands go by `do_send`, answers come
 //! back through the connection's [`Outbox`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use std::sync::Arc;
-use tokio::net::TcpStream;
-
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
@@ -20,23 +20,50 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::config::Config;
 use crate::metrics as m;
 use crate::protocol::{Command, ErrorCode, ServerMessage};
 
-/// Messages the engine may queue for one connection before it is judged not
-/// to be reading and is dropped.
-pub const OUTBOX_CAPACITY: usize = 256;
-/// How often the engine pings an idle connection.
-pub const PING_INTERVAL: Duration = Duration::from_secs(20);
-/// A connection silent for this long (no frame, not even a pong) is dropped,
-/// so that a driver whose phone vanished stops being offered.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest a write may take: a client that lets its socket buffer fill for
-/// this long is not reading, and is disconnected rather than left to pin its
-/// session.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An upgraded client connection.
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
 /// Most outgoing messages written before one flush.
 const WRITE_BATCH: u64 = 64;
+/// Over-limit frames are answered with one `rate_limited` error per window,
+/// not one each: a flood must not make the engine write a flood back.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A connection that has sent this many seconds' worth of its allowance
+/// beyond the limit, without one quiet window in between, is flooding and is
+/// closed with 1008.
+const FLOOD_SECONDS: u32 = 10;
+/// Longest the close handshake may take once the engine decided to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How one connection is run: the limits and timers from the engine's
+/// configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Frames per second allowed, sustained (bursts of twice that).
+    pub max_messages_per_s: u32,
+    /// How often the engine pings.
+    pub ping_interval: Duration,
+    /// Silence after which the connection is closed with 1001.
+    pub client_timeout: Duration,
+    /// Longest one write may take.
+    pub write_timeout: Duration,
+}
+
+impl Settings {
+    /// The settings `config` asks for.
+    pub fn from_config(config: &Config) -> Self {
+        Settings {
+            max_messages_per_s: config.max_messages_per_s,
+            ping_interval: config.ping_interval(),
+            client_timeout: config.client_timeout(),
+            write_timeout: config.write_timeout(),
+        }
+    }
+}
 
 /// Where the engine's messages for one connection go. Sending never waits: a
 /// full outbox means the client stopped reading, and the sender drops it.
@@ -59,9 +86,10 @@ pub struct Inbox {
 }
 
 impl Outbox {
-    /// A new outbox and the receiving end its session drains.
-    pub fn new() -> (Outbox, Inbox) {
-        let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
+    /// A new outbox holding up to `capacity` messages, and the receiving end
+    /// its session drains.
+    pub fn new(capacity: usize) -> (Outbox, Inbox) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
         let overflowed = Arc::new(Notify::new());
         let inbox = Inbox {
             queue: rx,
@@ -115,35 +143,76 @@ pub trait Peer: Send + 'static {
     fn closed(self);
 }
 
-/// Per-connection allowance of messages: a token bucket, so a flood gets
-/// `rate_limited` errors while normal bursts pass.
+/// Per-connection allowance of frames: a token bucket, so normal bursts pass
+/// and a flood is dropped, answered once per [`RATE_WINDOW`], and closed when
+/// it goes on.
 struct RateLimit {
     per_s: f64,
     burst: f64,
     tokens: f64,
     refilled: Instant,
+    window_started: Instant,
+    dropped_in_window: u32,
+    told_in_window: bool,
+    /// Frames dropped since the last window in which none was.
+    excess: u32,
+    excess_limit: u32,
+}
+
+/// What to do with one incoming frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Allow,
+    /// Drop it and say why (the first drop of a window).
+    DropAndTell,
+    /// Drop it silently.
+    Drop,
+    /// The connection keeps flooding: close it.
+    Close,
 }
 
 impl RateLimit {
-    fn new(per_s: u32) -> Self {
-        let per_s = f64::from(per_s.max(1));
+    fn new(per_s: u32, now: Instant) -> Self {
+        let per_s = per_s.max(1);
+        let rate = f64::from(per_s);
         RateLimit {
-            per_s,
-            burst: per_s * 2.0,
-            tokens: per_s * 2.0,
-            refilled: Instant::now(),
+            per_s: rate,
+            burst: rate * 2.0,
+            tokens: rate * 2.0,
+            refilled: now,
+            window_started: now,
+            dropped_in_window: 0,
+            told_in_window: false,
+            excess: 0,
+            excess_limit: per_s.saturating_mul(FLOOD_SECONDS),
         }
     }
 
-    fn allow(&mut self, now: Instant) -> bool {
+    fn check(&mut self, now: Instant) -> Verdict {
+        if now.duration_since(self.window_started) >= RATE_WINDOW {
+            if self.dropped_in_window == 0 {
+                self.excess = 0;
+            }
+            self.window_started = now;
+            self.dropped_in_window = 0;
+            self.told_in_window = false;
+        }
         let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_s;
         self.tokens = (self.tokens + earned).min(self.burst);
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            return Verdict::Allow;
+        }
+        self.dropped_in_window += 1;
+        self.excess += 1;
+        if self.excess > self.excess_limit {
+            Verdict::Close
+        } else if !self.told_in_window {
+            self.told_in_window = true;
+            Verdict::DropAndTell
         } else {
-            false
+            Verdict::Drop
         }
     }
 }
@@ -156,119 +225,177 @@ fn close_frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
     })
 }
 
-/// Runs one connection until it closes, the engine drops it, or the engine
-/// shuts down.
+/// Waits until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs one connection until it closes, the engine drops it, its token
+/// expires (`expires`), or the engine shuts down.
 pub async fn run<P: Peer>(
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: Socket,
     mut peer: P,
     mut outbox: Inbox,
-    max_messages_per_s: u32,
+    settings: Settings,
+    expires: Option<Instant>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     m::connection_opened(P::ROLE);
-    let mut rate = RateLimit::new(max_messages_per_s);
-    let mut heartbeat = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    let per_s = settings.max_messages_per_s;
+    let write_timeout = settings.write_timeout;
+    let mut rate = RateLimit::new(per_s, Instant::now());
+    let mut heartbeat = tokio::time::interval_at(
+        Instant::now() + settings.ping_interval,
+        settings.ping_interval,
+    );
     let mut last_heard = Instant::now();
+    let token_expiry = sleep_until_some(expires);
+    tokio::pin!(token_expiry);
     let close = loop {
         tokio::select! {
             incoming = ws.next() => {
                 let now = Instant::now();
-                match incoming {
-                    Some(Ok(Message::Text(text))) => {
-                        last_heard = now;
+                let frame = match incoming {
+                    Some(Ok(Message::Close(_))) | None => break Closing::ByPeer,
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => break Closing::after_error(P::ROLE, e),
+                };
+                last_heard = now;
+                // Every frame the client sends costs the engine work, so every
+                // kind counts against the allowance, pings included.
+                let verdict = rate.check(now);
+                let reply = match (verdict, frame) {
+                    (Verdict::Close, _) => {
+                        m::flood_closed();
+                        break Closing::Engine(close_frame(CloseCode::Policy, "flooding: too many frames for too long"));
+                    }
+                    (Verdict::Drop, _) => { m::frame_dropped(); None }
+                    (Verdict::DropAndTell, _) => {
+                        m::frame_dropped();
+                        Some(ServerMessage::error(
+                            ErrorCode::RateLimited,
+                            format!("at most {per_s} messages per second; frames past it are dropped (this notice comes once a second)"),
+                        ))
+                    }
+                    (Verdict::Allow, Message::Text(text)) => {
                         m::ws_message_in();
-                        let reply = if !rate.allow(now) {
-                            Some(ServerMessage::error(
-                                ErrorCode::RateLimited,
-                                format!("at most {max_messages_per_s} messages per second; this one was dropped"),
-                            ))
-                        } else {
-                            match P::Command::parse(&text) {
-                                Ok(command) => peer.deliver(command).err(),
-                                Err(e) => Some(e.into()),
-                            }
-                        };
-                        if let Some(reply) = reply {
-                            if write_error(&mut ws, reply).await.is_err() {
-                                break None;
-                            }
+                        match P::Command::parse(&text) {
+                            Ok(command) => peer.deliver(command).err(),
+                            Err(e) => Some(e.into()),
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        last_heard = now;
-                        let reply = ServerMessage::error(ErrorCode::BinaryNotSupported, "send JSON in text frames");
-                        if write_error(&mut ws, reply).await.is_err() {
-                            break None;
-                        }
+                    (Verdict::Allow, Message::Binary(_)) => {
+                        Some(ServerMessage::error(ErrorCode::BinaryNotSupported, "send JSON in text frames"))
                     }
-                    // tungstenite answers pings and close frames by itself.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => last_heard = now,
-                    Some(Ok(Message::Close(_))) | None => break None,
-                    Some(Err(WsError::Capacity(e))) => {
-                        tracing::debug!(role = P::ROLE, "closing connection: {e}");
-                        let reason = match e {
-                            CapacityError::MessageTooLong { .. } => "message too big",
-                            _ => "frame too big",
-                        };
-                        break close_frame(CloseCode::Size, reason);
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(role = P::ROLE, "connection error: {e}");
-                        break None;
+                    // tungstenite answers pings by itself.
+                    (Verdict::Allow, _) => None,
+                };
+                if let Some(reply) = reply {
+                    if write_error(&mut ws, reply, write_timeout).await.is_err() {
+                        break Closing::Dropped;
                     }
                 }
             }
             message = outbox.queue.recv() => match message {
                 Some(message) => {
-                    if within_write_timeout(write_batch(&mut ws, message, &mut outbox.queue)).await.is_err() {
-                        break None;
+                    if within(write_timeout, write_batch(&mut ws, message, &mut outbox.queue)).await.is_err() {
+                        break Closing::Dropped;
                     }
                 }
                 // Every sender is gone: the driver's actor let go of this
                 // connection (a newer one replaced it, or this one stopped
                 // reading). It gets nothing more.
-                None => break close_frame(CloseCode::Policy, "replaced by a newer connection, or not reading"),
+                None => break Closing::Engine(close_frame(CloseCode::Policy, "replaced by a newer connection, or not reading")),
             },
             _ = outbox.overflowed.notified() => {
-                break close_frame(CloseCode::Policy, "not reading its messages");
+                break Closing::Engine(close_frame(CloseCode::Policy, "not reading its messages"));
             }
             _ = heartbeat.tick() => {
-                if last_heard.elapsed() > CLIENT_TIMEOUT {
-                    break close_frame(CloseCode::Away, "no frames within the client timeout");
+                if last_heard.elapsed() > settings.client_timeout {
+                    break Closing::Engine(close_frame(CloseCode::Away, "no frames within the client timeout"));
                 }
-                if within_write_timeout(ws.send(Message::Ping(Default::default()))).await.is_err() {
-                    break None;
+                if within(write_timeout, ws.send(Message::Ping(Default::default()))).await.is_err() {
+                    break Closing::Dropped;
                 }
             }
-            _ = shutdown.changed() => break close_frame(CloseCode::Away, "server shutting down"),
+            _ = &mut token_expiry => {
+                break Closing::Engine(close_frame(CloseCode::Policy, "token expired: reconnect with a fresh one"));
+            }
+            _ = shutdown.changed() => break Closing::Engine(close_frame(CloseCode::Away, "server shutting down")),
         }
     };
     // Let go of the driver or the searches first: the engine must stop
     // counting on this client at once, not after a slow close handshake.
     peer.closed();
     m::connection_closed(P::ROLE);
-    if close.is_some() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(close)).await;
+    match close {
+        // tungstenite queued the reply to the client's close frame; close()
+        // flushes it, so the client sees its own code echoed, not 1006.
+        Closing::ByPeer => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+        }
+        Closing::Engine(frame) => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(frame)).await;
+        }
+        Closing::Dropped => {}
+    }
+}
+
+/// Why the session loop ended.
+enum Closing {
+    /// The client sent a close frame (or its stream ended).
+    ByPeer,
+    /// The engine closes, with this frame.
+    Engine(Option<CloseFrame>),
+    /// The socket is unusable: nothing more can be written.
+    Dropped,
+}
+
+impl Closing {
+    /// The close that follows a read error: too large a message is 1009, a
+    /// broken frame 1002, text that is not UTF-8 1007; an I/O error leaves
+    /// nothing to close.
+    fn after_error(role: &'static str, e: WsError) -> Closing {
+        tracing::debug!(role, "connection error: {e}");
+        match e {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+                Closing::Engine(close_frame(CloseCode::Size, "message too big"))
+            }
+            WsError::Capacity(_) => Closing::Engine(close_frame(CloseCode::Size, "frame too big")),
+            WsError::Protocol(_) => Closing::Engine(close_frame(
+                CloseCode::Protocol,
+                "WebSocket protocol violation",
+            )),
+            WsError::Utf8(_) => Closing::Engine(close_frame(
+                CloseCode::Invalid,
+                "text frame is not valid UTF-8",
+            )),
+            _ => Closing::Dropped,
+        }
     }
 }
 
 async fn write_error(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut Socket,
     message: ServerMessage,
+    write_timeout: Duration,
 ) -> Result<(), WsError> {
     if let ServerMessage::Error { code, .. } = &message {
         m::protocol_error(*code);
     }
     m::ws_messages_out(1);
-    within_write_timeout(ws.send(encode(&message))).await
+    within(write_timeout, ws.send(encode(&message))).await
 }
 
-/// Runs a write, failing it if the client hasn't taken it within
-/// [`WRITE_TIMEOUT`].
-async fn within_write_timeout(
+/// Runs a write, failing it if the client hasn't taken it within `limit`.
+async fn within(
+    limit: Duration,
     write: impl std::future::Future<Output = Result<(), WsError>>,
 ) -> Result<(), WsError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+    match tokio::time::timeout(limit, write).await {
         Ok(result) => result,
         Err(_) => Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
     }
@@ -276,7 +403,7 @@ async fn within_write_timeout(
 
 /// Writes `first` and whatever else is already queued, then flushes once.
 async fn write_batch(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut Socket,
     first: Box<ServerMessage>,
     outbox: &mut mpsc::Receiver<Box<ServerMessage>>,
 ) -> Result<(), WsError> {
@@ -299,4 +426,64 @@ fn encode(message: &ServerMessage) -> Message {
     // Serialising these types cannot fail: plain structs and enums, no maps
     // with non-string keys, no custom serialisers that error.
     Message::text(serde_json::to_string(message).expect("server messages always serialise"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_passes_and_a_flood_is_told_once_per_window_then_closed() {
+        let start = Instant::now();
+        let mut rate = RateLimit::new(10, start);
+        // The burst: twice the rate.
+        for _ in 0..20 {
+            assert_eq!(rate.check(start), Verdict::Allow);
+        }
+        assert_eq!(rate.check(start), Verdict::DropAndTell);
+        for _ in 0..50 {
+            assert_eq!(rate.check(start), Verdict::Drop);
+        }
+        // A new window: told again, and one token earned per 100 ms.
+        let later = start + RATE_WINDOW;
+        let mut verdicts: Vec<Verdict> = (0..12).map(|_| rate.check(later)).collect();
+        assert_eq!(
+            verdicts.iter().filter(|v| **v == Verdict::Allow).count(),
+            10
+        );
+        assert_eq!(
+            verdicts
+                .iter()
+                .filter(|v| **v == Verdict::DropAndTell)
+                .count(),
+            1
+        );
+        verdicts.clear();
+        // 10 s worth of allowance (100 frames) beyond the limit closes it.
+        let mut closed = false;
+        for _ in 0..100 {
+            if rate.check(later) == Verdict::Close {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "a flood past {FLOOD_SECONDS} s of allowance closes");
+    }
+
+    #[test]
+    fn a_quiet_window_forgives_earlier_excess() {
+        let start = Instant::now();
+        let mut rate = RateLimit::new(1, start);
+        let mut now = start;
+        // Three frames a second at a limit of one: dropped, told, never
+        // closed as long as a window without drops follows each burst.
+        for _ in 0..100 {
+            for _ in 0..3 {
+                assert_ne!(rate.check(now), Verdict::Close);
+            }
+            now += RATE_WINDOW;
+            assert_eq!(rate.check(now), Verdict::Allow); // refilled
+            now += RATE_WINDOW * 3;
+        }
+    }
 }

@@ -308,7 +308,7 @@ async fn a_node_that_dies_frees_its_drivers_for_the_others() {
         "--node-id",
         "b",
     ]);
-    let b_addr = b_addr.parse().unwrap();
+    let b_addr: std::net::SocketAddr = b_addr.parse().unwrap();
 
     // A driver on b, offered to a rider on a: the lock is b's driver actor's.
     let mut on_b = Client::connect(b_addr, "driver", "d").await;

@@ -18,8 +18,12 @@ const LON: f64 = 13.4050;
 /// so one's traffic never shows up in the other's deltas.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Scrapes `/metrics` the way a Prometheus with an `ops` token does.
 async fn scrape(addr: SocketAddr) -> String {
-    let response = common::http_get(addr, "/metrics").await;
+    let token = common::token(ridelock::auth::Role::Ops, "prometheus");
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let response = common::http_raw(addr, &request).await;
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");

@@ -39,11 +39,9 @@ async fn sigterm_closes_connections_and_exits_cleanly() {
     let health = common::http_get(&addr, "/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/driver?id=d"))
-        .await
-        .expect("connects");
+    let mut driver = common::Client::connect(&addr, "driver", "d").await;
     signal(&child, "TERM");
-    let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+    let frame = tokio::time::timeout(Duration::from_secs(10), driver.ws.next())
         .await
         .expect("the engine closes the connection");
     match frame {

@@ -4,25 +4,49 @@
 pub mod redis;
 pub mod scenario;
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use ridelock::auth::{self, Role};
 use ridelock::matcher::MatcherStats;
 use ridelock::protocol::ServerMessage;
 use ridelock::{Config, Engine};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How long a test waits for a message it expects.
 pub const EXPECT_WITHIN: Duration = Duration::from_secs(5);
 
-/// A config for tests: ephemeral port, everything else default unless changed.
+/// The file with the secret every test engine verifies tokens with.
+pub fn secret_file() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/auth-secret"
+    ))
+}
+
+/// The test secret itself (the file's bytes, trimmed, as the engine reads it).
+pub fn secret() -> Vec<u8> {
+    auth::read_secret(&secret_file()).expect("the test secret is readable")
+}
+
+/// A token for `id` in `role`, valid for an hour.
+pub fn token(role: Role, id: &str) -> String {
+    auth::mint(&secret(), role, id, Duration::from_secs(3600))
+}
+
+/// A config for tests: ephemeral port, tokens verified with the test
+/// secret and no leeway, everything else default unless changed.
 pub fn config(adjust: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        auth_secret_file: Some(secret_file()),
+        token_leeway_s: 0,
         ..Config::default()
     };
     adjust(&mut config);
@@ -84,13 +108,62 @@ pub async fn http_get(addr: impl tokio::net::ToSocketAddrs, path: &str) -> Strin
     response
 }
 
-/// Starts the `ridelock` binary with `args` (add `--listen 127.0.0.1:0` for
-/// an ephemeral port); returns it and the address it logged. Its log is
+/// Sends `request` (a whole raw HTTP request) over a fresh TCP connection;
+/// the whole response.
+pub async fn http_raw(addr: impl tokio::net::ToSocketAddrs, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Tries a WebSocket upgrade to `path` with extra `headers`; the client, or
+/// the refusal's status and body.
+pub async fn try_upgrade(
+    addr: impl std::fmt::Display,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, (u16, String)> {
+    use tokio_tungstenite::tungstenite::Error;
+    let mut request = format!("ws://{addr}{path}")
+        .into_client_request()
+        .expect("a valid URL");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(Client {
+            ws,
+            id: path.to_string(),
+        }),
+        Err(Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err((response.status().as_u16(), body))
+        }
+        Err(e) => panic!("{path}: neither upgraded nor refused: {e}"),
+    }
+}
+
+/// Starts the `ridelock` binary with the test secret and `args` (add
+/// `--listen 127.0.0.1:0` for an ephemeral port); returns it and the address
+/// it logged. Its log is
 /// drained on a thread so it never blocks on a full pipe.
 pub fn spawn_engine(args: &[&str]) -> (EngineProcess, String) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
+    let secret = secret_file();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ridelock"))
+        .arg("--auth-secret-file")
+        .arg(&secret)
         .args(args)
         .env(
             "RUST_LOG",
@@ -165,11 +238,39 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn connect(addr: SocketAddr, role: &str, id: &str) -> Client {
-        let url = format!("ws://{addr}/ws/{role}?id={id}");
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+    /// Connects as `id` in `role` ("driver" or "rider") with a token for it
+    /// in the `Authorization` header.
+    pub async fn connect(addr: impl std::fmt::Display, role: &str, id: &str) -> Client {
+        let token = token(role.parse().expect("a role"), id);
+        Client::connect_with(addr, role, "", Some(&token), id).await
+    }
+
+    /// Connects to an open-mode engine, the id in the URL.
+    pub async fn connect_open(addr: impl std::fmt::Display, role: &str, id: &str) -> Client {
+        Client::connect_with(addr, role, &format!("?id={id}"), None, id).await
+    }
+
+    /// Connects to `/ws/{role}{query}`, with `bearer` in the `Authorization`
+    /// header if given; `id` names the client in failures.
+    pub async fn connect_with(
+        addr: impl std::fmt::Display,
+        role: &str,
+        query: &str,
+        bearer: Option<&str>,
+        id: &str,
+    ) -> Client {
+        let mut request = format!("ws://{addr}/ws/{role}{query}")
+            .into_client_request()
+            .expect("a valid URL");
+        if let Some(token) = bearer {
+            request.headers_mut().insert(
+                "Authorization",
+                format!("Bearer {token}").parse().expect("a header value"),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request)
             .await
-            .expect("connects");
+            .unwrap_or_else(|e| panic!("{id}: connects: {e}"));
         Client {
             ws,
             id: id.to_string(),
