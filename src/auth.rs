@@ -223,7 +223,9 @@ impl Verifier {
                 needed: role.as_str(),
             });
         }
-        check_id(&claims.sub)?;
+        // A signed token with an unusable id is the issuer's mistake, but
+        // still not a login: 401 like any other invalid token.
+        check_id(&claims.sub).map_err(|e| AuthError::Invalid(format!("sub: {e}")))?;
         Ok(claims)
     }
 }
@@ -387,7 +389,7 @@ mod tests {
             assert!(
                 matches!(
                     verifier().verify(&token, Role::Rider),
-                    Err(AuthError::BadId(_))
+                    Err(AuthError::Invalid(_))
                 ),
                 "{sub:?}"
             );

@@ -332,13 +332,24 @@ pub async fn run<P: Peer>(
     peer.closed();
     m::connection_closed(P::ROLE);
     match close {
-        // tungstenite queued the reply to the client's close frame; close()
-        // flushes it, so the client sees its own code echoed, not 1006.
+        // tungstenite queued the reply to the client's close frame; a flush
+        // writes it, so the client sees its own code echoed, not 1006.
+        // (close() would refuse: tungstenite sends nothing after a close.)
         Closing::ByPeer => {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
         }
+        // Send the close frame, then read (and discard) until the client's
+        // reply: closing a socket with unread input makes the kernel reset
+        // it, and a reset can destroy the close frame before the client reads
+        // it. Bounded by CLOSE_TIMEOUT, so a client that keeps sending costs
+        // no more than that.
         Closing::Engine(frame) => {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(frame)).await;
+            let handshake = async {
+                if ws.close(frame).await.is_ok() {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
         }
         Closing::Dropped => {}
     }
