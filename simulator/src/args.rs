@@ -5,6 +5,32 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+/// How ride requests reach the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RiderMode {
+    /// Each request is a rider of its own, as in a city: connect, request,
+    /// wait for the final message, close. The engine's production limits
+    /// (requests per rider, messages per second) hold as they are.
+    Person,
+    /// Requests spread over `--rider-connections` long-lived connections of a
+    /// few riders: cheaper for the simulator, but the engine's per-rider and
+    /// rate limits must be lifted for it.
+    Pooled,
+}
+
+/// What a flooding connection sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FloodKind {
+    /// Valid `cancel` messages (parsed and answered by the engine).
+    Text,
+    /// Binary frames.
+    Binary,
+    /// WebSocket pings.
+    Ping,
+}
+
 /// A preset load shape; every value can be overridden by its flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
@@ -39,9 +65,26 @@ pub struct Args {
     /// Ride requests per second (Poisson arrivals) in the steady phase.
     #[arg(long)]
     pub riders_per_s: Option<f64>,
-    /// Rider connections the requests are spread over.
+    /// How riders connect (default: person).
+    #[arg(long, value_enum)]
+    pub riders: Option<RiderMode>,
+    /// With `--riders pooled`: the rider connections requests are spread over.
     #[arg(long)]
     pub rider_connections: Option<usize>,
+    /// The secret the engine verifies tokens with: every client then connects
+    /// with a token minted from it (`Authorization: Bearer`), as real apps
+    /// do, and `/metrics` is scraped with an `ops` token. Without it, clients
+    /// put their id in the URL (an engine in open mode).
+    #[arg(long, env = "RIDELOCK_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Flooding connections beside the load, during the steady phase: each
+    /// sends frames as fast as it can and reconnects when the engine closes
+    /// it, to measure what a flood costs everybody else.
+    #[arg(long, default_value_t = 0)]
+    pub flood: usize,
+    /// What the flooding connections send.
+    #[arg(long, value_enum, default_value_t = FloodKind::Text)]
+    pub flood_kind: FloodKind,
     /// Length of the steady phase that the rates are measured over (`20s`, `5m`).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
@@ -109,7 +152,12 @@ pub struct Plan {
     pub scenario: String,
     pub drivers: usize,
     pub riders_per_s: f64,
+    pub riders: RiderMode,
     pub rider_connections: usize,
+    /// Whether clients connect with tokens.
+    pub authenticated: bool,
+    pub flood: usize,
+    pub flood_kind: FloodKind,
     #[serde(with = "humantime_serde_secs")]
     pub duration: Duration,
     #[serde(with = "humantime_serde_secs")]
@@ -233,6 +281,16 @@ impl Scenario {
 }
 
 impl Args {
+    /// The token secret, if `--auth-secret-file` was given (read the way the
+    /// engine reads it).
+    pub fn secret(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.auth_secret_file
+            .as_deref()
+            .map(ridelock::auth::read_secret)
+            .transpose()
+            .map_err(Into::into)
+    }
+
     /// The preset with every given flag applied; checks the result makes sense.
     pub fn plan(&self) -> anyhow::Result<Plan> {
         let p = self.scenario.preset();
@@ -246,7 +304,14 @@ impl Args {
             scenario: format!("{:?}", self.scenario).to_lowercase(),
             drivers: self.drivers.unwrap_or(p.drivers),
             riders_per_s: self.riders_per_s.unwrap_or(p.riders_per_s),
-            rider_connections: self.rider_connections.unwrap_or(p.rider_connections),
+            riders: self.riders.unwrap_or(RiderMode::Person),
+            rider_connections: match self.riders {
+                Some(RiderMode::Pooled) => self.rider_connections.unwrap_or(p.rider_connections),
+                _ => 0,
+            },
+            authenticated: self.auth_secret_file.is_some(),
+            flood: self.flood,
+            flood_kind: self.flood_kind,
             duration: self.duration.unwrap_or(p.duration),
             ramp: self.ramp.unwrap_or(p.ramp),
             drain: self.drain.unwrap_or(p.drain),
@@ -275,8 +340,12 @@ impl Args {
             "--accept-prob plus --no-answer-prob must not exceed 1"
         );
         anyhow::ensure!(
-            plan.rider_connections > 0,
+            plan.riders == RiderMode::Person || plan.rider_connections > 0,
             "--rider-connections must be at least 1"
+        );
+        anyhow::ensure!(
+            plan.riders == RiderMode::Pooled || self.rider_connections.is_none(),
+            "--rider-connections is for --riders pooled"
         );
         anyhow::ensure!(
             plan.riders_per_s >= 0.0 && plan.riders_per_s.is_finite(),

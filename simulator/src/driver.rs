@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use ridelock::auth::Role;
 use ridelock::protocol::{DriverCommand, RevokeReason, ServerMessage};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -54,7 +55,8 @@ pub async fn run(
     let id = format!("sim-d{n}");
     let target = shared.target_for(n);
     let source = target.source_for(n, shared.total_connections);
-    let ws = match target.connect(&format!("/ws/driver?id={id}"), source).await {
+    let (path, token) = shared.credentials(Role::Driver, &id);
+    let ws = match target.connect(&path, token.as_deref(), source).await {
         Ok(ws) => ws,
         Err(e) => return shared.stats.connect_failed(&e),
     };

@@ -12,6 +12,7 @@ pub mod arrivals;
 pub mod checker;
 pub mod city;
 mod driver;
+mod flood;
 pub mod net;
 pub mod report;
 mod rider;

@@ -21,11 +21,17 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<u64> {
     let args = Args::parse();
     let plan = args.plan()?;
+    let secret = args.secret()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let report = runtime.block_on(simulator::run::run(plan, &args.engine_pid, !args.quiet))?;
+    let report = runtime.block_on(simulator::run::run(
+        plan,
+        secret,
+        &args.engine_pid,
+        !args.quiet,
+    ))?;
     print!("{}", report.table());
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)?;

@@ -9,9 +9,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 
 /// Connections per loopback source address. One address has ~28k ephemeral
-/// ports towards one server port (Linux's default range 32768–60999); staying
-/// well below leaves room for ports in TIME_WAIT.
-pub const CONNECTIONS_PER_SOURCE: usize = 20_000;
+/// ports towards one server port (Linux's default range 32768–60999), and the
+/// engine by default takes at most 1,024 connections from one address
+/// (`--max-connections-per-address`): staying below both keeps the
+/// simulator within the limits a production engine runs with.
+pub const CONNECTIONS_PER_SOURCE: usize = 1_000;
 
 /// A client WebSocket.
 pub type Ws = WebSocketStream<TcpStream>;
@@ -23,6 +25,8 @@ pub struct Target {
     pub authority: String,
     /// The resolved address.
     pub addr: SocketAddr,
+    /// An `ops` token for `/metrics`, when the engine verifies tokens.
+    pub ops_token: Option<String>,
 }
 
 impl Target {
@@ -38,7 +42,11 @@ impl Target {
             .with_context(|| format!("resolving {authority}"))?
             .next()
             .with_context(|| format!("{authority} resolves to nothing"))?;
-        Ok(Target { authority, addr })
+        Ok(Target {
+            authority,
+            addr,
+            ops_token: None,
+        })
     }
 
     /// The source address for the `n`th connection: spread over 127.0.0.1,
@@ -47,7 +55,7 @@ impl Target {
     pub fn source_for(&self, n: usize, total: usize) -> Option<IpAddr> {
         match self.addr.ip() {
             IpAddr::V4(ip) if ip.is_loopback() => {
-                let sources = total.div_ceil(CONNECTIONS_PER_SOURCE).clamp(1, 250);
+                let sources = total.div_ceil(CONNECTIONS_PER_SOURCE).clamp(1, 254);
                 Some(IpAddr::V4(Ipv4Addr::new(
                     127,
                     0,
@@ -59,8 +67,15 @@ impl Target {
         }
     }
 
-    /// Opens a WebSocket to `path` (e.g. `/ws/driver?id=d1`).
-    pub async fn connect(&self, path: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
+    /// Opens a WebSocket to `path` (e.g. `/ws/driver?id=d1`), with `token`
+    /// in the `Authorization` header if given.
+    pub async fn connect(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        source: Option<IpAddr>,
+    ) -> anyhow::Result<Ws> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -76,9 +91,14 @@ impl Target {
             .await
             .with_context(|| format!("connecting to {}", self.addr))?;
         stream.set_nodelay(true)?;
-        let url = format!("ws://{}{path}", self.authority);
+        let mut request = format!("ws://{}{path}", self.authority).into_client_request()?;
+        if let Some(token) = token {
+            request
+                .headers_mut()
+                .insert("Authorization", format!("Bearer {token}").parse()?);
+        }
         let (ws, _) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(client_config()))
+            tokio_tungstenite::client_async_with_config(request, stream, Some(client_config()))
                 .await
                 .context("WebSocket handshake")?;
         Ok(ws)
@@ -87,8 +107,13 @@ impl Target {
     /// `GET path` over plain HTTP; the body.
     pub async fn http_get(&self, path: &str) -> anyhow::Result<String> {
         let mut stream = TcpStream::connect(self.addr).await?;
+        let authorization = self
+            .ops_token
+            .as_ref()
+            .map(|token| format!("Authorization: Bearer {token}\r\n"))
+            .unwrap_or_default();
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{authorization}Connection: close\r\n\r\n",
             self.authority
         );
         stream.write_all(request.as_bytes()).await?;
@@ -172,18 +197,25 @@ mod tests {
         let target = Target {
             authority: "127.0.0.1:8080".into(),
             addr: "127.0.0.1:8080".parse().unwrap(),
+            ops_token: None,
         };
         assert_eq!(
             target.source_for(5, 100),
             Some("127.0.0.1".parse().unwrap())
         );
-        let sources: std::collections::HashSet<_> = (0..100_000)
-            .map(|n| target.source_for(n, 100_000).unwrap())
-            .collect();
-        assert_eq!(sources.len(), 5);
+        let mut per_source = std::collections::HashMap::new();
+        for n in 0..100_000 {
+            *per_source
+                .entry(target.source_for(n, 100_000).unwrap())
+                .or_insert(0) += 1;
+        }
+        // Within the engine's default of 1,024 connections per address.
+        assert_eq!(per_source.len(), 100);
+        assert!(per_source.values().all(|&n| n <= CONNECTIONS_PER_SOURCE));
         let remote = Target {
             authority: "10.0.0.1:80".into(),
             addr: "10.0.0.1:80".parse().unwrap(),
+            ops_token: None,
         };
         assert_eq!(remote.source_for(1, 10), None);
     }

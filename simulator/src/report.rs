@@ -91,6 +91,10 @@ pub struct Report {
     pub driver_errors: u64,
     pub rider_errors: u64,
     pub dropped_arrivals: u64,
+    /// Frames the flooding connections sent (`--flood`).
+    pub flood_frames: u64,
+    /// Flooding connections the engine closed.
+    pub flood_closes: u64,
 }
 
 impl Report {
@@ -100,8 +104,17 @@ impl Report {
         let p = &self.plan;
         let _ = writeln!(
             out,
-            "scenario {} against {}: {} drivers, {} rider connections, {:.0} requests/s offered, {:.1} s",
-            p.scenario, p.url, p.drivers, p.rider_connections, p.riders_per_s, self.elapsed_s
+            "scenario {} against {}: {} drivers, riders {}, {:.0} requests/s offered, {:.1} s",
+            p.scenario,
+            p.url,
+            p.drivers,
+            match p.riders {
+                crate::args::RiderMode::Person => "one connection each".to_string(),
+                crate::args::RiderMode::Pooled =>
+                    format!("pooled over {} connections", p.rider_connections),
+            },
+            p.riders_per_s,
+            self.elapsed_s
         );
         let row = |out: &mut String, k: &str, v: String| {
             let _ = writeln!(out, "  {k:<38} {v}");
@@ -164,6 +177,16 @@ impl Report {
                 format!(
                     "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (n={})",
                     l.p50, l.p90, l.p99, l.p999, l.max, l.count
+                ),
+            );
+        }
+        if p.flood > 0 {
+            row(
+                &mut out,
+                &format!("flood ({} × {:?})", p.flood, p.flood_kind),
+                format!(
+                    "{} frames sent, {} connections closed by the engine",
+                    self.flood_frames, self.flood_closes
                 ),
             );
         }

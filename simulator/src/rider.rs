@@ -1,5 +1,6 @@
-//! Rider connections: each carries many requests (a bounded pool stands in
-//! for a city of rider apps), cancels some, and records how each ended.
+//! Riders: either a person per request (connect, request, wait for the final
+//! message, close), or a pool of connections each carrying many requests.
+//! Both cancel some and record how each request ended.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use ridelock::auth::Role;
 use ridelock::location::LatLon;
-use ridelock::protocol::{RiderCommand, ServerMessage};
-use tokio::sync::{mpsc, watch};
+use ridelock::protocol::{RequestId, RiderCommand, ServerMessage};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -51,7 +53,8 @@ pub async fn run(
     let id = format!("sim-r{n}");
     let target = shared.target_for(shared.plan.drivers + n);
     let source = target.source_for(shared.plan.drivers + n, shared.total_connections);
-    let mut ws = match target.connect(&format!("/ws/rider?id={id}"), source).await {
+    let (path, token) = shared.credentials(Role::Rider, &id);
+    let mut ws = match target.connect(&path, token.as_deref(), source).await {
         Ok(ws) => ws,
         Err(e) => return shared.stats.connect_failed(&e),
     };
@@ -107,6 +110,71 @@ pub async fn run(
                 let ids: Vec<String> = open.keys().cloned().collect();
                 for request_id in ids {
                     if send(&mut ws, &RiderCommand::Cancel { request_id: request_id.into() }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+}
+
+/// One person asking for one ride: connects as rider `sim-p{n}`, sends the
+/// request, cancels it if they lose patience (or the run drains), and closes
+/// once the final message is in. `_slot` is their place among the riders
+/// connected at once.
+pub async fn person(
+    n: u64,
+    order: Order,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let id = format!("sim-p{n}");
+    let slot = n as usize % shared.person_slots_total.max(1);
+    let index = shared.plan.drivers + slot;
+    let target = shared.target_for(index);
+    let source = target.source_for(index, shared.total_connections);
+    let (path, token) = shared.credentials(Role::Rider, &id);
+    let mut ws = match target.connect(&path, token.as_deref(), source).await {
+        Ok(ws) => ws,
+        Err(e) => return shared.stats.connect_failed(&e),
+    };
+    let mut rng = SmallRng::seed_from_u64(shared.plan.seed ^ (0x5A5A_0000_0000 + n));
+    let sent = Instant::now();
+    shared.stats.request_sent(&order.request_id, sent);
+    let mut open = HashMap::from([(order.request_id.clone(), sent)]);
+    let mut cancel_at = rng
+        .random_bool(shared.plan.cancel_prob)
+        .then(|| sent + LONGEST_CANCEL_DELAY.mul_f64(rng.random::<f64>()));
+    let request_id: RequestId = order.request_id.into();
+    let command = RiderCommand::RequestRide {
+        request_id: request_id.clone(),
+        pickup: order.pickup,
+    };
+    if send(&mut ws, &command).await.is_ok() {
+        let cancel = RiderCommand::Cancel { request_id };
+        while !open.is_empty() {
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                frame = ws.next() => match frame {
+                    Some(Ok(Message::Text(text))) => on_message(&text, &id, &mut open, &shared),
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+                _ = tokio::time::sleep_until(cancel_at.unwrap_or(far)), if cancel_at.is_some() => {
+                    cancel_at = None;
+                    if send(&mut ws, &cancel).await.is_err() {
+                        break;
+                    }
+                }
+                changed = phase.changed() => {
+                    if changed.is_err() || *phase.borrow() == Phase::Stopped {
+                        break;
+                    }
+                    // Draining: withdraw, so the final message comes in time.
+                    cancel_at = None;
+                    if send(&mut ws, &cancel).await.is_err() {
                         break;
                     }
                 }

@@ -9,14 +9,16 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use ridelock::auth::Role;
 use ridelock::location::LatLon;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::args::Plan;
+use crate::args::{Plan, RiderMode};
 use crate::arrivals::Poisson;
 use crate::city::City;
 use crate::driver;
+use crate::flood;
 use crate::net::{self, Target};
 use crate::report::{Latencies, Offers, Percentiles, Report};
 use crate::rider::{self, Order, Phase};
@@ -27,6 +29,11 @@ const ENGINE_LOCATION_COUNTER: &str = "ridelock_location_updates_total";
 /// Orders a rider connection may have queued before arrivals are dropped.
 const ORDER_QUEUE: usize = 1024;
 
+/// Most riders connected at once with `--riders person`: each is a file
+/// descriptor here and in the engine; arrivals past it are dropped (and
+/// counted) rather than failing to connect.
+const MAX_PERSONS: usize = 10_000;
+
 /// What every virtual client shares.
 pub struct Shared {
     pub plan: Plan,
@@ -34,8 +41,15 @@ pub struct Shared {
     pub targets: Vec<Target>,
     pub city: City,
     pub stats: Stats,
-    /// Driver plus rider connections, for spreading source addresses.
+    /// Driver plus rider connections (or person slots), for spreading source
+    /// addresses.
     pub total_connections: usize,
+    /// The secret tokens are minted with; `None` for an engine in open mode.
+    pub secret: Option<Vec<u8>>,
+    /// `--riders person`: places for riders connected at once.
+    pub person_slots: Arc<Semaphore>,
+    /// How many such places there are.
+    pub person_slots_total: usize,
 }
 
 /// Counters at one instant, for rates over a window.
@@ -53,6 +67,27 @@ impl Shared {
     /// The node client `n` (drivers first, then riders) connects to.
     pub fn target_for(&self, n: usize) -> &Target {
         &self.targets[n % self.targets.len()]
+    }
+
+    /// The path to connect to as `id` in `role`, and the token to send: the
+    /// id in the URL for an engine in open mode, else a token for it.
+    pub fn credentials(&self, role: Role, id: &str) -> (String, Option<String>) {
+        let endpoint = match role {
+            Role::Driver => "/ws/driver",
+            _ => "/ws/rider",
+        };
+        match &self.secret {
+            Some(secret) => (
+                endpoint.to_string(),
+                Some(ridelock::auth::mint(secret, role, id, self.token_ttl())),
+            ),
+            None => (format!("{endpoint}?id={id}"), None),
+        }
+    }
+
+    /// Tokens outlive the whole run.
+    fn token_ttl(&self) -> Duration {
+        self.plan.ramp + self.plan.duration + self.plan.drain + Duration::from_secs(600)
     }
 }
 
@@ -86,10 +121,22 @@ async fn snapshot(shared: &Shared, engine_pids: &[u32]) -> Snapshot {
     }
 }
 
-/// Runs the plan against the engine and reports.
-pub async fn run(plan: Plan, engine_pids: &[u32], show_progress: bool) -> anyhow::Result<Report> {
+/// Runs the plan against the engine and reports; `secret` mints the clients'
+/// tokens (`None` for an engine in open mode).
+pub async fn run(
+    plan: Plan,
+    secret: Option<Vec<u8>>,
+    engine_pids: &[u32],
+    show_progress: bool,
+) -> anyhow::Result<Report> {
     let open_files = net::raise_open_file_limit();
-    let needed = plan.drivers + plan.rider_connections + 64;
+    let person_slots = match plan.riders {
+        RiderMode::Person => (open_files as usize)
+            .saturating_sub(plan.drivers + plan.flood + 256)
+            .clamp(1, MAX_PERSONS),
+        RiderMode::Pooled => 0,
+    };
+    let needed = plan.drivers + plan.rider_connections + plan.flood + 64;
     if (open_files as usize) < needed {
         eprintln!(
             "warning: open-file limit {open_files} is below the {needed} sockets this run needs; raise it (ulimit -n)"
@@ -97,7 +144,10 @@ pub async fn run(plan: Plan, engine_pids: &[u32], show_progress: bool) -> anyhow
     }
     let mut targets = Vec::new();
     for url in plan.url.split(',') {
-        let target = Target::resolve(url).await?;
+        let mut target = Target::resolve(url).await?;
+        target.ops_token = secret.as_ref().map(|s| {
+            ridelock::auth::mint(s, Role::Ops, "simulator", Duration::from_secs(3600 * 24))
+        });
         check_engine(&target).await?;
         targets.push(target);
     }
@@ -105,10 +155,13 @@ pub async fn run(plan: Plan, engine_pids: &[u32], show_progress: bool) -> anyhow
     let centre = LatLon::new(plan.centre.0, plan.centre.1).context("city centre")?;
     let shared = Arc::new(Shared {
         city: City::new(centre, plan.radius_m),
-        total_connections: plan.drivers + plan.rider_connections,
+        total_connections: plan.drivers + plan.rider_connections.max(person_slots) + plan.flood,
         plan,
         targets,
         stats: Stats::default(),
+        secret,
+        person_slots: Arc::new(Semaphore::new(person_slots)),
+        person_slots_total: person_slots,
     });
     let plan = &shared.plan;
     let t0 = Instant::now();
@@ -149,8 +202,14 @@ pub async fn run(plan: Plan, engine_pids: &[u32], show_progress: bool) -> anyhow
     tokio::time::sleep_until(t0 + plan.ramp).await;
     let steady_start = snapshot(&shared, engine_pids).await;
     let steady_end_at = steady_start.at + plan.duration;
-    send_arrivals(&shared, &order_queues, steady_end_at).await;
+    let floods: Vec<_> = (0..plan.flood)
+        .map(|n| tokio::spawn(flood::run(n, shared.clone(), steady_end_at)))
+        .collect();
+    send_arrivals(&shared, &order_queues, &phase_rx, steady_end_at).await;
     let steady_end = snapshot(&shared, engine_pids).await;
+    for flood in floods {
+        let _ = tokio::time::timeout(Duration::from_secs(5), flood).await;
+    }
 
     let _ = phase.send(Phase::Draining);
     drain(&shared, plan.drain).await;
@@ -232,6 +291,8 @@ pub async fn run(plan: Plan, engine_pids: &[u32], show_progress: bool) -> anyhow
         driver_errors: stats.driver_errors.get(),
         rider_errors: stats.rider_errors.get(),
         dropped_arrivals: stats.dropped_arrivals.get(),
+        flood_frames: stats.flood_frames.get(),
+        flood_closes: stats.flood_closes.get(),
     })
 }
 
@@ -268,8 +329,14 @@ async fn check_engine(target: &Target) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Poisson arrivals until `until`, dealt round-robin to rider connections.
-async fn send_arrivals(shared: &Shared, queues: &[mpsc::Sender<Order>], until: Instant) {
+/// Poisson arrivals until `until`: each a rider of its own (`--riders
+/// person`), or dealt round-robin to the pooled rider connections.
+async fn send_arrivals(
+    shared: &Arc<Shared>,
+    queues: &[mpsc::Sender<Order>],
+    phase: &watch::Receiver<Phase>,
+    until: Instant,
+) {
     let plan = &shared.plan;
     let process = Poisson::new(plan.riders_per_s);
     let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5EED);
@@ -291,8 +358,18 @@ async fn send_arrivals(shared: &Shared, queues: &[mpsc::Sender<Order>], until: I
                 request_id: format!("q{n}"),
                 pickup: shared.city.random_point(&mut rng),
             };
-            if queues[n as usize % queues.len()].try_send(order).is_err() {
-                shared.stats.dropped_arrivals.inc();
+            match plan.riders {
+                RiderMode::Person => match shared.person_slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        tokio::spawn(rider::person(n, order, shared.clone(), phase.clone(), slot));
+                    }
+                    Err(_) => shared.stats.dropped_arrivals.inc(),
+                },
+                RiderMode::Pooled => {
+                    if queues[n as usize % queues.len()].try_send(order).is_err() {
+                        shared.stats.dropped_arrivals.inc();
+                    }
+                }
             }
             n += 1;
             next_at += process.next_gap(&mut rng).unwrap_or(Duration::from_secs(1));

@@ -72,6 +72,10 @@ pub struct Stats {
     pub locations_sent: Counter,
     pub connect_errors: Counter,
     pub dropped_arrivals: Counter,
+    /// Frames sent by flooding connections.
+    pub flood_frames: Counter,
+    /// Flooding connections the engine closed.
+    pub flood_closes: Counter,
     connected: AtomicU64,
     connected_peak: AtomicU64,
     pub request_to_offer: Latency,

@@ -15,18 +15,25 @@ mod redis;
 /// turns so one's traffic never shows in the other's counts.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The engine's test secret: the engines verify tokens, and the simulator
+/// mints them from the same file.
+fn secret_file() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/auth-secret").to_string()
+}
+
 fn config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         offer_timeout_ms: 300,
         search_timeout_ms: 2_000,
+        auth_secret_file: Some(secret_file().into()),
         ..Config::default()
     }
 }
 
 /// Runs the smoke scenario against `engines` (one, or a cluster's nodes) and
-/// checks its report.
-async fn smoke(engines: &[&Engine]) {
+/// checks its report; `extra` flags go to the simulator.
+async fn smoke(engines: &[&Engine], extra: &[&str]) {
     let _serial = SERIAL.lock().await;
     let report_path = std::env::temp_dir().join(format!(
         "ridelock-smoke-{}-{}.json",
@@ -40,6 +47,7 @@ async fn smoke(engines: &[&Engine]) {
         .join(",");
     let pid = std::process::id().to_string();
     let json = report_path.to_str().unwrap().to_string();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_simulator"))
             .args([
@@ -52,7 +60,10 @@ async fn smoke(engines: &[&Engine]) {
                 "--json",
                 &json,
                 "--quiet",
+                "--auth-secret-file",
+                &secret_file(),
             ])
+            .args(&extra)
             .output()
             .expect("the simulator runs")
     })
@@ -87,7 +98,13 @@ async fn smoke(engines: &[&Engine]) {
     );
     assert_eq!(report["offers"]["accepted"].as_u64(), Some(n("matches")));
     assert_eq!(n("connected_drivers_peak"), 60);
-    assert_eq!(n("connect_errors"), 0);
+    assert_eq!(n("connect_errors"), 0, "{report}");
+    // Nothing the engine said surprised a client: offer_expired for an answer
+    // that crossed the offer's end is the only error a driver may get, and a
+    // rider none at all.
+    assert_eq!(n("driver_errors"), 0, "{report}");
+    assert_eq!(n("rider_errors"), 0, "{report}");
+    assert_eq!(report["plan"]["authenticated"], true);
     assert!(report["matches_per_s"].as_f64().unwrap() > 0.0);
     let sent = report["location_updates_per_s"].as_f64().unwrap();
     let taken = report["engine_location_updates_per_s"].as_f64().unwrap();
@@ -119,7 +136,25 @@ async fn smoke(engines: &[&Engine]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_scenario_finds_no_violations() {
     let engine = Engine::start(config()).await.expect("engine starts");
-    smoke(&[&engine]).await;
+    smoke(&[&engine], &[]).await;
+    engine.shutdown().await;
+}
+
+/// Riders pooled over a few long-lived connections, as engineers run it for
+/// high rates: the per-rider limit is lifted for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_riders_find_no_violations() {
+    let engine = Engine::start(Config {
+        max_requests_per_rider: 10_000,
+        ..config()
+    })
+    .await
+    .expect("engine starts");
+    smoke(
+        &[&engine],
+        &["--riders", "pooled", "--rider-connections", "4"],
+    )
+    .await;
     engine.shutdown().await;
 }
 
@@ -135,7 +170,7 @@ async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
     };
     let a = Engine::start(node("a")).await.expect("node a starts");
     let b = Engine::start(node("b")).await.expect("node b starts");
-    smoke(&[&a, &b]).await;
+    smoke(&[&a, &b], &[]).await;
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -131,7 +131,7 @@ async fn serve(listen: &str) -> anyhow::Result<()> {
 }
 
 async fn server_count(target: &Target) -> anyhow::Result<u64> {
-    let mut ws = target.connect("/", None).await?;
+    let mut ws = target.connect("/", None, None).await?;
     ws.send(Message::text(COUNT_QUERY)).await?;
     match ws.next().await {
         Some(Ok(Message::Text(text))) => Ok(text.parse()?),
@@ -158,7 +158,7 @@ async fn bench(
         let payload = one_way_payload.clone();
         tasks.push(tokio::spawn(async move {
             let mut ws = target
-                .connect("/", target.source_for(n, connections))
+                .connect("/", None, target.source_for(n, connections))
                 .await?;
             while Instant::now() < until {
                 ws.send(Message::text(payload.clone())).await?;
@@ -183,7 +183,7 @@ async fn bench(
         let round_trips = round_trips.clone();
         tasks.push(tokio::spawn(async move {
             let mut ws = target
-                .connect("/", target.source_for(n, connections))
+                .connect("/", None, target.source_for(n, connections))
                 .await?;
             const WINDOW: usize = 16;
             for _ in 0..WINDOW {
@@ -207,7 +207,7 @@ async fn bench(
     let echo = round_trips.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
 
     // Latency: one message at a time on one connection.
-    let mut ws = target.connect("/", None).await?;
+    let mut ws = target.connect("/", None, None).await?;
     let mut rtt = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for _ in 0..20_000 {
         let sent = Instant::now();
