@@ -207,6 +207,11 @@ impl Verifier {
                     AuthError::Invalid("signature does not match".into())
                 }
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("only HS256 is accepted".into()),
+                // No audience is configured, and jsonwebtoken then refuses
+                // any token that names one.
+                ErrorKind::InvalidAudience => {
+                    AuthError::Invalid("tokens with an aud claim are not accepted".into())
+                }
                 ErrorKind::MissingRequiredClaim(claim) => {
                     AuthError::Invalid(format!("missing claim {claim}"))
                 }

@@ -90,11 +90,10 @@ fn verifier(config: &Config) -> Result<Option<Verifier>, StartError> {
     let exposed = [Some(config.listen), config.metrics_listen]
         .into_iter()
         .flatten()
-        .any(|addr| !addr.ip().is_loopback());
-    if exposed && !config.insecure_open {
+        .find(|addr| !addr.ip().is_loopback());
+    if let (Some(addr), false) = (exposed, config.insecure_open) {
         return Err(StartError::Config(format!(
-            "refusing to serve {} without --auth-secret-file: anyone who reaches it could act as any driver or rider (pass --insecure-open to do it anyway)",
-            config.listen
+            "refusing to serve {addr} without --auth-secret-file: anyone who reaches it could act as any driver or rider (pass --insecure-open to do it anyway)"
         )));
     }
     tracing::warn!(
@@ -240,6 +239,16 @@ impl Engine {
     /// The address the engine serves on (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Serves one connection over any byte stream, as if it had arrived on
+    /// the public port (the fuzzer feeds it in-memory pipes).
+    pub async fn serve_io<S>(&self, io: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let shutdown = self.shutdown.subscribe();
+        let _ = server::handle(io, &self.shared, Routes::Public, shutdown).await;
     }
 
     /// The private metrics address, with `--metrics-listen`.

@@ -17,9 +17,10 @@ use crate::lock::{Ending, FencingToken, OfferId, TripId};
 /// so their size is bounded like everything else a client controls.
 pub const MAX_REQUEST_ID_LEN: usize = 64;
 
-/// A driver's id, from the connection's `id` query parameter.
+/// A driver's id: a verified token's `sub` (or, in open mode, the `id`
+/// query parameter); see [`crate::auth`].
 pub type DriverId = Arc<str>;
-/// A rider's id, from the connection's `id` query parameter.
+/// A rider's id, from where a driver's comes.
 pub type RiderId = Arc<str>;
 /// A ride request's id, chosen by the rider app, unique per rider.
 pub type RequestId = Arc<str>;

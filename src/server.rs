@@ -21,7 +21,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::handshake::server::create_response;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
@@ -98,6 +98,8 @@ pub async fn serve(
                     continue;
                 };
                 let (shared, shutdown, drain) = (shared.clone(), shutdown.clone(), drain.clone());
+                // Offers and answers are small and latency-bound.
+                stream.set_nodelay(true).ok();
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, &shared, routes, shutdown).await {
                         tracing::debug!(%peer_addr, "connection ended: {e}");
@@ -125,23 +127,30 @@ struct Upgrade {
     guard: SessionGuard,
 }
 
+/// How serving a connection failed (logged at debug: clients fail all the
+/// time, and nothing is to be done about it here).
 #[derive(Debug, thiserror::Error)]
-enum ConnectionError {
+pub enum ConnectionError {
+    /// hyper refused the request or the socket failed.
     #[error("http: {0}")]
     Http(#[from] hyper::Error),
+    /// The request was not completed in time.
     #[error("request not completed within the handshake timeout")]
     Timeout,
 }
 
-async fn handle(
-    stream: TcpStream,
+/// Serves one connection: its HTTP request, and the WebSocket session if it
+/// upgrades. Any byte stream will do (a TCP socket in the engine, an
+/// in-memory pipe in the fuzzer).
+pub async fn handle<S>(
+    stream: S,
     shared: &Arc<Shared>,
     routes: Routes,
     shutdown: watch::Receiver<bool>,
-) -> Result<(), ConnectionError> {
-    // Offers and answers are small and latency-bound.
-    stream.set_nodelay(true).ok();
-    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::default();
+) -> Result<(), ConnectionError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::default();
     let service = {
         let (shared, upgrade) = (shared.clone(), upgrade.clone());
         service_fn(move |request| {
@@ -322,7 +331,8 @@ fn agree_to_upgrade(
         request.uri().query(),
     )
     .map_err(|e| match e {
-        // Open mode: an unusable `id` is a bad request, not a failed login.
+        // Only open mode refuses an `id` (a token's bad `sub` is an invalid
+        // token): a bad request, not a failed login.
         AuthError::BadId(why) => Refusal::new(StatusCode::BAD_REQUEST, why),
         e => Refusal::unauthorized(e),
     })?;

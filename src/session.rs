@@ -189,8 +189,11 @@ impl RateLimit {
     }
 
     fn check(&mut self, now: Instant) -> Verdict {
-        if now.duration_since(self.window_started) >= RATE_WINDOW {
-            if self.dropped_in_window == 0 {
+        let since = now.duration_since(self.window_started);
+        if since >= RATE_WINDOW {
+            // A window without drops forgives the excess; so does silence
+            // of a whole window (no frame at all: no window rolled over).
+            if self.dropped_in_window == 0 || since >= RATE_WINDOW * 2 {
                 self.excess = 0;
             }
             self.window_started = now;
@@ -479,6 +482,23 @@ mod tests {
             }
         }
         assert!(closed, "a flood past {FLOOD_SECONDS} s of allowance closes");
+    }
+
+    #[test]
+    fn silence_forgives_earlier_excess() {
+        let start = Instant::now();
+        let mut rate = RateLimit::new(1, start);
+        let mut now = start;
+        // Floods of 9 excess frames (under the 10 that close), each after
+        // a silence: never closed.
+        for _ in 0..20 {
+            let verdicts: Vec<_> = (0..11).map(|_| rate.check(now)).collect();
+            assert!(!verdicts.contains(&Verdict::Close), "{verdicts:?}");
+            now += RATE_WINDOW * 5;
+        }
+        // Without the silences they add up.
+        let verdicts: Vec<_> = (0..30).map(|_| rate.check(now)).collect();
+        assert!(verdicts.contains(&Verdict::Close));
     }
 
     #[test]
