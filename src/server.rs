@@ -165,6 +165,10 @@ where
     // slow socket costs a file descriptor for that long at most.
     let connection = http1::Builder::new()
         .max_buf_size(MAX_HEAD_BYTES)
+        // A client that shuts down its sending side after the request (as
+        // `nc -N` and some health checkers do) still gets its answer
+        // (found by the handshake fuzzer).
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::time::timeout(shared.config.handshake_timeout(), connection)

@@ -221,3 +221,38 @@ async fn http_1_0_health_checks_and_oversized_heads() {
     assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_an_answer() {
+    // Found by the handshake fuzzer: hyper dropped the connection unanswered
+    // when the client shut down its sending side after the request.
+    let engine = common::engine(|_| {}).await;
+    let mut stream = TcpStream::connect(engine.local_addr()).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // And an upgrade sent the same way is answered 101.
+    let mut stream = TcpStream::connect(engine.local_addr()).await.unwrap();
+    let token = common::token(Role::Driver, "d");
+    stream
+        .write_all(
+            format!(
+                "GET /ws/driver HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 Authorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer:?}");
+    engine.shutdown().await;
+}
