@@ -17,6 +17,9 @@ use crate::lock::{Ending, FencingToken, OfferId, TripId};
 /// so their size is bounded like everything else a client controls.
 pub const MAX_REQUEST_ID_LEN: usize = 64;
 
+/// Longest explanation in an error, in bytes (then cut, with an ellipsis).
+pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
+
 /// A driver's id: a verified token's `sub` (or, in open mode, the `id`
 /// query parameter); see [`crate::auth`].
 pub type DriverId = Arc<str>;
@@ -316,10 +319,18 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError {
-            code,
-            message: message.into(),
+        let mut message = message.into();
+        // serde's messages quote the offending value: a 4 KiB string field
+        // would come back whole (found by the mutation tests).
+        if message.len() > MAX_ERROR_MESSAGE_LEN {
+            let mut cut = MAX_ERROR_MESSAGE_LEN;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
         }
+        ProtocolError { code, message }
     }
 }
 
@@ -541,6 +552,23 @@ mod tests {
                 pickup: LatLon { lat: 1.0, lon: 2.0 }
             }
         );
+    }
+
+    #[test]
+    fn long_explanations_are_cut() {
+        let text = format!(r#"{{"type":"cancel","request_id":{}}}"#, "7".repeat(3000));
+        let e = RiderCommand::parse(&text).unwrap_err();
+        assert!(
+            e.message.len() <= MAX_ERROR_MESSAGE_LEN + '…'.len_utf8(),
+            "{}",
+            e.message
+        );
+        let text = format!(
+            r#"{{"type":"location","lat":"{}","lon":1}}"#,
+            "é".repeat(3000)
+        );
+        let e = DriverCommand::parse(&text).unwrap_err();
+        assert!(e.message.ends_with('…'));
     }
 
     #[test]

@@ -150,7 +150,8 @@ pub async fn handle<S>(
 ) -> Result<(), ConnectionError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::default();
+{
+    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::default();
     let service = {
         let (shared, upgrade) = (shared.clone(), upgrade.clone());
         service_fn(move |request| {
