@@ -50,6 +50,8 @@ def machine():
 lb = load("loopback")
 loc = load("locations")
 mx = load("matches-max")
+mxp = load("matches-max-pooled")
+floods = [(kind, load("flood-" + kind)) for kind in ["none", "text", "binary", "ping"]]
 l5 = load("latency-5k")
 l1 = load("latency-1k")
 city = load("city")
@@ -82,7 +84,7 @@ if cpu and loc_taken:
     rows.append(("Engine CPU per location update (same run)", f"{per_update_us:.1f} µs ({cpu:.2f} cores busy)",
                  "≤ 20 µs (derived: 100k/s on 2 cores)", "met" if per_update_us <= 20 else "missed",
                  f"projected {2e6 / per_update_us:,.0f} updates/s on 2 cores of its own"))
-rows.append(("Matches/s, instant accepts, demand 12k/s", f"{mx['matches_per_s']:,.0f}", "≥ 10,000",
+rows.append(("Matches/s, instant accepts, demand 12k/s, a connection and a token per rider", f"{mx['matches_per_s']:,.0f}", "≥ 10,000",
              "met" if mx["matches_per_s"] >= 10_000 else "missed",
              f"{pct(mx['matches_per_s'] * 4, echo)} of {echo:,.0f} echo round trips/s (a match is 4 in + 4 out)"))
 p99_5k = l5["latency_ms"]["request_to_offer"]["p99"]
@@ -128,12 +130,35 @@ out.append("Latencies in ms from the simulator's clock (request sent → offer r
            "→ `matched` received by the rider): p50 / p99 / max.\n")
 out.append("| scenario | drivers | requests/s | matches/s | refused | no-driver | request→offer | request→matched | location updates/s | engine CPU | engine RSS | violations |")
 out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-for name, r in [("locations", loc), ("matches-max", mx), ("latency-5k", l5), ("latency-1k", l1), ("city", city)]:
+for name, r in [("locations", loc), ("matches-max", mx), ("matches-max-pooled", mxp), ("latency-5k", l5),
+                ("latency-1k", l1), ("city", city)]:
     out.append(scenario_rows(name, r))
+out.append("")
+out.append("Riders connect as people do (`--riders person`): every request is a rider of its own who "
+           "connects, sends a token, asks, waits for the final message and closes, so the engine runs "
+           "with its production limits. `matches-max-pooled` sends the same demand over 200 long-lived "
+           "rider connections (per-rider and per-connection limits lifted), as reports before tokens "
+           "did; the difference is what a connection and a token check per rider cost. `refused` counts "
+           "requests refused at the door (`overloaded`, `too_many_requests`); arrivals the simulator could "
+           "not give a connection are not requests.\n")
+out.append("## Floods\n")
+out.append("2,000 connections flood the engine with one kind of frame, as fast as their sockets take them, "
+           "reconnecting whenever the engine closes them; beside them, 2,000 drivers and riders at 200 "
+           "requests/s, whose request→offer latency (simulator's clock, ms) is the measure. Every frame "
+           "counts against a connection's 50/s allowance; over it, frames are dropped unparsed with one "
+           "`rate_limited` notice a second, and a connection past ten seconds' worth of excess is closed "
+           "with 1008.\n")
+out.append("| flood | frames sent/s by the flood | flood connections closed by the engine | riders' request→offer p50 / p99 / max | engine CPU | violations |")
+out.append("| --- | --- | --- | --- | --- | --- |")
+for kind, r in floods:
+    lat = r["latency_ms"]["request_to_offer"]
+    out.append(f"| {kind} | {r['flood_frames_per_s']:,.0f} | {r['flood_closes']:,} | "
+               f"{lat['p50']:.3f} / {lat['p99']:.3f} / {lat['max']:.1f} | {r.get('engine_cpu_cores') or 0:.2f} cores | "
+               f"{r['violations']} |")
 out.append("")
 out.append("Engine-side request→offer (its own `ridelock_request_to_offer_seconds` histogram, "
            "interpolated within buckets), p50 / p99:\n")
-for name in ["matches-max", "latency-5k", "latency-1k", "city"]:
+for name in ["matches-max", "matches-max-pooled", "latency-5k", "latency-1k", "city"]:
     p50 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.5)
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
@@ -142,9 +167,10 @@ out.append("## Command lines\n")
 out.append("```sh")
 out.append("target/release/loopback serve --listen 127.0.0.1:19000")
 out.append("target/release/loopback bench --url ws://127.0.0.1:19000 --duration 10s")
-for name in ["locations", "matches-max", "latency-5k", "latency-1k", "city"]:
-    out.append(f"target/release/ridelock --listen 127.0.0.1:19100 {read(name, '.engine-flags')}")
-    out.append(f"target/release/simulator --url ws://127.0.0.1:19100 --engine-pid PID {read(name, '.sim-flags')}")
+for name in ["locations", "matches-max", "matches-max-pooled", "latency-5k", "latency-1k", "city",
+             "flood-none", "flood-text", "flood-binary", "flood-ping"]:
+    out.append(f"target/release/ridelock --listen 127.0.0.1:19100 --auth-secret-file SECRET --max-connections {int(fd_limit) - 200} {read(name, '.engine-flags')}".rstrip())
+    out.append(f"target/release/simulator --url ws://127.0.0.1:19100 --engine-pid PID --auth-secret-file SECRET {read(name, '.sim-flags')}")
 out.append("```\n")
 with open(os.path.join(os.path.dirname(__file__), "notes.md")) as f:
     out.append(f.read())

@@ -93,6 +93,8 @@ pub struct Report {
     pub dropped_arrivals: u64,
     /// Frames the flooding connections sent (`--flood`).
     pub flood_frames: u64,
+    /// The same over the steady phase, per second.
+    pub flood_frames_per_s: f64,
     /// Flooding connections the engine closed.
     pub flood_closes: u64,
 }

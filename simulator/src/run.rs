@@ -292,6 +292,7 @@ pub async fn run(
         rider_errors: stats.rider_errors.get(),
         dropped_arrivals: stats.dropped_arrivals.get(),
         flood_frames: stats.flood_frames.get(),
+        flood_frames_per_s: stats.flood_frames.get() as f64 / window,
         flood_closes: stats.flood_closes.get(),
     })
 }
