@@ -187,6 +187,8 @@ impl Verifier {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = leeway.as_secs();
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token that says it is not valid yet is not.
+        validation.validate_nbf = true;
         // Only HS256: a token naming another algorithm (`none`, RS256 with the
         // secret as a "public key") is refused.
         validation.algorithms = vec![Algorithm::HS256];
@@ -214,6 +216,10 @@ impl Verifier {
                 }
                 ErrorKind::MissingRequiredClaim(claim) => {
                     AuthError::Invalid(format!("missing claim {claim}"))
+                }
+                ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)".into()),
+                ErrorKind::InvalidClaimFormat(claim) => {
+                    AuthError::Invalid(format!("claim {claim} has the wrong type"))
                 }
                 ErrorKind::Json(_) => AuthError::Invalid(
                     "claims must be sub (string), role (driver, rider or ops) and exp (seconds)"
@@ -385,6 +391,70 @@ mod tests {
                 "{garbage:?}"
             );
         }
+    }
+
+    /// A token with these claims, signed with the test secret by `algorithm`.
+    fn signed(claims: serde_json::Value, algorithm: Algorithm) -> String {
+        jsonwebtoken::encode(
+            &Header::new(algorithm),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_hs256_tokens_with_sub_and_exp_pass() {
+        let exp = unix_now() + 60;
+        let good = serde_json::json!({"sub": "d1", "role": "driver", "exp": exp});
+        assert!(verifier()
+            .verify(&signed(good.clone(), Algorithm::HS256), Role::Driver)
+            .is_ok());
+        // The same claims under HS512 or HS384: refused, whatever the key.
+        for algorithm in [Algorithm::HS384, Algorithm::HS512] {
+            let token = signed(good.clone(), algorithm);
+            assert!(matches!(
+                verifier().verify(&token, Role::Driver),
+                Err(AuthError::Invalid(_))
+            ));
+        }
+        // alg "none" with no signature.
+        use base64::Engine as _;
+        let b64 = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let none = format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg": "none", "typ": "JWT"})),
+            b64(&good)
+        );
+        assert!(matches!(
+            verifier().verify(&none, Role::Driver),
+            Err(AuthError::Invalid(_))
+        ));
+        // Missing exp, missing sub, exp of the wrong type, not yet valid.
+        for claims in [
+            serde_json::json!({"sub": "d1", "role": "driver"}),
+            serde_json::json!({"role": "driver", "exp": exp}),
+            serde_json::json!({"sub": "d1", "role": "driver", "exp": "tomorrow"}),
+            serde_json::json!({"sub": "d1", "role": "driver", "exp": exp, "nbf": exp}),
+            serde_json::json!({"sub": "d1", "role": "admin", "exp": exp}),
+            serde_json::json!({"sub": 7, "role": "driver", "exp": exp}),
+        ] {
+            let token = signed(claims.clone(), Algorithm::HS256);
+            assert!(
+                matches!(
+                    verifier().verify(&token, Role::Driver),
+                    Err(AuthError::Invalid(_))
+                ),
+                "{claims}"
+            );
+        }
+        // A far-future exp is valid (the connection deadline clamps it).
+        let far = serde_json::json!({"sub": "d1", "role": "driver", "exp": u64::MAX / 2});
+        assert!(verifier()
+            .verify(&signed(far, Algorithm::HS256), Role::Driver)
+            .is_ok());
     }
 
     #[test]

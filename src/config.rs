@@ -102,10 +102,18 @@ pub struct Config {
     #[arg(long, env = "RIDELOCK_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
+    /// Sockets still in their handshake (request head, token check,
+    /// upgrade) at most, over all clients; past it, new ones get HTTP 503 and
+    /// are closed at once. Bounds what silent sockets from many addresses can
+    /// hold (each for --handshake-timeout-ms at most).
+    #[arg(long, env = "RIDELOCK_MAX_HANDSHAKES", default_value_t = crate::connections::DEFAULT_MAX_HANDSHAKES)]
+    pub max_handshakes: usize,
+
     /// Connections (WebSockets and handshakes) from one client address at
-    /// most; past it, new ones get HTTP 429 and are closed at once. 0: no
-    /// limit (behind a reverse proxy every client has the proxy's address:
-    /// limit per client there). See docs/security.md.
+    /// most (an IPv6 client is its /64); past it, new ones get HTTP 429 and
+    /// are closed at once. 0: no limit (behind a reverse proxy every client
+    /// has the proxy's address: limit per client there). See
+    /// docs/security.md.
     #[arg(
         long,
         env = "RIDELOCK_MAX_CONNECTIONS_PER_ADDRESS",

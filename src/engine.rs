@@ -139,6 +139,7 @@ impl Engine {
         };
         let connections = ConnectionLimits::new(
             ConnectionLimits::total_cap(config.max_connections, crate::limits::open_file_limit()),
+            config.max_handshakes,
             config.max_connections_per_address,
         );
         let metrics = crate::metrics::install();
@@ -248,7 +249,7 @@ impl Engine {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let shutdown = self.shutdown.subscribe();
-        let _ = server::handle(io, &self.shared, Routes::Public, shutdown).await;
+        let _ = server::handle(io, &self.shared, Routes::Public, None, shutdown).await;
     }
 
     /// The private metrics address, with `--metrics-listen`.

@@ -47,6 +47,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 fn print_token(args: TokenArgs) -> anyhow::Result<()> {
     auth::check_id(&args.id).context("--id")?;
+    // Short-lived tokens are the point (there is no revocation list).
+    anyhow::ensure!(
+        args.ttl <= std::time::Duration::from_secs(366 * 24 * 3600),
+        "--ttl: at most a year"
+    );
     let secret = auth::read_secret(&args.auth_secret_file)?;
     println!("{}", auth::mint(&secret, args.role, &args.id, args.ttl));
     Ok(())

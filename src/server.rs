@@ -21,7 +21,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::handshake::server::create_response;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
@@ -29,7 +31,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::{self, AuthError, Identity, Role, Verifier};
 use crate::config::Config;
-use crate::connections::{ConnectionLimits, SessionGuard};
+use crate::connections::{ConnectionLimits, HandshakeGuard, SessionGuard};
 use crate::driver::{Detach, DriverActor, DriverRegistry, FromDriver};
 use crate::ids::Ids;
 use crate::matcher::{Admission, CancelRide, Matcher, RequestRide, RiderGone, RiderLink};
@@ -90,18 +92,21 @@ pub async fn serve(
             Ok((stream, peer_addr)) => {
                 let Some(address_guard) = shared.connections.admit_socket(peer_addr.ip()) else {
                     m::connection_refused("address_limit");
-                    // Answered without reading the request: the point is to
-                    // spend nothing on this address until it closes some.
-                    let _ = stream.try_write(
-                        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 39\r\nConnection: close\r\n\r\ntoo many connections from your address\n",
-                    );
+                    refuse_at_once(stream, TOO_MANY_FROM_ADDRESS);
+                    continue;
+                };
+                let Some(handshake_guard) = shared.connections.admit_handshake() else {
+                    m::connection_refused("handshake_limit");
+                    refuse_at_once(stream, TOO_MANY_HANDSHAKES);
                     continue;
                 };
                 let (shared, shutdown, drain) = (shared.clone(), shutdown.clone(), drain.clone());
                 // Offers and answers are small and latency-bound.
                 stream.set_nodelay(true).ok();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &shared, routes, shutdown).await {
+                    if let Err(e) =
+                        handle(stream, &shared, routes, Some(handshake_guard), shutdown).await
+                    {
                         tracing::debug!(%peer_addr, "connection ended: {e}");
                     }
                     drop(address_guard);
@@ -112,10 +117,41 @@ pub async fn serve(
                 // Out of file descriptors, typically: back off instead of
                 // spinning, and keep serving the connections already open.
                 tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
+}
+
+const TOO_MANY_FROM_ADDRESS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 39\r\nConnection: close\r\n\r\ntoo many connections from your address\n";
+const TOO_MANY_HANDSHAKES: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 50\r\nConnection: close\r\n\r\ntoo many connections opening at once; retry shortly\n";
+
+/// Longest a refused socket is kept to read (and discard) what its client
+/// sent, so that closing it does not reset the connection before the client
+/// has read the refusal.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
+
+/// Answers a socket without reading its request, the point being to spend
+/// nothing more on it: the refusal, then a short, bounded drain of what the
+/// client already sent (closing with unread input would reset the
+/// connection and could destroy the refusal in flight).
+fn refuse_at_once(mut stream: TcpStream, refusal: &'static [u8]) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            stream.write_all(refusal).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            let mut left = MAX_HEAD_BYTES;
+            while left > 0 {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => left = left.saturating_sub(n),
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
 }
 
 /// A WebSocket upgrade the HTTP exchange agreed to, picked up once hyper
@@ -142,10 +178,14 @@ pub enum ConnectionError {
 /// Serves one connection: its HTTP request, and the WebSocket session if it
 /// upgrades. Any byte stream will do (a TCP socket in the engine, an
 /// in-memory pipe in the fuzzer).
+///
+/// `handshake` is the socket's place among those in their handshake, given
+/// back as soon as the HTTP exchange is over.
 pub async fn handle<S>(
     stream: S,
     shared: &Arc<Shared>,
     routes: Routes,
+    handshake: Option<HandshakeGuard>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError>
 where
@@ -172,9 +212,9 @@ where
         .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    tokio::time::timeout(shared.config.handshake_timeout(), connection)
-        .await
-        .map_err(|_| ConnectionError::Timeout)??;
+    let exchanged = tokio::time::timeout(shared.config.handshake_timeout(), connection).await;
+    drop(handshake);
+    exchanged.map_err(|_| ConnectionError::Timeout)??;
     let pending = upgrade.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(pending) = pending {
         let upgraded = pending.on_upgrade.await?;
@@ -182,12 +222,9 @@ where
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config))
                 .await;
-        let expires = pending.expires_at.map(|exp| {
-            let left = exp.saturating_sub(auth::unix_now());
-            tokio::time::Instant::now()
-                + std::time::Duration::from_secs(left)
-                + shared.config.token_leeway()
-        });
+        let expires = pending
+            .expires_at
+            .map(|exp| token_deadline(exp, shared.config.token_leeway_s));
         run_session(ws, pending.identity, expires, shared, shutdown).await;
         drop(pending.guard);
     }
@@ -224,6 +261,20 @@ async fn run_session(
             session::run(ws, peer, inbox, settings, expires, shutdown).await;
         }
     }
+}
+
+/// When a connection whose token expires at `exp` (Unix seconds) is closed:
+/// `exp` plus the leeway, on the monotonic clock. Far-future expiries (a
+/// token minted for a century) are clamped rather than overflowing.
+fn token_deadline(exp: u64, leeway_s: u64) -> tokio::time::Instant {
+    /// Longer than any connection lives; beyond it an expiry is "never".
+    const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    let left = exp
+        .saturating_add(leeway_s)
+        .saturating_sub(auth::unix_now());
+    let now = tokio::time::Instant::now();
+    now.checked_add(Duration::from_secs(left).min(FAR))
+        .unwrap_or(now + FAR)
 }
 
 type Body = Full<Bytes>;
@@ -315,6 +366,42 @@ fn agree_to_upgrade(
     role: Role,
     shared: &Shared,
 ) -> Result<(Response<Body>, Upgrade), Refusal> {
+    if let Err(why) = check_origin(request, &shared.config.allowed_origins) {
+        m::connection_refused("origin");
+        return Err(Refusal::new(StatusCode::FORBIDDEN, why));
+    }
+    if shared.verifier.is_none() && !shared.config.insecure_open && is_forwarded(request) {
+        // Open mode bound to loopback behind a reverse proxy would serve the
+        // internet unverified: refuse what a proxy forwarded.
+        m::connection_refused("origin");
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "open mode serves local clients only: this request came through a proxy (set --auth-secret-file, or --insecure-open)",
+        ));
+    }
+    // Who the client is comes before the connection cap: an unauthenticated
+    // client learns nothing about the engine's load, and a burst of bad
+    // tokens never takes an honest client's place for a moment.
+    let authorization = match request.headers().get(header::AUTHORIZATION) {
+        Some(value) => Some(value.to_str().map_err(|_| {
+            Refusal::unauthorized(AuthError::Invalid(
+                "the Authorization header is not ASCII".into(),
+            ))
+        })?),
+        None => None,
+    };
+    let verified = auth::authenticate(
+        shared.verifier.as_ref(),
+        role,
+        authorization,
+        request.uri().query(),
+    )
+    .map_err(|e| match e {
+        // Only open mode refuses an `id` (a token's bad `sub` is an invalid
+        // token): a bad request, not a failed login.
+        AuthError::BadId(why) => Refusal::new(StatusCode::BAD_REQUEST, why),
+        e => Refusal::unauthorized(e),
+    })?;
     let Some(guard) = shared.connections.admit_session() else {
         m::connection_refused("connection_limit");
         return Err(Refusal::new(
@@ -325,22 +412,6 @@ fn agree_to_upgrade(
             ),
         ));
     };
-    if let Err(why) = check_origin(request, &shared.config.allowed_origins) {
-        m::connection_refused("origin");
-        return Err(Refusal::new(StatusCode::FORBIDDEN, why));
-    }
-    let verified = auth::authenticate(
-        shared.verifier.as_ref(),
-        role,
-        header_str(request, header::AUTHORIZATION),
-        request.uri().query(),
-    )
-    .map_err(|e| match e {
-        // Only open mode refuses an `id` (a token's bad `sub` is an invalid
-        // token): a bad request, not a failed login.
-        AuthError::BadId(why) => Refusal::new(StatusCode::BAD_REQUEST, why),
-        e => Refusal::unauthorized(e),
-    })?;
     // tungstenite checks the handshake (GET, HTTP/1.1, Upgrade, Connection,
     // version 13, key) and computes the accept key.
     let handshake = {
@@ -364,6 +435,13 @@ fn agree_to_upgrade(
         guard,
     };
     Ok((response.map(|()| Body::default()), pending))
+}
+
+/// Whether a reverse proxy forwarded the request (it says so in a header).
+fn is_forwarded<B>(request: &Request<B>) -> bool {
+    ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|name| request.headers().contains_key(*name))
 }
 
 /// A browser's `Origin` must be the engine's own or an allowed one; a request

@@ -32,9 +32,9 @@ const WRITE_BATCH: u64 = 64;
 /// Over-limit frames are answered with one `rate_limited` error per window,
 /// not one each: a flood must not make the engine write a flood back.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
-/// A connection that has sent this many seconds' worth of its allowance
-/// beyond the limit, without one quiet window in between, is flooding and is
-/// closed with 1008.
+/// A connection whose dropped frames, less one second's allowance for every
+/// quiet window since, exceed this many seconds' worth of its allowance is
+/// flooding and is closed with 1008.
 const FLOOD_SECONDS: u32 = 10;
 /// Longest the close handshake may take once the engine decided to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -154,9 +154,11 @@ struct RateLimit {
     window_started: Instant,
     dropped_in_window: u32,
     told_in_window: bool,
-    /// Frames dropped since the last window in which none was.
+    /// Frames dropped beyond what quiet windows since forgave.
     excess: u32,
     excess_limit: u32,
+    /// The allowance of one window, in frames.
+    per_window: u32,
 }
 
 /// What to do with one incoming frame.
@@ -185,17 +187,25 @@ impl RateLimit {
             told_in_window: false,
             excess: 0,
             excess_limit: per_s.saturating_mul(FLOOD_SECONDS),
+            per_window: per_s,
         }
     }
 
     fn check(&mut self, now: Instant) -> Verdict {
         let since = now.duration_since(self.window_started);
         if since >= RATE_WINDOW {
-            // A window without drops forgives the excess; so does silence
-            // of a whole window (no frame at all: no window rolled over).
-            if self.dropped_in_window == 0 || since >= RATE_WINDOW * 2 {
-                self.excess = 0;
-            }
+            // Every quiet window (one without drops, or one with no frame at
+            // all, which never rolled over) forgives one second's worth of
+            // excess; a flood that pauses now and then still adds up.
+            let windows = (since.as_millis() / RATE_WINDOW.as_millis()) as u32;
+            let quiet = if self.dropped_in_window == 0 {
+                windows
+            } else {
+                windows - 1
+            };
+            self.excess = self
+                .excess
+                .saturating_sub(quiet.saturating_mul(self.per_window));
             self.window_started = now;
             self.dropped_in_window = 0;
             self.told_in_window = false;
@@ -489,16 +499,39 @@ mod tests {
         let start = Instant::now();
         let mut rate = RateLimit::new(1, start);
         let mut now = start;
-        // Floods of 9 excess frames (under the 10 that close), each after
-        // a silence: never closed.
+        // Floods of 9 excess frames (under the 10 that close), each after a
+        // silence long enough to forgive them: never closed.
         for _ in 0..20 {
             let verdicts: Vec<_> = (0..11).map(|_| rate.check(now)).collect();
             assert!(!verdicts.contains(&Verdict::Close), "{verdicts:?}");
-            now += RATE_WINDOW * 5;
+            now += RATE_WINDOW * 12;
         }
         // Without the silences they add up.
         let verdicts: Vec<_> = (0..30).map(|_| rate.check(now)).collect();
         assert!(verdicts.contains(&Verdict::Close));
+    }
+
+    #[test]
+    fn a_flood_that_pauses_now_and_then_is_still_closed() {
+        // Found in review: resetting the excess after any quiet window let a
+        // client flood one second in two, forever.
+        let start = Instant::now();
+        let mut rate = RateLimit::new(50, start);
+        let mut now = start;
+        let mut closed = false;
+        for _ in 0..10 {
+            // One second of 300 frames, then one second of silence.
+            for _ in 0..300 {
+                if rate.check(now) == Verdict::Close {
+                    closed = true;
+                }
+            }
+            now += RATE_WINDOW * 2;
+        }
+        assert!(
+            closed,
+            "a flood at three times the allowance, paused every other second"
+        );
     }
 
     #[test]

@@ -226,6 +226,56 @@ async fn a_connection_whose_token_expires_is_closed_with_1008() {
     engine.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_in_a_thousand_years_is_served() {
+    // Found in review: exp far in the future overflowed the connection's
+    // deadline and killed its task right after the upgrade.
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let engine = common::engine(|_| {}).await;
+    let claims = auth::Claims {
+        sub: "d".into(),
+        role: Role::Driver,
+        exp: u64::MAX / 2,
+    };
+    let token = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(&common::secret()),
+    )
+    .unwrap();
+    let mut driver =
+        Client::connect_with(engine.local_addr(), "driver", "", Some(&token), "d").await;
+    driver
+        .send(json!({"type": "location", "lat": LAT, "lon": LON}))
+        .await;
+    driver.send(json!({"type": "available"})).await;
+    wait_for_available(&engine, 1).await;
+    driver.send(json!({"type": "accept", "offer_id": 1})).await;
+    assert_eq!(driver.expect_error().await, "unknown_offer");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_header_that_is_not_ascii_is_refused_not_skipped() {
+    // A broken header must not fall back to a token in the query.
+    let engine = common::engine(|_| {}).await;
+    let token = common::token(Role::Driver, "d");
+    let mut stream = tokio::net::TcpStream::connect(engine.local_addr())
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /ws/driver?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer \u{e9}\r\n\r\n"
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    engine.shutdown().await;
+}
+
 /// A token made by PyJWT, a JWT library that is not ours.
 fn pyjwt_token(role: &str, id: &str) -> String {
     let secret = String::from_utf8(common::secret()).unwrap();

@@ -39,33 +39,42 @@ async fn node(
 
 /// Waits until `node`'s liveness key is in `redis` (it registered).
 async fn wait_registered(redis: &RedisServer, node: &str) {
+    wait_for_key(redis, &format!("ridelock:node:{node}:alive"), CROSS_NODE).await;
+}
+
+/// Waits up to `within` until a key matching `pattern` is in `redis`.
+async fn wait_for_key(redis: &RedisServer, pattern: &str, within: Duration) {
     let mut connection = redis::Client::open(redis.url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + CROSS_NODE;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
-        let registered: bool = redis::cmd("EXISTS")
-            .arg(format!("ridelock:node:{node}:alive"))
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
             .query_async(&mut connection)
             .await
             .unwrap();
-        if registered {
+        if !keys.is_empty() {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{node} did not register again within {CROSS_NODE:?}"
+            "no {pattern} in Redis within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// The next message that is not `offer_revoked`.
+/// The next message that is not an `offer_revoked`, within [`CROSS_NODE`].
 async fn next_answer(client: &mut Client) -> ServerMessage {
     loop {
-        match client.recv().await {
+        match client
+            .recv_within(CROSS_NODE)
+            .await
+            .unwrap_or_else(|| panic!("{}: nothing within {CROSS_NODE:?}", client.id))
+        {
             ServerMessage::OfferRevoked { .. } => continue,
             other => return other,
         }
@@ -279,7 +288,7 @@ async fn redis_lost_means_refusals_and_redis_back_means_recovery() {
     rider.expect_searching("q2").await;
     // b may still be resubscribing, and a lock request published meanwhile
     // is lost: a settles it after 2 s and asks again.
-    let offer_id = match remote.recv_within(Duration::from_secs(10)).await {
+    let offer_id = match remote.recv_within(CROSS_NODE).await {
         Some(ServerMessage::Offer { offer_id, .. }) => offer_id,
         other => panic!("expected an offer through b, got {other:?}"),
     };
@@ -329,7 +338,7 @@ async fn a_node_that_dies_frees_its_drivers_for_the_others() {
     // The driver's app reconnects to a: offerable again, and the waiting
     // rider gets it once b's lock is gone.
     let mut on_a = Client::available_driver(&a, "d", LAT, LON).await;
-    let offer_id = match on_a.recv_within(Duration::from_secs(10)).await {
+    let offer_id = match on_a.recv_within(CROSS_NODE).await {
         Some(ServerMessage::Offer { offer_id, .. }) => offer_id,
         other => panic!("expected an offer once b is seen dead, got {other:?}"),
     };
@@ -383,7 +392,9 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
     // lock: from then on no confirm under it can succeed.
     signal(a.id(), libc::SIGSTOP);
     on_a.accept(stale_offer).await;
-    tokio::time::sleep(Duration::from_millis(8_000)).await;
+    // Waiting for the settle mark itself, not for a time it usually takes:
+    // liveness lapses after 5 s, then the overdue answer is settled.
+    wait_for_key(&redis, "ridelock:owner:*:settled", Duration::from_secs(14)).await;
 
     // a wakes up within the offer's own 15 s: its deadline has not passed,
     // so only the lock in Redis can refuse the accept, and it does.
@@ -399,7 +410,7 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
     // Nothing was booked; the driver is offered again, under a newer lock,
     // to the rider still waiting on b (a is back in the cluster).
     let (offer_id, token) = loop {
-        match on_a.recv().await {
+        match next_answer(&mut on_a).await {
             ServerMessage::Offer {
                 offer_id,
                 fencing_token,
@@ -409,7 +420,6 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
                 assert_eq!(&*rider_id, "r1");
                 break (offer_id, fencing_token);
             }
-            ServerMessage::OfferRevoked { .. } => continue,
             ServerMessage::TripAssigned { .. } => panic!("the stale accept booked a trip"),
             other => panic!("expected a new offer, got {other:?}"),
         }
@@ -462,7 +472,7 @@ async fn a_driver_offered_to_a_dead_nodes_rider_is_freed() {
     // nobody is left to take the driver's answer, so the offer is withdrawn
     // as if the rider had cancelled.
     drop(b);
-    match driver.recv_within(Duration::from_secs(10)).await {
+    match driver.recv_within(CROSS_NODE).await {
         Some(ServerMessage::OfferRevoked { reason, .. }) => {
             assert_eq!(serde_json::to_value(reason).unwrap(), "rider_cancelled")
         }

@@ -105,8 +105,13 @@ async fn one_address_cannot_take_every_connection() {
     for _ in 0..3 {
         silent.push(connect_from(greedy, addr).await);
     }
-    // The fourth is answered 429 at once and closed, without a request.
+    // The fourth is answered 429 at once and closed, its request unread
+    // (and not reset away before the client reads the answer).
     let mut fourth = connect_from(greedy, addr).await;
+    fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(5), fourth.read_to_string(&mut answer))
         .await
@@ -135,6 +140,42 @@ async fn one_address_cannot_take_every_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_in_their_handshake_are_capped_in_total() {
+    let engine = common::engine(|c| c.max_handshakes = 3).await;
+    let addr = engine.local_addr();
+    // Silent sockets from three addresses: each within its own share.
+    let mut silent = Vec::new();
+    for i in 2..5 {
+        silent.push(connect_from(format!("127.0.0.{i}").parse().unwrap(), addr).await);
+    }
+    // Once the engine has taken all three in, health checks are refused.
+    let health = |want: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + common::EXPECT_WITHIN;
+        loop {
+            let answer = common::http_get(addr, "/healthz").await;
+            if answer.starts_with(want) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected {want}, got {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    health("HTTP/1.1 503").await;
+    // As handshakes end, places come back; upgraded WebSockets don't count.
+    silent.pop();
+    silent.pop();
+    health("HTTP/1.1 200").await;
+    let _d1 = Client::driver(&engine, "d1").await;
+    let _d2 = Client::driver(&engine, "d2").await;
+    health("HTTP/1.1 200").await;
+    drop(silent);
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_sockets_are_closed_after_the_handshake_timeout() {
     let engine = common::engine(|c| c.handshake_timeout_ms = 200).await;
     let mut silent = TcpStream::connect(engine.local_addr()).await.unwrap();
@@ -148,6 +189,87 @@ async fn silent_sockets_are_closed_after_the_handshake_timeout() {
         .unwrap();
     let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "a half-sent head is closed by the engine");
+    // With the default (10 s), the same socket is still open after a second:
+    // the setting is what closed them.
+    let patient = common::engine(|_| {}).await;
+    let mut silent = TcpStream::connect(patient.local_addr()).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(1), silent.read_to_end(&mut buf)).await;
+    assert!(read.is_err(), "closed before the default handshake timeout");
+    patient.shutdown().await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_mode_refuses_what_a_proxy_forwarded() {
+    let open = common::engine(|c| c.auth_secret_file = None).await;
+    for header in ["X-Forwarded-For", "Forwarded", "X-Real-IP"] {
+        let refused = try_upgrade(
+            open.local_addr(),
+            "/ws/rider?id=r",
+            &[(header, "203.0.113.9")],
+        )
+        .await
+        .err();
+        assert!(
+            matches!(&refused, Some((403, body)) if body.contains("--auth-secret-file")),
+            "{header}: {refused:?}"
+        );
+    }
+    assert!(try_upgrade(open.local_addr(), "/ws/rider?id=r", &[])
+        .await
+        .is_ok());
+    let told = common::engine(|c| {
+        c.auth_secret_file = None;
+        c.insecure_open = true;
+    })
+    .await;
+    let forwarded = [("X-Forwarded-For", "203.0.113.9")];
+    assert!(try_upgrade(told.local_addr(), "/ws/rider?id=r", &forwarded)
+        .await
+        .is_ok());
+    // With tokens, proxies are the normal way in.
+    let secured = common::engine(|_| {}).await;
+    let auth = bearer(Role::Rider, "r");
+    let headers = [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("Authorization", auth.as_str()),
+    ];
+    assert!(try_upgrade(secured.local_addr(), "/ws/rider", &headers)
+        .await
+        .is_ok());
+    for engine in [open, told, secured] {
+        engine.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_riders_quota_comes_back_when_a_request_matches_or_finds_no_driver() {
+    let engine = common::engine(|c| {
+        c.max_requests_per_rider = 1;
+        c.search_timeout_ms = 200;
+    })
+    .await;
+    let mut rider = Client::rider(&engine, "r").await;
+    // no_driver (nobody around) frees the place.
+    rider.request_ride("q1", LAT, LON).await;
+    rider.expect_searching("q1").await;
+    assert!(matches!(rider.recv().await, ServerMessage::NoDriver { .. }));
+    // matched frees it too.
+    let mut driver = Client::available_driver(&engine, "d", LAT, LON).await;
+    wait_for_available(&engine, 1).await;
+    rider.request_ride("q2", LAT, LON).await;
+    rider.expect_searching("q2").await;
+    let (offer, _) = driver.expect_offer().await;
+    driver.accept(offer).await;
+    assert_eq!(rider.expect_matched().await, "d");
+    rider.request_ride("q3", LAT, LON).await;
+    rider.expect_searching("q3").await;
+    // A rider whose connection closed gets its place back on the next one.
+    drop(rider);
+    common::wait_for_stats(&engine, "no searches", |s| s.searches == 0).await;
+    let mut again = Client::rider(&engine, "r").await;
+    again.request_ride("q4", LAT, LON).await;
+    again.expect_searching("q4").await;
     engine.shutdown().await;
 }
 
