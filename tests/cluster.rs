@@ -409,20 +409,18 @@ async fn a_node_paused_past_the_lock_expiry_cannot_book_its_stale_accept() {
 
     // Nothing was booked; the driver is offered again, under a newer lock,
     // to the rider still waiting on b (a is back in the cluster).
-    let (offer_id, token) = loop {
-        match next_answer(&mut on_a).await {
-            ServerMessage::Offer {
-                offer_id,
-                fencing_token,
-                rider_id,
-                ..
-            } => {
-                assert_eq!(&*rider_id, "r1");
-                break (offer_id, fencing_token);
-            }
-            ServerMessage::TripAssigned { .. } => panic!("the stale accept booked a trip"),
-            other => panic!("expected a new offer, got {other:?}"),
+    let (offer_id, token) = match next_answer(&mut on_a).await {
+        ServerMessage::Offer {
+            offer_id,
+            fencing_token,
+            rider_id,
+            ..
+        } => {
+            assert_eq!(&*rider_id, "r1");
+            (offer_id, fencing_token)
         }
+        ServerMessage::TripAssigned { .. } => panic!("the stale accept booked a trip"),
+        other => panic!("expected a new offer, got {other:?}"),
     };
     assert!(token > stale_token, "{token} after {stale_token}");
     on_a.accept(offer_id).await;
