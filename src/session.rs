@@ -230,8 +230,17 @@ impl RateLimit {
     }
 }
 
+/// Every close code the engine sends (docs/protocol.md lists each, and a
+/// test holds the two lists equal): going away, protocol error, invalid
+/// data, policy, too big.
+pub const CLOSE_CODES: [u16; 5] = [1001, 1002, 1007, 1008, 1009];
+
 /// How a session ended, and what the client is told.
 fn close_frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
+    debug_assert!(
+        CLOSE_CODES.contains(&u16::from(code)),
+        "{code:?} is not in CLOSE_CODES"
+    );
     Some(CloseFrame {
         code,
         reason: reason.into(),

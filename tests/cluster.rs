@@ -113,10 +113,21 @@ async fn a_rider_on_one_node_is_matched_to_a_driver_on_another() {
         ServerMessage::TripAssigned { offer_id: o, .. } => assert_eq!(o, offer_id),
         other => panic!("expected trip_assigned, got {other:?}"),
     }
-    assert_eq!(rider.expect_matched().await, "d1");
-    // Taken out of both nodes' indexes.
-    wait_for_available(&a, 0).await;
-    wait_for_available(&b, 0).await;
+    let trip_id = match rider.recv().await {
+        ServerMessage::Matched {
+            driver_id, trip_id, ..
+        } => {
+            assert_eq!(&*driver_id, "d1");
+            trip_id
+        }
+        other => panic!("expected matched, got {other:?}"),
+    };
+    // The trip ends on b, and both nodes index the driver again.
+    driver
+        .send(json!({"type": "trip_completed", "trip_id": trip_id}))
+        .await;
+    wait_for_available(&b, 1).await;
+    wait_for_available(&a, 1).await;
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -166,11 +177,9 @@ async fn two_riders_on_two_nodes_racing_for_one_driver_exactly_one_wins() {
             (1, 1),
             "round {round}: {final_a:?} / {final_b:?}"
         );
-        // The driver was offered once only.
+        // The driver was offered once only. It stays on its trip, so the
+        // next round's driver is the only one available.
         driver.expect_silence(Duration::from_millis(300)).await;
-        driver.send(json!({"type": "unavailable"})).await;
-        wait_for_available(&a, 0).await;
-        wait_for_available(&b, 0).await;
     }
     a.shutdown().await;
     b.shutdown().await;
@@ -493,7 +502,7 @@ async fn a_driver_moving_to_another_node_stays_offerable_everywhere() {
     // The app connects to b (without moving): a closes its connection there,
     // and must now offer the driver through b.
     let on_b = Client::available_driver(&b, "d", LAT, LON).await;
-    on_a.expect_closed().await;
+    assert_eq!(on_a.expect_closed().await, Some(1008));
     wait_for_available(&a, 1).await;
     let mut rider = Client::rider(&a, "r").await;
     match_one(&mut rider, 0, on_b).await;
@@ -525,7 +534,7 @@ async fn a_driver_reconnecting_to_another_node_mid_trip_finishes_it_there() {
         ServerMessage::TripAssigned { trip_id: t, .. } => assert_eq!(t, trip_id),
         other => panic!("expected the trip resent on b, got {other:?}"),
     }
-    on_a.expect_closed().await;
+    assert_eq!(on_a.expect_closed().await, Some(1008));
 
     // The trip completes on b, and the driver is free everywhere.
     on_b.send(json!({"type": "trip_completed", "trip_id": trip_id}))

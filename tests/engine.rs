@@ -325,6 +325,8 @@ async fn a_driver_on_a_trip_is_not_offered_until_the_trip_completes() {
 async fn an_unavailable_driver_is_not_offered() {
     let engine = common::engine(|c| c.search_timeout_ms = 500).await;
     let mut driver = Client::available_driver(&engine, "d", LAT, LON).await;
+    // Available first (so that the wait below waits for the change).
+    wait_for_available(&engine, 1).await;
     driver.send(json!({"type": "unavailable"})).await;
     wait_for_available(&engine, 0).await;
     let mut rider = Client::rider(&engine, "r").await;

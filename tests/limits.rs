@@ -387,6 +387,5 @@ async fn floods_of_any_frame_kind_are_closed_with_1008() {
     rider.request_ride("q", LAT, LON).await;
     rider.expect_searching("q").await;
     driver.expect_offer().await;
-    wait_for_available(&engine, 0).await;
     engine.shutdown().await;
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use common::redis::RedisServer;
@@ -162,11 +161,11 @@ async fn an_expired_lock_is_free_and_its_late_owner_can_do_nothing() {
 
 #[tokio::test]
 async fn an_unreachable_server_at_start_is_a_clear_error() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port bound but not listening: connections to it are refused, and
+    // nobody else can take it while the test runs.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = held.local_addr().unwrap().port();
     let url = format!("redis://127.0.0.1:{port}/");
     let error = match LockServer::connect(&url, TIMEOUT).await {
         Err(e) => e.to_string(),

@@ -177,9 +177,15 @@ async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
 
 #[test]
 fn an_unreachable_engine_is_a_clear_error() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    // A port bound but not listening: nothing answers there, and nobody else
+    // can take it while the test runs.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = runtime.block_on(async { tokio::net::TcpSocket::new_v4().unwrap() });
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = held.local_addr().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_simulator"))
         .args(["--url", &format!("ws://{addr}"), "--quiet"])
         .output()
