@@ -1,8 +1,10 @@
 //! The double-booking scenario: hundreds of drivers and riders answering at
-//! random, all at once, over one engine or spread over several nodes. No
-//! driver ever holds two offers or two trips, every request gets exactly one
-//! final message, and every `matched` names a driver who accepted that
-//! request.
+//! random, all at once, over one engine or spread over several nodes.
+//! Between offers, drivers move, go unavailable and come back, and drop their
+//! connection and reconnect (to the next node, in a cluster): where two
+//! actors, or two connections, for one driver could exist. No driver ever
+//! holds two offers or two trips, every request gets exactly one final
+//! message, and every `matched` names a driver who accepted that request.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +32,10 @@ struct Log {
     /// (rider, request) -> final messages received.
     finals: HashMap<(String, String), Vec<ServerMessage>>,
     offers: usize,
+    /// Drivers' life between offers: reconnects, `unavailable`s, moves.
+    reconnects: usize,
+    unavailables: usize,
+    moves: usize,
 }
 
 #[derive(Clone)]
@@ -46,20 +52,79 @@ enum DriverState {
     OnTrip,
 }
 
-async fn drive(mut client: Client, log: Arc<Mutex<Log>>, seed: u64, stop: Instant) {
+/// A driver's life between offers.
+fn life_event(rng: &mut StdRng, unavailable: bool) -> (Instant, serde_json::Value) {
+    let at = Instant::now() + Duration::from_millis(rng.random_range(200..1_000));
+    let roll: f64 = rng.random();
+    let action = if unavailable {
+        json!({"type": "available"})
+    } else if roll < 0.7 {
+        let (dlat, dlon) = (
+            rng.random_range(-0.002..0.002),
+            rng.random_range(-0.003..0.003),
+        );
+        json!({"type": "location", "lat": LAT + dlat, "lon": LON + dlon})
+    } else if roll < 0.9 {
+        json!({"type": "unavailable"})
+    } else {
+        json!({"type": "_reconnect"})
+    };
+    (at, action)
+}
+
+async fn drive(
+    mut client: Client,
+    nodes: Vec<SocketAddr>,
+    mut node: usize,
+    log: Arc<Mutex<Log>>,
+    seed: u64,
+    stop: Instant,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut state = DriverState::Idle;
+    let mut unavailable = false;
     // The driver's own next move, and when.
     let mut planned: Option<(Instant, serde_json::Value)> = None;
     // The offer last declined: the engine may revoke it (expiry, cancel)
     // before the decline reaches it.
     let mut declined: Option<u64> = None;
     loop {
-        let wake = planned.as_ref().map_or(stop, |(at, _)| *at);
+        if planned.is_none() && matches!(state, DriverState::Idle) {
+            planned = Some(life_event(&mut rng, unavailable));
+        }
+        let wake = planned.as_ref().map_or(stop, |(at, _)| (*at).min(stop));
         let message = tokio::select! {
             m = client.recv_within(Duration::from_secs(30)) => m,
             _ = tokio::time::sleep_until(wake) => {
-                let Some((_, action)) = planned.take() else { return };
+                if Instant::now() >= stop {
+                    return;
+                }
+                let Some((_, action)) = planned.take() else { continue };
+                let idle = matches!(state, DriverState::Idle);
+                match action["type"].as_str() {
+                    // Drop the connection and come back, to the next node.
+                    Some("_reconnect") if idle => {
+                        log.lock().unwrap().reconnects += 1;
+                        let _ = client.ws.close(None).await;
+                        node = (node + 1) % nodes.len();
+                        client = Client::connect(nodes[node], "driver", &client.id.clone()).await;
+                        client
+                            .send(json!({"type": "location", "lat": LAT, "lon": LON}))
+                            .await;
+                        client.send(json!({"type": "available"})).await;
+                        unavailable = false;
+                        declined = None;
+                        continue;
+                    }
+                    Some("_reconnect") => continue,
+                    Some("unavailable") => {
+                        unavailable = true;
+                        log.lock().unwrap().unavailables += 1;
+                    }
+                    Some("available") => unavailable = false,
+                    Some("location") => log.lock().unwrap().moves += 1,
+                    _ => {}
+                }
                 state = match (std::mem::replace(&mut state, DriverState::Idle), action["type"].as_str()) {
                     (DriverState::Offered(held), Some("decline")) => {
                         declined = Some(held.offer_id);
@@ -135,8 +200,15 @@ async fn drive(mut client: Client, log: Arc<Mutex<Log>>, seed: u64, stop: Instan
                     client.id
                 )),
             },
-            // An answer that lost the race with the offer's expiry.
-            ServerMessage::Error { code, .. } if code.as_str() == "offer_expired" => {}
+            // An answer that lost the race with the offer's end (its expiry,
+            // or `unavailable` sent just before the offer arrived, which
+            // declined it without a revoke): the offer is over.
+            ServerMessage::Error { code, .. } if code.as_str() == "offer_expired" => {
+                if matches!(state, DriverState::Offered(_) | DriverState::Accepting(_)) {
+                    state = DriverState::Idle;
+                    planned = None;
+                }
+            }
             other => log.violations.push(format!("{} got {other:?}", client.id)),
         }
     }
@@ -168,7 +240,14 @@ pub async fn no_double_booking(nodes: &[SocketAddr]) {
             .send(json!({"type": "location", "lat": LAT + dlat, "lon": LON + dlon}))
             .await;
         client.send(json!({"type": "available"})).await;
-        drivers.push(tokio::spawn(drive(client, log.clone(), i as u64, stop)));
+        drivers.push(tokio::spawn(drive(
+            client,
+            nodes.to_vec(),
+            i % nodes.len(),
+            log.clone(),
+            i as u64,
+            stop,
+        )));
     }
 
     let mut riders = Vec::new();
@@ -181,6 +260,9 @@ pub async fn no_double_booking(nodes: &[SocketAddr]) {
             for n in 0..REQUESTS_PER_RIDER {
                 let request = format!("q{n}");
                 let (dlat, dlon) = (rng.random_range(-0.01..0.01), rng.random_range(-0.015..0.015));
+                // Riders come over a few seconds, while drivers move, pause
+                // and reconnect.
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..600))).await;
                 client.request_ride(&request, LAT + dlat, LON + dlon).await;
                 loop {
                     match client.recv().await {
@@ -223,8 +305,25 @@ pub async fn no_double_booking(nodes: &[SocketAddr]) {
     for rider in riders {
         rider.await.expect("rider task");
     }
-    // Let drivers finish trips in flight, then stop them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every `matched` a rider got has its `trip_assigned` on the way to the
+    // driver: wait for the drivers to have logged them all, then stop them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (matched, accepted) = {
+            let log = log.lock().unwrap();
+            let matched = log
+                .finals
+                .values()
+                .flatten()
+                .filter(|m| matches!(m, ServerMessage::Matched { .. }))
+                .count();
+            (matched, log.accepted.len())
+        };
+        if accepted >= matched || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for driver in &drivers {
         driver.abort();
     }
@@ -258,6 +357,13 @@ pub async fn no_double_booking(nodes: &[SocketAddr]) {
     }
     // Every accept the engine confirmed reached its rider as `matched`.
     assert_eq!(matched, log.accepted.len());
+    assert!(
+        log.reconnects > 0 && log.unavailables > 0 && log.moves > 0,
+        "drivers never reconnected ({}), paused ({}) or moved ({})",
+        log.reconnects,
+        log.unavailables,
+        log.moves
+    );
     assert!(
         matched > RIDERS / 2,
         "only {matched} matches: the test exercised too little"
