@@ -118,10 +118,20 @@ mod tests {
     }
 
     #[test]
-    fn retry_delays_stay_below_the_maximum() {
-        let mut rng = rand::rng();
-        for _ in 0..1_000 {
-            assert!(retry_delay(MS(50), &mut rng) <= MS(50));
+    fn retry_delays_spread_over_the_whole_range_below_the_maximum() {
+        use rand::SeedableRng;
+        // Seeded: the same draws every run.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let delays: Vec<Duration> = (0..1_000).map(|_| retry_delay(MS(50), &mut rng)).collect();
+        assert!(delays.iter().all(|d| *d <= MS(50)));
+        // Spread, so competing nodes don't retry in lockstep: every fifth of
+        // the range is used, and the mean is near the middle.
+        for fifth in 0..5u64 {
+            let (low, high) = (MS(fifth * 10), MS(fifth * 10 + 10));
+            let n = delays.iter().filter(|d| **d >= low && **d < high).count();
+            assert!(n > 100, "{n} of 1000 delays in {low:?}..{high:?}");
         }
+        let mean = delays.iter().sum::<Duration>() / delays.len() as u32;
+        assert!(mean > MS(20) && mean < MS(30), "mean {mean:?}");
     }
 }
