@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::redis::{signal, RedisServer};
 use common::{wait_for_available, Client};
-use ridelock::protocol::{NoDriverReason, ServerMessage};
+use ridelock::protocol::{NoDriverReason, RevokeReason, ServerMessage};
 use ridelock::Engine;
 use serde_json::json;
 
@@ -547,4 +547,119 @@ async fn a_driver_reconnecting_to_another_node_mid_trip_finishes_it_there() {
     match_one(&mut rider, 2, on_b).await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_takes_the_timeout_path_and_an_accept_during_it_is_offer_expired() {
+    let redis = RedisServer::start();
+    // Short Redis timeouts, a long offer (and lock): the offer outlives
+    // every retry, and a lock left behind would outlive the test. Searches
+    // of 2 s, so that one that finds every driver locked ends soon.
+    let a = node(&[&redis], "a", |c| {
+        c.redis_timeout_ms = 100;
+        c.offer_timeout_ms = 20_000;
+        c.search_timeout_ms = 2_000;
+    })
+    .await;
+    let mut driver = Client::available_driver(&a, "d", LAT, LON).await;
+    // A second driver farther away, for the search to try next.
+    let mut second = Client::available_driver(&a, "d2", LAT + 0.01, LON).await;
+    wait_for_available(&a, 2).await;
+    let mut rider = Client::rider(&a, "r").await;
+    rider.request_ride("q1", LAT, LON).await;
+    rider.expect_searching("q1").await;
+    let (offer_id, _) = driver.expect_offer().await;
+
+    // Redis stops answering (paused, not gone: every call waits out its
+    // timeout). The accept can't be confirmed: the driver is told
+    // offer_expired, with the offer revoked, and nobody is booked.
+    redis.pause();
+    driver.accept(offer_id).await;
+    let mut told = (false, false);
+    while told != (true, true) {
+        match driver.recv_within(CROSS_NODE).await {
+            Some(ServerMessage::OfferRevoked {
+                offer_id: o,
+                reason,
+            }) => {
+                assert_eq!((o, reason), (offer_id, RevokeReason::Expired));
+                told.0 = true;
+            }
+            Some(ServerMessage::Error { code, message, .. }) => {
+                assert_eq!(code.as_str(), "offer_expired", "{message}");
+                told.1 = true;
+            }
+            other => panic!("expected the accept refused, got {other:?}"),
+        }
+    }
+    // The search goes on to d2 without Redis: its lock attempts time out,
+    // and the rider is told locks_unavailable instead of waiting out the
+    // deadline. d2 was never offered.
+    match rider.recv_within(CROSS_NODE).await {
+        Some(ServerMessage::NoDriver {
+            reason: Some(NoDriverReason::LocksUnavailable),
+            ..
+        }) => {}
+        other => panic!("expected no_driver (locks_unavailable), got {other:?}"),
+    }
+    driver.expect_silence(Duration::from_millis(100)).await;
+    second.expect_silence(Duration::from_millis(1)).await;
+
+    // Redis answers again: locking resumes. d's own lock stays in Redis
+    // until it lapses (20 s: its release could not be sent, and d's accept
+    // may have been confirmed for all anyone can tell), so the search passes
+    // d by. d2 was never offered: the lock attempts that timed out on it must
+    // not leave it locked when the paused server applies them late.
+    redis.resume();
+    let deadline = tokio::time::Instant::now() + CROSS_NODE;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let request = format!("retry{attempt}");
+        rider.request_ride(&request, LAT, LON).await;
+        rider.expect_searching(&request).await;
+        let offered = tokio::select! {
+            m = driver.recv_within(Duration::from_millis(1_000)) => m.map(|m| (m, &mut driver)),
+            m = second.recv_within(Duration::from_millis(1_000)) => m.map(|m| (m, &mut second)),
+        };
+        match offered {
+            Some((ServerMessage::Offer { offer_id, .. }, who)) => {
+                who.accept(offer_id).await;
+                assert!(matches!(
+                    next_answer(who).await,
+                    ServerMessage::TripAssigned { .. }
+                ));
+                assert!(matches!(rider.recv().await, ServerMessage::Matched { .. }));
+                break;
+            }
+            Some((other, who)) => panic!("{}: unexpected {other:?}", who.id),
+            None => match rider.recv_within(CROSS_NODE).await {
+                Some(ServerMessage::NoDriver { .. }) => {
+                    assert!(tokio::time::Instant::now() < deadline, "never recovered");
+                }
+                other => panic!("expected no_driver while Redis comes back, got {other:?}"),
+            },
+        }
+    }
+    a.shutdown().await;
+}
+
+#[test]
+fn node_ids_outside_the_alphabet_are_refused_at_start() {
+    for bad in ["", "a b", "a/b", "a:b", &"n".repeat(65), "nöde"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ridelock"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--redis",
+                "redis://127.0.0.1:1",
+                "--node-id",
+                bad,
+            ])
+            .output()
+            .expect("ridelock runs");
+        assert!(!output.status.success(), "{bad:?} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--node-id"), "{bad:?}: {stderr}");
+    }
 }

@@ -479,6 +479,34 @@ impl LockServer {
     }
 }
 
+/// How often, and how many times, a server that did not answer an acquire
+/// is asked to settle its owner (see [`settle_when_answered`]).
+const UNANSWERED_SETTLE_RETRY: Duration = Duration::from_millis(500);
+const UNANSWERED_SETTLE_ATTEMPTS: u32 = 120;
+
+/// A server that did not answer an acquire in time (slow, paused, or cut
+/// off) may still apply it later: the command waits in its socket or its
+/// queue. Nobody would use that lock, and the driver would stay locked until
+/// it lapses. So the owner is settled there as soon as the server answers:
+/// settling frees the lock if the late acquire has landed, and makes it fail
+/// if it lands after (ACQUIRE refuses a settled owner), in whichever order
+/// the server sees the two (a reconnect may put them on different
+/// connections). Tried in the background for up to a minute; found by the
+/// paused-Redis test.
+fn settle_when_answered(servers: Vec<LockServer>, driver: &str, owner: &str) {
+    for server in servers {
+        let (driver, owner) = (driver.to_string(), owner.to_string());
+        tokio::spawn(async move {
+            for _ in 0..UNANSWERED_SETTLE_ATTEMPTS {
+                if server.settle(&driver, &owner).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(UNANSWERED_SETTLE_RETRY).await;
+            }
+        });
+    }
+}
+
 /// A driver lock across independent Redis servers (one server is the
 /// degenerate case: a quorum of one).
 #[derive(Clone)]
@@ -559,6 +587,12 @@ impl Redlock {
         .await;
         let elapsed = started.elapsed();
         let unreachable = answers.iter().filter(|a| a.is_err()).count();
+        let unanswered: Vec<LockServer> = answers
+            .iter()
+            .zip(&self.servers)
+            .filter(|(a, _)| a.is_err())
+            .map(|(_, server)| server.clone())
+            .collect();
         let tokens: Vec<FencingToken> = answers
             .into_iter()
             .filter_map(|a| a.ok().flatten())
@@ -571,6 +605,7 @@ impl Redlock {
             }),
             Err(reason) => {
                 self.release(driver, owner).await;
+                settle_when_answered(unanswered, driver, owner);
                 Err(LockError::Refused {
                     reason,
                     unreachable,
