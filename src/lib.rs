@@ -11,7 +11,7 @@
 //! - [`spatial`]: the R-tree of available drivers, nearest first in metres;
 //! - [`driver`]: one actix actor per driver, the only owner of its lock;
 //! - [`matcher`]: the actor that turns ride requests into locked drivers;
-//! - [`protocol`], [`session`], [`server`]: the WebSocket API; [`auth`]: who
+//! - [`protocol`], [`session`], [`server`], [`peers`]: the WebSocket API; [`auth`]: who
 //!   a connection is (signed tokens); [`connections`]: connection caps;
 //! - [`engine`]: starts and stops it all; [`config`]: its flags.
 #![deny(missing_docs)]
@@ -28,6 +28,7 @@ pub mod location;
 pub mod lock;
 pub mod matcher;
 pub mod metrics;
+pub mod peers;
 pub mod protocol;
 pub mod server;
 pub mod session;
