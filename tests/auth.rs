@@ -321,14 +321,10 @@ async fn tokens_from_another_jwt_library_work() {
     assert_eq!(rider.expect_matched().await, "d-py");
     // And PyJWT's token for the wrong role is still refused.
     let wrong = pyjwt_token("rider", "d-py");
-    let refused = try_upgrade(
-        addr,
-        "/ws/driver",
-        &[("Authorization", &format!("Bearer {wrong}"))],
-    )
-    .await
-    .err();
-    assert_eq!(refused.map(|(status, _)| status), Some(401));
+    assert_eq!(
+        common::refused_status(addr, "/ws/driver", &wrong).await,
+        Some(401)
+    );
     engine.shutdown().await;
 }
 
@@ -372,13 +368,9 @@ async fn metrics_move_to_their_own_address() {
         .starts_with("HTTP/1.1 200"));
     // WebSockets are not served there.
     let token = common::token(Role::Driver, "d");
-    let refused = try_upgrade(
-        private,
-        "/ws/driver",
-        &[("Authorization", &format!("Bearer {token}"))],
-    )
-    .await
-    .err();
-    assert_eq!(refused.map(|(status, _)| status), Some(404));
+    assert_eq!(
+        common::refused_status(private, "/ws/driver", &token).await,
+        Some(404)
+    );
     engine.shutdown().await;
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::{try_upgrade, wait_for_available, wait_for_waiting, Client};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use ridelock::auth::Role;
 use ridelock::protocol::ServerMessage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -355,15 +355,7 @@ async fn flood(client: &mut Client, frame: Message, frames: usize) -> Option<u16
         }
     }
     let _ = client.ws.flush().await;
-    let deadline = tokio::time::Instant::now() + common::EXPECT_WITHIN;
-    loop {
-        match tokio::time::timeout_at(deadline, client.ws.next()).await {
-            Err(_) => panic!("{}: still open after the flood", client.id),
-            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_)) | None) => return None,
-        }
-    }
+    client.closed_within(common::EXPECT_WITHIN).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

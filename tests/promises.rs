@@ -18,20 +18,6 @@ use tokio_tungstenite::tungstenite::Message;
 const LAT: f64 = 52.5200;
 const LON: f64 = 13.4050;
 
-/// Reads frames until the connection ends; the close code, if a close frame
-/// came.
-async fn closed_with(client: &mut Client, within: Duration) -> Option<u16> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, client.ws.next()).await {
-            Err(_) => panic!("{}: not closed within {within:?}", client.id),
-            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_)) | None) => return None,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_is_closed_with_1001_after_the_client_timeout() {
     let engine = common::engine(|c| {
@@ -44,7 +30,7 @@ async fn a_silent_client_is_closed_with_1001_after_the_client_timeout() {
     // Not reading means not answering the engine's pings either: silence.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
-        closed_with(&mut driver, common::EXPECT_WITHIN).await,
+        driver.closed_within(common::EXPECT_WITHIN).await,
         Some(1001)
     );
     // And the driver is no longer offered.
@@ -117,6 +103,22 @@ async fn a_client_that_does_not_read_is_dropped_after_the_write_timeout() {
     engine.shutdown().await;
 }
 
+/// Sends `n` ride requests (`q0`, `q1`, …) in one go, without waiting for
+/// answers (the engine may close the connection part way).
+async fn burst_of_requests(rider: &mut Client, n: usize) {
+    for i in 0..n {
+        let text = json!({
+            "type": "request_ride", "request_id": format!("q{i}"),
+            "pickup": {"lat": LAT, "lon": LON},
+        })
+        .to_string();
+        if rider.ws.feed(Message::text(text)).await.is_err() {
+            return;
+        }
+    }
+    let _ = rider.ws.flush().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_closes_the_connection_with_1008() {
     let engine = common::engine(|c| {
@@ -128,21 +130,8 @@ async fn a_full_outbox_closes_the_connection_with_1008() {
     let mut rider = Client::rider(&engine, "r").await;
     // Every request is answered through the outbox by the matcher, faster
     // than one connection drains a queue of one.
-    for i in 0..2_000 {
-        let text = json!({
-            "type": "request_ride", "request_id": format!("q{i}"),
-            "pickup": {"lat": LAT, "lon": LON},
-        })
-        .to_string();
-        if rider.ws.feed(Message::text(text)).await.is_err() {
-            break;
-        }
-    }
-    let _ = rider.ws.flush().await;
-    assert_eq!(
-        closed_with(&mut rider, common::EXPECT_WITHIN).await,
-        Some(1008)
-    );
+    burst_of_requests(&mut rider, 2_000).await;
+    assert_eq!(rider.closed_within(common::EXPECT_WITHIN).await, Some(1008));
     // The closed connection's searches are cancelled.
     wait_for_stats(&engine, "no searches", |s| s.searches == 0).await;
     engine.shutdown().await;
@@ -192,15 +181,7 @@ async fn a_burst_past_a_small_queue_is_refused_overloaded_one_by_one() {
     .await;
     let mut rider = Client::rider(&engine, "r").await;
     let n = 1_000;
-    for i in 0..n {
-        let text = json!({
-            "type": "request_ride", "request_id": format!("q{i}"),
-            "pickup": {"lat": LAT, "lon": LON},
-        })
-        .to_string();
-        rider.ws.feed(Message::text(text)).await.unwrap();
-    }
-    rider.ws.flush().await.unwrap();
+    burst_of_requests(&mut rider, n).await;
     // Each request gets exactly one answer: searching, or overloaded with
     // its id; the queue of two can't take a burst of a thousand.
     let mut answered = std::collections::HashSet::new();

@@ -119,6 +119,16 @@ pub async fn http_raw(addr: impl tokio::net::ToSocketAddrs, request: &str) -> St
     String::from_utf8_lossy(&response).into_owned()
 }
 
+/// The status a refused upgrade to `path` with `token` as its Bearer got
+/// (`None` if it upgraded).
+pub async fn refused_status(addr: impl std::fmt::Display, path: &str, token: &str) -> Option<u16> {
+    let bearer = format!("Bearer {token}");
+    try_upgrade(addr, path, &[("Authorization", &bearer)])
+        .await
+        .err()
+        .map(|(status, _)| status)
+}
+
 /// Tries a WebSocket upgrade to `path` with extra `headers`; the client, or
 /// the refusal's status and body.
 pub async fn try_upgrade(
@@ -410,6 +420,20 @@ impl Client {
                 "{}: expected searching for {request_id}, got {other:?}",
                 self.id
             ),
+        }
+    }
+
+    /// Reads (and skips) whatever comes until the engine closes the
+    /// connection, within `wait`; the close code, if a close frame came.
+    pub async fn closed_within(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("{}: not closed within {wait:?}", self.id),
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_)) | None) => return None,
+            }
         }
     }
 
