@@ -51,7 +51,8 @@ lb = load("loopback")
 loc = load("locations")
 mx = load("matches-max")
 mxp = load("matches-max-pooled")
-floods = [(kind, load("flood-" + kind)) for kind in ["none", "text", "binary", "ping"]]
+floods = [(kind, load("flood-" + kind), load("flood-" + kind + "-flood") if kind != "none" else None)
+          for kind in ["none", "text", "binary", "ping"]]
 l5 = load("latency-5k")
 l1 = load("latency-1k")
 city = load("city")
@@ -142,17 +143,20 @@ out.append("Riders connect as people do (`--riders person`): every request is a 
            "requests refused at the door (`overloaded`, `too_many_requests`); arrivals the simulator could "
            "not give a connection are not requests.\n")
 out.append("## Floods\n")
-out.append("2,000 connections flood the engine with one kind of frame, as fast as their sockets take them, "
-           "reconnecting whenever the engine closes them; beside them, 2,000 drivers and riders at 200 "
-           "requests/s, whose request→offer latency (simulator's clock, ms) is the measure. Every frame "
-           "counts against a connection's 50/s allowance; over it, frames are dropped unparsed with one "
-           "`rate_limited` notice a second, and a connection past ten seconds' worth of excess is closed "
-           "with 1008.\n")
+out.append("A second simulator process opens 2,000 connections that flood the engine with one kind of "
+           "frame, as fast as their sockets take them, reconnecting whenever the engine closes them; beside "
+           "it, 2,000 drivers and riders at 200 requests/s, whose request→offer latency (their simulator's "
+           "clock, ms) is the measure. Every frame counts against a connection's 50/s allowance (bursts of "
+           "100); past it the engine stops reading that connection until the next frame's turn, so TCP holds "
+           "the flood in the flooder's buffers, and a connection that keeps frames waiting for ten seconds "
+           "is closed with 1008.\n")
 out.append("| flood | frames sent/s by the flood | flood connections closed by the engine | riders' request→offer p50 / p99 / max | engine CPU | violations |")
 out.append("| --- | --- | --- | --- | --- | --- |")
-for kind, r in floods:
+for kind, r, f in floods:
     lat = r["latency_ms"]["request_to_offer"]
-    out.append(f"| {kind} | {r['flood_frames_per_s']:,.0f} | {r['flood_closes']:,} | "
+    sent = f"{f['flood_frames_per_s']:,.0f}" if f else "0"
+    closed = f"{f['flood_closes']:,}" if f else "0"
+    out.append(f"| {kind} | {sent} | {closed} | "
                f"{lat['p50']:.3f} / {lat['p99']:.3f} / {lat['max']:.1f} | {r.get('engine_cpu_cores') or 0:.2f} cores | "
                f"{r['violations']} |")
 out.append("")
@@ -170,6 +174,8 @@ out.append("target/release/loopback bench --url ws://127.0.0.1:19000 --duration 
 for name in ["locations", "matches-max", "matches-max-pooled", "latency-5k", "latency-1k", "city",
              "flood-none", "flood-text", "flood-binary", "flood-ping"]:
     out.append(f"target/release/ridelock --listen 127.0.0.1:19100 --auth-secret-file SECRET --max-connections {int(fd_limit) - 200} {read(name, '.engine-flags')}".rstrip())
+    if os.path.exists(os.path.join(results, name + ".flood-flags")) and read(name, ".flood-flags"):
+        out.append(f"target/release/simulator --url ws://127.0.0.1:19100 --auth-secret-file SECRET {read(name, '.flood-flags')} &")
     out.append(f"target/release/simulator --url ws://127.0.0.1:19100 --engine-pid PID --auth-secret-file SECRET {read(name, '.sim-flags')}")
 out.append("```\n")
 with open(os.path.join(os.path.dirname(__file__), "notes.md")) as f:

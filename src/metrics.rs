@@ -70,8 +70,9 @@ pub const LOCATION_UPDATES: &str = "ridelock_location_updates_total";
 pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 /// Errors sent to clients by `code`.
 pub const PROTOCOL_ERRORS: &str = "ridelock_protocol_errors_total";
-/// Incoming frames dropped by a connection's rate limit.
-pub const FRAMES_DROPPED: &str = "ridelock_frames_dropped_total";
+/// Incoming frames that had to wait for their connection's allowance (the
+/// session stops reading until a token is there).
+pub const FRAMES_DELAYED: &str = "ridelock_frames_delayed_total";
 /// Connections closed for flooding (1008).
 pub const FLOOD_CLOSES: &str = "ridelock_flood_closes_total";
 /// Connections refused before the upgrade, by `reason`: `unauthorized`
@@ -185,7 +186,7 @@ fn describe() {
     describe_counter!(LOCATION_UPDATES, "Driver location updates");
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
-    describe_counter!(FRAMES_DROPPED, "Incoming frames dropped by rate limits");
+    describe_counter!(FRAMES_DELAYED, "Incoming frames dropped by rate limits");
     describe_counter!(FLOOD_CLOSES, "Connections closed for flooding");
     describe_counter!(
         CONNECTIONS_REFUSED,
@@ -216,7 +217,7 @@ fn preregister() {
         LOCK_REFUSALS,
         LOCATION_UPDATES,
         REDIS_QUORUM_FAILURES,
-        FRAMES_DROPPED,
+        FRAMES_DELAYED,
         FLOOD_CLOSES,
     ] {
         counter!(counter).increment(0);
@@ -337,8 +338,8 @@ pub(crate) fn protocol_error(code: ErrorCode) {
     counter!(PROTOCOL_ERRORS, "code" => code.as_str()).increment(1);
 }
 
-pub(crate) fn frame_dropped() {
-    counter!(FRAMES_DROPPED).increment(1);
+pub(crate) fn frame_delayed() {
+    counter!(FRAMES_DELAYED).increment(1);
 }
 
 pub(crate) fn flood_closed() {

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch, Notify};
@@ -29,13 +29,15 @@ pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Most outgoing messages written before one flush.
 const WRITE_BATCH: u64 = 64;
-/// Over-limit frames are answered with one `rate_limited` error per window,
-/// not one each: a flood must not make the engine write a flood back.
+/// A client that keeps the engine waiting for its allowance is told
+/// `rate_limited` once per window of this length, not once per frame.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
-/// A connection whose dropped frames, less one second's allowance for every
-/// quiet window since, exceed this many seconds' worth of its allowance is
-/// flooding and is closed with 1008.
+/// A connection that had frames waiting for its allowance in this many
+/// windows in a row is flooding, and is closed with 1008.
 const FLOOD_SECONDS: u32 = 10;
+/// Frames read (and discarded) at most while waiting for a client's reply to
+/// the engine's close frame: a flooder's backlog is not worth reading.
+const CLOSE_DRAIN_FRAMES: usize = 64;
 /// Longest the close handshake may take once the engine decided to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -143,89 +145,83 @@ pub trait Peer: Send + 'static {
     fn closed(self);
 }
 
-/// Per-connection allowance of frames: a token bucket, so normal bursts pass
-/// and a flood is dropped, answered once per [`RATE_WINDOW`], and closed when
-/// it goes on.
+/// Per-connection allowance of frames: a token bucket. The session reads a
+/// frame only when a token is there; past the allowance it stops reading,
+/// and TCP makes the client wait, so a flood costs the sender, not the
+/// engine (frames beyond the allowance are never even parsed).
 struct RateLimit {
     per_s: f64,
     burst: f64,
     tokens: f64,
     refilled: Instant,
-    window_started: Instant,
-    dropped_in_window: u32,
-    told_in_window: bool,
-    /// Frames dropped beyond what quiet windows since forgave.
-    excess: u32,
-    excess_limit: u32,
-    /// The allowance of one window, in frames.
-    per_window: u32,
+    /// Where windows are counted from.
+    epoch: Instant,
+    /// The last window in which a frame had to wait, and how many windows in
+    /// a row ending there had one.
+    pressed_window: Option<u64>,
+    pressed_run: u32,
 }
 
-/// What to do with one incoming frame.
+/// What to do when a frame is waiting and the allowance is spent.
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    Allow,
-    /// Drop it and say why (the first drop of a window).
-    DropAndTell,
-    /// Drop it silently.
-    Drop,
-    /// The connection keeps flooding: close it.
+enum Pressure {
+    /// The first time this window: tell the client it is being slowed.
+    Tell,
+    /// Already told this window.
+    Quiet,
+    /// Frames have waited in [`FLOOD_SECONDS`] windows in a row: close.
     Close,
 }
 
 impl RateLimit {
     fn new(per_s: u32, now: Instant) -> Self {
-        let per_s = per_s.max(1);
-        let rate = f64::from(per_s);
+        let rate = f64::from(per_s.max(1));
         RateLimit {
             per_s: rate,
             burst: rate * 2.0,
             tokens: rate * 2.0,
             refilled: now,
-            window_started: now,
-            dropped_in_window: 0,
-            told_in_window: false,
-            excess: 0,
-            excess_limit: per_s.saturating_mul(FLOOD_SECONDS),
-            per_window: per_s,
+            epoch: now,
+            pressed_window: None,
+            pressed_run: 0,
         }
     }
 
-    fn check(&mut self, now: Instant) -> Verdict {
-        let since = now.duration_since(self.window_started);
-        if since >= RATE_WINDOW {
-            // Every quiet window (one without drops, or one with no frame at
-            // all, which never rolled over) forgives one second's worth of
-            // excess; a flood that pauses now and then still adds up.
-            let windows = (since.as_millis() / RATE_WINDOW.as_millis()) as u32;
-            let quiet = if self.dropped_in_window == 0 {
-                windows
-            } else {
-                windows - 1
-            };
-            self.excess = self
-                .excess
-                .saturating_sub(quiet.saturating_mul(self.per_window));
-            self.window_started = now;
-            self.dropped_in_window = 0;
-            self.told_in_window = false;
-        }
+    fn refill(&mut self, now: Instant) {
         let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_s;
         self.tokens = (self.tokens + earned).min(self.burst);
         self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Verdict::Allow;
+    }
+
+    /// When the next frame may be read: `None` if now.
+    fn wait(&mut self, now: Instant) -> Option<Instant> {
+        self.refill(now);
+        (self.tokens < 1.0).then(|| now + Duration::from_secs_f64((1.0 - self.tokens) / self.per_s))
+    }
+
+    /// A frame was read: it takes a token.
+    fn take(&mut self) {
+        self.tokens -= 1.0;
+    }
+
+    /// Whether the allowance is spent at `now`.
+    fn spent(&mut self, now: Instant) -> bool {
+        self.wait(now).is_some()
+    }
+
+    /// A frame is waiting while the allowance is spent.
+    fn pressed(&mut self, now: Instant) -> Pressure {
+        let window = (now.duration_since(self.epoch).as_millis() / RATE_WINDOW.as_millis()) as u64;
+        match self.pressed_window {
+            Some(w) if w == window => return Pressure::Quiet,
+            Some(w) if w + 1 == window => self.pressed_run += 1,
+            _ => self.pressed_run = 1,
         }
-        self.dropped_in_window += 1;
-        self.excess += 1;
-        if self.excess > self.excess_limit {
-            Verdict::Close
-        } else if !self.told_in_window {
-            self.told_in_window = true;
-            Verdict::DropAndTell
+        self.pressed_window = Some(window);
+        if self.pressed_run >= FLOOD_SECONDS {
+            Pressure::Close
         } else {
-            Verdict::Drop
+            Pressure::Tell
         }
     }
 }
@@ -276,51 +272,57 @@ pub async fn run<P: Peer>(
     let mut last_heard = Instant::now();
     let token_expiry = sleep_until_some(expires);
     tokio::pin!(token_expiry);
+    // A frame read ahead to learn whether the client is pressing; it is
+    // handled once its token is there.
+    let mut held: Option<Option<Result<Message, WsError>>> = None;
     let close = loop {
+        let resume_at = rate.wait(Instant::now());
+        if resume_at.is_none() {
+            if let Some(incoming) = held.take() {
+                rate.take();
+                last_heard = Instant::now();
+                if let Err(closing) = on_frame(incoming, &mut ws, &mut peer, write_timeout).await {
+                    break closing;
+                }
+                continue;
+            }
+        }
         tokio::select! {
-            incoming = ws.next() => {
+            incoming = ws.next(), if resume_at.is_none() => {
                 let now = Instant::now();
-                let frame = match incoming {
-                    Some(Ok(Message::Close(_))) | None => break Closing::ByPeer,
-                    Some(Ok(frame)) => frame,
-                    Some(Err(e)) => break Closing::after_error(P::ROLE, e),
-                };
-                last_heard = now;
                 // Every frame the client sends costs the engine work, so every
                 // kind counts against the allowance, pings included.
-                let verdict = rate.check(now);
-                let reply = match (verdict, frame) {
-                    (Verdict::Close, _) => {
-                        m::flood_closed();
-                        break Closing::Engine(close_frame(CloseCode::Policy, "flooding: too many frames for too long"));
-                    }
-                    (Verdict::Drop, _) => { m::frame_dropped(); None }
-                    (Verdict::DropAndTell, _) => {
-                        m::frame_dropped();
-                        Some(ServerMessage::error(
-                            ErrorCode::RateLimited,
-                            format!("at most {per_s} messages per second; frames past it are dropped (this notice comes once a second)"),
-                        ))
-                    }
-                    (Verdict::Allow, Message::Text(text)) => {
-                        m::ws_message_in();
-                        match P::Command::parse(&text) {
-                            Ok(command) => peer.deliver(command).err(),
-                            Err(e) => Some(e.into()),
+                rate.take();
+                last_heard = now;
+                if let Err(closing) = on_frame(incoming, &mut ws, &mut peer, write_timeout).await {
+                    break closing;
+                }
+                // Spent, with the next frame already there: the client sends
+                // faster than it may. Hold that frame until its token.
+                if rate.spent(now) {
+                    if let Some(next) = ws.next().now_or_never() {
+                        held = Some(next);
+                        m::frame_delayed();
+                        match rate.pressed(now) {
+                            Pressure::Quiet => {}
+                            Pressure::Tell => {
+                                let notice = ServerMessage::error(
+                                    ErrorCode::RateLimited,
+                                    format!("at most {per_s} messages per second; frames past it wait their turn (this notice comes once a second)"),
+                                );
+                                if write_error(&mut ws, notice, write_timeout).await.is_err() {
+                                    break Closing::Dropped;
+                                }
+                            }
+                            Pressure::Close => {
+                                m::flood_closed();
+                                break Closing::Engine(close_frame(CloseCode::Policy, "flooding: too many frames for too long"));
+                            }
                         }
-                    }
-                    (Verdict::Allow, Message::Binary(_)) => {
-                        Some(ServerMessage::error(ErrorCode::BinaryNotSupported, "send JSON in text frames"))
-                    }
-                    // tungstenite answers pings by itself.
-                    (Verdict::Allow, _) => None,
-                };
-                if let Some(reply) = reply {
-                    if write_error(&mut ws, reply, write_timeout).await.is_err() {
-                        break Closing::Dropped;
                     }
                 }
             }
+            _ = sleep_until_some(resume_at), if resume_at.is_some() => {}
             message = outbox.queue.recv() => match message {
                 Some(message) => {
                     if within(write_timeout, write_batch(&mut ws, message, &mut outbox.queue)).await.is_err() {
@@ -363,17 +365,56 @@ pub async fn run<P: Peer>(
         // Send the close frame, then read (and discard) until the client's
         // reply: closing a socket with unread input makes the kernel reset
         // it, and a reset can destroy the close frame before the client reads
-        // it. Bounded by CLOSE_TIMEOUT, so a client that keeps sending costs
-        // no more than that.
+        // it. Bounded by CLOSE_TIMEOUT and CLOSE_DRAIN_FRAMES, so a client
+        // that keeps sending costs no more than that.
         Closing::Engine(frame) => {
             let handshake = async {
                 if ws.close(frame).await.is_ok() {
-                    while let Some(Ok(_)) = ws.next().await {}
+                    let mut read = 0;
+                    while let Some(Ok(_)) = ws.next().await {
+                        read += 1;
+                        if read == CLOSE_DRAIN_FRAMES {
+                            break;
+                        }
+                    }
                 }
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
         }
         Closing::Dropped => {}
+    }
+}
+
+/// Handles one read from the socket: a command for the peer, an error for
+/// the client, or the end of the session.
+async fn on_frame<P: Peer>(
+    incoming: Option<Result<Message, WsError>>,
+    ws: &mut Socket,
+    peer: &mut P,
+    write_timeout: Duration,
+) -> Result<(), Closing> {
+    let reply = match incoming {
+        Some(Ok(Message::Close(_))) | None => return Err(Closing::ByPeer),
+        Some(Err(e)) => return Err(Closing::after_error(P::ROLE, e)),
+        Some(Ok(Message::Text(text))) => {
+            m::ws_message_in();
+            match P::Command::parse(&text) {
+                Ok(command) => peer.deliver(command).err(),
+                Err(e) => Some(e.into()),
+            }
+        }
+        Some(Ok(Message::Binary(_))) => Some(ServerMessage::error(
+            ErrorCode::BinaryNotSupported,
+            "send JSON in text frames",
+        )),
+        // tungstenite answers pings by itself.
+        Some(Ok(_)) => None,
+    };
+    match reply {
+        Some(reply) => write_error(ws, reply, write_timeout)
+            .await
+            .map_err(|_| Closing::Dropped),
+        None => Ok(()),
     }
 }
 
@@ -466,97 +507,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_burst_passes_and_a_flood_is_told_once_per_window_then_closed() {
+    fn a_burst_passes_then_frames_wait_their_turn() {
         let start = Instant::now();
         let mut rate = RateLimit::new(10, start);
-        // The burst: twice the rate.
+        // The burst: twice the rate, at once.
         for _ in 0..20 {
-            assert_eq!(rate.check(start), Verdict::Allow);
+            assert_eq!(rate.wait(start), None);
+            rate.take();
         }
-        assert_eq!(rate.check(start), Verdict::DropAndTell);
-        for _ in 0..50 {
-            assert_eq!(rate.check(start), Verdict::Drop);
-        }
-        // A new window: told again, and one token earned per 100 ms.
-        let later = start + RATE_WINDOW;
-        let mut verdicts: Vec<Verdict> = (0..12).map(|_| rate.check(later)).collect();
-        assert_eq!(
-            verdicts.iter().filter(|v| **v == Verdict::Allow).count(),
-            10
-        );
-        assert_eq!(
-            verdicts
-                .iter()
-                .filter(|v| **v == Verdict::DropAndTell)
-                .count(),
-            1
-        );
-        verdicts.clear();
-        // 10 s worth of allowance (100 frames) beyond the limit closes it.
-        let mut closed = false;
-        for _ in 0..100 {
-            if rate.check(later) == Verdict::Close {
-                closed = true;
-                break;
-            }
-        }
-        assert!(closed, "a flood past {FLOOD_SECONDS} s of allowance closes");
+        // Then one every 100 ms.
+        let next = rate.wait(start).expect("spent");
+        assert_eq!(next.duration_since(start), Duration::from_millis(100));
+        assert_eq!(rate.wait(next), None);
+        rate.take();
+        assert!(rate.spent(next));
     }
 
     #[test]
-    fn silence_forgives_earlier_excess() {
+    fn a_client_pressing_is_told_once_a_window_and_closed_after_ten() {
         let start = Instant::now();
-        let mut rate = RateLimit::new(1, start);
+        let mut rate = RateLimit::new(10, start);
         let mut now = start;
-        // Floods of 9 excess frames (under the 10 that close), each after a
-        // silence long enough to forgive them: never closed.
-        for _ in 0..20 {
-            let verdicts: Vec<_> = (0..11).map(|_| rate.check(now)).collect();
-            assert!(!verdicts.contains(&Verdict::Close), "{verdicts:?}");
-            now += RATE_WINDOW * 12;
-        }
-        // Without the silences they add up.
-        let verdicts: Vec<_> = (0..30).map(|_| rate.check(now)).collect();
-        assert!(verdicts.contains(&Verdict::Close));
-    }
-
-    #[test]
-    fn a_flood_that_pauses_now_and_then_is_still_closed() {
-        // Found in review: resetting the excess after any quiet window let a
-        // client flood one second in two, forever.
-        let start = Instant::now();
-        let mut rate = RateLimit::new(50, start);
-        let mut now = start;
-        let mut closed = false;
-        for _ in 0..10 {
-            // One second of 300 frames, then one second of silence.
-            for _ in 0..300 {
-                if rate.check(now) == Verdict::Close {
-                    closed = true;
-                }
-            }
-            now += RATE_WINDOW * 2;
-        }
-        assert!(
-            closed,
-            "a flood at three times the allowance, paused every other second"
-        );
-    }
-
-    #[test]
-    fn a_quiet_window_forgives_earlier_excess() {
-        let start = Instant::now();
-        let mut rate = RateLimit::new(1, start);
-        let mut now = start;
-        // Three frames a second at a limit of one: dropped, told, never
-        // closed as long as a window without drops follows each burst.
-        for _ in 0..100 {
-            for _ in 0..3 {
-                assert_ne!(rate.check(now), Verdict::Close);
-            }
+        for window in 0..FLOOD_SECONDS {
+            let first = rate.pressed(now);
+            let expected = if window + 1 == FLOOD_SECONDS {
+                Pressure::Close
+            } else {
+                Pressure::Tell
+            };
+            assert_eq!(first, expected, "window {window}");
+            assert_eq!(
+                rate.pressed(now + Duration::from_millis(500)),
+                Pressure::Quiet
+            );
             now += RATE_WINDOW;
-            assert_eq!(rate.check(now), Verdict::Allow); // refilled
-            now += RATE_WINDOW * 3;
+        }
+    }
+
+    #[test]
+    fn a_window_without_pressure_starts_the_count_again() {
+        let start = Instant::now();
+        let mut rate = RateLimit::new(10, start);
+        let mut now = start;
+        // Pressing nine windows in every ten, forever: never closed.
+        for _ in 0..10 {
+            for _ in 0..FLOOD_SECONDS - 1 {
+                assert_eq!(rate.pressed(now), Pressure::Tell);
+                now += RATE_WINDOW;
+            }
+            now += RATE_WINDOW; // a window of calm
         }
     }
 }
