@@ -150,7 +150,7 @@ out.append("A second simulator process opens 2,000 connections that flood the en
            "100); past it the engine stops reading that connection until the next frame's turn, so TCP holds "
            "the flood in the flooder's buffers, and a connection that keeps frames waiting for ten seconds "
            "is closed with 1008.\n")
-out.append("| flood | frames sent/s by the flood | flood connections closed by the engine | riders' request→offer p50 / p99 / max | engine CPU | violations |")
+out.append("| flood | frames/s the flood wrote to its sockets | flood connections closed by the engine | riders' request→offer p50 / p99 / max | engine CPU | violations |")
 out.append("| --- | --- | --- | --- | --- | --- |")
 for kind, r, f in floods:
     lat = r["latency_ms"]["request_to_offer"]

@@ -186,7 +186,10 @@ fn describe() {
     describe_counter!(LOCATION_UPDATES, "Driver location updates");
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
-    describe_counter!(FRAMES_DELAYED, "Incoming frames dropped by rate limits");
+    describe_counter!(
+        FRAMES_DELAYED,
+        "Incoming frames that waited for their connection's allowance"
+    );
     describe_counter!(FLOOD_CLOSES, "Connections closed for flooding");
     describe_counter!(
         CONNECTIONS_REFUSED,

@@ -40,13 +40,18 @@ pub async fn run(n: usize, shared: Arc<Shared>, until: Instant) {
             }
         };
         'connection: while Instant::now() < until {
+            // Frames handed to the socket: the engine reads them at the
+            // connection's allowance, and the kernel buffers hold the rest.
+            // A failed write means the engine closed the connection.
             for _ in 0..BATCH {
                 if ws.feed(frame.clone()).await.is_err() {
+                    shared.stats.flood_closes.inc();
                     break 'connection;
                 }
                 shared.stats.flood_frames.inc();
             }
             if ws.flush().await.is_err() {
+                shared.stats.flood_closes.inc();
                 break;
             }
             // Read whatever came back without waiting: the engine's errors,

@@ -91,11 +91,14 @@ pub struct Report {
     pub driver_errors: u64,
     pub rider_errors: u64,
     pub dropped_arrivals: u64,
-    /// Frames the flooding connections sent (`--flood`).
+    /// Frames the flooding connections handed to their sockets (`--flood`);
+    /// the engine reads them at each connection's allowance, and the
+    /// kernel's buffers hold the rest.
     pub flood_frames: u64,
     /// The same over the steady phase, per second.
     pub flood_frames_per_s: f64,
-    /// Flooding connections the engine closed.
+    /// Flooding connections the engine closed (a close frame, a reset, or a
+    /// write that failed).
     pub flood_closes: u64,
 }
 
@@ -187,7 +190,7 @@ impl Report {
                 &mut out,
                 &format!("flood ({} × {:?})", p.flood, p.flood_kind),
                 format!(
-                    "{} frames sent, {} connections closed by the engine",
+                    "{} frames written, {} connections closed by the engine",
                     self.flood_frames, self.flood_closes
                 ),
             );
