@@ -167,6 +167,13 @@ for name in ["matches-max", "matches-max-pooled", "latency-5k", "latency-1k", "c
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
 out.append("")
+# The cluster section is bench/cluster's: carried over as it is.
+begin, end = "<!-- cluster: written by bench/cluster -->", "<!-- /cluster -->"
+previous = os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")
+if os.path.exists(previous):
+    text = open(previous).read()
+    if begin in text and end in text:
+        out.append(text[text.index(begin):text.index(end) + len(end)] + "\n")
 out.append("## Command lines\n")
 out.append("```sh")
 out.append("target/release/loopback serve --listen 127.0.0.1:19000")
