@@ -130,13 +130,14 @@ impl Engine {
             ),
             None => None,
         };
-        let metrics_addr = match &metrics_listener {
-            Some(listener) => Some(listener.local_addr().map_err(|source| StartError::Bind {
-                addr: config.listen,
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(|listener| listener.local_addr())
+            .transpose()
+            .map_err(|source| StartError::Bind {
+                addr: config.metrics_listen.unwrap_or(config.listen),
                 source,
-            })?),
-            None => None,
-        };
+            })?;
         let connections = ConnectionLimits::new(
             ConnectionLimits::total_cap(config.max_connections, crate::limits::open_file_limit()),
             config.max_handshakes,
