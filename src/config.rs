@@ -161,9 +161,10 @@ pub struct Config {
     pub max_queued_requests: usize,
 
     /// Frames per second one connection may send (text, binary and pings
-    /// alike), sustained; bursts of twice this are allowed. Past it frames
-    /// are dropped with one `rate_limited` error per second, and a connection
-    /// that keeps flooding is closed with 1008.
+    /// alike), sustained; bursts of twice this are allowed. Past it the
+    /// connection is read at this rate (later frames wait, with one
+    /// `rate_limited` error per second), and one that keeps frames waiting
+    /// for ten seconds in a row is closed with 1008.
     #[arg(long, env = "RIDELOCK_MAX_MESSAGES_PER_S", default_value_t = 50)]
     pub max_messages_per_s: u32,
 

@@ -274,81 +274,91 @@ pub async fn run<P: Peer>(
     tokio::pin!(token_expiry);
     // A frame read ahead to learn whether the client is pressing; it is
     // handled once its token is there.
-    let mut held: Option<Option<Result<Message, WsError>>> = None;
+    let mut held: Option<Result<Message, WsError>> = None;
     let close = loop {
         let resume_at = rate.wait(Instant::now());
-        if resume_at.is_none() {
-            if let Some(incoming) = held.take() {
-                rate.take();
-                last_heard = Instant::now();
-                if let Err(closing) = on_frame(incoming, &mut ws, &mut peer, write_timeout).await {
-                    break closing;
+        let incoming = match (resume_at, held.take()) {
+            (None, Some(frame)) => Some(frame),
+            (_, frame) => {
+                held = frame;
+                tokio::select! {
+                    incoming = ws.next(), if resume_at.is_none() => incoming,
+                    _ = sleep_until_some(resume_at), if resume_at.is_some() => continue,
+                    message = outbox.queue.recv() => match message {
+                        Some(message) => {
+                            if within(write_timeout, write_batch(&mut ws, message, &mut outbox.queue)).await.is_err() {
+                                break Closing::Dropped;
+                            }
+                            continue;
+                        }
+                        // Every sender is gone: the driver's actor let go of
+                        // this connection (a newer one replaced it, or this
+                        // one stopped reading). It gets nothing more.
+                        None => break Closing::Engine(close_frame(CloseCode::Policy, "replaced by a newer connection, or not reading")),
+                    },
+                    _ = outbox.overflowed.notified() => {
+                        break Closing::Engine(close_frame(CloseCode::Policy, "not reading its messages"));
+                    }
+                    _ = heartbeat.tick() => {
+                        if last_heard.elapsed() > settings.client_timeout {
+                            break Closing::Engine(close_frame(CloseCode::Away, "no frames within the client timeout"));
+                        }
+                        if within(write_timeout, ws.send(Message::Ping(Default::default()))).await.is_err() {
+                            break Closing::Dropped;
+                        }
+                        continue;
+                    }
+                    _ = &mut token_expiry => {
+                        break Closing::Engine(close_frame(CloseCode::Policy, "token expired: reconnect with a fresh one"));
+                    }
+                    _ = shutdown.changed() => break Closing::Engine(close_frame(CloseCode::Away, "server shutting down")),
                 }
-                continue;
             }
+        };
+        // Every frame the client sends costs the engine work, so every kind
+        // counts against the allowance, pings included.
+        rate.take();
+        last_heard = Instant::now();
+        if let Err(closing) = on_frame(incoming, &mut ws, &mut peer, write_timeout).await {
+            break closing;
         }
-        tokio::select! {
-            incoming = ws.next(), if resume_at.is_none() => {
-                let now = Instant::now();
-                // Every frame the client sends costs the engine work, so every
-                // kind counts against the allowance, pings included.
-                rate.take();
-                last_heard = now;
-                if let Err(closing) = on_frame(incoming, &mut ws, &mut peer, write_timeout).await {
-                    break closing;
-                }
-                // Spent, with the next frame already there: the client sends
-                // faster than it may. Hold that frame until its token.
-                if rate.spent(now) {
-                    if let Some(next) = ws.next().now_or_never() {
-                        held = Some(next);
-                        m::frame_delayed();
-                        match rate.pressed(now) {
-                            Pressure::Quiet => {}
-                            Pressure::Tell => {
-                                let notice = ServerMessage::error(
-                                    ErrorCode::RateLimited,
-                                    format!("at most {per_s} messages per second; frames past it wait their turn (this notice comes once a second)"),
-                                );
-                                if write_error(&mut ws, notice, write_timeout).await.is_err() {
-                                    break Closing::Dropped;
-                                }
+        // Spent, with the next frame already there: the client sends faster
+        // than it may. Hold that frame until its token (a close, an error or
+        // the end of the stream is not held: it ends the session now).
+        let now = Instant::now();
+        if rate.spent(now) {
+            match ws.next().now_or_never() {
+                None => {}
+                Some(Some(Ok(frame))) if !frame.is_close() => {
+                    held = Some(Ok(frame));
+                    m::frame_delayed();
+                    match rate.pressed(now) {
+                        Pressure::Quiet => {}
+                        Pressure::Tell => {
+                            let notice = ServerMessage::error(
+                                ErrorCode::RateLimited,
+                                format!("at most {per_s} messages per second; frames past it wait their turn (this notice comes once a second)"),
+                            );
+                            if write_error(&mut ws, notice, write_timeout).await.is_err() {
+                                break Closing::Dropped;
                             }
-                            Pressure::Close => {
-                                m::flood_closed();
-                                break Closing::Engine(close_frame(CloseCode::Policy, "flooding: too many frames for too long"));
-                            }
+                        }
+                        Pressure::Close => {
+                            m::flood_closed();
+                            break Closing::Engine(close_frame(
+                                CloseCode::Policy,
+                                "flooding: too many frames for too long",
+                            ));
                         }
                     }
                 }
-            }
-            _ = sleep_until_some(resume_at), if resume_at.is_some() => {}
-            message = outbox.queue.recv() => match message {
-                Some(message) => {
-                    if within(write_timeout, write_batch(&mut ws, message, &mut outbox.queue)).await.is_err() {
-                        break Closing::Dropped;
+                Some(ending) => {
+                    if let Err(closing) = on_frame(ending, &mut ws, &mut peer, write_timeout).await
+                    {
+                        break closing;
                     }
                 }
-                // Every sender is gone: the driver's actor let go of this
-                // connection (a newer one replaced it, or this one stopped
-                // reading). It gets nothing more.
-                None => break Closing::Engine(close_frame(CloseCode::Policy, "replaced by a newer connection, or not reading")),
-            },
-            _ = outbox.overflowed.notified() => {
-                break Closing::Engine(close_frame(CloseCode::Policy, "not reading its messages"));
             }
-            _ = heartbeat.tick() => {
-                if last_heard.elapsed() > settings.client_timeout {
-                    break Closing::Engine(close_frame(CloseCode::Away, "no frames within the client timeout"));
-                }
-                if within(write_timeout, ws.send(Message::Ping(Default::default()))).await.is_err() {
-                    break Closing::Dropped;
-                }
-            }
-            _ = &mut token_expiry => {
-                break Closing::Engine(close_frame(CloseCode::Policy, "token expired: reconnect with a fresh one"));
-            }
-            _ = shutdown.changed() => break Closing::Engine(close_frame(CloseCode::Away, "server shutting down")),
         }
     };
     // Let go of the driver or the searches first: the engine must stop

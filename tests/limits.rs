@@ -386,3 +386,14 @@ async fn floods_of_any_frame_kind_are_closed_with_1008() {
     driver.expect_offer().await;
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_at_an_allowance_of_one_a_second_is_closed_too() {
+    // Found in review: pressure was checked only on every other frame, so at
+    // one frame a second no two pressed windows were consecutive.
+    let engine = common::engine(|c| c.max_messages_per_s = 1).await;
+    let bully = Client::rider(&engine, "bully").await;
+    let text = Message::text(r#"{"type":"cancel","request_id":"x"}"#);
+    assert_eq!(flood(bully, text, 100).await, Some(1008));
+    engine.shutdown().await;
+}

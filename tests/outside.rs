@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{try_upgrade, Client};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use ridelock::auth::Role;
 use ridelock::protocol::ServerMessage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -254,5 +254,29 @@ async fn a_client_that_half_closes_after_its_request_gets_an_answer() {
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer).await;
     assert!(answer.starts_with("HTTP/1.1 101"), "{answer:?}");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_sent_past_the_allowance_is_still_answered() {
+    // A close frame read ahead while the allowance is spent ends the session
+    // at once (it is not held for a token) and is answered. (The review that
+    // prompted this thought the echo could be lost; tungstenite flushes the
+    // queued reply even on the failed write, so this passed before too: it
+    // guards the promise, not a reproduced bug.)
+    let engine = common::engine(|c| c.max_messages_per_s = 1).await;
+    let mut rider = Client::rider(&engine, "r").await;
+    for _ in 0..3 {
+        rider.ws.feed(Message::text("{}")).await.unwrap();
+    }
+    rider
+        .ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(rider.closed_within(common::EXPECT_WITHIN).await, Some(1000));
     engine.shutdown().await;
 }

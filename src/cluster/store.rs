@@ -484,29 +484,6 @@ impl LockServer {
 const UNANSWERED_SETTLE_RETRY: Duration = Duration::from_millis(500);
 const UNANSWERED_SETTLE_ATTEMPTS: u32 = 120;
 
-/// A server that did not answer an acquire in time (slow, paused, or cut
-/// off) may still apply it later: the command waits in its socket or its
-/// queue. Nobody would use that lock, and the driver would stay locked until
-/// it lapses. So the owner is settled there as soon as the server answers:
-/// settling frees the lock if the late acquire has landed, and makes it fail
-/// if it lands after (ACQUIRE refuses a settled owner), in whichever order
-/// the server sees the two (a reconnect may put them on different
-/// connections). Tried in the background for up to a minute; found by the
-/// paused-Redis test.
-fn settle_when_answered(servers: Vec<LockServer>, driver: &str, owner: &str) {
-    for server in servers {
-        let (driver, owner) = (driver.to_string(), owner.to_string());
-        tokio::spawn(async move {
-            for _ in 0..UNANSWERED_SETTLE_ATTEMPTS {
-                if server.settle(&driver, &owner).await.is_ok() {
-                    return;
-                }
-                tokio::time::sleep(UNANSWERED_SETTLE_RETRY).await;
-            }
-        });
-    }
-}
-
 /// A driver lock across independent Redis servers (one server is the
 /// degenerate case: a quorum of one).
 #[derive(Clone)]
@@ -515,6 +492,32 @@ pub struct Redlock {
 }
 
 impl Redlock {
+    /// A server that did not answer an acquire in time (slow, paused, or
+    /// cut off) may still apply it later: the command waits in its socket or
+    /// its queue. Nobody would use that lock, and the driver would stay
+    /// locked until it lapses. So once the owner is given up for good, it is
+    /// settled there as soon as the server answers: settling frees the lock
+    /// if the late acquire has landed, and makes it fail if it lands after
+    /// (ACQUIRE refuses a settled owner), in whichever order the server sees
+    /// the two (a reconnect may put them on different connections). Tried in
+    /// the background for up to a minute; found by the paused-Redis test.
+    fn settle_when_answered(&self, servers: Vec<usize>, driver: &str, owner: &str) {
+        let mut servers = servers;
+        servers.sort_unstable();
+        servers.dedup();
+        for server in servers.into_iter().map(|i| self.servers[i].clone()) {
+            let (driver, owner) = (driver.to_string(), owner.to_string());
+            tokio::spawn(async move {
+                for _ in 0..UNANSWERED_SETTLE_ATTEMPTS {
+                    if server.settle(&driver, &owner).await.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(UNANSWERED_SETTLE_RETRY).await;
+                }
+            });
+        }
+    }
+
     /// Connects to every server; any unreachable one is an error at start, so
     /// that a typo in a URL is found at once rather than as lost quorum later.
     pub async fn connect(
@@ -558,26 +561,37 @@ impl Redlock {
         ttl: Duration,
         token_floor: FencingToken,
     ) -> Result<Grant, LockError> {
-        match self.try_once(driver, owner, ttl, token_floor).await {
+        let (first, mut unanswered) = self.try_once(driver, owner, ttl, token_floor).await;
+        let result = match first {
             Err(LockError::Refused {
                 reason: AttemptFailed::NoQuorum { granted, .. },
                 ..
             }) if granted > 0 => {
                 let delay = retry_delay(SPLIT_VOTE_RETRY, &mut rand::rng());
                 tokio::time::sleep(delay).await;
-                self.try_once(driver, owner, ttl, token_floor).await
+                let (second, more) = self.try_once(driver, owner, ttl, token_floor).await;
+                unanswered.extend(more);
+                second
             }
             result => result,
+        };
+        // Only once the owner is given up for good: settling after the first
+        // attempt could free the lock the retry (same owner) was granted.
+        if result.is_err() {
+            self.settle_when_answered(unanswered, driver, owner);
         }
+        result
     }
 
+    /// One attempt on every server; also the servers that did not answer
+    /// (where the attempt may still land later).
     async fn try_once(
         &self,
         driver: &str,
         owner: &str,
         ttl: Duration,
         token_floor: FencingToken,
-    ) -> Result<Grant, LockError> {
+    ) -> (Result<Grant, LockError>, Vec<usize>) {
         let started = Instant::now();
         let answers = join_all(
             self.servers
@@ -587,17 +601,17 @@ impl Redlock {
         .await;
         let elapsed = started.elapsed();
         let unreachable = answers.iter().filter(|a| a.is_err()).count();
-        let unanswered: Vec<LockServer> = answers
+        let unanswered: Vec<usize> = answers
             .iter()
-            .zip(&self.servers)
-            .filter(|(a, _)| a.is_err())
-            .map(|(_, server)| server.clone())
+            .enumerate()
+            .filter(|(_, a)| a.is_err())
+            .map(|(i, _)| i)
             .collect();
         let tokens: Vec<FencingToken> = answers
             .into_iter()
             .filter_map(|a| a.ok().flatten())
             .collect();
-        match judge(tokens.len(), self.servers.len(), ttl, elapsed) {
+        let result = match judge(tokens.len(), self.servers.len(), ttl, elapsed) {
             Ok(validity) => Ok(Grant {
                 fencing_token: tokens.iter().copied().max().unwrap_or_default(),
                 validity,
@@ -605,13 +619,13 @@ impl Redlock {
             }),
             Err(reason) => {
                 self.release(driver, owner).await;
-                settle_when_answered(unanswered, driver, owner);
                 Err(LockError::Refused {
                     reason,
                     unreachable,
                 })
             }
-        }
+        };
+        (result, unanswered)
     }
 
     /// Frees `driver`'s lock wherever `owner` still holds it; on how many

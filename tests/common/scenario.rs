@@ -203,10 +203,21 @@ async fn drive(
             // An answer that lost the race with the offer's end (its expiry,
             // or `unavailable` sent just before the offer arrived, which
             // declined it without a revoke): the offer is over.
-            ServerMessage::Error { code, .. } if code.as_str() == "offer_expired" => {
-                if matches!(state, DriverState::Offered(_) | DriverState::Accepting(_)) {
-                    state = DriverState::Idle;
-                    planned = None;
+            ServerMessage::Error { code, message, .. } if code.as_str() == "offer_expired" => {
+                // Only if it is about the offer held now ("offer {id} …"):
+                // a late answer to an earlier offer says nothing of this one.
+                let about = message
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|id| id.parse::<u64>().ok());
+                match &state {
+                    DriverState::Offered(held) | DriverState::Accepting(held)
+                        if Some(held.offer_id) == about =>
+                    {
+                        state = DriverState::Idle;
+                        planned = None;
+                    }
+                    _ => {}
                 }
             }
             other => log.violations.push(format!("{} got {other:?}", client.id)),
