@@ -146,9 +146,7 @@ async fn a_token_names_the_driver_whatever_the_url_says() {
         .expect("d1's token connects");
     // d2 was not replaced, and the new connection is d1: it goes available
     // and is a second driver, not d2.
-    d1.send(json!({"type": "location", "lat": LAT, "lon": LON + 0.01}))
-        .await;
-    d1.send(json!({"type": "available"})).await;
+    d1.go_available(LAT, LON + 0.01).await;
     wait_for_available(&engine, 2).await;
     d2.expect_silence(Duration::from_millis(100)).await;
     let mut rider = Client::rider(&engine, "r").await;
@@ -203,10 +201,7 @@ async fn a_connection_whose_token_expires_is_closed_with_1008() {
     let token = auth::mint(&common::secret(), Role::Driver, "d", Duration::from_secs(2));
     let mut driver =
         Client::connect_with(engine.local_addr(), "driver", "", Some(&token), "d").await;
-    driver
-        .send(json!({"type": "location", "lat": LAT, "lon": LON}))
-        .await;
-    driver.send(json!({"type": "available"})).await;
+    driver.go_available(LAT, LON).await;
     wait_for_available(&engine, 1).await;
     match tokio::time::timeout(
         Duration::from_secs(10),
@@ -245,10 +240,7 @@ async fn a_token_that_expires_in_a_thousand_years_is_served() {
     .unwrap();
     let mut driver =
         Client::connect_with(engine.local_addr(), "driver", "", Some(&token), "d").await;
-    driver
-        .send(json!({"type": "location", "lat": LAT, "lon": LON}))
-        .await;
-    driver.send(json!({"type": "available"})).await;
+    driver.go_available(LAT, LON).await;
     wait_for_available(&engine, 1).await;
     driver.send(json!({"type": "accept", "offer_id": 1})).await;
     assert_eq!(driver.expect_error().await, "unknown_offer");
@@ -301,10 +293,7 @@ async fn tokens_from_another_jwt_library_work() {
     let driver_token = pyjwt_token("driver", "d-py");
     let rider_token = pyjwt_token("rider", "r-py");
     let mut driver = Client::connect_with(addr, "driver", "", Some(&driver_token), "d-py").await;
-    driver
-        .send(json!({"type": "location", "lat": LAT, "lon": LON}))
-        .await;
-    driver.send(json!({"type": "available"})).await;
+    driver.go_available(LAT, LON).await;
     wait_for_available(&engine, 1).await;
     let mut rider = Client::connect_with(
         addr,

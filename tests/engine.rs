@@ -382,9 +382,7 @@ async fn a_second_connection_replaces_the_first() {
     let mut new = Client::driver(&engine, "d").await;
     // The old socket is closed by the engine and gets nothing more.
     assert_eq!(old.expect_closed().await, Some(1008));
-    new.send(json!({"type": "location", "lat": LAT, "lon": LON}))
-        .await;
-    new.send(json!({"type": "available"})).await;
+    new.go_available(LAT, LON).await;
     wait_for_available(&engine, 1).await;
     assert_eq!(engine.driver_actors(), 1);
     let mut rider = Client::rider(&engine, "r").await;

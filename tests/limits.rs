@@ -13,8 +13,6 @@ use ridelock::auth::Role;
 use ridelock::protocol::ServerMessage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 const LAT: f64 = 52.5200;
@@ -292,13 +290,7 @@ async fn the_total_cap_refuses_upgrades_but_not_health_checks() {
         .await
         .starts_with("HTTP/1.1 200"));
     // A closed connection gives its place back.
-    d1.ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        }))
-        .await
-        .unwrap();
+    d1.close_normally().await;
     assert_eq!(d1.expect_closed().await, Some(1000));
     let deadline = tokio::time::Instant::now() + common::EXPECT_WITHIN;
     loop {

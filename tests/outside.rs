@@ -14,7 +14,6 @@ use ridelock::protocol::ServerMessage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 const LAT: f64 = 52.5200;
@@ -87,14 +86,7 @@ async fn a_pickup_in_geojson_order_is_refused() {
 async fn a_clients_close_is_answered() {
     let engine = common::engine(|_| {}).await;
     let mut rider = Client::rider(&engine, "r").await;
-    rider
-        .ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "bye".into(),
-        }))
-        .await
-        .unwrap();
+    rider.close_normally().await;
     // The engine echoes the close (before, clients saw 1006: no reply).
     match tokio::time::timeout(common::EXPECT_WITHIN, rider.ws.next()).await {
         Ok(Some(Ok(Message::Close(Some(frame))))) => assert_eq!(frame.code, CloseCode::Normal),
@@ -269,14 +261,7 @@ async fn a_close_sent_past_the_allowance_is_still_answered() {
     for _ in 0..3 {
         rider.ws.feed(Message::text("{}")).await.unwrap();
     }
-    rider
-        .ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "bye".into(),
-        }))
-        .await
-        .unwrap();
+    rider.close_normally().await;
     assert_eq!(rider.closed_within(common::EXPECT_WITHIN).await, Some(1000));
     engine.shutdown().await;
 }

@@ -11,8 +11,6 @@ use common::{wait_for_available, wait_for_stats, wait_for_waiting, Client};
 use futures_util::{SinkExt, StreamExt};
 use ridelock::protocol::{RevokeReason, ServerMessage};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 const LAT: f64 = 52.5200;
@@ -374,14 +372,7 @@ async fn a_reconnecting_driver_says_available_again_but_a_replacing_one_need_not
     // Closed, then a new connection: not available until it says so. The
     // engine's echo of the close comes after it let go of the connection,
     // so the next connection is a reconnect, not a replacement.
-    second
-        .ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        }))
-        .await
-        .unwrap();
+    second.close_normally().await;
     assert_eq!(second.expect_closed().await, Some(1000));
     wait_for_available(&engine, 0).await;
     let mut third = Client::driver(&engine, "d").await;

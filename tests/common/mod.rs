@@ -298,11 +298,28 @@ impl Client {
     /// A driver at (lat, lon) that said `available`.
     pub async fn available_driver(engine: &Engine, id: &str, lat: f64, lon: f64) -> Client {
         let mut driver = Client::driver(engine, id).await;
+        driver.go_available(lat, lon).await;
         driver
-            .send(json!({"type": "location", "lat": lat, "lon": lon}))
+    }
+
+    /// Sends the driver's position, then `available`.
+    pub async fn go_available(&mut self, lat: f64, lon: f64) {
+        self.send(json!({"type": "location", "lat": lat, "lon": lon}))
             .await;
-        driver.send(json!({"type": "available"})).await;
-        driver
+        self.send(json!({"type": "available"})).await;
+    }
+
+    /// Closes from the client's side with 1000 (normal).
+    pub async fn close_normally(&mut self) {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        self.ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await
+            .expect("the close frame goes out");
     }
 
     pub async fn send(&mut self, value: Value) {
