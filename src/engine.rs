@@ -14,14 +14,15 @@ use actix::prelude::*;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::actors::driver::DriverRegistry;
+use crate::actors::matcher::{Admission, GetStats, Matcher, MatcherStats};
+use crate::actors::messages::{DriverChanges, MatcherLink};
 use crate::auth::{self, Verifier};
 use crate::cluster::bus::Bus;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connections::ConnectionLimits;
-use crate::driver::DriverRegistry;
 use crate::ids::Ids;
-use crate::matcher::{Admission, GetStats, Matcher, MatcherStats};
 use crate::server::{self, Routes, Shared};
 
 /// How long shutdown waits for connections to say goodbye.
@@ -167,18 +168,34 @@ impl Engine {
             .spawn(move || {
                 let system = System::new();
                 let started = system.block_on(async move {
-                    let matcher = Matcher::new(
-                        actor_config.clone(),
-                        actor_ids.clone(),
-                        actor_admission,
-                        actor_cluster.clone(),
-                    )
-                    .start();
+                    // The matcher and the driver registry each need a way to
+                    // the other: the matcher's address exists before it runs.
+                    let context = Context::<Matcher>::new();
+                    let address = context.address();
+                    let changes = Arc::new(DriverChanges::default());
+                    let link = MatcherLink {
+                        answers: address.clone().recipient(),
+                        ended: address.clone().recipient(),
+                        wake: address.clone().recipient(),
+                        changes: changes.clone(),
+                    };
                     let arbiters: Vec<_> = (0..actor_config.driver_threads())
                         .map(|_| Arbiter::new().handle())
                         .collect();
-                    let registry =
-                        DriverRegistry::new(arbiters, matcher.clone(), actor_ids, actor_cluster);
+                    let registry = DriverRegistry::new(
+                        arbiters,
+                        link,
+                        actor_ids.clone(),
+                        actor_cluster.clone(),
+                    );
+                    let matcher = context.run(Matcher::new(
+                        &actor_config,
+                        actor_ids,
+                        actor_admission,
+                        actor_cluster,
+                        registry.clone(),
+                        changes,
+                    ));
                     (System::current(), matcher, registry)
                 });
                 if started_tx.send(started).is_ok() {

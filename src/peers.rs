@@ -6,9 +6,9 @@ use std::sync::Arc;
 use actix::Addr;
 use tokio::sync::watch;
 
+use crate::actors::driver::{Detach, DriverActor, FromDriver};
+use crate::actors::matcher::{Admission, CancelRide, Matcher, RequestRide, RiderGone, RiderLink};
 use crate::auth::Identity;
-use crate::driver::{Detach, DriverActor, FromDriver};
-use crate::matcher::{Admission, CancelRide, Matcher, RequestRide, RiderGone, RiderLink};
 use crate::protocol::{DriverCommand, ErrorCode, RiderCommand, ServerMessage};
 use crate::server::Shared;
 use crate::session::{self, Outbox, Peer, Settings};

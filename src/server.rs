@@ -29,12 +29,12 @@ use tokio_tungstenite::tungstenite::handshake::server::create_response;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::actors::driver::DriverRegistry;
+use crate::actors::matcher::{Admission, Matcher};
 use crate::auth::{self, AuthError, Identity, Role, Verifier};
 use crate::config::Config;
 use crate::connections::{ConnectionLimits, HandshakeGuard, SessionGuard};
-use crate::driver::DriverRegistry;
 use crate::ids::Ids;
-use crate::matcher::{Admission, Matcher};
 use crate::metrics as m;
 use crate::peers;
 use crate::session;

@@ -27,14 +27,15 @@ use tokio::task::JoinHandle;
 use super::store::{alive_key, LockServer};
 use super::wire::{node_channel, NodeId, Wire, DRIVERS_CHANNEL};
 use super::Cluster;
-use crate::driver::{
-    CancelOffer, ConnectedElsewhere, DriverRegistry, Granted, LockReply, OfferHolder, TryLock,
+use crate::actors::driver::{ConnectedElsewhere, DriverRegistry};
+use crate::actors::matcher::{LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteSnapshot};
+use crate::actors::messages::{
+    CancelOffer, DriverDirectory, LockAnswered, OfferEnded, ReplyRoute, ToDriver, TryLock,
 };
+use crate::core::booking::{LockRequest, ReplyTo};
+use crate::core::search::{LockAnswer, OfferOutcome};
+use crate::core::{Granted, OfferHolder};
 use crate::location::LatLon;
-use crate::lock::{Ended, Offer};
-use crate::matcher::{
-    LiveNodes, LockAnswered, Matcher, NodeGone, OfferEnded, RemoteDriver, RemoteSnapshot,
-};
 use crate::protocol::DriverId;
 
 /// How often liveness keys are refreshed and checked.
@@ -589,19 +590,17 @@ fn deliver(
                 first_offer_since: None,
                 node: Some(from.clone()),
             };
-            let reply =
-                LockReply::to_node(cluster.clone(), from, driver.clone(), offer_id, &holder);
-            match registry.get(&driver) {
-                Some(actor) => actor.do_send(TryLock {
-                    offer_id,
-                    holder,
-                    timeout: Duration::from_millis(timeout_ms),
-                    not_after: Instant::now() + Duration::from_millis(search_left_ms),
-                    reply,
-                }),
-                // Not connected here (any more): the reply's drop refuses.
-                None => drop(reply),
-            }
+            let request = LockRequest {
+                offer_id,
+                holder,
+                timeout: Duration::from_millis(timeout_ms),
+                not_after: Instant::now() + Duration::from_millis(search_left_ms),
+                reply: ReplyTo::Node(from.clone()),
+            };
+            let route = ReplyRoute::Node(cluster.clone(), from);
+            // Not connected here (any more): the request's drop refuses.
+            let message = TryLock::new(driver.clone(), request, route);
+            registry.send(&driver, ToDriver::Lock(message));
         }
         Wire::Answer {
             driver,
@@ -610,59 +609,44 @@ fn deliver(
             rider_id,
             request_id,
             result,
-        } => matcher.do_send(LockAnswered {
+        } => matcher.do_send(LockAnswered(LockAnswer {
             driver_id: driver,
             offer_id,
             search,
             rider_id,
             request_id,
             result: result.map(|fencing_token| Granted { fencing_token }),
-        }),
+        })),
         Wire::Ended {
             driver,
             at,
             offer_id,
-            fencing_token,
             search,
             rider_id,
             request_id,
-            pickup,
             ending,
             trip_id,
-        } => matcher.do_send(OfferEnded {
+            ..
+        } => matcher.do_send(OfferEnded(OfferOutcome {
             driver_id: driver,
             driver_location: at,
-            ended: Ended {
-                offer: Offer {
-                    offer_id,
-                    fencing_token,
-                    // Not used by the matcher; the deadline lived on the
-                    // driver's node.
-                    deadline: Instant::now(),
-                    holder: OfferHolder {
-                        search,
-                        rider_id,
-                        request_id,
-                        pickup,
-                        first_offer_since: None,
-                        node: None,
-                    },
-                },
-                ending,
-                trip_id,
-            },
-        }),
+            offer_id,
+            search,
+            rider_id,
+            request_id,
+            ending,
+            trip_id,
+        })),
         Wire::Cancel {
             driver,
             offer_id,
             fencing_token,
-        } => {
-            if let Some(actor) = registry.get(&driver) {
-                actor.do_send(CancelOffer {
-                    offer_id,
-                    fencing_token,
-                });
-            }
-        }
+        } => registry.send(
+            &driver,
+            ToDriver::Cancel(CancelOffer {
+                offer_id,
+                fencing_token,
+            }),
+        ),
     }
 }

@@ -30,21 +30,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::location::LatLon;
-use crate::lock::OfferId;
 use crate::protocol::DriverId;
 use store::{Redlock, StoreError};
 pub use wire::NodeId;
 use wire::Wire;
 
-/// How much longer a driver's lock lives in Redis than the offer it backs:
-/// room for the accept's confirm to reach Redis before the key lapses.
-pub const LOCK_MARGIN: Duration = Duration::from_secs(1);
-
-/// The owner value of the lock behind one offer: the requesting node and
-/// its offer id, unique across the cluster.
-pub fn owner(node: &str, offer_id: OfferId) -> String {
-    format!("{node}/{offer_id}")
-}
+pub use crate::core::booking::LOCK_MARGIN;
+pub use crate::core::owner;
 
 /// Whether `node` is usable as a node id: it is part of Redis keys, channel
 /// names and lock owner values.

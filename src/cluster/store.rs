@@ -20,12 +20,7 @@ use redis::Script;
 use tokio::time::Instant;
 
 use super::redlock::{judge, quorum, retry_delay, AttemptFailed};
-use serde::{Deserialize, Serialize};
-
-use super::wire::NodeId;
-use crate::location::LatLon;
-use crate::lock::{FencingToken, LockRefused, OfferId, TripId};
-use crate::protocol::{RequestId, RiderId};
+use crate::lock::{FencingToken, LockRefused, TripId};
 
 /// Sets the lock if free and takes a fencing token in the same step.
 /// KEYS: lock, token counter, the owner's settled mark. ARGV: owner, ttl ms,
@@ -131,10 +126,8 @@ static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
 static FINISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FINISH));
 
-/// How long a confirmed lock (a driver on a trip) is held between renewals:
-/// long enough to ride out a slow Redis, short enough that a node that died
-/// mid-trip frees its driver soon.
-pub const TRIP_HOLD: Duration = Duration::from_secs(30);
+pub use crate::core::booking::{TripRecord, TRIP_HOLD};
+pub use crate::core::Settled;
 
 /// The longest random wait before a split vote is tried again.
 const SPLIT_VOTE_RETRY: Duration = Duration::from_millis(50);
@@ -239,46 +232,12 @@ pub(crate) fn alive_key(node: &str) -> String {
     format!("ridelock:node:{node}:alive")
 }
 
-/// A driver's trip as kept in Redis while it lasts, so that the driver's
-/// actor on whichever node the app reconnects to can take it over.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TripRecord {
-    /// The owner value of the trip's lock.
-    pub owner: String,
-    /// The trip.
-    pub trip_id: TripId,
-    /// The offer it came from.
-    pub offer_id: OfferId,
-    /// That offer's fencing token.
-    pub fencing_token: FencingToken,
-    /// The rider.
-    pub rider_id: RiderId,
-    /// The rider's request.
-    pub request_id: RequestId,
-    /// Where the rider waits.
-    pub pickup: LatLon,
-    /// The rider's node.
-    pub rider_node: NodeId,
-    /// Whether that is another node than the driver's (at the accept).
-    pub rider_is_remote: bool,
-}
-
 fn trip_key(owner: &str) -> String {
     format!("ridelock:owner:{owner}:trip")
 }
 
 fn settled_key(owner: &str) -> String {
     format!("ridelock:owner:{owner}:settled")
-}
-
-/// What had become of a lock its requester gave up waiting for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Settled {
-    /// The driver accepted: this trip.
-    Trip(TripId),
-    /// The lock can no longer lead to a trip (freed now, expired, or never
-    /// taken).
-    Dead,
 }
 
 /// Locks on one Redis server.

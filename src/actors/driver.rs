@@ -1,0 +1,542 @@
+//! Driver actors: one per driver, the only place a driver's lock changes.
+//!
+//! A [`DriverActor`] wraps the pure [`Booking`] with what the state machine
+//! leaves out: the driver's connection, a timer for whatever is due next,
+//! Redis calls, and telling the matcher (or another node) what changed.
+//! Sessions and the matcher never touch the lock; they send messages and the
+//! actor hands each to the machine, so a lock is granted or refused
+//! atomically, one event at a time.
+//!
+//! Actors live in a [`DriverRegistry`] keyed by driver id and are spread over
+//! several actix arbiters (threads): one driver's messages are handled in
+//! order on one thread, different drivers in parallel.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use actix::prelude::*;
+use actix::ArbiterHandle;
+
+use super::messages::{
+    answer_wire, CancelOffer, DriverDirectory, LockAnswered, MatcherLink, OfferEnded, ToDriver,
+    TryLock,
+};
+use crate::cluster::wire::{NodeId, Wire};
+use crate::cluster::Cluster;
+use crate::core::booking::{Booking, DriverEffect, DriverEvent, RedisOp, RedisReply, ReplyTo};
+use crate::ids::Ids;
+use crate::metrics as m;
+use crate::protocol::{DriverCommand, DriverId};
+use crate::session::Outbox;
+
+/// A connection for this driver opened; it replaces any earlier one.
+#[derive(Message)]
+#[rtype(result = "Result<(), Retired>")]
+pub struct Attach {
+    /// The connection's id.
+    pub session: u64,
+    /// Where messages for the driver go.
+    pub outbox: Outbox,
+}
+
+/// The actor was retired; the registry makes a new one.
+#[derive(Debug)]
+pub struct Retired;
+
+/// A connection closed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Detach {
+    /// The connection's id; stale ones (already replaced) are ignored.
+    pub session: u64,
+}
+
+/// A parsed, validated message from the driver's app.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromDriver {
+    /// The connection it came on; stale connections are ignored.
+    pub session: u64,
+    /// What the driver said.
+    pub command: DriverCommand,
+}
+
+/// Cluster mode: the driver's app connected to another node. This node's
+/// connection of it, if any, is closed: a driver is reachable through one
+/// node at a time.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectedElsewhere {
+    /// The node it connected to.
+    pub node: NodeId,
+}
+
+/// Cluster mode: `node` died or left (see [`DriverEvent::HolderNodeGone`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HolderNodeGone {
+    /// The node.
+    pub node: NodeId,
+}
+
+/// Cluster mode: Redis's answer to one of this driver's questions.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RedisAnswered(RedisReply);
+
+/// One driver: its booking machine, its connections, its timer.
+pub struct DriverActor {
+    booking: Booking,
+    /// Connections by id: the current one, and any whose attach the machine
+    /// has not handled yet (it may be waiting for Redis).
+    outboxes: HashMap<u64, Outbox>,
+    current: Option<u64>,
+    link: MatcherLink,
+    registry: Arc<DriverRegistry>,
+    cluster: Option<Arc<Cluster>>,
+    /// The armed timer and the instant it fires at.
+    timer: Option<(Instant, SpawnHandle)>,
+    retired: bool,
+}
+
+impl Actor for DriverActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.booking.stop();
+        let effects = self.booking.take_effects();
+        for effect in effects {
+            if let DriverEffect::Answer { to, answer } = effect {
+                self.answer(to, answer);
+            }
+        }
+    }
+}
+
+impl DriverActor {
+    fn new(id: DriverId, registry: Arc<DriverRegistry>) -> Self {
+        let node = registry.cluster.as_ref().map(|c| c.node().clone());
+        DriverActor {
+            booking: Booking::new(id, registry.ids.clone(), node),
+            outboxes: HashMap::new(),
+            current: None,
+            link: registry.link.clone(),
+            cluster: registry.cluster.clone(),
+            registry,
+            timer: None,
+            retired: false,
+        }
+    }
+
+    /// Hands `event` to the machine and carries out what it decided.
+    fn feed(&mut self, event: DriverEvent, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        self.booking.handle(now, event);
+        // Carrying out can itself produce events (a connection found full);
+        // they go back in until nothing more happens.
+        loop {
+            let effects = self.booking.take_effects();
+            if effects.is_empty() {
+                break;
+            }
+            let mut lost = false;
+            for effect in effects {
+                lost |= self.carry_out(effect, ctx);
+            }
+            if lost {
+                self.booking.handle(now, DriverEvent::SessionLost);
+            }
+        }
+        self.arm_timer(now, ctx);
+    }
+
+    /// Carries out one effect; `true` when the app's connection turned out
+    /// full (it stopped reading).
+    fn carry_out(&mut self, effect: DriverEffect, ctx: &mut Context<Self>) -> bool {
+        let id = self.booking.id().clone();
+        match effect {
+            DriverEffect::UseSession(session) => {
+                // Dropping the old outbox is what closes the old connection.
+                if let Some(old) = self.current.replace(session) {
+                    if old != session {
+                        self.outboxes.remove(&old);
+                    }
+                }
+            }
+            DriverEffect::DropSession(session) => {
+                self.outboxes.remove(&session);
+                if self.current == Some(session) {
+                    self.current = None;
+                }
+            }
+            DriverEffect::Tell(message) => {
+                let outbox = self.current.and_then(|s| self.outboxes.get(&s));
+                if outbox.is_some_and(|outbox| !outbox.send(message)) {
+                    tracing::warn!(driver = %id, "driver not reading its messages; dropping the connection");
+                    return true;
+                }
+            }
+            DriverEffect::Answer { to, answer } => self.answer(to, answer),
+            DriverEffect::Ended {
+                to,
+                outcome,
+                fencing_token,
+                pickup,
+            } => match (to, &self.cluster) {
+                (Some(node), Some(cluster)) => cluster.send(
+                    &node,
+                    Wire::Ended {
+                        driver: id,
+                        at: outcome.driver_location,
+                        offer_id: outcome.offer_id,
+                        fencing_token,
+                        search: outcome.search,
+                        rider_id: outcome.rider_id,
+                        request_id: outcome.request_id,
+                        pickup,
+                        ending: outcome.ending,
+                        trip_id: outcome.trip_id,
+                    },
+                ),
+                _ => self.link.ended.do_send(OfferEnded(outcome)),
+            },
+            DriverEffect::Indexed(at) => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.announce(&id, at);
+                }
+                self.link.driver_changed(id, at);
+            }
+            DriverEffect::Attached => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.broadcast(Wire::Attached {
+                        node: cluster.node().clone(),
+                        driver: id,
+                    });
+                }
+            }
+            DriverEffect::Redis(op) => self.ask_redis(id, op, ctx),
+            DriverEffect::Retire => {
+                self.retired = true;
+                self.registry.forget(&id, &ctx.address());
+                ctx.stop();
+            }
+        }
+        false
+    }
+
+    fn answer(&self, to: ReplyTo, answer: crate::core::search::LockAnswer) {
+        match (to, &self.cluster) {
+            (ReplyTo::Node(node), Some(cluster)) => cluster.send(&node, answer_wire(answer)),
+            _ => self.link.answers.do_send(LockAnswered(answer)),
+        }
+    }
+
+    /// Runs `op` on the Redis runtime; the reply comes back as a message.
+    fn ask_redis(&self, driver: DriverId, op: RedisOp, ctx: &mut Context<Self>) {
+        let cluster = self.cluster.clone().expect("Redis only in cluster mode");
+        let me = ctx.address();
+        cluster.clone().spawn(async move {
+            let reply = run_op(&cluster, &driver, op).await;
+            me.do_send(RedisAnswered(reply));
+        });
+    }
+
+    /// Keeps one timer armed for whatever the machine has due next.
+    fn arm_timer(&mut self, now: Instant, ctx: &mut Context<Self>) {
+        if self.retired {
+            return;
+        }
+        let next = self.booking.next_timeout();
+        if self.timer.as_ref().map(|(at, _)| *at) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = next {
+            let handle = ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                act.timer = None;
+                act.feed(DriverEvent::Tick, ctx);
+            });
+            self.timer = Some((at, handle));
+        }
+    }
+}
+
+/// One Redis operation, timed for the metrics.
+async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
+    let locks = cluster.locks();
+    let started = Instant::now();
+    let (name, ok, reply) = match op {
+        RedisOp::Acquire { owner, ttl, floor } => {
+            let result = locks.acquire(driver, &owner, ttl, floor).await;
+            if let Err(error) = &result {
+                m::redis_lock_refused(error);
+            }
+            let result = result
+                .map(|grant| (grant.fencing_token, grant.validity))
+                .map_err(|error| error.as_refusal());
+            ("acquire", result.is_ok(), RedisReply::Acquired(result))
+        }
+        RedisOp::Release { owner } => {
+            let freed = locks.release(driver, &owner).await;
+            ("release", freed > 0, RedisReply::Freed)
+        }
+        RedisOp::Finish { owner } => {
+            let freed = locks.finish(driver, &owner).await;
+            ("finish", freed > 0, RedisReply::Freed)
+        }
+        RedisOp::Confirm { record } => {
+            let kept = locks.confirm(driver, &record).await;
+            ("confirm", kept == Some(true), RedisReply::Confirmed(kept))
+        }
+        RedisOp::Settle { owner } => {
+            let settled = locks.settle(driver, &owner).await;
+            ("settle", settled.is_some(), RedisReply::Settled(settled))
+        }
+        RedisOp::Renew { owner } => {
+            let kept = locks.renew(driver, &owner).await;
+            let reply = RedisReply::Renewed { owner, kept };
+            ("renew", kept != Some(false), reply)
+        }
+        RedisOp::CurrentTrip => {
+            let found = locks.current_trip(driver).await;
+            (
+                "current_trip",
+                found.is_ok(),
+                RedisReply::CurrentTrip(found),
+            )
+        }
+    };
+    m::redis_op(name, started.elapsed(), ok);
+    reply
+}
+
+impl Handler<Attach> for DriverActor {
+    type Result = Result<(), Retired>;
+
+    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return Err(Retired);
+        }
+        self.outboxes.insert(msg.session, msg.outbox);
+        self.feed(
+            DriverEvent::Attach {
+                session: msg.session,
+            },
+            ctx,
+        );
+        Ok(())
+    }
+}
+
+impl Handler<Detach> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, ctx: &mut Context<Self>) {
+        self.feed(
+            DriverEvent::Detach {
+                session: msg.session,
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<FromDriver> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromDriver, ctx: &mut Context<Self>) {
+        let event = DriverEvent::Command {
+            session: msg.session,
+            command: msg.command,
+        };
+        self.feed(event, ctx);
+    }
+}
+
+impl Handler<TryLock> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TryLock, ctx: &mut Context<Self>) {
+        self.feed(DriverEvent::TryLock(msg.take()), ctx);
+    }
+}
+
+impl Handler<CancelOffer> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelOffer, ctx: &mut Context<Self>) {
+        let event = DriverEvent::CancelOffer {
+            offer_id: msg.offer_id,
+            fencing_token: msg.fencing_token,
+        };
+        self.feed(event, ctx);
+    }
+}
+
+impl Handler<ConnectedElsewhere> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectedElsewhere, ctx: &mut Context<Self>) {
+        if self.current.is_some() {
+            tracing::info!(driver = %self.booking.id(), node = %msg.node, "driver connected to another node; closing its connection here");
+        }
+        self.feed(DriverEvent::ConnectedElsewhere, ctx);
+    }
+}
+
+impl Handler<HolderNodeGone> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: HolderNodeGone, ctx: &mut Context<Self>) {
+        self.feed(DriverEvent::HolderNodeGone { node: msg.node }, ctx);
+    }
+}
+
+impl Handler<RedisAnswered> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RedisAnswered, ctx: &mut Context<Self>) {
+        self.feed(DriverEvent::Redis(msg.0), ctx);
+    }
+}
+
+/// Number of independently locked shards of the registry map, so that
+/// connects on different threads rarely wait for one another.
+const REGISTRY_SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<DriverId, Addr<DriverActor>>>;
+
+/// Finds or creates a driver's actor. The map only holds addresses; the
+/// drivers' state lives in the actors.
+pub struct DriverRegistry {
+    shards: Vec<Shard>,
+    hasher: RandomState,
+    arbiters: Vec<ArbiterHandle>,
+    link: MatcherLink,
+    ids: Arc<Ids>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl DriverRegistry {
+    /// A registry that starts driver actors round the given arbiters; with
+    /// `cluster`, their locks are taken in Redis.
+    pub fn new(
+        arbiters: Vec<ArbiterHandle>,
+        link: MatcherLink,
+        ids: Arc<Ids>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Self> {
+        assert!(
+            !arbiters.is_empty(),
+            "driver actors need at least one arbiter"
+        );
+        Arc::new(DriverRegistry {
+            shards: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            arbiters,
+            link,
+            ids,
+            cluster,
+        })
+    }
+
+    fn shard(&self, id: &DriverId) -> (usize, &Shard) {
+        let hash = self.hasher.hash_one(id) as usize;
+        (hash, &self.shards[hash % REGISTRY_SHARDS])
+    }
+
+    /// Attaches a new connection to the driver's actor, creating the actor if
+    /// there is none. A driver keeps one actor however often it reconnects.
+    pub async fn attach(
+        self: &Arc<Self>,
+        id: DriverId,
+        session: u64,
+        outbox: Outbox,
+    ) -> Addr<DriverActor> {
+        loop {
+            let addr = {
+                let (hash, shard) = self.shard(&id);
+                // Poisoning would mean a panic while holding this short lock;
+                // the map itself is still consistent, so carry on with it.
+                let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+                map.entry(id.clone())
+                    .or_insert_with(|| {
+                        let arbiter = &self.arbiters[(hash >> 8) % self.arbiters.len()];
+                        let (id, registry) = (id.clone(), self.clone());
+                        DriverActor::start_in_arbiter(arbiter, move |_| {
+                            DriverActor::new(id, registry)
+                        })
+                    })
+                    .clone()
+            };
+            let attach = Attach {
+                session,
+                outbox: outbox.clone(),
+            };
+            match addr.send(attach).await {
+                Ok(Ok(())) => return addr,
+                // The actor retired between the look-up and the attach; it has
+                // taken itself out of the map, so the next round makes a new one.
+                Ok(Err(Retired)) | Err(_) => self.forget(&id, &addr),
+            }
+        }
+    }
+
+    /// The actor of a driver connected to this node (or lately connected),
+    /// without creating one.
+    pub fn get(&self, id: &DriverId) -> Option<Addr<DriverActor>> {
+        let (_, shard) = self.shard(id);
+        let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(id).cloned()
+    }
+
+    /// Tells every driver actor that `node` is gone (see [`HolderNodeGone`]).
+    /// O(drivers), for a rare event.
+    pub fn holder_node_gone(&self, node: &NodeId) {
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for actor in map.values() {
+                actor.do_send(HolderNodeGone { node: node.clone() });
+            }
+        }
+    }
+
+    /// Drops `id` from the map if it still points at `addr`.
+    fn forget(&self, id: &DriverId, addr: &Addr<DriverActor>) {
+        let (_, shard) = self.shard(id);
+        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(id) == Some(addr) {
+            map.remove(id);
+        }
+    }
+
+    /// Number of driver actors alive.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Whether no driver actor is alive.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl DriverDirectory for DriverRegistry {
+    fn send(&self, driver: &DriverId, message: ToDriver) {
+        // No actor here: a lock request is refused as it drops.
+        let Some(actor) = self.get(driver) else {
+            return;
+        };
+        match message {
+            ToDriver::Lock(request) => actor.do_send(request),
+            ToDriver::Cancel(cancel) => actor.do_send(cancel),
+        }
+    }
+}

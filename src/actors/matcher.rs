@@ -1,0 +1,507 @@
+//! The matcher actor: carries out what [`Searches`] decides.
+//!
+//! One actor owns the searches of this node and the index of offerable
+//! drivers. Every message becomes one call into the core with the time, and
+//! the effects that call records are carried out here: messages to riders,
+//! lock requests and cancels to driver actors (or, in cluster mode, to other
+//! nodes), settles in Redis. Nothing here decides anything.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::messages::{
+    CancelOffer, DriverChanges, DriverDirectory, DriversChanged, LockAnswered, OfferEnded,
+    ReplyRoute, ToDriver, TryLock,
+};
+use crate::cluster::wire::{NodeId, Wire};
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::core::booking::{LockRequest, ReplyTo, LOCK_MARGIN};
+use crate::core::search::{SearchEffect, SearchSettings, Searches, SettleTicket};
+use crate::core::Settled;
+use crate::ids::Ids;
+use crate::location::LatLon;
+use crate::metrics as m;
+use crate::protocol::{DriverId, RequestId, RiderId};
+use crate::session::Outbox;
+
+/// How often search deadlines are checked. One timer for all searches: actix
+/// polls every future an actor has spawned each time it wakes, so a timer per
+/// search would make every message cost as much as the searches in flight.
+const DEADLINE_TICK: Duration = Duration::from_millis(10);
+
+/// How often the matcher's gauges (searches, waiting riders, index size) are
+/// refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
+
+/// Availability changes taken per [`DriversChanged`]: a burst of location
+/// updates is applied in slices, with bookings handled in between.
+const CHANGES_PER_TURN: usize = 512;
+
+/// Admission control for ride requests: how many are queued for the matcher
+/// and not yet handled. Past the limit, sessions refuse new requests with
+/// `overloaded` instead of letting the queue (and every rider's wait) grow
+/// without bound when demand outruns the matcher.
+#[derive(Debug)]
+pub struct Admission {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl Admission {
+    /// Room for `limit` queued requests.
+    pub fn new(limit: usize) -> Self {
+        Admission {
+            queued: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes a place in the queue; `false` when it is full.
+    pub fn try_enter(&self) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// A queued request reached the matcher.
+    fn leave(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A rider connection, as the matcher sees it.
+#[derive(Clone)]
+pub struct RiderLink {
+    /// The rider.
+    pub rider_id: RiderId,
+    /// The connection's id.
+    pub session: u64,
+    /// Where messages for the rider go.
+    pub outbox: Outbox,
+}
+
+/// A rider asks for a ride.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RequestRide {
+    /// Who asks, on which connection.
+    pub rider: RiderLink,
+    /// The rider's id for the request.
+    pub request_id: RequestId,
+    /// Where to be picked up (validated).
+    pub pickup: LatLon,
+    /// When the session read the request: latencies count from here, so
+    /// they include any wait in the matcher's queue.
+    pub received_at: Instant,
+}
+
+/// A rider withdraws a request.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelRide {
+    /// Who asks, on which connection.
+    pub rider: RiderLink,
+    /// The request.
+    pub request_id: RequestId,
+}
+
+/// A rider's connection closed: its searches are cancelled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RiderGone {
+    /// The rider.
+    pub rider_id: RiderId,
+    /// The connection that closed.
+    pub session: u64,
+}
+
+/// Counts of the matcher's state, for tests and operators.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
+pub struct MatcherStats {
+    /// Drivers in the index (offerable).
+    pub available_drivers: usize,
+    /// Searches in flight.
+    pub searches: usize,
+    /// Searches parked waiting for a driver.
+    pub waiting: usize,
+}
+
+/// Asks the matcher for [`MatcherStats`].
+#[derive(Message)]
+#[rtype(result = "MatcherStats")]
+pub struct GetStats;
+
+/// Cluster mode: a driver on another node is offerable at `at`, or (`None`)
+/// no longer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteDriver {
+    /// The driver's node.
+    pub node: NodeId,
+    /// The driver.
+    pub driver: DriverId,
+    /// Where, while offerable.
+    pub at: Option<LatLon>,
+}
+
+/// Cluster mode: every offerable driver of another node, replacing what this
+/// node had for it (sent when the subscription to Redis starts).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteSnapshot {
+    /// The node.
+    pub node: NodeId,
+    /// Its offerable drivers.
+    pub drivers: Vec<(DriverId, LatLon)>,
+}
+
+/// Cluster mode: a node left or died; its drivers are not offerable here
+/// until they reconnect somewhere.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeGone {
+    /// The node.
+    pub node: NodeId,
+}
+
+/// Cluster mode: the nodes alive as a (re)subscription found them; remote
+/// drivers of any other node are forgotten.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LiveNodes {
+    /// The live nodes, this one aside.
+    pub nodes: Vec<NodeId>,
+}
+
+/// Cluster mode: what settling an overdue remote lock found out.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SettleOutcome {
+    ticket: SettleTicket,
+    outcome: Option<Settled>,
+}
+
+/// The matcher actor.
+pub struct Matcher {
+    searches: Searches<Outbox>,
+    admission: Arc<Admission>,
+    drivers: Arc<dyn DriverDirectory>,
+    changes: Arc<DriverChanges>,
+    cluster: Option<Arc<Cluster>>,
+    offer_timeout_ms: u64,
+}
+
+impl Actor for Matcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Searches come and go in bursts; a deep mailbox is cheaper than
+        // making sessions wait.
+        ctx.set_mailbox_capacity(1 << 16);
+        // Gauges are read by scrapes every few seconds; refreshing them once a
+        // second keeps that work off the per-message path.
+        ctx.run_interval(GAUGE_REFRESH, |act, _| {
+            let counts = act.searches.counts();
+            m::matcher_gauges(counts.searches, counts.waiting, counts.available_drivers);
+        });
+        ctx.run_interval(DEADLINE_TICK, |act, ctx| {
+            act.decide(ctx, |searches, now| searches.tick(now))
+        });
+    }
+}
+
+impl Matcher {
+    /// A matcher with no searches; `drivers` reaches this node's driver
+    /// actors, `changes` is where they leave their availability, and
+    /// `admission` counts the ride requests sessions have queued for it.
+    /// With `cluster`, drivers on other nodes are indexed and offered too.
+    pub fn new(
+        config: &Config,
+        ids: Arc<Ids>,
+        admission: Arc<Admission>,
+        cluster: Option<Arc<Cluster>>,
+        drivers: Arc<dyn DriverDirectory>,
+        changes: Arc<DriverChanges>,
+    ) -> Self {
+        let settings = SearchSettings {
+            radius_m: config.radius_m,
+            max_candidates: config.max_candidates,
+            search_timeout: config.search_timeout(),
+            offer_timeout: config.offer_timeout(),
+            max_requests_per_rider: config.max_requests_per_rider,
+            max_searches: config.max_searches,
+            lock_margin: LOCK_MARGIN,
+        };
+        let node = cluster.as_ref().map(|c| c.node().clone());
+        Matcher {
+            searches: Searches::new(settings, ids, node),
+            admission,
+            drivers,
+            changes,
+            cluster,
+            offer_timeout_ms: config.offer_timeout_ms,
+        }
+    }
+
+    /// Runs one decision of the core at the current time and carries out
+    /// what it decided.
+    fn decide(
+        &mut self,
+        ctx: &mut Context<Self>,
+        decision: impl FnOnce(&mut Searches<Outbox>, Instant),
+    ) {
+        let now = Instant::now();
+        decision(&mut self.searches, now);
+        let queries = self.searches.take_index_queries();
+        if queries > 0 {
+            m::index_query(now.elapsed() / queries);
+        }
+        for effect in self.searches.take_effects() {
+            self.carry_out(effect, now, ctx);
+        }
+    }
+
+    fn carry_out(&mut self, effect: SearchEffect<Outbox>, now: Instant, ctx: &mut Context<Self>) {
+        match effect {
+            SearchEffect::Tell { to, message } => {
+                to.send(message);
+            }
+            SearchEffect::Lock {
+                driver,
+                node: None,
+                offer_id,
+                holder,
+                timeout,
+                not_after,
+            } => {
+                let request = LockRequest {
+                    offer_id,
+                    holder,
+                    timeout,
+                    not_after,
+                    reply: ReplyTo::Matcher,
+                };
+                let route = ReplyRoute::Matcher(ctx.address().recipient());
+                let message = TryLock::new(driver.clone(), request, route);
+                self.drivers.send(&driver, ToDriver::Lock(message));
+            }
+            SearchEffect::Lock {
+                driver,
+                node: Some(node),
+                offer_id,
+                holder,
+                not_after,
+                ..
+            } => {
+                let cluster = self
+                    .cluster
+                    .as_ref()
+                    .expect("remote drivers in cluster mode");
+                let search_left = not_after.saturating_duration_since(now);
+                cluster.send(
+                    &node,
+                    Wire::Lock {
+                        from: cluster.node().clone(),
+                        driver,
+                        offer_id,
+                        search: holder.search,
+                        rider_id: holder.rider_id,
+                        request_id: holder.request_id,
+                        pickup: holder.pickup,
+                        timeout_ms: self.offer_timeout_ms,
+                        search_left_ms: search_left.as_millis() as u64,
+                    },
+                );
+            }
+            SearchEffect::Cancel {
+                driver,
+                node,
+                offer_id,
+                fencing_token,
+            } => match node {
+                None => self.drivers.send(
+                    &driver,
+                    ToDriver::Cancel(CancelOffer {
+                        offer_id,
+                        fencing_token,
+                    }),
+                ),
+                Some(node) => {
+                    let cluster = self.cluster.as_ref().expect("cluster mode");
+                    cluster.send(
+                        &node,
+                        Wire::Cancel {
+                            driver,
+                            offer_id,
+                            fencing_token,
+                        },
+                    );
+                }
+            },
+            SearchEffect::Settle {
+                driver,
+                owner,
+                ticket,
+            } => {
+                let cluster = self.cluster.clone().expect("settles in cluster mode");
+                let matcher = ctx.address();
+                cluster.clone().spawn(async move {
+                    let started = Instant::now();
+                    let outcome = cluster.locks().settle(&driver, &owner).await;
+                    m::redis_op("settle", started.elapsed(), outcome.is_some());
+                    matcher.do_send(SettleOutcome { ticket, outcome });
+                });
+            }
+        }
+    }
+}
+
+impl Handler<RequestRide> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RequestRide, ctx: &mut Context<Self>) {
+        self.admission.leave();
+        let RequestRide {
+            rider,
+            request_id,
+            pickup,
+            received_at,
+        } = msg;
+        self.decide(ctx, |searches, now| {
+            let RiderLink {
+                rider_id,
+                session,
+                outbox,
+            } = rider;
+            searches.request(
+                now,
+                outbox,
+                rider_id,
+                session,
+                request_id,
+                pickup,
+                received_at,
+            )
+        });
+    }
+}
+
+impl Handler<CancelRide> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelRide, ctx: &mut Context<Self>) {
+        let CancelRide { rider, request_id } = msg;
+        self.decide(ctx, |searches, now| {
+            searches.cancel(now, rider.outbox, rider.rider_id, request_id)
+        });
+    }
+}
+
+impl Handler<RiderGone> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RiderGone, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| {
+            searches.rider_gone(now, msg.rider_id, msg.session)
+        });
+    }
+}
+
+impl Handler<DriversChanged> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, _msg: DriversChanged, ctx: &mut Context<Self>) {
+        self.changes.woken_up();
+        let (changes, more) = self.changes.take(CHANGES_PER_TURN);
+        self.decide(ctx, |searches, now| {
+            for (driver, at) in changes {
+                searches.driver_changed(now, driver, at);
+            }
+        });
+        // The rest waits behind whatever else is queued now.
+        if more && self.changes.rewake() {
+            ctx.address().do_send(DriversChanged);
+        }
+    }
+}
+
+impl Handler<OfferEnded> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: OfferEnded, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| searches.offer_ended(now, msg.0));
+    }
+}
+
+impl Handler<LockAnswered> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: LockAnswered, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| searches.lock_answered(now, msg.0));
+    }
+}
+
+impl Handler<SettleOutcome> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: SettleOutcome, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| {
+            searches.settled(now, msg.ticket, msg.outcome)
+        });
+    }
+}
+
+impl Handler<RemoteDriver> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteDriver, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| {
+            searches.remote_driver(now, msg.node, msg.driver, msg.at)
+        });
+    }
+}
+
+impl Handler<RemoteSnapshot> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteSnapshot, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| {
+            searches.remote_snapshot(now, msg.node, msg.drivers)
+        });
+    }
+}
+
+impl Handler<NodeGone> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeGone, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| searches.node_gone(now, msg.node));
+    }
+}
+
+impl Handler<LiveNodes> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: LiveNodes, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| searches.live_nodes(now, msg.nodes));
+    }
+}
+
+impl Handler<GetStats> for Matcher {
+    type Result = MatcherStats;
+
+    fn handle(&mut self, _msg: GetStats, _ctx: &mut Context<Self>) -> MatcherStats {
+        let counts = self.searches.counts();
+        MatcherStats {
+            available_drivers: counts.available_drivers,
+            searches: counts.searches,
+            waiting: counts.waiting,
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Cluster mode: the driver's lock in Redis.
+//!
+//! The lock is taken in Redis first (with its fencing token), then here; an
+//! accept books only if the offer's lock still holds in Redis (`confirm`),
+//! which is what makes a node that stalled past the lock's expiry, or whose
+//! requester gave up on the offer, unable to book. A driver on a trip keeps
+//! its lock renewed, so no node can lock it meanwhile; an app that
+//! reconnects to another node takes its trip over from Redis.
+
+use std::time::{Duration, Instant};
+
+use super::{
+    trip_assigned, Booking, LockRequest, RedisOp, RedisReply, TripRecord, Waiting, LOCK_MARGIN,
+    TRIP_HOLD,
+};
+use crate::core::lock::{FencingToken, LockRefused, LockState, OfferId, Trip, TripId};
+use crate::core::{OfferHolder, Settled};
+use crate::protocol::ErrorCode;
+
+/// How often an accept's confirm is asked when Redis can't tell, and how
+/// long apart.
+const CONFIRM_ATTEMPTS: u32 = 3;
+const CONFIRM_RETRY: Duration = Duration::from_millis(100);
+
+/// How often, and how far apart, a driver's current trip is looked up again
+/// when Redis could not tell.
+pub(super) const TRIP_LOOKUP_ATTEMPTS: u32 = 5;
+const TRIP_LOOKUP_RETRY: Duration = Duration::from_millis(500);
+
+/// Room left between an offer's deadline and the end of its lock's
+/// validity, for the accept's confirm to reach Redis.
+const CONFIRM_ROOM: Duration = Duration::from_millis(500);
+
+impl Booking {
+    /// Takes the lock in Redis for `request`; the driver waits for the
+    /// answer, so its state can't change under the attempt.
+    pub(super) fn acquire(&mut self, request: LockRequest) {
+        // Asking Redis for a driver who can't take the offer anyway would
+        // only hold the key for nothing.
+        if let Some(refused) = self.lock.refusal() {
+            return self.refuse(request, refused);
+        }
+        let op = RedisOp::Acquire {
+            owner: self.owner_of(&request.holder, request.offer_id),
+            ttl: request.timeout + LOCK_MARGIN,
+            floor: self.lock.newest_token(),
+        };
+        self.redis(op, Some(Waiting::Acquire(request)));
+    }
+
+    pub(super) fn redis_replied(&mut self, now: Instant, reply: RedisReply) {
+        if let RedisReply::Renewed { owner, kept } = reply {
+            return self.renewed(now, owner, kept);
+        }
+        let Some(waiting) = self.waiting.take() else {
+            debug_assert!(false, "a Redis reply nobody waits for: {reply:?}");
+            return;
+        };
+        match (waiting, reply) {
+            (Waiting::Acquire(request), RedisReply::Acquired(result)) => {
+                self.acquired(now, request, result)
+            }
+            (Waiting::Free, RedisReply::Freed) => {}
+            (
+                Waiting::Confirm {
+                    record,
+                    accepted_at,
+                    attempt,
+                    ..
+                },
+                RedisReply::Confirmed(kept),
+            ) => match kept {
+                Some(kept) => self.confirmed(now, record, accepted_at, kept),
+                None if attempt < CONFIRM_ATTEMPTS => {
+                    self.waiting = Some(Waiting::Confirm {
+                        record,
+                        accepted_at,
+                        attempt,
+                        retry_at: Some(now + CONFIRM_RETRY),
+                    })
+                }
+                None => {
+                    // Still can't tell whether a confirm landed: settle it
+                    // from this side, which stops any later confirm and says
+                    // whether one had landed (then the trip is booked after
+                    // all).
+                    let owner = record.owner.clone();
+                    let wait = Waiting::SettleAccept {
+                        record,
+                        accepted_at,
+                    };
+                    self.redis(RedisOp::Settle { owner }, Some(wait));
+                }
+            },
+            (
+                Waiting::SettleAccept {
+                    record,
+                    accepted_at,
+                },
+                RedisReply::Settled(settled),
+            ) => {
+                let landed = matches!(settled, Some(Settled::Trip(_)));
+                self.confirmed(now, record, accepted_at, landed);
+            }
+            (Waiting::Lookup { attempt }, RedisReply::CurrentTrip(found)) => {
+                self.found_trip(now, attempt, found)
+            }
+            (waiting, reply) => {
+                debug_assert!(false, "{reply:?} does not answer {waiting:?}");
+            }
+        }
+        if self.waiting.is_none() {
+            self.sync(now);
+        }
+    }
+
+    fn acquired(
+        &mut self,
+        now: Instant,
+        request: LockRequest,
+        result: Result<(FencingToken, Duration), LockRefused>,
+    ) {
+        match result {
+            Ok((fencing_token, validity)) => {
+                let owner = self.owner_of(&request.holder, request.offer_id);
+                // The offer lasts no longer than the lock can be relied on,
+                // less room for the accept's confirm to get there.
+                let timeout = request.timeout.min(validity.saturating_sub(CONFIRM_ROOM));
+                let granted = if timeout.is_zero() {
+                    self.refuse(request, LockRefused::StoreUnavailable);
+                    false
+                } else {
+                    self.grant(now, LockRequest { timeout, ..request }, fencing_token)
+                };
+                if !granted {
+                    self.redis(RedisOp::Release { owner }, Some(Waiting::Free));
+                }
+            }
+            Err(refused) => {
+                if refused == LockRefused::HeldElsewhere {
+                    // Free here, yet locked in Redis: perhaps a trip of this
+                    // driver that its actor on another node still holds (the
+                    // app reconnected here as it accepted).
+                    self.lookup_trip(now, 1);
+                }
+                self.refuse(request, refused);
+            }
+        }
+    }
+
+    /// The driver accepted `offer_id`: it books only once Redis confirms.
+    pub(super) fn accept_in_cluster(&mut self, now: Instant, offer_id: OfferId, trip_id: TripId) {
+        if let Err(e) = self.lock.check_answerable(offer_id, now) {
+            return self.answer_failed(now, e);
+        }
+        let node = self.node.clone().expect("cluster mode");
+        let offer = self
+            .lock
+            .current_offer()
+            .expect("an answerable offer is held");
+        let record = TripRecord {
+            owner: self.owner_of(&offer.holder, offer_id),
+            trip_id,
+            offer_id,
+            fencing_token: offer.fencing_token,
+            rider_id: offer.holder.rider_id.clone(),
+            request_id: offer.holder.request_id.clone(),
+            pickup: offer.holder.pickup,
+            rider_node: offer.holder.node.clone().unwrap_or(node),
+            rider_is_remote: offer.holder.node.is_some(),
+        };
+        let op = RedisOp::Confirm {
+            record: record.clone(),
+        };
+        let wait = Waiting::Confirm {
+            record,
+            accepted_at: now,
+            attempt: 1,
+            retry_at: None,
+        };
+        self.redis(op, Some(wait));
+    }
+
+    /// While a confirm waits to be asked again: asks when it is due.
+    pub(super) fn confirm_retry_due(&mut self, now: Instant) {
+        if let Some(Waiting::Confirm {
+            record,
+            attempt,
+            retry_at,
+            ..
+        }) = &mut self.waiting
+        {
+            if retry_at.is_some_and(|at| at <= now) {
+                *retry_at = None;
+                *attempt += 1;
+                let op = RedisOp::Confirm {
+                    record: record.clone(),
+                };
+                self.effects.push(super::DriverEffect::Redis(op));
+            }
+        }
+    }
+
+    fn confirmed(&mut self, now: Instant, record: TripRecord, accepted_at: Instant, kept: bool) {
+        let offer_id = record.offer_id;
+        if kept {
+            // Nothing ran in between: the offer is as it was at the accept.
+            match self.lock.accept(offer_id, record.trip_id, accepted_at) {
+                Ok(ended) => {
+                    self.renew_during_trip(now, record.owner);
+                    self.report(now, ended);
+                }
+                Err(e) => self.answer_failed(now, e),
+            }
+        } else {
+            if let Some(ended) = self.lock.lose(offer_id) {
+                self.report(now, ended);
+            }
+            self.error(
+                ErrorCode::OfferExpired,
+                format!("offer {offer_id} lost its lock before your accept could be confirmed"),
+            );
+        }
+    }
+
+    /// A driver on a trip keeps its lock in Redis, so that no node can lock
+    /// it meanwhile (not even through another connection of the same driver
+    /// to another node). The lock lives [`TRIP_HOLD`] at a time and is
+    /// renewed well within that.
+    fn renew_during_trip(&mut self, now: Instant, owner: String) {
+        self.renewal = Some((owner, now + TRIP_HOLD / 3));
+    }
+
+    /// A renewal's answer: a trip lock that is no longer this driver's (the
+    /// trip ended on the node the driver moved to, or Redis lost it) ends
+    /// the trip here if the driver has gone.
+    fn renewed(&mut self, now: Instant, owner: String, kept: Option<bool>) {
+        if kept != Some(false) {
+            return;
+        }
+        let LockState::OnTrip(trip) = self.lock.state() else {
+            return;
+        };
+        if self.owner_of(&trip.holder, trip.offer_id) != owner {
+            return; // an older trip's renewal
+        }
+        if self.session.is_some() {
+            // The driver is here: the trip is still this actor's, whatever
+            // Redis forgot. It keeps renewing (and the driver can't be
+            // connected elsewhere, see `ConnectedElsewhere`).
+            tracing::warn!(driver = %self.id, "a trip's lock is gone from Redis; keeping the trip");
+            return;
+        }
+        // The driver moved on and its trip ended (or is held) elsewhere.
+        let trip_id = trip.trip_id;
+        self.renewal = None;
+        let _ = self.lock.complete_trip(trip_id);
+        self.sync(now);
+    }
+
+    /// A driver app that connects here while its trip is held by its actor
+    /// on another node (it reconnected elsewhere mid-trip) takes the trip
+    /// over from its record in Redis, with its lock, so that the trip can be
+    /// completed here.
+    pub(super) fn lookup_trip(&mut self, now: Instant, attempt: u32) {
+        if !matches!(self.lock.state(), LockState::Free) || self.session.is_none() {
+            return;
+        }
+        if self.waiting.is_some() {
+            self.lookup_retry = Some((now, attempt));
+            return;
+        }
+        self.redis(RedisOp::CurrentTrip, Some(Waiting::Lookup { attempt }));
+    }
+
+    fn found_trip(&mut self, now: Instant, attempt: u32, found: Result<Option<TripRecord>, ()>) {
+        let record = match found {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            Err(()) => {
+                // Redis could not tell: ask again a little later.
+                if attempt < TRIP_LOOKUP_ATTEMPTS {
+                    self.lookup_retry = Some((now + TRIP_LOOKUP_RETRY, attempt + 1));
+                }
+                return;
+            }
+        };
+        if self.lock.ending_of(record.offer_id).is_some() {
+            // This driver ended that offer itself (its accept could not be
+            // confirmed): not a trip to take over.
+            return;
+        }
+        let node = self.node.as_ref().expect("cluster mode");
+        let rider_node = (record.rider_node != *node).then_some(record.rider_node);
+        let trip = Trip {
+            trip_id: record.trip_id,
+            offer_id: record.offer_id,
+            fencing_token: record.fencing_token,
+            holder: OfferHolder {
+                search: 0,
+                rider_id: record.rider_id,
+                request_id: record.request_id,
+                pickup: record.pickup,
+                first_offer_since: None,
+                node: rider_node,
+            },
+        };
+        let message = trip_assigned(&trip);
+        if self.lock.adopt_trip(trip) {
+            tracing::info!(driver = %self.id, trip = record.trip_id, "took over a trip from another node");
+            self.renew_during_trip(now, record.owner);
+            self.tell(message);
+        }
+    }
+
+    /// Renewals and trip look-ups that are due.
+    pub(super) fn cluster_timers(&mut self, now: Instant) {
+        if let Some((owner, at)) = &mut self.renewal {
+            if *at <= now {
+                *at = now + TRIP_HOLD / 3;
+                let owner = owner.clone();
+                self.effects
+                    .push(super::DriverEffect::Redis(RedisOp::Renew { owner }));
+            }
+        }
+        if let Some((at, attempt)) = self.lookup_retry {
+            if at <= now {
+                self.lookup_retry = None;
+                self.lookup_trip(now, attempt);
+            }
+        }
+    }
+}

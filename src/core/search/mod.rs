@@ -1,0 +1,697 @@
+//! The matcher's decisions: turning ride requests into locked drivers.
+//!
+//! [`Searches`] holds the index of offerable drivers and every search in
+//! flight. A search never blocks on a driver: asking for a lock is an effect
+//! whose answer comes back later as another event, so thousands of searches
+//! proceed at once and a slow driver holds up only the rider it was offered
+//! to.
+//!
+//! A search's life: `searching` → (lock a candidate → offer → outcome)* →
+//! exactly one of `matched`, `no_driver`, `cancelled`. With no free driver in
+//! reach it parks, indexed by pickup, and is woken (first come, first served)
+//! by the next driver who becomes available nearby, so nothing polls.
+//!
+//! `R` is whatever the caller needs to reach a rider's connection (an outbox
+//! in the engine, a number in tests); the machine only hands it back in
+//! [`SearchEffect::Tell`].
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
+use super::{Granted, OfferHolder};
+use crate::cluster::wire::NodeId;
+use crate::ids::Ids;
+use crate::location::LatLon;
+use crate::metrics as m;
+use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
+use crate::spatial::SpatialIndex;
+
+mod remote;
+mod steps;
+
+/// Cluster mode: how long a remote lock's answer may take before the lock is
+/// settled in Redis instead (see `settle_due`); also the slack on a remote
+/// offer's outcome beyond its deadline.
+pub const REMOTE_ANSWER_WAIT: Duration = Duration::from_secs(2);
+/// Cluster mode: how often, and how many times, a settle that Redis could
+/// not decide is tried again before the rider is told `no_driver`.
+pub(super) const SETTLE_RETRY: Duration = Duration::from_millis(500);
+pub(super) const SETTLE_ATTEMPTS: u32 = 60;
+/// Cluster mode: lock attempts in a row Redis may fail to decide before a
+/// request ends `no_driver` (`locks_unavailable`), and the wait between them.
+const STORE_FAILURES: u32 = 3;
+const STORE_RETRY: Duration = Duration::from_millis(200);
+
+/// The limits and timings a [`Searches`] works with.
+#[derive(Clone, Debug)]
+pub struct SearchSettings {
+    /// How far from the pickup a driver may be, in metres.
+    pub radius_m: f64,
+    /// Drivers offered per request before `no_driver`.
+    pub max_candidates: u32,
+    /// How long a request searches before `no_driver`.
+    pub search_timeout: Duration,
+    /// How long a driver has to answer an offer.
+    pub offer_timeout: Duration,
+    /// Requests in flight per rider, over all of its connections.
+    pub max_requests_per_rider: usize,
+    /// Searches held in total, parked ones included.
+    pub max_searches: usize,
+    /// Cluster mode: how much longer a lock lives in Redis than its offer.
+    pub lock_margin: Duration,
+}
+
+/// A rider's request, as a search knows it.
+pub type SearchKey = (RiderId, RequestId);
+
+/// What the caller must carry out.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SearchEffect<R> {
+    /// Send `message` to the rider's connection `to`.
+    Tell {
+        /// The connection.
+        to: R,
+        /// The message.
+        message: ServerMessage,
+    },
+    /// Ask `driver` for its lock: on this node (`node: None`) or on `node`.
+    /// Exactly one [`LockAnswer`] must come back (a refusal if the request
+    /// cannot be delivered on this node).
+    Lock {
+        /// The driver.
+        driver: DriverId,
+        /// The driver's node, when it is another one.
+        node: Option<NodeId>,
+        /// The offer's id.
+        offer_id: OfferId,
+        /// Who asks.
+        holder: OfferHolder,
+        /// How long the driver has to answer.
+        timeout: Duration,
+        /// The search's deadline: the driver refuses a request that reaches
+        /// it later.
+        not_after: Instant,
+    },
+    /// Withdraw the offer `offer_id` (the rider cancelled).
+    Cancel {
+        /// The driver.
+        driver: DriverId,
+        /// The driver's node, when it is another one.
+        node: Option<NodeId>,
+        /// The offer.
+        offer_id: OfferId,
+        /// Its lock's fencing token.
+        fencing_token: FencingToken,
+    },
+    /// Cluster mode: settle `owner`'s lock of `driver` in Redis and hand the
+    /// outcome to [`Searches::settled`] with `ticket`.
+    Settle {
+        /// The driver.
+        driver: DriverId,
+        /// The lock's owner value.
+        owner: String,
+        /// What to hand back.
+        ticket: SettleTicket,
+    },
+}
+
+/// Identifies a settle in flight (see [`SearchEffect::Settle`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SettleTicket {
+    key: SearchKey,
+    seq: u64,
+    offer_id: OfferId,
+    attempts: u32,
+    driver: DriverId,
+}
+
+/// A driver's answer to a lock request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LockAnswer {
+    /// The driver asked.
+    pub driver_id: DriverId,
+    /// The offer the lock was for.
+    pub offer_id: OfferId,
+    /// The search that asked (its sequence number).
+    pub search: u64,
+    /// The search's rider.
+    pub rider_id: RiderId,
+    /// The search's request id.
+    pub request_id: RequestId,
+    /// Granted, or why not.
+    pub result: Result<Granted, LockRefused>,
+}
+
+impl LockAnswer {
+    /// A refusal of the request `offer_id` of `holder` to `driver_id`.
+    pub fn refused(
+        driver_id: DriverId,
+        offer_id: OfferId,
+        holder: &OfferHolder,
+        why: LockRefused,
+    ) -> Self {
+        LockAnswer {
+            driver_id,
+            offer_id,
+            search: holder.search,
+            rider_id: holder.rider_id.clone(),
+            request_id: holder.request_id.clone(),
+            result: Err(why),
+        }
+    }
+}
+
+/// How a granted offer ended (every granted offer produces exactly one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OfferOutcome {
+    /// The driver.
+    pub driver_id: DriverId,
+    /// The driver's location as the offer ended.
+    pub driver_location: Option<LatLon>,
+    /// The offer.
+    pub offer_id: OfferId,
+    /// The search it was made for.
+    pub search: u64,
+    /// The search's rider.
+    pub rider_id: RiderId,
+    /// The search's request id.
+    pub request_id: RequestId,
+    /// How it ended.
+    pub ending: Ending,
+    /// The trip, when accepted.
+    pub trip_id: Option<TripId>,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    /// No driver asked yet, or the last one is done with: looking or parked.
+    Looking,
+    /// A lock was asked of `driver`; its answer is on the way.
+    Locking {
+        driver: DriverId,
+        node: Option<NodeId>,
+        offer_id: OfferId,
+    },
+    /// `driver` holds the offer.
+    Offered {
+        driver: DriverId,
+        node: Option<NodeId>,
+        offer_id: OfferId,
+        fencing_token: FencingToken,
+    },
+}
+
+struct Search<R> {
+    seq: u64,
+    rider: R,
+    session: u64,
+    pickup: LatLon,
+    started: Instant,
+    phase: Phase,
+    /// Drivers who declined this request or let it expire: never asked again.
+    excluded: Vec<DriverId>,
+    cancel_requested: bool,
+    deadline_passed: bool,
+    /// Drivers this request has been offered to (locks granted).
+    candidates_tried: u32,
+    /// Cluster mode: lock attempts in a row that Redis could not decide.
+    store_failures: u32,
+    /// Cluster mode: the offer whose settle is in flight, if any.
+    settling: Option<OfferId>,
+    /// Cluster mode: where the remote driver of the current offer was when
+    /// it was granted (the index forgets it then), for a settled `matched`.
+    offered_at: Option<LatLon>,
+}
+
+impl<R> Search<R> {
+    fn current_offer(&self) -> Option<OfferId> {
+        match &self.phase {
+            Phase::Looking => None,
+            Phase::Locking { offer_id, .. } | Phase::Offered { offer_id, .. } => Some(*offer_id),
+        }
+    }
+
+    fn remote_driver(&self) -> Option<DriverId> {
+        match &self.phase {
+            Phase::Locking {
+                driver,
+                node: Some(_),
+                ..
+            }
+            | Phase::Offered {
+                driver,
+                node: Some(_),
+                ..
+            } => Some(driver.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// When news of a remote lock is due: (when, search seq, offer, settle
+/// attempts so far, search).
+type RemoteDue = (Instant, u64, OfferId, u32, SearchKey);
+
+/// Every search of one node, and the index of drivers it may offer.
+pub struct Searches<R> {
+    settings: SearchSettings,
+    ids: Arc<Ids>,
+    /// Cluster mode: this node's id.
+    node: Option<NodeId>,
+    drivers: SpatialIndex<DriverId>,
+    /// Indexed drivers connected to this node.
+    local: HashSet<DriverId>,
+    /// Drivers with a lock request on the way: other searches skip them.
+    locking: HashSet<DriverId>,
+    searches: HashMap<SearchKey, Search<R>>,
+    /// Requests in flight per rider connection (to cancel them when it
+    /// closes).
+    by_session: HashMap<u64, HashSet<RequestId>>,
+    /// Requests in flight per rider, over all of that rider's connections.
+    by_rider: HashMap<RiderId, usize>,
+    /// Parked searches, oldest first, and where they wait.
+    waiting: BTreeMap<u64, SearchKey>,
+    waiting_at: SpatialIndex<u64>,
+    /// Search deadlines, soonest first (entries of ended searches are
+    /// skipped when they come up).
+    deadlines: BinaryHeap<Reverse<(Instant, u64, SearchKey)>>,
+    /// Searches waiting to try again after Redis could not decide a lock.
+    retries: BinaryHeap<Reverse<(Instant, u64, SearchKey)>>,
+    next_seq: u64,
+    /// Indexed drivers connected to other nodes, and which node.
+    remote: HashMap<DriverId, NodeId>,
+    /// Another node's word that a driver indexed here as local is offerable
+    /// there (it moved nodes and this node has not yet seen it go): used
+    /// when the local actor says the driver is unavailable here.
+    shadowed: HashMap<DriverId, (NodeId, LatLon)>,
+    /// When news of a remote lock is overdue (see `settle_due`).
+    remote_due: BinaryHeap<Reverse<RemoteDue>>,
+    effects: Vec<SearchEffect<R>>,
+    index_queries: u32,
+}
+
+/// Counts of a [`Searches`], for tests and operators.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SearchCounts {
+    /// Drivers in the index (offerable).
+    pub available_drivers: usize,
+    /// Searches in flight.
+    pub searches: usize,
+    /// Searches parked waiting for a driver.
+    pub waiting: usize,
+}
+
+impl<R: Clone> Searches<R> {
+    /// No searches and an empty index. `node` is this node's id in cluster
+    /// mode (drivers of other nodes are indexed and offered too).
+    pub fn new(settings: SearchSettings, ids: Arc<Ids>, node: Option<NodeId>) -> Self {
+        Searches {
+            settings,
+            ids,
+            node,
+            drivers: SpatialIndex::new(),
+            local: HashSet::new(),
+            locking: HashSet::new(),
+            searches: HashMap::new(),
+            by_session: HashMap::new(),
+            by_rider: HashMap::new(),
+            waiting: BTreeMap::new(),
+            waiting_at: SpatialIndex::new(),
+            deadlines: BinaryHeap::new(),
+            retries: BinaryHeap::new(),
+            next_seq: 0,
+            remote: HashMap::new(),
+            shadowed: HashMap::new(),
+            remote_due: BinaryHeap::new(),
+            effects: Vec::new(),
+            index_queries: 0,
+        }
+    }
+
+    /// The effects recorded since the last call, oldest first.
+    pub fn take_effects(&mut self) -> Vec<SearchEffect<R>> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Spatial queries run since the last call (for the index-query metric,
+    /// which the caller times).
+    pub fn take_index_queries(&mut self) -> u32 {
+        std::mem::take(&mut self.index_queries)
+    }
+
+    /// The counts.
+    pub fn counts(&self) -> SearchCounts {
+        SearchCounts {
+            available_drivers: self.drivers.len(),
+            searches: self.searches.len(),
+            waiting: self.waiting.len(),
+        }
+    }
+
+    /// When [`Searches::tick`] next has something to do.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        [
+            self.deadlines.peek().map(|Reverse((at, ..))| *at),
+            self.retries.peek().map(|Reverse((at, ..))| *at),
+            self.remote_due.peek().map(|Reverse((at, ..))| *at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Where `driver` is indexed, if it is.
+    pub fn position(&self, driver: &DriverId) -> Option<LatLon> {
+        self.drivers.position(driver)
+    }
+
+    fn tell(&mut self, to: &R, message: ServerMessage) {
+        self.effects.push(SearchEffect::Tell {
+            to: to.clone(),
+            message,
+        });
+    }
+
+    // ----- commands from riders -----
+
+    /// `rider` (connection `session` of `rider_id`) asks for a ride; the
+    /// session read the request at `received_at` (latencies count from
+    /// there, so they include any wait in front of the matcher).
+    #[allow(clippy::too_many_arguments)]
+    pub fn request(
+        &mut self,
+        now: Instant,
+        rider: R,
+        rider_id: RiderId,
+        session: u64,
+        request_id: RequestId,
+        pickup: LatLon,
+        received_at: Instant,
+    ) {
+        m::request_received();
+        let key = (rider_id.clone(), request_id.clone());
+        let refusal = if self.searches.contains_key(&key) {
+            Some((
+                ErrorCode::RequestInFlight,
+                format!("request {request_id} is already in flight"),
+            ))
+        } else if self.by_rider.get(&rider_id).copied().unwrap_or(0)
+            >= self.settings.max_requests_per_rider
+        {
+            Some((
+                ErrorCode::TooManyRequests,
+                format!(
+                    "at most {} requests may be in flight per rider, over all of its connections",
+                    self.settings.max_requests_per_rider
+                ),
+            ))
+        } else if self.searches.len() >= self.settings.max_searches {
+            // Parked searches hold memory and wake-up work for as long as
+            // their deadline: the total is bounded like the queue before it.
+            Some((
+                ErrorCode::Overloaded,
+                "the engine holds as many searches as it may; retry in a moment".into(),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, why)) = refusal {
+            m::protocol_error(code);
+            return self.tell(&rider, ServerMessage::request_error(code, request_id, why));
+        }
+        *self.by_rider.entry(rider_id).or_insert(0) += 1;
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.by_session
+            .entry(session)
+            .or_default()
+            .insert(request_id.clone());
+        self.tell(&rider, ServerMessage::Searching { request_id });
+        self.searches.insert(
+            key.clone(),
+            Search {
+                seq,
+                rider,
+                session,
+                pickup,
+                started: received_at,
+                phase: Phase::Looking,
+                excluded: Vec::new(),
+                cancel_requested: false,
+                deadline_passed: false,
+                candidates_tried: 0,
+                store_failures: 0,
+                settling: None,
+                offered_at: None,
+            },
+        );
+        let deadline = now + self.settings.search_timeout;
+        self.deadlines.push(Reverse((deadline, seq, key.clone())));
+        self.advance(now, key);
+    }
+
+    /// The rider on connection `rider` withdraws a request: immediate when no
+    /// driver is involved, otherwise through the driver, whose answer decides
+    /// (an accept that got there first still wins).
+    pub fn cancel(&mut self, now: Instant, rider: R, rider_id: RiderId, request_id: RequestId) {
+        let key = (rider_id, request_id);
+        if !self.searches.contains_key(&key) {
+            m::protocol_error(ErrorCode::UnknownRequest);
+            let why = format!("request {} is not in flight", key.1);
+            return self.tell(
+                &rider,
+                ServerMessage::request_error(ErrorCode::UnknownRequest, key.1, why),
+            );
+        }
+        self.withdraw(now, &key);
+    }
+
+    /// A rider's connection closed: its searches are cancelled.
+    pub fn rider_gone(&mut self, now: Instant, rider_id: RiderId, session: u64) {
+        let Some(requests) = self.by_session.get(&session) else {
+            return;
+        };
+        let keys: Vec<SearchKey> = requests
+            .iter()
+            .map(|request_id| (rider_id.clone(), request_id.clone()))
+            .collect();
+        for key in keys {
+            self.withdraw(now, &key);
+        }
+    }
+
+    fn withdraw(&mut self, now: Instant, key: &SearchKey) {
+        let Some(search) = self.searches.get_mut(key) else {
+            return;
+        };
+        search.cancel_requested = true;
+        match &search.phase {
+            Phase::Looking => self.advance(now, key.clone()),
+            Phase::Locking { .. } => {} // decided when the lock answer arrives
+            Phase::Offered {
+                driver,
+                node,
+                offer_id,
+                fencing_token,
+            } => self.effects.push(SearchEffect::Cancel {
+                driver: driver.clone(),
+                node: node.clone(),
+                offer_id: *offer_id,
+                fencing_token: *fencing_token,
+            }),
+        }
+    }
+
+    // ----- news from drivers -----
+
+    /// A driver connected to this node is offerable at `at`, or (`None`) no
+    /// longer. Each call carries the driver's newest state: changes may be
+    /// coalesced on the way, never reordered.
+    pub fn driver_changed(&mut self, now: Instant, driver: DriverId, at: Option<LatLon>) {
+        match at {
+            Some(at) => {
+                // Connected here now, whatever another node said before.
+                self.remote.remove(&driver);
+                self.local.insert(driver.clone());
+                self.drivers.upsert(driver.clone(), at);
+                self.wake_parked(now, &driver, at);
+            }
+            None => {
+                if self.local.remove(&driver) {
+                    self.drivers.remove(&driver);
+                }
+                // Another node said it has this driver: believe it now.
+                if let Some((node, at)) = self.shadowed.remove(&driver) {
+                    self.remote_driver(now, node, driver, Some(at));
+                }
+            }
+        }
+    }
+
+    /// A driver answered a lock request.
+    pub fn lock_answered(&mut self, now: Instant, answer: LockAnswer) {
+        let LockAnswer {
+            driver_id,
+            offer_id,
+            search: seq,
+            rider_id,
+            request_id,
+            result,
+        } = answer;
+        let key = (rider_id, request_id);
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id))
+        else {
+            // The offer already ended (the driver reported it before this
+            // answer arrived), or its settle gave up on it, or the search is
+            // gone: whoever ended it took the driver out of `locking`.
+            return;
+        };
+        self.locking.remove(&driver_id);
+        match result {
+            Ok(Granted { fencing_token }) => {
+                let Phase::Locking { driver, node, .. } = search.phase.clone() else {
+                    return;
+                };
+                let first_offer = search.candidates_tried == 0;
+                search.store_failures = 0;
+                search.candidates_tried += 1;
+                search.phase = Phase::Offered {
+                    driver,
+                    node: node.clone(),
+                    offer_id,
+                    fencing_token,
+                };
+                // The driver's side records request→offer as it sends a
+                // local offer; a remote one is recorded here, as granted.
+                if node.is_some() {
+                    search.offered_at = self.drivers.position(&driver_id);
+                    if first_offer {
+                        m::request_to_offer(now.saturating_duration_since(search.started));
+                    }
+                    // The outcome is due by the offer's deadline; past that
+                    // (plus the lock's margin), it is settled in Redis.
+                    let due = now
+                        + self.settings.offer_timeout
+                        + self.settings.lock_margin
+                        + REMOTE_ANSWER_WAIT;
+                    self.remote_due
+                        .push(Reverse((due, seq, offer_id, 0, key.clone())));
+                }
+                if search.cancel_requested {
+                    self.withdraw(now, &key);
+                }
+                // The driver will say it is unavailable too; taking it out now
+                // spares other searches a refused attempt in between.
+                self.drivers.remove(&driver_id);
+                self.local.remove(&driver_id);
+                self.remote.remove(&driver_id);
+            }
+            Err(LockRefused::StoreUnavailable) => {
+                // Redis could not decide. Once may be a slow reply: try again
+                // shortly. Several times in a row, it is down: say so rather
+                // than trying every driver in reach against it.
+                search.store_failures += 1;
+                if search.store_failures >= STORE_FAILURES {
+                    return self.finish_without_locks(now, &key);
+                }
+                search.phase = Phase::Looking;
+                self.retries.push(Reverse((now + STORE_RETRY, seq, key)));
+            }
+            Err(refused) => {
+                let remote = matches!(search.phase, Phase::Locking { node: Some(_), .. });
+                search.phase = Phase::Looking;
+                if remote || refused == LockRefused::HeldElsewhere {
+                    // The index was wrong about this driver (news between nodes
+                    // is late): don't ask it again for this search, and drop
+                    // a remote entry that names a driver gone from its node.
+                    search.excluded.push(driver_id.clone());
+                    if matches!(refused, LockRefused::Offline | LockRefused::NoLocation) {
+                        self.forget_remote(&driver_id);
+                    }
+                }
+                self.advance(now, key);
+                // The refusing driver may still be offerable for someone parked.
+                if let Some(at) = self.drivers.position(&driver_id) {
+                    self.wake_parked(now, &driver_id, at);
+                }
+            }
+        }
+    }
+
+    /// A driver's offer ended.
+    pub fn offer_ended(&mut self, now: Instant, outcome: OfferOutcome) {
+        let key = (outcome.rider_id, outcome.request_id);
+        let driver_id = outcome.driver_id;
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == outcome.search && s.current_offer() == Some(outcome.offer_id))
+        else {
+            return;
+        };
+        if matches!(search.phase, Phase::Locking { .. }) {
+            // The ending overtook the lock's answer; the answer will be stale.
+            // The lock was granted all the same: the offer counts as made.
+            self.locking.remove(&driver_id);
+            search.candidates_tried += 1;
+        }
+        match (outcome.ending, outcome.trip_id) {
+            (Ending::Accepted, Some(trip_id)) => {
+                let at = outcome.driver_location.unwrap_or(search.pickup);
+                self.finish_matched(now, &key, trip_id, driver_id, at);
+            }
+            (ending, _) => {
+                if matches!(ending, Ending::Declined | Ending::Expired) {
+                    search.excluded.push(driver_id);
+                }
+                search.phase = Phase::Looking;
+                self.advance(now, key);
+            }
+        }
+    }
+
+    // ----- time -----
+
+    /// Carries out what is due at `now`: search deadlines, retries after
+    /// Redis could not decide, and settles of overdue remote offers.
+    pub fn tick(&mut self, now: Instant) {
+        self.settle_due(now);
+        while let Some(Reverse((at, ..))) = self.retries.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, seq, key))) = self.retries.pop() else {
+                break;
+            };
+            let looking = self
+                .searches
+                .get(&key)
+                .is_some_and(|s| s.seq == seq && matches!(s.phase, Phase::Looking));
+            if looking {
+                self.advance(now, key);
+            }
+        }
+        while let Some(Reverse((deadline, ..))) = self.deadlines.peek() {
+            if *deadline > now {
+                break;
+            }
+            let Some(Reverse((_, seq, key))) = self.deadlines.pop() else {
+                break;
+            };
+            let Some(search) = self.searches.get_mut(&key).filter(|s| s.seq == seq) else {
+                continue;
+            };
+            search.deadline_passed = true;
+            // A search with a driver deciding lets that offer play out.
+            if matches!(search.phase, Phase::Looking) {
+                self.advance(now, key);
+            }
+        }
+    }
+}

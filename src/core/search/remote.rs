@@ -1,0 +1,212 @@
+//! Cluster mode: drivers of other nodes in the index, and settling in Redis
+//! the remote offers whose news is overdue.
+
+use std::cmp::Reverse;
+use std::collections::HashSet;
+use std::time::Instant;
+
+use super::{Phase, SearchEffect, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY};
+use crate::cluster::wire::NodeId;
+use crate::core::{owner, Settled};
+use crate::location::LatLon;
+use crate::metrics as m;
+use crate::protocol::DriverId;
+
+impl<R: Clone> Searches<R> {
+    /// A driver on another node is offerable at `at`, or (`None`) no longer.
+    pub fn remote_driver(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        driver: DriverId,
+        at: Option<LatLon>,
+    ) {
+        match at {
+            // A driver connected here is this node's to announce, until its
+            // actor here says otherwise.
+            Some(at) if self.local.contains(&driver) => {
+                self.shadowed.insert(driver, (node, at));
+            }
+            Some(at) => {
+                self.remote.insert(driver.clone(), node);
+                self.drivers.upsert(driver.clone(), at);
+                self.wake_parked(now, &driver, at);
+            }
+            None => {
+                if self.remote.get(&driver) == Some(&node) {
+                    self.forget_remote(&driver);
+                }
+                if self.shadowed.get(&driver).is_some_and(|(n, _)| *n == node) {
+                    self.shadowed.remove(&driver);
+                }
+            }
+        }
+    }
+
+    /// Every offerable driver of another node, replacing what this node had
+    /// for it (sent when the subscription to Redis starts).
+    pub fn remote_snapshot(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        drivers: Vec<(DriverId, LatLon)>,
+    ) {
+        self.forget_node(&node);
+        for (driver, at) in drivers {
+            self.remote_driver(now, node.clone(), driver, Some(at));
+        }
+    }
+
+    /// A node left or died: its drivers are not offerable here until they
+    /// reconnect somewhere, and offers out to them are settled now rather
+    /// than at their deadline, so their riders move on and the locks are
+    /// freed for the drivers' reconnections elsewhere.
+    pub fn node_gone(&mut self, now: Instant, node: NodeId) {
+        self.forget_node(&node);
+        for (key, search) in &self.searches {
+            if let Phase::Locking {
+                node: Some(n),
+                offer_id,
+                ..
+            }
+            | Phase::Offered {
+                node: Some(n),
+                offer_id,
+                ..
+            } = &search.phase
+            {
+                if *n == node {
+                    self.remote_due
+                        .push(Reverse((now, search.seq, *offer_id, 0, key.clone())));
+                }
+            }
+        }
+        self.settle_due(now);
+    }
+
+    /// The nodes alive, as a (re)subscription found them (this one aside):
+    /// remote drivers of any other node are forgotten.
+    pub fn live_nodes(&mut self, now: Instant, nodes: Vec<NodeId>) {
+        let live: HashSet<&NodeId> = nodes.iter().collect();
+        let dead: HashSet<NodeId> = self
+            .remote
+            .values()
+            .chain(self.shadowed.values().map(|(node, _)| node))
+            .filter(|node| !live.contains(node))
+            .cloned()
+            .collect();
+        for node in dead {
+            self.node_gone(now, node);
+        }
+    }
+
+    fn forget_node(&mut self, node: &NodeId) {
+        self.shadowed.retain(|_, (n, _)| n != node);
+        let gone: Vec<DriverId> = self
+            .remote
+            .iter()
+            .filter(|(_, n)| *n == node)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for driver in gone {
+            self.forget_remote(&driver);
+        }
+    }
+
+    /// Takes a remote driver out of the index.
+    pub(super) fn forget_remote(&mut self, driver_id: &DriverId) {
+        if self.remote.remove(driver_id).is_some() {
+            self.drivers.remove(driver_id);
+        }
+    }
+
+    /// Cluster mode: news of a remote lock is overdue (the answer or the
+    /// outcome was lost between nodes, or the driver's node died). Settling
+    /// it in Redis tells for certain whether the driver accepted, and stops
+    /// any later acceptance; until Redis can tell, it is asked again.
+    pub(super) fn settle_due(&mut self, now: Instant) {
+        while let Some(Reverse((due, ..))) = self.remote_due.peek() {
+            if *due > now {
+                break;
+            }
+            let Some(Reverse((_, seq, offer_id, attempts, key))) = self.remote_due.pop() else {
+                break;
+            };
+            let Some(search) = self.searches.get_mut(&key).filter(|s| {
+                s.seq == seq && s.current_offer() == Some(offer_id) && s.settling != Some(offer_id)
+            }) else {
+                continue;
+            };
+            let Some(driver) = search.remote_driver() else {
+                continue;
+            };
+            let Some(node) = &self.node else {
+                continue;
+            };
+            search.settling = Some(offer_id);
+            self.effects.push(SearchEffect::Settle {
+                owner: owner(node, offer_id),
+                ticket: SettleTicket {
+                    key,
+                    seq,
+                    offer_id,
+                    attempts: attempts + 1,
+                    driver: driver.clone(),
+                },
+                driver,
+            });
+        }
+    }
+
+    /// What settling an overdue remote lock found out (`None`: Redis could
+    /// not tell).
+    pub fn settled(&mut self, now: Instant, ticket: SettleTicket, outcome: Option<Settled>) {
+        let SettleTicket {
+            key,
+            seq,
+            offer_id,
+            attempts,
+            driver: driver_id,
+        } = ticket;
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == seq && s.current_offer() == Some(offer_id))
+        else {
+            return; // the news arrived after all
+        };
+        search.settling = None;
+        // Leaving `Locking` (any outcome but "ask again") frees the driver
+        // for other searches here.
+        let leaves = outcome.is_some() || attempts >= SETTLE_ATTEMPTS;
+        if leaves && matches!(search.phase, Phase::Locking { .. }) {
+            self.locking.remove(&driver_id);
+        }
+        match outcome {
+            Some(Settled::Trip(trip_id)) => {
+                let at = search.offered_at.unwrap_or(search.pickup);
+                self.finish_matched(now, &key, trip_id, driver_id, at);
+            }
+            Some(Settled::Dead) => {
+                // Whatever happened to the offer (the driver's node died, or
+                // news was lost), it is over without a trip. The driver is
+                // not held against this rider: it may never have seen the
+                // offer (a lost lock request: its node was resubscribing).
+                tracing::info!(driver = %driver_id, offer_id, "no news of a remote offer; it ended without a trip");
+                search.phase = Phase::Looking;
+                self.advance(now, key);
+            }
+            None if attempts < SETTLE_ATTEMPTS => {
+                m::redis_settle_undecided();
+                self.remote_due
+                    .push(Reverse((now + SETTLE_RETRY, seq, offer_id, attempts, key)));
+            }
+            None => {
+                // Redis has not been able to tell for a long while: the rider
+                // is told, and the lock lapses in Redis by itself.
+                m::redis_settle_undecided();
+                self.finish_without_locks(now, &key);
+            }
+        }
+    }
+}

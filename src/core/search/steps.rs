@@ -1,0 +1,214 @@
+//! A search's steps: looking for the nearest free driver, parking, asking
+//! for a lock, waking parked searches, and the final message.
+
+use std::cmp::Reverse;
+
+use super::{Phase, Search, SearchEffect, SearchKey, Searches, REMOTE_ANSWER_WAIT};
+use crate::core::lock::TripId;
+use crate::core::OfferHolder;
+use crate::location::LatLon;
+use crate::metrics as m;
+use crate::protocol::{DriverId, NoDriverReason, ServerMessage};
+use std::time::Instant;
+
+/// Parked searches looked at oldest-first before falling back to a spatial
+/// query when a driver frees up (see `wake_parked`).
+const OLDEST_PARKED_SCAN: usize = 64;
+
+impl<R: Clone> Searches<R> {
+    /// Moves a search that is `Looking` forward: ends it if it was cancelled
+    /// or ran out of time, asks the nearest untried driver, or parks it.
+    pub(super) fn advance(&mut self, now: Instant, key: SearchKey) {
+        let Some(search) = self.searches.get(&key) else {
+            return;
+        };
+        debug_assert!(matches!(search.phase, Phase::Looking));
+        let request_id = key.1.clone();
+        if search.cancel_requested {
+            return self.finish(now, &key, ServerMessage::Cancelled { request_id });
+        }
+        let out_of_time =
+            search.deadline_passed || now >= search.started + self.settings.search_timeout;
+        if out_of_time || search.candidates_tried >= self.settings.max_candidates {
+            let message = ServerMessage::NoDriver {
+                request_id,
+                reason: None,
+            };
+            return self.finish(now, &key, message);
+        }
+        // Drivers being locked for other searches and drivers who turned this
+        // one down are skipped, however many: the walk ends at the first free
+        // driver or the radius, so a search parks only when nobody in reach is
+        // free for it, and then the next driver to free up wakes it.
+        self.index_queries += 1;
+        let candidate = self
+            .drivers
+            .nearest_within(search.pickup, self.settings.radius_m)
+            .find(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id));
+        match candidate {
+            Some((driver_id, _)) => self.ask_for_lock(now, key, driver_id),
+            None => self.park(&key),
+        }
+    }
+
+    pub(super) fn park(&mut self, key: &SearchKey) {
+        if let Some(search) = self.searches.get(key) {
+            if self.waiting.insert(search.seq, key.clone()).is_none() {
+                self.waiting_at.upsert(search.seq, search.pickup);
+            }
+        }
+    }
+
+    pub(super) fn unpark(&mut self, seq: u64) {
+        if self.waiting.remove(&seq).is_some() {
+            self.waiting_at.remove(&seq);
+        }
+    }
+
+    pub(super) fn ask_for_lock(&mut self, now: Instant, key: SearchKey, driver_id: DriverId) {
+        let node = match (self.local.contains(&driver_id), self.remote.get(&driver_id)) {
+            (true, _) => None,
+            (false, Some(node)) => Some(node.clone()),
+            (false, None) => return self.park(&key),
+        };
+        let Some(search) = self.searches.get_mut(&key) else {
+            return;
+        };
+        let offer_id = self.ids.next_offer();
+        let seq = search.seq;
+        search.phase = Phase::Locking {
+            driver: driver_id.clone(),
+            node: node.clone(),
+            offer_id,
+        };
+        let holder = OfferHolder {
+            search: seq,
+            rider_id: key.0.clone(),
+            request_id: key.1.clone(),
+            pickup: search.pickup,
+            first_offer_since: (search.candidates_tried == 0).then_some(search.started),
+            node: None,
+        };
+        let not_after = search.started + self.settings.search_timeout;
+        self.unpark(seq);
+        self.locking.insert(driver_id.clone());
+        if node.is_some() {
+            // A lost request or answer between nodes would leave the search
+            // waiting: past this, the lock is settled in Redis instead.
+            self.remote_due
+                .push(Reverse((now + REMOTE_ANSWER_WAIT, seq, offer_id, 0, key)));
+        }
+        self.effects.push(SearchEffect::Lock {
+            driver: driver_id,
+            node,
+            offer_id,
+            holder,
+            timeout: self.settings.offer_timeout,
+            not_after,
+        });
+    }
+
+    /// Offers a newly available driver to the oldest parked search in reach
+    /// that hasn't had this driver before.
+    ///
+    /// Oldest-first over the first few parked searches finds it at once in
+    /// the usual case (the oldest waiting rider is in reach); only when none
+    /// of those is does it ask the spatial index for every parked search in
+    /// reach. Either way the answer is the oldest eligible one.
+    pub(super) fn wake_parked(&mut self, now: Instant, driver_id: &DriverId, at: LatLon) {
+        if self.waiting.is_empty() || self.locking.contains(driver_id) {
+            return;
+        }
+        let radius = self.settings.radius_m;
+        let eligible = |search: &Search<R>| !search.excluded.contains(driver_id);
+        let mut oldest = None;
+        for (seq, key) in self.waiting.iter().take(OLDEST_PARKED_SCAN) {
+            let Some(search) = self.searches.get(key) else {
+                continue;
+            };
+            if eligible(search) && search.pickup.distance_m(at) <= radius {
+                oldest = Some(*seq);
+                break;
+            }
+        }
+        if oldest.is_none() && self.waiting.len() > OLDEST_PARKED_SCAN {
+            self.index_queries += 1;
+            oldest = self
+                .waiting_at
+                .nearest_within(at, radius)
+                .filter_map(|(seq, _)| {
+                    let search = self.searches.get(self.waiting.get(&seq)?)?;
+                    eligible(search).then_some(seq)
+                })
+                .min();
+        }
+        if let Some(seq) = oldest {
+            let key = self.waiting[&seq].clone();
+            self.ask_for_lock(now, key, driver_id.clone());
+        }
+    }
+
+    /// Ends a search with its final message.
+    pub(super) fn finish(&mut self, now: Instant, key: &SearchKey, message: ServerMessage) {
+        let Some(search) = self.searches.remove(key) else {
+            return;
+        };
+        self.unpark(search.seq);
+        if let Some(requests) = self.by_session.get_mut(&search.session) {
+            requests.remove(&key.1);
+            if requests.is_empty() {
+                self.by_session.remove(&search.session);
+            }
+        }
+        if let Some(count) = self.by_rider.get_mut(&key.0) {
+            *count -= 1;
+            if *count == 0 {
+                self.by_rider.remove(&key.0);
+            }
+        }
+        let age = now.saturating_duration_since(search.started);
+        m::search_finished(&message, age, search.candidates_tried);
+        self.tell(&search.rider, message);
+    }
+
+    /// Ends a search with `matched`: trip `trip_id` with `driver_id`, who is
+    /// at `driver_location`.
+    pub(super) fn finish_matched(
+        &mut self,
+        now: Instant,
+        key: &SearchKey,
+        trip_id: TripId,
+        driver_id: DriverId,
+        driver_location: LatLon,
+    ) {
+        let Some(search) = self.searches.get(key) else {
+            return;
+        };
+        let message = ServerMessage::Matched {
+            request_id: key.1.clone(),
+            trip_id,
+            driver_id,
+            driver_location,
+            distance_m: driver_location.distance_m(search.pickup),
+        };
+        self.finish(now, key, message);
+    }
+
+    /// Ends a search that can't lock drivers (Redis is down): `cancelled` if
+    /// the rider asked for that, else `no_driver` saying why.
+    pub(super) fn finish_without_locks(&mut self, now: Instant, key: &SearchKey) {
+        let Some(search) = self.searches.get(key) else {
+            return;
+        };
+        let request_id = key.1.clone();
+        let message = if search.cancel_requested {
+            ServerMessage::Cancelled { request_id }
+        } else {
+            ServerMessage::NoDriver {
+                request_id,
+                reason: Some(NoDriverReason::LocksUnavailable),
+            }
+        };
+        self.finish(now, key, message);
+    }
+}
