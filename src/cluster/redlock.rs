@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::core::lock::TripId;
+use crate::core::Settled;
+
 /// Clock drift allowed per unit of time to live (1%), as Redlock suggests.
 pub const DRIFT_FACTOR: f64 = 0.01;
 /// Constant part of the drift allowance: the resolution of expiry on the
@@ -77,6 +80,76 @@ pub fn judge(
         });
     }
     validity(ttl, elapsed).ok_or(AttemptFailed::Expired)
+}
+
+/// The verdict of a majority on a conditional write (a confirm): per server,
+/// `Some(done)` or `None` when it did not answer. `Some(true)` when a
+/// majority did it, `Some(false)` when a majority certainly did not (even
+/// the silent servers could not make one), `None` when it can't be told.
+pub fn majority_did(answers: &[Option<bool>]) -> Option<bool> {
+    let needed = quorum(answers.len());
+    let did = answers.iter().filter(|a| **a == Some(true)).count();
+    let silent = answers.iter().filter(|a| a.is_none()).count();
+    if did >= needed {
+        Some(true)
+    } else if did + silent < needed {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The verdict on a renewal: `Some(true)` when a majority kept the lock,
+/// `Some(false)` when a majority answered that it is no longer the
+/// caller's, `None` otherwise.
+pub fn majority_kept(answers: &[Option<bool>]) -> Option<bool> {
+    let needed = quorum(answers.len());
+    let count = |want| answers.iter().filter(|a| **a == Some(want)).count();
+    if count(true) >= needed {
+        Some(true)
+    } else if count(false) >= needed {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The verdict on a settle: per server, the trip recorded under the owner
+/// (`Some(Some(trip))`), none (`Some(None)`), or no answer (`None`).
+///
+/// A confirm that counted reached a majority before any settle mark did (a
+/// mark blocks confirms), so every server asked shows its trip record. The
+/// trip is certain when a majority shows it; its absence is certain when
+/// even the servers that did not answer could not make a majority with
+/// those that show it. Anything between is `None`: ask again later.
+pub fn settle_verdict(answers: &[Option<Option<TripId>>]) -> Option<Settled> {
+    let needed = quorum(answers.len());
+    let trips: Vec<TripId> = answers.iter().filter_map(|a| a.flatten()).collect();
+    let silent = answers.iter().filter(|a| a.is_none()).count();
+    if trips.len() >= needed {
+        trips.first().copied().map(Settled::Trip)
+    } else if trips.len() + silent < needed {
+        Some(Settled::Dead)
+    } else {
+        None
+    }
+}
+
+/// The verdict on reading the driver's current trip: per server, what it
+/// holds or `None` when it did not answer. `Ok(Some)` as any server that
+/// answers has it, `Ok(None)` when a majority answered that there is none,
+/// `Err` when too few answered to tell (ask again).
+pub fn current_trip_verdict<T>(answers: Vec<Option<Option<T>>>) -> Result<Option<T>, ()> {
+    let needed = quorum(answers.len());
+    let answered = answers.iter().filter(|a| a.is_some()).count();
+    if let Some(trip) = answers.into_iter().find_map(|a| a.flatten()) {
+        return Ok(Some(trip));
+    }
+    if answered >= needed {
+        Ok(None)
+    } else {
+        Err(())
+    }
 }
 
 /// A random delay before retrying, up to `max`, so that nodes competing for

@@ -19,7 +19,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::time::Instant;
 
-use super::redlock::{judge, quorum, retry_delay, AttemptFailed};
+use super::redlock::{
+    current_trip_verdict, judge, majority_did, majority_kept, retry_delay, settle_verdict,
+    AttemptFailed,
+};
 use crate::lock::{FencingToken, LockRefused, TripId};
 
 /// Sets the lock if free and takes a fencing token in the same step.
@@ -605,16 +608,8 @@ impl Redlock {
     /// held, and fails for good once it was settled).
     pub async fn confirm(&self, driver: &str, trip: &TripRecord) -> Option<bool> {
         let answers = join_all(self.servers.iter().map(|s| s.confirm(driver, trip))).await;
-        let kept = answers.iter().filter(|r| matches!(r, Ok(true))).count();
-        let unanswered = answers.iter().filter(|r| r.is_err()).count();
-        let needed = quorum(self.servers.len());
-        if kept >= needed {
-            Some(true)
-        } else if kept + unanswered < needed {
-            Some(false)
-        } else {
-            None
-        }
+        let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
+        majority_did(&answers)
     }
 
     /// Keeps `owner`'s lock of a driver on a trip for another [`TRIP_HOLD`]
@@ -623,16 +618,8 @@ impl Redlock {
     /// `owner`'s, `None` when too few servers answered.
     pub async fn renew(&self, driver: &str, owner: &str) -> Option<bool> {
         let answers = join_all(self.servers.iter().map(|s| s.renew(driver, owner))).await;
-        let kept = answers.iter().filter(|r| matches!(r, Ok(true))).count();
-        let lost = answers.iter().filter(|r| matches!(r, Ok(false))).count();
-        let needed = quorum(self.servers.len());
-        if kept >= needed {
-            Some(true)
-        } else if lost >= needed {
-            Some(false)
-        } else {
-            None
-        }
+        let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
+        majority_kept(&answers)
     }
 
     /// `owner`'s trip of `driver` ended: frees its lock everywhere; on how
@@ -645,46 +632,18 @@ impl Redlock {
             .count()
     }
 
-    /// The driver's current trip: `Ok(Some)` as any server that answers has
-    /// it, `Ok(None)` when a majority answered that there is none, `Err`
-    /// when too few answered to tell (ask again).
+    /// The driver's current trip (see [`current_trip_verdict`]).
     pub async fn current_trip(&self, driver: &str) -> Result<Option<TripRecord>, ()> {
         let answers = join_all(self.servers.iter().map(|s| s.current_trip(driver))).await;
-        let answered = answers.iter().filter(|a| a.is_ok()).count();
-        if let Some(trip) = answers.into_iter().find_map(|a| a.ok().flatten()) {
-            return Ok(Some(trip));
-        }
-        if answered >= quorum(self.servers.len()) {
-            Ok(None)
-        } else {
-            Err(())
-        }
+        current_trip_verdict(answers.into_iter().map(Result::ok).collect())
     }
 
     /// The requester of `owner`'s lock gives up waiting for news of it: what
-    /// had become of it, once that is certain.
-    ///
-    /// A confirm that counted reached a majority before any settle mark did
-    /// (a mark blocks confirms), so every server asked shows its trip record.
-    /// The trip is certain when a majority shows it; its absence is certain
-    /// when even the servers that did not answer could not make a majority
-    /// with those that show it. Anything between (servers unreachable) is
-    /// `None`: ask again later.
+    /// had become of it, once that is certain (see [`settle_verdict`]).
     pub async fn settle(&self, driver: &str, owner: &str) -> Option<Settled> {
         let answers = join_all(self.servers.iter().map(|s| s.settle(driver, owner))).await;
-        let unanswered = answers.iter().filter(|a| a.is_err()).count();
-        let trips: Vec<TripId> = answers
-            .into_iter()
-            .filter_map(|a| a.ok().flatten())
-            .collect();
-        let needed = quorum(self.servers.len());
-        if trips.len() >= needed {
-            trips.first().copied().map(Settled::Trip)
-        } else if trips.len() + unanswered < needed {
-            Some(Settled::Dead)
-        } else {
-            None
-        }
+        let answers: Vec<Option<Option<TripId>>> = answers.into_iter().map(Result::ok).collect();
+        settle_verdict(&answers)
     }
 
     /// The servers, for the cluster's own commands.
