@@ -34,6 +34,16 @@ impl Ids {
         }
     }
 
+    /// Counters whose offer and trip ids start after the given bases (for
+    /// tests that stand in for several nodes).
+    pub fn starting_at(offers: u64, trips: u64) -> Self {
+        Ids {
+            offers: AtomicU64::new(offers),
+            trips: AtomicU64::new(trips),
+            ..Ids::default()
+        }
+    }
+
     /// A fresh offer id.
     pub fn next_offer(&self) -> OfferId {
         self.offers.fetch_add(1, Ordering::Relaxed) + 1

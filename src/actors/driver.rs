@@ -104,12 +104,18 @@ pub struct DriverActor {
 impl Actor for DriverActor {
     type Context = Context<Self>;
 
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.booking.stop();
-        let effects = self.booking.take_effects();
-        for effect in effects {
-            if let DriverEffect::Answer { to, answer } = effect {
-                self.answer(to, answer);
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.booking.stop(Instant::now());
+        // Answers, an offer's ending and its release still go out; the app's
+        // connection is gone with the actor.
+        for effect in self.booking.take_effects() {
+            match effect {
+                DriverEffect::Answer { .. }
+                | DriverEffect::Ended { .. }
+                | DriverEffect::Redis(_) => {
+                    self.carry_out(effect, ctx);
+                }
+                _ => {}
             }
         }
     }
@@ -285,8 +291,8 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
             ("release", freed > 0, RedisReply::Freed)
         }
         RedisOp::Finish { owner } => {
-            let freed = locks.finish(driver, &owner).await;
-            ("finish", freed > 0, RedisReply::Freed)
+            let answered = locks.finish(driver, &owner).await;
+            ("finish", answered, RedisReply::Finished(answered))
         }
         RedisOp::Confirm { record } => {
             let kept = locks.confirm(driver, &record).await;

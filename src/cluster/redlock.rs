@@ -135,17 +135,27 @@ pub fn settle_verdict(answers: &[Option<Option<TripId>>]) -> Option<Settled> {
     }
 }
 
-/// The verdict on reading the driver's current trip: per server, what it
-/// holds or `None` when it did not answer. `Ok(Some)` as any server that
-/// answers has it, `Ok(None)` when a majority answered that there is none,
-/// `Err` when too few answered to tell (ask again).
-pub fn current_trip_verdict<T>(answers: Vec<Option<Option<T>>>) -> Result<Option<T>, ()> {
+/// The verdict on reading the driver's current trip: per server, the trip
+/// it holds (see `store::CURRENT_TRIP`: only while the trip's lock is held)
+/// or `None` when it did not answer. A trip counts when a majority shows
+/// the same one (`same` tells records apart); none when no trip can reach
+/// a majority any more; otherwise `Err`: ask again.
+pub fn current_trip_verdict<T>(
+    answers: Vec<Option<Option<T>>>,
+    same: impl Fn(&T, &T) -> bool,
+) -> Result<Option<T>, ()> {
     let needed = quorum(answers.len());
-    let answered = answers.iter().filter(|a| a.is_some()).count();
-    if let Some(trip) = answers.into_iter().find_map(|a| a.flatten()) {
-        return Ok(Some(trip));
+    let silent = answers.iter().filter(|a| a.is_none()).count();
+    let shown: Vec<T> = answers.into_iter().flatten().flatten().collect();
+    let mut best = 0;
+    for (i, trip) in shown.iter().enumerate() {
+        let count = shown.iter().filter(|other| same(trip, other)).count();
+        if count >= needed {
+            return Ok(shown.into_iter().nth(i));
+        }
+        best = best.max(count);
     }
-    if answered >= needed {
+    if best + silent < needed {
         Ok(None)
     } else {
         Err(())

@@ -20,7 +20,7 @@ use redis::Script;
 use tokio::time::Instant;
 
 use super::redlock::{
-    current_trip_verdict, judge, majority_did, majority_kept, retry_delay, settle_verdict,
+    current_trip_verdict, judge, majority_did, majority_kept, quorum, retry_delay, settle_verdict,
     AttemptFailed,
 };
 use crate::lock::{FencingToken, LockRefused, TripId};
@@ -122,12 +122,29 @@ end
 return 'gone'
 "#;
 
+/// The driver's current trip, only while its lock is still held by the
+/// trip's owner: a record that outlived its trip (a finish that did not
+/// reach this server, or a lock lost) is not a trip to take over.
+/// KEYS: the driver's current trip, lock. Returns the record or nil.
+const CURRENT_TRIP: &str = r#"
+local trip = redis.call('GET', KEYS[1])
+if not trip then
+  return false
+end
+local sep = string.find(trip, '|', 1, true)
+if sep and redis.call('GET', KEYS[2]) == string.sub(trip, 1, sep - 1) then
+  return trip
+end
+return false
+"#;
+
 static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE));
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 static CONFIRM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CONFIRM));
 static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
 static FINISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FINISH));
+static CURRENT_TRIP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CURRENT_TRIP));
 
 pub use crate::core::booking::{TripRecord, TRIP_HOLD};
 pub use crate::core::Settled;
@@ -412,14 +429,14 @@ impl LockServer {
         Ok(freed == 1)
     }
 
-    /// The driver's current trip, if one is recorded.
+    /// The driver's current trip, if one is recorded and its lock is still
+    /// held by the trip's owner (see [`CURRENT_TRIP`]).
     pub async fn current_trip(&self, driver: &str) -> Result<Option<TripRecord>, StoreError> {
-        let mut connection = self.connection.clone();
         let value: Option<String> = self
-            .bounded(
-                redis::cmd("GET")
-                    .arg(current_trip_key(driver))
-                    .query_async(&mut connection),
+            .run(
+                &CURRENT_TRIP_SCRIPT,
+                &[current_trip_key(driver), lock_key(driver)],
+                &[],
             )
             .await?;
         Ok(value
@@ -622,20 +639,20 @@ impl Redlock {
         majority_kept(&answers)
     }
 
-    /// `owner`'s trip of `driver` ended: frees its lock everywhere; on how
-    /// many servers it was still `owner`'s.
-    pub async fn finish(&self, driver: &str, owner: &str) -> usize {
-        join_all(self.servers.iter().map(|s| s.finish(driver, owner)))
-            .await
-            .into_iter()
-            .filter(|r| matches!(r, Ok(true)))
-            .count()
+    /// `owner`'s trip of `driver` ended: frees its lock everywhere. Whether a
+    /// majority of servers answered (then the lock is free, or was not
+    /// `owner`'s any more); `false` means ask again.
+    pub async fn finish(&self, driver: &str, owner: &str) -> bool {
+        let answers = join_all(self.servers.iter().map(|s| s.finish(driver, owner))).await;
+        answers.iter().filter(|r| r.is_ok()).count() >= quorum(self.servers.len())
     }
 
     /// The driver's current trip (see [`current_trip_verdict`]).
     pub async fn current_trip(&self, driver: &str) -> Result<Option<TripRecord>, ()> {
         let answers = join_all(self.servers.iter().map(|s| s.current_trip(driver))).await;
-        current_trip_verdict(answers.into_iter().map(Result::ok).collect())
+        current_trip_verdict(answers.into_iter().map(Result::ok).collect(), |a, b| {
+            a.trip_id == b.trip_id && a.owner == b.owner
+        })
     }
 
     /// The requester of `owner`'s lock gives up waiting for news of it: what

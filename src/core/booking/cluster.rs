@@ -27,6 +27,11 @@ const CONFIRM_RETRY: Duration = Duration::from_millis(100);
 pub(super) const TRIP_LOOKUP_ATTEMPTS: u32 = 5;
 const TRIP_LOOKUP_RETRY: Duration = Duration::from_millis(500);
 
+/// How often, and how far apart, a trip's finish is asked again when too
+/// few servers answered (until then its lock and record stay in Redis).
+pub(super) const FINISH_ATTEMPTS: u32 = 20;
+const FINISH_RETRY: Duration = Duration::from_millis(500);
+
 /// Room left between an offer's deadline and the end of its lock's
 /// validity, for the accept's confirm to reach Redis.
 const CONFIRM_ROOM: Duration = Duration::from_millis(500);
@@ -61,6 +66,11 @@ impl Booking {
                 self.acquired(now, request, result)
             }
             (Waiting::Free, RedisReply::Freed) => {}
+            (Waiting::Finish { owner, attempt }, RedisReply::Finished(answered)) => {
+                if !answered && attempt < FINISH_ATTEMPTS {
+                    self.finish_retry = Some((owner, now + FINISH_RETRY, attempt + 1));
+                }
+            }
             (
                 Waiting::Confirm {
                     record,
@@ -231,9 +241,10 @@ impl Booking {
         self.renewal = Some((owner, now + TRIP_HOLD / 3));
     }
 
-    /// A renewal's answer: a trip lock that is no longer this driver's (the
-    /// trip ended on the node the driver moved to, or Redis lost it) ends
-    /// the trip here if the driver has gone.
+    /// A renewal's answer. A trip lock that a majority says is no longer
+    /// this driver's ends the trip here: it was completed on the node the
+    /// driver moved to, or the lock was lost, and a trip without its lock
+    /// would let another node lock the driver meanwhile.
     fn renewed(&mut self, now: Instant, owner: String, kept: Option<bool>) {
         if kept != Some(false) {
             return;
@@ -244,17 +255,14 @@ impl Booking {
         if self.owner_of(&trip.holder, trip.offer_id) != owner {
             return; // an older trip's renewal
         }
-        if self.session.is_some() {
-            // The driver is here: the trip is still this actor's, whatever
-            // Redis forgot. It keeps renewing (and the driver can't be
-            // connected elsewhere, see `ConnectedElsewhere`).
-            tracing::warn!(driver = %self.id, "a trip's lock is gone from Redis; keeping the trip");
-            return;
-        }
-        // The driver moved on and its trip ended (or is held) elsewhere.
         let trip_id = trip.trip_id;
+        if self.session.is_some() {
+            tracing::warn!(driver = %self.id, trip = trip_id, "a trip's lock is no longer this driver's in Redis; the trip ends here");
+        }
         self.renewal = None;
-        let _ = self.lock.complete_trip(trip_id);
+        if let Ok(trip) = self.lock.complete_trip(trip_id) {
+            self.remember_completed(trip.trip_id);
+        }
         self.sync(now);
     }
 
@@ -290,6 +298,11 @@ impl Booking {
             // confirmed): not a trip to take over.
             return;
         }
+        if self.completed.contains(&record.trip_id) {
+            // The app completed that trip already (before the look-up
+            // answered, or its finish has not reached every server yet).
+            return self.finish(record.owner, 1);
+        }
         let node = self.node.as_ref().expect("cluster mode");
         let rider_node = (record.rider_node != *node).then_some(record.rider_node);
         let trip = Trip {
@@ -323,11 +336,26 @@ impl Booking {
                     .push(super::DriverEffect::Redis(RedisOp::Renew { owner }));
             }
         }
+        if let Some((_, at, _)) = &self.finish_retry {
+            if *at <= now && self.waiting.is_none() {
+                let (owner, _, attempt) = self.finish_retry.take().expect("due");
+                self.finish(owner, attempt);
+            }
+        }
         if let Some((at, attempt)) = self.lookup_retry {
             if at <= now {
                 self.lookup_retry = None;
                 self.lookup_trip(now, attempt);
             }
         }
+    }
+
+    /// Frees a trip's lock and record in Redis.
+    pub(super) fn finish(&mut self, owner: String, attempt: u32) {
+        let wait = Waiting::Finish {
+            owner: owner.clone(),
+            attempt,
+        };
+        self.redis(RedisOp::Finish { owner }, Some(wait));
     }
 }

@@ -45,6 +45,9 @@ pub const RETIRE_AFTER: Duration = Duration::from_secs(60);
 /// distances in offers and matches; ranking is off by at most this much.
 pub const MIN_INDEX_MOVE_M: f64 = 5.0;
 
+/// Trips a driver remembers having completed (see `Booking::completed`).
+const REMEMBERED_TRIPS: usize = 8;
+
 /// Cluster mode: how much longer a driver's lock lives in Redis than the
 /// offer it backs: room for the accept's confirm to reach Redis before the
 /// key lapses.
@@ -204,8 +207,10 @@ impl RedisOp {
 pub enum RedisReply {
     /// To `Acquire`: the token and how long the lock can be relied on.
     Acquired(Result<(FencingToken, Duration), LockRefused>),
-    /// To `Release` or `Finish`.
+    /// To `Release`.
     Freed,
+    /// To `Finish`: whether a majority answered (if not, ask again).
+    Finished(bool),
     /// To `Confirm`.
     Confirmed(Option<bool>),
     /// To `Settle`.
@@ -265,8 +270,10 @@ pub enum DriverEffect {
 enum Waiting {
     /// A lock: the request, and when its acquire went out.
     Acquire(LockRequest),
-    /// A release or a finish.
+    /// A release.
     Free,
+    /// A trip's finish (`attempt` of [`cluster::FINISH_ATTEMPTS`]).
+    Finish { owner: String, attempt: u32 },
     /// An accept's confirm: the offer, the trip, the accept's time, the
     /// attempt, and when the next attempt is due (while between attempts).
     Confirm {
@@ -307,6 +314,11 @@ pub struct Booking {
     renewal: Option<(String, Instant)>,
     /// Cluster mode: when to look the current trip up again, and which try.
     lookup_retry: Option<(Instant, u32)>,
+    /// Cluster mode: a finish Redis could not confirm: when to ask again.
+    finish_retry: Option<(String, Instant, u32)>,
+    /// Trips this driver completed lately: never taken over again from a
+    /// record that outlived them.
+    completed: VecDeque<TripId>,
     effects: Vec<DriverEffect>,
 }
 
@@ -327,6 +339,8 @@ impl Booking {
             deferred: VecDeque::new(),
             renewal: None,
             lookup_retry: None,
+            finish_retry: None,
+            completed: VecDeque::new(),
             effects: Vec::new(),
         }
     }
@@ -339,6 +353,11 @@ impl Booking {
     /// The driver's id.
     pub fn id(&self) -> &DriverId {
         &self.id
+    }
+
+    /// Where the matcher's index has this driver (`None`: not offerable).
+    pub fn indexed_at(&self) -> Option<LatLon> {
+        self.indexed_at
     }
 
     /// Whether a Redis answer is awaited before anything else is handled.
@@ -365,6 +384,7 @@ impl Booking {
             self.retire_at,
             self.renewal.as_ref().map(|(_, at)| *at),
             self.lookup_retry.map(|(at, _)| at),
+            self.finish_retry.as_ref().map(|(_, at, _)| *at),
         ]
         .into_iter()
         .flatten()
@@ -396,11 +416,16 @@ impl Booking {
         }
     }
 
-    /// The driver's actor is stopping: lock requests still waiting are
-    /// refused, so no search waits for an answer that will not come.
-    pub fn stop(&mut self) {
+    /// The driver's actor is stopping at `now`: an offer it holds ends as a
+    /// disconnect and lock requests still waiting are refused, so no search
+    /// waits for news that will not come.
+    pub fn stop(&mut self, now: Instant) {
         if let Some(state) = self.counted_as.take() {
             m::driver_state_left(state);
+        }
+        self.session = None;
+        if let Some(ended) = self.lock.disconnect() {
+            self.report(now, ended);
         }
         let waiting = match self.waiting.take() {
             Some(Waiting::Acquire(request)) => Some(request),
@@ -482,6 +507,11 @@ impl Booking {
         if self.node.is_some() {
             self.effects.push(DriverEffect::Attached);
             self.lookup_trip(now, 1);
+            // A trip held here may have been completed on another node the
+            // app was on meanwhile: the next renewal, now, tells.
+            if let Some((_, at)) = &mut self.renewal {
+                *at = now;
+            }
         }
     }
 
@@ -519,7 +549,15 @@ impl Booking {
             },
             DriverCommand::TripCompleted { trip_id } => match self.lock.complete_trip(trip_id) {
                 Ok(trip) => self.trip_ended(&trip),
-                Err(e) => self.error(ErrorCode::UnknownTrip, e.to_string()),
+                Err(e) => {
+                    // Cluster mode: the trip may be one this node has not
+                    // taken over yet (Redis has not answered the look-up);
+                    // if it turns up, it is finished rather than taken.
+                    if self.node.is_some() {
+                        self.remember_completed(trip_id);
+                    }
+                    self.error(ErrorCode::UnknownTrip, e.to_string())
+                }
             },
         }
     }
@@ -778,10 +816,18 @@ fn trip_assigned(trip: &Trip<OfferHolder>) -> ServerMessage {
 impl Booking {
     fn trip_ended(&mut self, trip: &Trip<OfferHolder>) {
         self.renewal = None;
+        self.remember_completed(trip.trip_id);
         if self.node.is_some() {
             let owner = self.owner_of(&trip.holder, trip.offer_id);
-            self.redis(RedisOp::Finish { owner }, Some(Waiting::Free));
+            self.finish(owner, 1);
         }
+    }
+
+    fn remember_completed(&mut self, trip_id: TripId) {
+        if self.completed.len() == REMEMBERED_TRIPS {
+            self.completed.pop_front();
+        }
+        self.completed.push_back(trip_id);
     }
 
     /// The trip this driver is on, if any (for tests and the simulation).

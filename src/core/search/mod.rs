@@ -16,7 +16,7 @@
 //! [`SearchEffect::Tell`].
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -234,19 +234,10 @@ impl<R> Search<R> {
         }
     }
 
-    fn remote_driver(&self) -> Option<DriverId> {
+    fn offered_driver(&self) -> Option<DriverId> {
         match &self.phase {
-            Phase::Locking {
-                driver,
-                node: Some(_),
-                ..
-            }
-            | Phase::Offered {
-                driver,
-                node: Some(_),
-                ..
-            } => Some(driver.clone()),
-            _ => None,
+            Phase::Locking { driver, .. } | Phase::Offered { driver, .. } => Some(driver.clone()),
+            Phase::Looking => None,
         }
     }
 }
@@ -268,8 +259,9 @@ pub struct Searches<R> {
     locking: HashSet<DriverId>,
     searches: HashMap<SearchKey, Search<R>>,
     /// Requests in flight per rider connection (to cancel them when it
-    /// closes).
-    by_session: HashMap<u64, HashSet<RequestId>>,
+    /// closes; ordered, so that they are cancelled in the same order every
+    /// run).
+    by_session: HashMap<u64, BTreeSet<RequestId>>,
     /// Requests in flight per rider, over all of that rider's connections.
     by_rider: HashMap<RiderId, usize>,
     /// Parked searches, oldest first, and where they wait.
@@ -574,15 +566,16 @@ impl<R: Clone> Searches<R> {
                     if first_offer {
                         m::request_to_offer(now.saturating_duration_since(search.started));
                     }
-                    // The outcome is due by the offer's deadline; past that
-                    // (plus the lock's margin), it is settled in Redis.
-                    let due = now
-                        + self.settings.offer_timeout
-                        + self.settings.lock_margin
-                        + REMOTE_ANSWER_WAIT;
-                    self.remote_due
-                        .push(Reverse((due, seq, offer_id, 0, key.clone())));
                 }
+                // The outcome is due by the offer's deadline; past that (plus
+                // the lock's margin), it is settled in Redis, or on one node
+                // taken as lost (the driver's actor died holding it).
+                let due = now
+                    + self.settings.offer_timeout
+                    + self.settings.lock_margin
+                    + REMOTE_ANSWER_WAIT;
+                self.remote_due
+                    .push(Reverse((due, seq, offer_id, 0, key.clone())));
                 if search.cancel_requested {
                     self.withdraw(now, &key);
                 }

@@ -2,7 +2,7 @@
 //! the remote offers whose news is overdue.
 
 use std::cmp::Reverse;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Instant;
 
 use super::{Phase, SearchEffect, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY};
@@ -88,7 +88,7 @@ impl<R: Clone> Searches<R> {
     /// remote drivers of any other node are forgotten.
     pub fn live_nodes(&mut self, now: Instant, nodes: Vec<NodeId>) {
         let live: HashSet<&NodeId> = nodes.iter().collect();
-        let dead: HashSet<NodeId> = self
+        let dead: BTreeSet<NodeId> = self
             .remote
             .values()
             .chain(self.shadowed.values().map(|(node, _)| node))
@@ -120,6 +120,9 @@ impl<R: Clone> Searches<R> {
         }
     }
 
+    /// News of an offer is overdue: in cluster mode, the lock is settled in
+    /// Redis (below); on one node, the offer is taken as lost.
+    ///
     /// Cluster mode: news of a remote lock is overdue (the answer or the
     /// outcome was lost between nodes, or the driver's node died). Settling
     /// it in Redis tells for certain whether the driver accepted, and stops
@@ -137,10 +140,16 @@ impl<R: Clone> Searches<R> {
             }) else {
                 continue;
             };
-            let Some(driver) = search.remote_driver() else {
+            let Some(driver) = search.offered_driver() else {
                 continue;
             };
             let Some(node) = &self.node else {
+                // One node, no Redis: the driver's actor ends every offer
+                // it was granted, unless it died with the offer held. Past
+                // the deadline the lock rules refuse any accept, so the
+                // offer is over.
+                tracing::warn!(driver = %driver, offer_id, "no news of an offer past its deadline; it ended without a trip");
+                self.offer_lost(now, key, driver);
                 continue;
             };
             search.settling = Some(offer_id);

@@ -211,4 +211,17 @@ impl<R: Clone> Searches<R> {
         };
         self.finish(now, key, message);
     }
+
+    /// The offer of search `key` to `driver` is over without news of it.
+    pub(super) fn offer_lost(&mut self, now: Instant, key: SearchKey, driver: DriverId) {
+        let Some(search) = self.searches.get_mut(&key) else {
+            return;
+        };
+        if matches!(search.phase, Phase::Locking { .. }) {
+            self.locking.remove(&driver);
+        }
+        search.excluded.push(driver);
+        search.phase = Phase::Looking;
+        self.advance(now, key);
+    }
 }

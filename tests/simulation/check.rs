@@ -1,0 +1,221 @@
+//! What must hold, checked as the run goes and once it has settled.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use ridelock::core::lock::{Ending, LockState, TripId};
+use ridelock::core::search::{OfferOutcome, SearchSettings};
+use ridelock::protocol::{RequestId, ServerMessage};
+
+use super::world::{driver_name, World};
+
+type Request = (usize, RequestId);
+
+#[derive(Default)]
+pub struct Ledger {
+    /// Requests acknowledged (`searching`): by which node incarnation, when.
+    acked: BTreeMap<Request, (usize, u32, Instant)>,
+    finals: HashMap<Request, ServerMessage>,
+    /// Trips booked: driver and request.
+    accepted: HashMap<TripId, (usize, Request)>,
+    matched: Vec<(Request, String, TripId)>,
+    /// Offers told to drivers so far (a resend is not a new offer).
+    offers: std::collections::HashSet<(usize, u64)>,
+    /// When each node incarnation died.
+    deaths: HashMap<(usize, u32), Instant>,
+}
+
+impl Ledger {
+    pub fn node_died(&mut self, node: usize, inc: u32, now: Instant) {
+        self.deaths.insert((node, inc), now);
+    }
+
+    /// A matcher told a rider something.
+    pub fn rider_told(
+        &mut self,
+        now: Instant,
+        node: usize,
+        inc: u32,
+        rider: usize,
+        message: &ServerMessage,
+    ) -> Result<(), String> {
+        match message {
+            ServerMessage::Searching { request_id } => {
+                let key = (rider, request_id.clone());
+                if self.acked.insert(key, (node, inc, now)).is_some() {
+                    return Err(format!("r{rider} request {request_id} acknowledged twice"));
+                }
+            }
+            ServerMessage::Matched {
+                request_id,
+                trip_id,
+                driver_id,
+                ..
+            } => {
+                self.final_(rider, request_id, message)?;
+                self.matched
+                    .push(((rider, request_id.clone()), driver_id.to_string(), *trip_id));
+            }
+            ServerMessage::NoDriver { request_id, .. }
+            | ServerMessage::Cancelled { request_id } => {
+                self.final_(rider, request_id, message)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn final_(
+        &mut self,
+        rider: usize,
+        request_id: &RequestId,
+        message: &ServerMessage,
+    ) -> Result<(), String> {
+        let key = (rider, request_id.clone());
+        if !self.acked.contains_key(&key) {
+            return Err(format!(
+                "r{rider} request {request_id} ended without being acknowledged: {message:?}"
+            ));
+        }
+        if let Some(first) = self.finals.insert(key, message.clone()) {
+            return Err(format!(
+                "r{rider} request {request_id} ended twice: {first:?}, then {message:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A driver actor sent its app something.
+    pub fn driver_told(
+        &mut self,
+        now: Instant,
+        driver: usize,
+        message: &ServerMessage,
+        settings: &SearchSettings,
+    ) -> Result<(), String> {
+        if let ServerMessage::Offer {
+            offer_id,
+            rider_id,
+            request_id,
+            expires_in_ms,
+            ..
+        } = message
+        {
+            let rider: usize = rider_id[1..].parse().expect("r<n>");
+            if !self.offers.insert((driver, *offer_id)) || *expires_in_ms == 0 {
+                return Ok(()); // a resend after a reconnect
+            }
+            if let Some((_, _, started)) = self.acked.get(&(rider, request_id.clone())) {
+                if now > *started + settings.search_timeout
+                    && !self.finals.contains_key(&(rider, request_id.clone()))
+                {
+                    return Err(format!("d{driver} offered {offer_id} for r{rider} {request_id} after that search's deadline"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A driver actor reported how an offer ended.
+    pub fn offer_ended(
+        &mut self,
+        world: &World,
+        node: usize,
+        driver: usize,
+        outcome: &OfferOutcome,
+    ) -> Result<(), String> {
+        if outcome.ending != Ending::Accepted {
+            return Ok(());
+        }
+        let trip = outcome.trip_id.expect("an accepted offer has a trip");
+        let rider: usize = outcome.rider_id[1..].parse().expect("r<n>");
+        let key = (rider, outcome.request_id.clone());
+        if let Some((rider_node, inc, _)) = self.acked.get(&key) {
+            // A search that died with its node must not book: once that node
+            // has restarted, nobody could tell the rider.
+            let restarted = world.nodes[*rider_node].inc > *inc;
+            if restarted && self.deaths.get(&(*rider_node, *inc)).is_some() {
+                return Err(format!(
+                    "n{node}/d{driver} booked trip {trip} for r{rider} {} whose search died with n{rider_node} (incarnation {inc}), which has restarted since",
+                    outcome.request_id
+                ));
+            }
+        }
+        if self.accepted.insert(trip, (driver, key)).is_some() {
+            return Err(format!("trip {trip} booked twice"));
+        }
+        Ok(())
+    }
+
+    /// After every driver event: the driver holds at most one live offer,
+    /// over all nodes.
+    pub fn check_driver(&self, world: &World, driver: usize) -> Result<(), String> {
+        let mut live = Vec::new();
+        for (n, node) in world.nodes.iter().enumerate() {
+            if !node.up {
+                continue;
+            }
+            if let Some(booking) = node.drivers.get(&driver) {
+                if let LockState::Offered(offer) = booking.lock().state() {
+                    if offer.deadline > world.now {
+                        live.push((n, offer.offer_id));
+                    }
+                }
+            }
+        }
+        if live.len() > 1 {
+            return Err(format!(
+                "d{driver} holds {} live offers at once: {live:?}",
+                live.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Once the faults have stopped and every timeout has passed.
+    pub fn settled(&self, world: &World) -> Result<(), String> {
+        for ((rider, request_id), (node, inc, _)) in &self.acked {
+            let alive = world.nodes[*node].inc == *inc && world.nodes[*node].up;
+            if alive && !self.finals.contains_key(&(*rider, request_id.clone())) {
+                return Err(format!(
+                    "r{rider} request {request_id} (n{node}) never ended"
+                ));
+            }
+        }
+        for ((rider, request_id), driver, trip) in &self.matched {
+            let d: usize = driver[1..].parse().expect("d<n>");
+            match self.accepted.get(trip) {
+                Some((booked, key)) if *booked == d && key == &(*rider, request_id.clone()) => {}
+                other => {
+                    return Err(format!(
+                        "r{rider} {request_id} was told matched with {driver} on trip {trip}, but that driver never booked it for that request ({other:?})"
+                    ))
+                }
+            }
+        }
+        for (n, node) in world.nodes.iter().enumerate() {
+            let counts = node.searches.counts();
+            if counts.searches > 0 {
+                return Err(format!("n{n} still has {} searches", counts.searches));
+            }
+            for (d, booking) in &node.drivers {
+                if booking.is_waiting() {
+                    return Err(format!("n{n}/d{d} still waits for Redis"));
+                }
+                match booking.lock().state() {
+                    LockState::Free => {}
+                    state => return Err(format!("n{n}/d{d} is still locked: {state:?}")),
+                }
+            }
+        }
+        for (s, server) in world.servers.iter().enumerate() {
+            if let Some((driver, owner)) = server.locked(world.now).first() {
+                return Err(format!(
+                    "server {s} still holds {driver}'s lock for {owner}"
+                ));
+            }
+        }
+        let _ = driver_name(0);
+        Ok(())
+    }
+}

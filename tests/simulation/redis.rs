@@ -1,0 +1,213 @@
+//! A model of the lock servers: what each Lua script in
+//! `src/cluster/store.rs` does to one server's keys, with expiry in virtual
+//! time. A restart without persistence forgets everything.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ridelock::cluster::store::RECORD_TTL;
+use ridelock::core::booking::{TripRecord, TRIP_HOLD};
+use ridelock::core::lock::{FencingToken, TripId};
+
+/// One script call on one server.
+#[derive(Clone, Debug)]
+pub enum ServerOp {
+    Acquire {
+        driver: String,
+        owner: String,
+        ttl: Duration,
+        floor: FencingToken,
+    },
+    Release {
+        driver: String,
+        owner: String,
+    },
+    Confirm {
+        driver: String,
+        record: TripRecord,
+    },
+    Renew {
+        driver: String,
+        owner: String,
+    },
+    Finish {
+        driver: String,
+        owner: String,
+    },
+    Settle {
+        driver: String,
+        owner: String,
+    },
+    CurrentTrip {
+        driver: String,
+    },
+    /// A node's liveness key, refreshed.
+    Alive {
+        node: String,
+        ttl: Duration,
+    },
+    /// Whether a node's liveness key exists.
+    IsAlive {
+        node: String,
+    },
+}
+
+/// A server's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ServerReply {
+    Token(Option<FencingToken>),
+    Done(bool),
+    Trip(Option<TripId>),
+    Record(Option<TripRecord>),
+}
+
+#[derive(Default)]
+pub struct Server {
+    pub up: bool,
+    locks: HashMap<String, (String, Instant)>,
+    tokens: HashMap<String, FencingToken>,
+    settled: HashMap<String, Instant>,
+    trips: HashMap<String, (TripId, Instant)>,
+    current: HashMap<String, (String, TripRecord, Instant)>,
+    alive: HashMap<String, Instant>,
+}
+
+fn live<V>(
+    map: &HashMap<String, V>,
+    key: &str,
+    now: Instant,
+    expiry: impl Fn(&V) -> Instant,
+) -> bool {
+    map.get(key).is_some_and(|v| expiry(v) > now)
+}
+
+impl Server {
+    pub fn new() -> Self {
+        Server {
+            up: true,
+            ..Server::default()
+        }
+    }
+
+    /// A restart without persistence.
+    pub fn wipe(&mut self) {
+        *self = Server {
+            up: self.up,
+            ..Server::default()
+        };
+    }
+
+    fn lock_owner(&self, driver: &str, now: Instant) -> Option<&str> {
+        self.locks
+            .get(driver)
+            .filter(|(_, until)| *until > now)
+            .map(|(owner, _)| owner.as_str())
+    }
+
+    /// Drivers whose lock is held at `now`.
+    pub fn locked(&self, now: Instant) -> Vec<(String, String)> {
+        self.locks
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(d, (o, _))| (d.clone(), o.clone()))
+            .collect()
+    }
+
+    pub fn apply(&mut self, op: &ServerOp, now: Instant) -> ServerReply {
+        match op {
+            ServerOp::Acquire {
+                driver,
+                owner,
+                ttl,
+                floor,
+            } => {
+                if live(&self.settled, owner, now, |at| *at)
+                    || self.lock_owner(driver, now).is_some()
+                {
+                    return ServerReply::Token(None);
+                }
+                self.locks.insert(
+                    driver.clone(),
+                    (owner.clone(), now + (*ttl).max(Duration::from_millis(1))),
+                );
+                let token = self.tokens.entry(driver.clone()).or_insert(0);
+                *token = (*token).max(*floor) + 1;
+                ServerReply::Token(Some(*token))
+            }
+            ServerOp::Release { driver, owner } => {
+                if self.lock_owner(driver, now) == Some(owner.as_str()) {
+                    self.locks.remove(driver);
+                    return ServerReply::Done(true);
+                }
+                ServerReply::Done(false)
+            }
+            ServerOp::Confirm { driver, record } => {
+                let rider_alive =
+                    !record.rider_is_remote || live(&self.alive, &record.rider_node, now, |at| *at);
+                let ok = !live(&self.settled, &record.owner, now, |at| *at)
+                    && rider_alive
+                    && self.lock_owner(driver, now) == Some(record.owner.as_str());
+                if ok {
+                    self.trips
+                        .insert(record.owner.clone(), (record.trip_id, now + RECORD_TTL));
+                    self.locks.get_mut(driver).expect("held").1 = now + TRIP_HOLD;
+                    self.current.insert(
+                        driver.clone(),
+                        (record.owner.clone(), record.clone(), now + TRIP_HOLD),
+                    );
+                }
+                ServerReply::Done(ok)
+            }
+            ServerOp::Renew { driver, owner } => {
+                if self.lock_owner(driver, now) == Some(owner.as_str()) {
+                    self.locks.get_mut(driver).expect("held").1 = now + TRIP_HOLD;
+                    if let Some(current) = self.current.get_mut(driver) {
+                        current.2 = now + TRIP_HOLD;
+                    }
+                    return ServerReply::Done(true);
+                }
+                ServerReply::Done(false)
+            }
+            ServerOp::Finish { driver, owner } => {
+                let freed = self.lock_owner(driver, now) == Some(owner.as_str());
+                if freed {
+                    self.locks.remove(driver);
+                }
+                if self
+                    .current
+                    .get(driver)
+                    .is_some_and(|(o, _, until)| o == owner && *until > now)
+                {
+                    self.current.remove(driver);
+                }
+                ServerReply::Done(freed)
+            }
+            ServerOp::Settle { driver, owner } => {
+                self.settled.insert(owner.clone(), now + RECORD_TTL);
+                if let Some((trip, _)) = self.trips.get(owner).filter(|(_, until)| *until > now) {
+                    return ServerReply::Trip(Some(*trip));
+                }
+                if self.lock_owner(driver, now) == Some(owner.as_str()) {
+                    self.locks.remove(driver);
+                }
+                ServerReply::Trip(None)
+            }
+            ServerOp::CurrentTrip { driver } => {
+                let held_by = self.lock_owner(driver, now).map(str::to_string);
+                ServerReply::Record(
+                    self.current
+                        .get(driver)
+                        .filter(|(owner, _, until)| {
+                            *until > now && held_by.as_deref() == Some(owner)
+                        })
+                        .map(|(_, record, _)| record.clone()),
+                )
+            }
+            ServerOp::Alive { node, ttl } => {
+                self.alive.insert(node.clone(), now + *ttl);
+                ServerReply::Done(true)
+            }
+            ServerOp::IsAlive { node } => ServerReply::Done(live(&self.alive, node, now, |at| *at)),
+        }
+    }
+}

@@ -1,0 +1,1375 @@
+//! The simulated city: nodes running the booking core, a network between
+//! them, lock servers, and the apps, all driven by one seeded random source
+//! in virtual time.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ridelock::cluster::redlock::{
+    current_trip_verdict, judge, majority_did, majority_kept, settle_verdict, AttemptFailed,
+};
+use ridelock::cluster::wire::NodeId;
+use ridelock::core::booking::{
+    Booking, DriverEffect, DriverEvent, LockRequest, RedisOp, RedisReply, ReplyTo, LOCK_MARGIN,
+};
+use ridelock::core::lock::LockRefused;
+use ridelock::core::search::{
+    LockAnswer, OfferOutcome, SearchEffect, SearchSettings, Searches, SettleTicket,
+};
+use ridelock::core::Settled;
+use ridelock::ids::Ids;
+use ridelock::location::LatLon;
+use ridelock::protocol::{DriverId, RequestId, RiderId, ServerMessage};
+
+use super::apps::{DriverApp, RiderApp};
+use super::check::Ledger;
+use super::redis::{Server, ServerOp, ServerReply};
+
+/// The per-server timeout of the Redis client (`--redis-timeout-ms`).
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// Liveness keys: refreshed every second, lapse after five.
+const ALIVE_REFRESH: Duration = Duration::from_secs(1);
+const ALIVE_TTL: Duration = Duration::from_secs(5);
+
+/// What one run looks like.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub nodes: usize,
+    pub servers: usize,
+    pub drivers: usize,
+    pub riders: usize,
+    /// How long apps act and faults happen.
+    pub active: Duration,
+    /// How long everything is left to settle afterwards.
+    pub quiet: Duration,
+    pub faults: bool,
+}
+
+/// A rider connection as a search knows it: (rider, session).
+pub type RiderConn = (usize, u64);
+
+/// What a node's matcher is told.
+#[derive(Clone, Debug)]
+pub enum MatcherIn {
+    Request {
+        rider: usize,
+        session: u64,
+        request_id: RequestId,
+        pickup: LatLon,
+    },
+    Cancel {
+        rider: usize,
+        session: u64,
+        request_id: RequestId,
+    },
+    RiderGone {
+        rider: usize,
+        session: u64,
+    },
+    DriverChanged {
+        driver: DriverId,
+        at: Option<LatLon>,
+    },
+    Answer(LockAnswer),
+    Ended(OfferOutcome),
+    Settled(SettleTicket, Option<Settled>),
+    RemoteDriver {
+        from: usize,
+        driver: DriverId,
+        at: Option<LatLon>,
+    },
+    NodeGone(usize),
+    NodeBack(usize),
+    Tick,
+}
+
+/// Who asked Redis.
+#[derive(Clone, Debug)]
+pub enum Asker {
+    Driver {
+        node: usize,
+        inc: u32,
+        driver: usize,
+    },
+    Matcher {
+        node: usize,
+        inc: u32,
+        ticket: SettleTicket,
+    },
+}
+
+/// A Redlock call in flight: one question to every server.
+pub struct Call {
+    pub asker: Asker,
+    pub op: RedisOp,
+    pub answers: Vec<Option<ServerReply>>,
+    pub started: Instant,
+    /// Acquire: the first attempt's unanswered servers, and which attempt.
+    pub attempt: u32,
+    pub unanswered_before: Vec<usize>,
+    pub done: bool,
+    pub driver: String,
+}
+
+#[derive(Clone, Debug)]
+pub enum Fault {
+    Pause(usize),
+    Resume(usize),
+    Kill(usize),
+    Restart(usize),
+    ServerDown(usize),
+    ServerUp(usize),
+    ServerWipe(usize),
+    CrashDriverActor(usize, usize),
+}
+
+#[derive(Clone, Debug)]
+pub enum Ev {
+    ToMatcher {
+        node: usize,
+        inc: u32,
+        input: MatcherIn,
+    },
+    ToDriver {
+        node: usize,
+        inc: u32,
+        driver: usize,
+        event: DriverEvent,
+    },
+    ServerOp {
+        server: usize,
+        call: u64,
+        op: ServerOp,
+        reply: ReplyFate,
+    },
+    ServerReply {
+        call: u64,
+        server: usize,
+        reply: ServerReply,
+    },
+    CallTimeout {
+        call: u64,
+        attempt: u32,
+    },
+    SplitRetry {
+        call: u64,
+    },
+    DriverApp {
+        driver: usize,
+        input: AppIn,
+    },
+    RiderApp {
+        rider: usize,
+        input: AppIn,
+    },
+    Liveness {
+        node: usize,
+        inc: u32,
+    },
+    Fault(Fault),
+}
+
+/// What becomes of a server's reply.
+#[derive(Clone, Copy, Debug)]
+pub enum ReplyFate {
+    OnTime,
+    Lost,
+    Late,
+}
+
+#[derive(Clone, Debug)]
+pub enum AppIn {
+    Message {
+        node: usize,
+        session: u64,
+        message: ServerMessage,
+    },
+    Closed {
+        node: usize,
+        session: u64,
+    },
+    Act,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub inc: u32,
+    pub up: bool,
+    pub paused: bool,
+    pub held: Vec<Ev>,
+    pub searches: Searches<RiderConn>,
+    pub drivers: HashMap<usize, Booking>,
+    /// The session each driver actor uses (for telling apps).
+    pub driver_sessions: HashMap<usize, u64>,
+    /// Other nodes this node believes alive.
+    pub live: Vec<bool>,
+    pub ids: Arc<Ids>,
+    pub tick_at: Option<Instant>,
+    pub driver_tick_at: HashMap<usize, Instant>,
+}
+
+pub struct World {
+    pub rng: StdRng,
+    pub shape: Shape,
+    pub settings: SearchSettings,
+    pub base: Instant,
+    pub now: Instant,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    events: HashMap<u64, Ev>,
+    seq: u64,
+    pub nodes: Vec<Node>,
+    pub servers: Vec<Server>,
+    pub calls: HashMap<u64, Call>,
+    next_call: u64,
+    pub drivers: Vec<DriverApp>,
+    pub riders: Vec<RiderApp>,
+    pub ledger: Ledger,
+    pub events_run: u64,
+    pub faults_injected: u64,
+    pub next_session: u64,
+    /// Last delivery time per (sender, receiver) lane, for FIFO lanes.
+    lanes: HashMap<(u64, u64), Instant>,
+    pub quiet: bool,
+    pub trace: Vec<String>,
+    pub tracing: bool,
+}
+
+pub fn driver_name(d: usize) -> DriverId {
+    format!("d{d}").into()
+}
+
+pub fn rider_name(r: usize) -> RiderId {
+    format!("r{r}").into()
+}
+
+pub fn driver_index(id: &str) -> usize {
+    id[1..].parse().expect("sim driver ids are d<n>")
+}
+
+impl World {
+    pub fn new(seed: u64, shape: Shape, tracing: bool) -> World {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let base = Instant::now();
+        let settings = SearchSettings {
+            radius_m: 3_000.0,
+            max_candidates: 6,
+            search_timeout: Duration::from_secs(8),
+            offer_timeout: Duration::from_secs(2),
+            max_requests_per_rider: 2,
+            max_searches: 10_000,
+            lock_margin: LOCK_MARGIN,
+        };
+        let cluster = shape.nodes > 1;
+        let nodes = (0..shape.nodes)
+            .map(|n| new_node(n, 0, &settings, cluster, shape.nodes))
+            .collect();
+        let servers = (0..shape.servers).map(|_| Server::new()).collect();
+        let drivers = (0..shape.drivers)
+            .map(|_| DriverApp::new(&mut rng))
+            .collect();
+        let riders = (0..shape.riders).map(|_| RiderApp::new(&mut rng)).collect();
+        let mut world = World {
+            rng,
+            shape,
+            settings,
+            base,
+            now: base,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            seq: 0,
+            nodes,
+            servers,
+            calls: HashMap::new(),
+            next_call: 0,
+            drivers,
+            riders,
+            ledger: Ledger::default(),
+            events_run: 0,
+            faults_injected: 0,
+            next_session: 0,
+            lanes: HashMap::new(),
+            quiet: false,
+            trace: Vec::new(),
+            tracing,
+        };
+        for d in 0..world.drivers.len() {
+            let at = world.rng.random_range(0..500);
+            world.at(
+                Duration::from_millis(at),
+                Ev::DriverApp {
+                    driver: d,
+                    input: AppIn::Act,
+                },
+            );
+        }
+        for r in 0..world.riders.len() {
+            let at = world.rng.random_range(0..1500);
+            world.at(
+                Duration::from_millis(at),
+                Ev::RiderApp {
+                    rider: r,
+                    input: AppIn::Act,
+                },
+            );
+        }
+        if world.is_cluster() {
+            for n in 0..world.nodes.len() {
+                world.at(Duration::ZERO, Ev::Liveness { node: n, inc: 0 });
+            }
+        }
+        world
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.nodes.len() > 1
+    }
+
+    /// Schedules `ev` after `delay`.
+    pub fn at(&mut self, delay: Duration, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + delay, self.seq)));
+        self.events.insert(self.seq, ev);
+    }
+
+    /// Schedules `ev` on a FIFO lane (messages between two actors arrive in
+    /// the order sent), after a random delay up to `max_us`.
+    pub fn lane(&mut self, from: u64, to: u64, max_us: u64, ev: Ev) {
+        let delay = Duration::from_micros(self.rng.random_range(1..=max_us));
+        let mut when = self.now + delay;
+        let last = self.lanes.entry((from, to)).or_insert(when);
+        if *last > when {
+            when = *last;
+        }
+        *last = when;
+        let wait = when - self.now;
+        self.at(wait, ev);
+    }
+
+    pub fn note(&mut self, what: impl FnOnce() -> String) {
+        if self.tracing {
+            let t = (self.now - self.base).as_secs_f64();
+            self.trace.push(format!("{t:10.4} {}", what()));
+        }
+    }
+
+    /// Runs until the queue is empty or `until`.
+    pub fn run_until(&mut self, until: Instant) -> Result<(), String> {
+        while let Some(Reverse((when, seq))) = self.queue.peek().copied() {
+            if when > until {
+                break;
+            }
+            self.queue.pop();
+            let ev = self.events.remove(&seq).expect("scheduled");
+            self.now = when;
+            self.events_run += 1;
+            self.step(ev)?;
+        }
+        self.now = until;
+        Ok(())
+    }
+
+    fn step(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::ToMatcher { node, inc, input } => {
+                if !self.node_takes(node, inc, || Ev::ToMatcher {
+                    node,
+                    inc,
+                    input: input.clone(),
+                }) {
+                    return Ok(());
+                }
+                self.matcher_in(node, input)?;
+            }
+            Ev::ToDriver {
+                node,
+                inc,
+                driver,
+                event,
+            } => {
+                if !self.node_takes(node, inc, || Ev::ToDriver {
+                    node,
+                    inc,
+                    driver,
+                    event: event.clone(),
+                }) {
+                    return Ok(());
+                }
+                self.driver_in(node, driver, event)?;
+            }
+            Ev::ServerOp {
+                server,
+                call,
+                op,
+                reply,
+            } => self.server_op(server, call, op, reply),
+            Ev::ServerReply {
+                call,
+                server,
+                reply,
+            } => self.server_reply(call, server, reply)?,
+            Ev::CallTimeout { call, attempt } => self.call_timeout(call, attempt)?,
+            Ev::SplitRetry { call } => self.split_retry(call),
+            Ev::DriverApp { driver, input } => self.driver_app(driver, input)?,
+            Ev::RiderApp { rider, input } => self.rider_app(rider, input)?,
+            Ev::Liveness { node, inc } => self.liveness(node, inc),
+            Ev::Fault(fault) => self.fault(fault),
+        }
+        Ok(())
+    }
+
+    /// Whether `node` (incarnation `inc`) handles an event now: a dead
+    /// incarnation's events are lost, a paused node's wait.
+    fn node_takes(&mut self, node: usize, inc: u32, ev: impl FnOnce() -> Ev) -> bool {
+        let n = &mut self.nodes[node];
+        if !n.up || n.inc != inc {
+            return false;
+        }
+        if n.paused {
+            n.held.push(ev());
+            return false;
+        }
+        true
+    }
+
+    // ----- matchers -----
+
+    pub fn matcher_in(&mut self, node: usize, input: MatcherIn) -> Result<(), String> {
+        let now = self.now;
+        let n = &mut self.nodes[node];
+        let s = &mut n.searches;
+        match input {
+            MatcherIn::Request {
+                rider,
+                session,
+                request_id,
+                pickup,
+            } => s.request(
+                now,
+                (rider, session),
+                rider_name(rider),
+                session,
+                request_id,
+                pickup,
+                now,
+            ),
+            MatcherIn::Cancel {
+                rider,
+                session,
+                request_id,
+            } => s.cancel(now, (rider, session), rider_name(rider), request_id),
+            MatcherIn::RiderGone { rider, session } => {
+                s.rider_gone(now, rider_name(rider), session)
+            }
+            MatcherIn::DriverChanged { driver, at } => s.driver_changed(now, driver, at),
+            MatcherIn::Answer(answer) => s.lock_answered(now, answer),
+            MatcherIn::Ended(outcome) => s.offer_ended(now, outcome),
+            MatcherIn::Settled(ticket, outcome) => s.settled(now, ticket, outcome),
+            MatcherIn::RemoteDriver { from, driver, at } => {
+                let id = self.nodes[from].id.clone();
+                self.nodes[node].searches.remote_driver(now, id, driver, at)
+            }
+            MatcherIn::NodeGone(gone) => {
+                let id = self.nodes[gone].id.clone();
+                self.nodes[node].searches.node_gone(now, id)
+            }
+            MatcherIn::NodeBack(back) => {
+                let id = self.nodes[back].id.clone();
+                let mut drivers: Vec<(DriverId, LatLon)> = self.nodes[back]
+                    .drivers
+                    .iter()
+                    .filter_map(|(d, b)| b.indexed_at().map(|at| (driver_name(*d), at)))
+                    .collect();
+                drivers.sort_by(|a, b| a.0.cmp(&b.0));
+                self.nodes[node].searches.remote_snapshot(now, id, drivers)
+            }
+            MatcherIn::Tick => s.tick(now),
+        }
+        let effects = self.nodes[node].searches.take_effects();
+        for effect in effects {
+            self.search_effect(node, effect)?;
+        }
+        let next = self.nodes[node].searches.next_timeout();
+        if let Some(next) = next {
+            let n = &mut self.nodes[node];
+            if n.tick_at.is_none_or(|at| at <= now || next < at) {
+                n.tick_at = Some(next);
+                let inc = n.inc;
+                self.at(
+                    next.saturating_duration_since(now),
+                    Ev::ToMatcher {
+                        node,
+                        inc,
+                        input: MatcherIn::Tick,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn search_effect(
+        &mut self,
+        node: usize,
+        effect: SearchEffect<RiderConn>,
+    ) -> Result<(), String> {
+        let inc = self.nodes[node].inc;
+        match effect {
+            SearchEffect::Tell {
+                to: (rider, session),
+                message,
+            } => {
+                self.note(|| format!("n{node} -> r{rider}: {message:?}"));
+                self.ledger
+                    .rider_told(self.now, node, inc, rider, &message)?;
+                self.lane(
+                    lane_matcher(node),
+                    lane_rider(rider),
+                    300,
+                    Ev::RiderApp {
+                        rider,
+                        input: AppIn::Message {
+                            node,
+                            session,
+                            message,
+                        },
+                    },
+                );
+            }
+            SearchEffect::Lock {
+                driver,
+                node: None,
+                offer_id,
+                holder,
+                timeout,
+                not_after,
+            } => {
+                let d = driver_index(&driver);
+                let request = LockRequest {
+                    offer_id,
+                    holder,
+                    timeout,
+                    not_after,
+                    reply: ReplyTo::Matcher,
+                };
+                self.lane(
+                    lane_matcher(node),
+                    lane_driver(node, d),
+                    200,
+                    Ev::ToDriver {
+                        node,
+                        inc,
+                        driver: d,
+                        event: DriverEvent::TryLock(request),
+                    },
+                );
+            }
+            SearchEffect::Lock {
+                driver,
+                node: Some(to),
+                offer_id,
+                mut holder,
+                timeout,
+                not_after,
+            } => {
+                let to = self.node_index(&to);
+                let d = driver_index(&driver);
+                let left = not_after.saturating_duration_since(self.now);
+                holder.node = Some(self.nodes[node].id.clone());
+                holder.first_offer_since = None;
+                let request = LockRequest {
+                    offer_id,
+                    holder,
+                    timeout,
+                    not_after: self.now + left,
+                    reply: ReplyTo::Node(self.nodes[node].id.clone()),
+                };
+                // The deadline is carried as time left, counted again from
+                // the receipt (as `search_left_ms` is).
+                self.wire(node, to, Wire::Lock(d, request, left));
+            }
+            SearchEffect::Cancel {
+                driver,
+                node: None,
+                offer_id,
+                fencing_token,
+            } => {
+                let d = driver_index(&driver);
+                self.lane(
+                    lane_matcher(node),
+                    lane_driver(node, d),
+                    200,
+                    Ev::ToDriver {
+                        node,
+                        inc,
+                        driver: d,
+                        event: DriverEvent::CancelOffer {
+                            offer_id,
+                            fencing_token,
+                        },
+                    },
+                );
+            }
+            SearchEffect::Cancel {
+                driver,
+                node: Some(to),
+                offer_id,
+                fencing_token,
+            } => {
+                let to = self.node_index(&to);
+                let d = driver_index(&driver);
+                self.wire(
+                    node,
+                    to,
+                    Wire::Driver(
+                        d,
+                        DriverEvent::CancelOffer {
+                            offer_id,
+                            fencing_token,
+                        },
+                    ),
+                );
+            }
+            SearchEffect::Settle {
+                driver,
+                owner,
+                ticket,
+            } => {
+                self.call(
+                    Asker::Matcher { node, inc, ticket },
+                    driver.to_string(),
+                    RedisOp::Settle { owner },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node_index(&self, id: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| &*n.id == id)
+            .expect("a known node")
+    }
+
+    // ----- driver actors -----
+
+    pub fn driver_in(
+        &mut self,
+        node: usize,
+        driver: usize,
+        event: DriverEvent,
+    ) -> Result<(), String> {
+        let now = self.now;
+        let inc = self.nodes[node].inc;
+        let cluster = self.is_cluster();
+        let id = self.nodes[node].id.clone();
+        let booking = match self.nodes[node].drivers.get_mut(&driver) {
+            Some(b) => b,
+            None => match &event {
+                // A lock request for a driver with no actor here is refused
+                // as it drops; anything else has no one to go to, except an
+                // attach, which makes the actor.
+                DriverEvent::TryLock(request) => {
+                    let answer = LockAnswer::refused(
+                        driver_name(driver),
+                        request.offer_id,
+                        &request.holder,
+                        LockRefused::Offline,
+                    );
+                    return self.answer(node, request.reply.clone(), answer);
+                }
+                DriverEvent::Attach { .. } => {
+                    let ids = self.nodes[node].ids.clone();
+                    let b = Booking::new(driver_name(driver), ids, cluster.then(|| id.clone()));
+                    self.nodes[node].drivers.entry(driver).or_insert(b)
+                }
+                _ => return Ok(()),
+            },
+        };
+        booking.handle(now, event.clone());
+        self.note(|| format!("n{node}/d{driver} <- {event:?}"));
+        loop {
+            let effects = match self.nodes[node].drivers.get_mut(&driver) {
+                Some(b) => b.take_effects(),
+                None => break,
+            };
+            if effects.is_empty() {
+                break;
+            }
+            let mut lost = false;
+            for effect in effects {
+                lost |= self.driver_effect(node, inc, driver, effect)?;
+            }
+            if lost {
+                if let Some(b) = self.nodes[node].drivers.get_mut(&driver) {
+                    b.handle(now, DriverEvent::SessionLost);
+                }
+            }
+        }
+        if let Some(next) = self.nodes[node]
+            .drivers
+            .get(&driver)
+            .and_then(|b| b.next_timeout())
+        {
+            let scheduled = self.nodes[node].driver_tick_at.get(&driver).copied();
+            if scheduled.is_none_or(|at| at <= now || next < at) {
+                self.nodes[node].driver_tick_at.insert(driver, next);
+                self.at(
+                    next.saturating_duration_since(now),
+                    Ev::ToDriver {
+                        node,
+                        inc,
+                        driver,
+                        event: DriverEvent::Tick,
+                    },
+                );
+            }
+        }
+        self.ledger.check_driver(self, driver)?;
+        Ok(())
+    }
+
+    pub fn answer(&mut self, node: usize, to: ReplyTo, answer: LockAnswer) -> Result<(), String> {
+        let d = driver_index(&answer.driver_id);
+        match to {
+            ReplyTo::Matcher => {
+                let inc = self.nodes[node].inc;
+                self.lane(
+                    lane_driver(node, d),
+                    lane_matcher(node),
+                    200,
+                    Ev::ToMatcher {
+                        node,
+                        inc,
+                        input: MatcherIn::Answer(answer),
+                    },
+                );
+            }
+            ReplyTo::Node(to) => {
+                let to = self.node_index(&to);
+                self.wire(node, to, Wire::Matcher(MatcherIn::Answer(answer)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one effect of a driver actor; whether the app's
+    /// connection turned out full (never, here).
+    pub fn driver_effect(
+        &mut self,
+        node: usize,
+        inc: u32,
+        driver: usize,
+        effect: DriverEffect,
+    ) -> Result<bool, String> {
+        self.note(|| format!("n{node}/d{driver} -> {effect:?}"));
+        match effect {
+            DriverEffect::UseSession(session) => {
+                if let Some(old) = self.nodes[node].driver_sessions.insert(driver, session) {
+                    if old != session {
+                        self.close_driver_conn(node, driver, old);
+                    }
+                }
+            }
+            DriverEffect::DropSession(session) => {
+                if self.nodes[node].driver_sessions.get(&driver) == Some(&session) {
+                    self.nodes[node].driver_sessions.remove(&driver);
+                }
+                self.close_driver_conn(node, driver, session);
+            }
+            DriverEffect::Tell(message) => {
+                if let Some(&session) = self.nodes[node].driver_sessions.get(&driver) {
+                    self.ledger
+                        .driver_told(self.now, driver, &message, &self.settings)?;
+                    self.lane(
+                        lane_driver(node, driver),
+                        lane_driver_app(driver),
+                        300,
+                        Ev::DriverApp {
+                            driver,
+                            input: AppIn::Message {
+                                node,
+                                session,
+                                message,
+                            },
+                        },
+                    );
+                }
+            }
+            DriverEffect::Answer { to, answer } => self.answer(node, to, answer)?,
+            DriverEffect::Ended { to, outcome, .. } => {
+                let mut ledger = std::mem::take(&mut self.ledger);
+                let booked = ledger.offer_ended(self, node, driver, &outcome);
+                self.ledger = ledger;
+                booked?;
+                match to {
+                    None => self.lane(
+                        lane_driver(node, driver),
+                        lane_matcher(node),
+                        200,
+                        Ev::ToMatcher {
+                            node,
+                            inc,
+                            input: MatcherIn::Ended(outcome),
+                        },
+                    ),
+                    Some(to) => {
+                        let to = self.node_index(&to);
+                        self.wire(node, to, Wire::Matcher(MatcherIn::Ended(outcome)));
+                    }
+                }
+            }
+            DriverEffect::Indexed(at) => {
+                self.lane(
+                    lane_driver(node, driver),
+                    lane_matcher(node),
+                    200,
+                    Ev::ToMatcher {
+                        node,
+                        inc,
+                        input: MatcherIn::DriverChanged {
+                            driver: driver_name(driver),
+                            at,
+                        },
+                    },
+                );
+                for to in 0..self.nodes.len() {
+                    if to != node {
+                        self.wire(
+                            node,
+                            to,
+                            Wire::Matcher(MatcherIn::RemoteDriver {
+                                from: node,
+                                driver: driver_name(driver),
+                                at,
+                            }),
+                        );
+                    }
+                }
+            }
+            DriverEffect::Attached => {
+                for to in 0..self.nodes.len() {
+                    if to != node {
+                        self.wire(
+                            node,
+                            to,
+                            Wire::Driver(driver, DriverEvent::ConnectedElsewhere),
+                        );
+                    }
+                }
+            }
+            DriverEffect::Redis(op) => {
+                self.call(
+                    Asker::Driver { node, inc, driver },
+                    driver_name(driver).to_string(),
+                    op,
+                );
+            }
+            DriverEffect::Retire => {
+                self.nodes[node].drivers.remove(&driver);
+                self.nodes[node].driver_tick_at.remove(&driver);
+            }
+        }
+        Ok(false)
+    }
+
+    fn close_driver_conn(&mut self, node: usize, driver: usize, session: u64) {
+        self.lane(
+            lane_driver(node, driver),
+            lane_driver_app(driver),
+            300,
+            Ev::DriverApp {
+                driver,
+                input: AppIn::Closed { node, session },
+            },
+        );
+    }
+
+    // ----- the network between nodes -----
+
+    /// A message between nodes over pub/sub: at most once, and with faults
+    /// lost, late or twice.
+    pub fn wire(&mut self, _from: usize, to: usize, message: Wire) {
+        let inc = self.nodes[to].inc;
+        let ev = |message: Wire| match message {
+            Wire::Matcher(input) => Ev::ToMatcher {
+                node: to,
+                inc,
+                input,
+            },
+            Wire::Driver(driver, event) => Ev::ToDriver {
+                node: to,
+                inc,
+                driver,
+                event,
+            },
+            // The deadline is set below, counted from the receipt.
+            Wire::Lock(driver, request, _) => Ev::ToDriver {
+                node: to,
+                inc,
+                driver,
+                event: DriverEvent::TryLock(request),
+            },
+        };
+        let faulty = self.shape.faults && !self.quiet;
+        let copies = if faulty && self.rng.random_bool(0.02) {
+            self.faults_injected += 1;
+            0
+        } else if faulty && self.rng.random_bool(0.01) {
+            self.faults_injected += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut delay = Duration::from_micros(self.rng.random_range(300..5_000));
+            if faulty && self.rng.random_bool(0.02) {
+                self.faults_injected += 1;
+                delay += Duration::from_millis(self.rng.random_range(100..3_000));
+            }
+            let mut event = ev(message.clone());
+            // The time left is counted from the receipt.
+            if let (
+                Ev::ToDriver {
+                    event: DriverEvent::TryLock(request),
+                    ..
+                },
+                Wire::Lock(_, _, left),
+            ) = (&mut event, &message)
+            {
+                request.not_after = self.now + delay + *left;
+            }
+            self.at(delay, event);
+        }
+    }
+
+    // ----- Redis -----
+
+    /// Asks every server `op` for `asker`.
+    pub fn call(&mut self, asker: Asker, driver: String, op: RedisOp) {
+        self.next_call += 1;
+        let id = self.next_call;
+        let servers = self.servers.len();
+        self.calls.insert(
+            id,
+            Call {
+                asker,
+                op,
+                answers: vec![None; servers],
+                started: self.now,
+                attempt: 1,
+                unanswered_before: Vec::new(),
+                done: false,
+                driver,
+            },
+        );
+        self.send_round(id);
+    }
+
+    fn send_round(&mut self, id: u64) {
+        let call = &self.calls[&id];
+        let ops: Vec<ServerOp> = server_ops(&call.op, &call.driver, self.servers.len());
+        let attempt = call.attempt;
+        for (server, op) in ops.into_iter().enumerate() {
+            self.send_server_op(server, id << 8 | u64::from(attempt), op);
+        }
+        self.at(REDIS_TIMEOUT, Ev::CallTimeout { call: id, attempt });
+    }
+
+    pub fn send_server_op(&mut self, server: usize, call: u64, op: ServerOp) {
+        let faulty = self.shape.faults && !self.quiet;
+        let (lost_request, reply) = if faulty && self.rng.random_bool(0.01) {
+            self.faults_injected += 1;
+            (true, ReplyFate::Lost)
+        } else if faulty && self.rng.random_bool(0.01) {
+            self.faults_injected += 1;
+            (false, ReplyFate::Lost)
+        } else if faulty && self.rng.random_bool(0.01) {
+            self.faults_injected += 1;
+            (false, ReplyFate::Late)
+        } else {
+            (false, ReplyFate::OnTime)
+        };
+        if lost_request || !self.servers[server].up {
+            return;
+        }
+        let delay = Duration::from_micros(self.rng.random_range(100..2_000));
+        self.at(
+            delay,
+            Ev::ServerOp {
+                server,
+                call,
+                op,
+                reply,
+            },
+        );
+    }
+
+    fn server_op(&mut self, server: usize, call: u64, op: ServerOp, fate: ReplyFate) {
+        if !self.servers[server].up {
+            return;
+        }
+        let answer = self.servers[server].apply(&op, self.now);
+        let delay = match fate {
+            ReplyFate::OnTime => Duration::from_micros(self.rng.random_range(100..2_000)),
+            ReplyFate::Late => REDIS_TIMEOUT + Duration::from_millis(self.rng.random_range(1..500)),
+            ReplyFate::Lost => return,
+        };
+        self.at(
+            delay,
+            Ev::ServerReply {
+                call,
+                server,
+                reply: answer,
+            },
+        );
+    }
+
+    fn server_reply(&mut self, tag: u64, server: usize, reply: ServerReply) -> Result<(), String> {
+        let (id, attempt) = (tag >> 8, (tag & 0xFF) as u32);
+        let Some(call) = self.calls.get_mut(&id) else {
+            return Ok(());
+        };
+        if call.done || call.attempt != attempt || self.now > call.started + REDIS_TIMEOUT {
+            return Ok(()); // past the per-server timeout: as if lost
+        }
+        call.answers[server] = Some(reply);
+        if call.answers.iter().all(Option::is_some) {
+            self.conclude(id)?;
+        }
+        Ok(())
+    }
+
+    fn call_timeout(&mut self, id: u64, attempt: u32) -> Result<(), String> {
+        match self.calls.get(&id) {
+            Some(call) if !call.done && call.attempt == attempt => self.conclude(id),
+            _ => Ok(()),
+        }
+    }
+
+    fn split_retry(&mut self, id: u64) {
+        if let Some(call) = self.calls.get_mut(&id) {
+            call.attempt += 1;
+            call.done = false;
+            call.started = self.now;
+            call.answers = vec![None; call.answers.len()];
+            self.send_round(id);
+        }
+    }
+
+    /// Every server answered or the timeout passed: the Redlock verdict.
+    fn conclude(&mut self, id: u64) -> Result<(), String> {
+        let servers = self.servers.len();
+        let call = self.calls.get_mut(&id).expect("a call");
+        let unanswered: Vec<usize> = (0..servers)
+            .filter(|s| call.answers[*s].is_none())
+            .collect();
+        let reply = match &call.op {
+            RedisOp::Acquire { ttl, owner, .. } => {
+                let tokens: Vec<u64> = call
+                    .answers
+                    .iter()
+                    .filter_map(|a| match a {
+                        Some(ServerReply::Token(Some(t))) => Some(*t),
+                        _ => None,
+                    })
+                    .collect();
+                // Elapsed counts from this attempt's start.
+                let attempt_started = call.started;
+                let elapsed = self.now - attempt_started;
+                match judge(tokens.len(), servers, *ttl, elapsed) {
+                    Ok(validity) => RedisReply::Acquired(Ok((
+                        tokens.iter().copied().max().unwrap_or(0),
+                        validity,
+                    ))),
+                    Err(reason) => {
+                        let owner = owner.clone();
+                        let driver = call.driver.clone();
+                        let first = call.attempt == 1;
+                        let split = matches!(reason, AttemptFailed::NoQuorum { granted, .. } if granted > 0);
+                        let mut all_unanswered = call.unanswered_before.clone();
+                        all_unanswered.extend(unanswered.iter().copied());
+                        // Released everywhere; a split vote is tried once more.
+                        for s in 0..servers {
+                            self.send_server_op(
+                                s,
+                                0,
+                                ServerOp::Release {
+                                    driver: driver.clone(),
+                                    owner: owner.clone(),
+                                },
+                            );
+                        }
+                        let call = self.calls.get_mut(&id).expect("a call");
+                        if first && split {
+                            call.unanswered_before = unanswered;
+                            // Waiting for the retry: nothing of this attempt
+                            // counts any more.
+                            call.done = true;
+                            let delay = Duration::from_millis(self.rng.random_range(0..50));
+                            self.at(delay, Ev::SplitRetry { call: id });
+                            return Ok(());
+                        }
+                        // Given up for good: settle the owner where the
+                        // attempt may still land.
+                        for s in all_unanswered {
+                            self.send_server_op(
+                                s,
+                                0,
+                                ServerOp::Settle {
+                                    driver: driver.clone(),
+                                    owner: owner.clone(),
+                                },
+                            );
+                        }
+                        let unreachable = unanswered.len();
+                        let refusal = match reason {
+                            AttemptFailed::NoQuorum {
+                                granted, servers, ..
+                            } if granted + unreachable < servers => LockRefused::HeldElsewhere,
+                            _ => LockRefused::StoreUnavailable,
+                        };
+                        RedisReply::Acquired(Err(refusal))
+                    }
+                }
+            }
+            RedisOp::Release { .. } => RedisReply::Freed,
+            RedisOp::Finish { .. } => {
+                let answered = call.answers.iter().filter(|a| a.is_some()).count();
+                RedisReply::Finished(answered >= ridelock::cluster::redlock::quorum(servers))
+            }
+            RedisOp::Confirm { .. } => RedisReply::Confirmed(majority_did(&bools(&call.answers))),
+            RedisOp::Renew { owner } => RedisReply::Renewed {
+                owner: owner.clone(),
+                kept: majority_kept(&bools(&call.answers)),
+            },
+            RedisOp::Settle { .. } => {
+                let trips: Vec<Option<Option<u64>>> = call
+                    .answers
+                    .iter()
+                    .map(|a| match a {
+                        Some(ServerReply::Trip(t)) => Some(*t),
+                        _ => None,
+                    })
+                    .collect();
+                RedisReply::Settled(settle_verdict(&trips))
+            }
+            RedisOp::CurrentTrip => {
+                let records = call
+                    .answers
+                    .iter()
+                    .map(|a| match a {
+                        Some(ServerReply::Record(r)) => Some(r.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                RedisReply::CurrentTrip(current_trip_verdict(records, |a, b| {
+                    a.trip_id == b.trip_id && a.owner == b.owner
+                }))
+            }
+        };
+        let call = self.calls.remove(&id).expect("a call");
+        match call.asker {
+            Asker::Driver { node, inc, driver } => {
+                self.lane(
+                    lane_redis(id),
+                    lane_driver(node, driver),
+                    100,
+                    Ev::ToDriver {
+                        node,
+                        inc,
+                        driver,
+                        event: DriverEvent::Redis(reply),
+                    },
+                );
+            }
+            Asker::Matcher { node, inc, ticket } => {
+                let RedisReply::Settled(outcome) = reply else {
+                    unreachable!("matchers only settle")
+                };
+                self.lane(
+                    lane_redis(id),
+                    lane_matcher(node),
+                    100,
+                    Ev::ToMatcher {
+                        node,
+                        inc,
+                        input: MatcherIn::Settled(ticket, outcome),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    // ----- liveness -----
+
+    fn liveness(&mut self, node: usize, inc: u32) {
+        let n = &self.nodes[node];
+        if !n.up || n.inc != inc {
+            return;
+        }
+        if !n.paused {
+            let id = n.id.clone();
+            for s in 0..self.servers.len() {
+                self.send_server_op(
+                    s,
+                    0,
+                    ServerOp::Alive {
+                        node: id.to_string(),
+                        ttl: ALIVE_TTL,
+                    },
+                );
+            }
+            // Which nodes are alive, as the first server that is up sees it.
+            if let Some(server) = self.servers.iter().position(|s| s.up) {
+                for other in 0..self.nodes.len() {
+                    if other == node {
+                        continue;
+                    }
+                    let other_id = self.nodes[other].id.clone();
+                    let alive = self.servers[server].apply(
+                        &ServerOp::IsAlive {
+                            node: other_id.to_string(),
+                        },
+                        self.now,
+                    ) == ServerReply::Done(true);
+                    let believed = self.nodes[node].live[other];
+                    if believed != alive {
+                        self.nodes[node].live[other] = alive;
+                        let input = if alive {
+                            MatcherIn::NodeBack(other)
+                        } else {
+                            MatcherIn::NodeGone(other)
+                        };
+                        self.at(
+                            Duration::from_micros(50),
+                            Ev::ToMatcher { node, inc, input },
+                        );
+                        if !alive {
+                            let mut drivers: Vec<usize> =
+                                self.nodes[node].drivers.keys().copied().collect();
+                            drivers.sort_unstable();
+                            let other_id = self.nodes[other].id.clone();
+                            for d in drivers {
+                                self.at(
+                                    Duration::from_micros(60),
+                                    Ev::ToDriver {
+                                        node,
+                                        inc,
+                                        driver: d,
+                                        event: DriverEvent::HolderNodeGone {
+                                            node: other_id.clone(),
+                                        },
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.at(ALIVE_REFRESH, Ev::Liveness { node, inc });
+    }
+}
+
+/// A message between nodes.
+#[derive(Clone, Debug)]
+pub enum Wire {
+    Matcher(MatcherIn),
+    Driver(usize, DriverEvent),
+    Lock(usize, LockRequest, Duration),
+}
+
+fn bools(answers: &[Option<ServerReply>]) -> Vec<Option<bool>> {
+    answers
+        .iter()
+        .map(|a| match a {
+            Some(ServerReply::Done(done)) => Some(*done),
+            _ => None,
+        })
+        .collect()
+}
+
+fn server_ops(op: &RedisOp, driver: &str, servers: usize) -> Vec<ServerOp> {
+    let driver = driver.to_string();
+    let one = match op {
+        RedisOp::Acquire { owner, ttl, floor } => ServerOp::Acquire {
+            driver,
+            owner: owner.clone(),
+            ttl: *ttl,
+            floor: *floor,
+        },
+        RedisOp::Release { owner } => ServerOp::Release {
+            driver,
+            owner: owner.clone(),
+        },
+        RedisOp::Confirm { record } => ServerOp::Confirm {
+            driver,
+            record: record.clone(),
+        },
+        RedisOp::Settle { owner } => ServerOp::Settle {
+            driver,
+            owner: owner.clone(),
+        },
+        RedisOp::Renew { owner } => ServerOp::Renew {
+            driver,
+            owner: owner.clone(),
+        },
+        RedisOp::Finish { owner } => ServerOp::Finish {
+            driver,
+            owner: owner.clone(),
+        },
+        RedisOp::CurrentTrip => ServerOp::CurrentTrip { driver },
+    };
+    vec![one; servers]
+}
+
+pub fn new_node(
+    n: usize,
+    inc: u32,
+    settings: &SearchSettings,
+    cluster: bool,
+    nodes: usize,
+) -> Node {
+    let id: NodeId = format!("n{n}").into();
+    // Offer and trip ids unique across nodes and restarts, as the random
+    // starting points of `Ids::for_cluster` make them.
+    let base = (n as u64 * 64 + u64::from(inc)) << 32;
+    let ids = Arc::new(Ids::starting_at(base, base));
+    Node {
+        searches: Searches::new(settings.clone(), ids.clone(), cluster.then(|| id.clone())),
+        id,
+        inc,
+        up: true,
+        paused: false,
+        held: Vec::new(),
+        drivers: HashMap::new(),
+        driver_sessions: HashMap::new(),
+        live: vec![true; nodes],
+        ids,
+        tick_at: None,
+        driver_tick_at: HashMap::new(),
+    }
+}
+
+// FIFO lanes: an id per endpoint.
+pub fn lane_matcher(node: usize) -> u64 {
+    1 << 40 | node as u64
+}
+pub fn lane_driver(node: usize, driver: usize) -> u64 {
+    2 << 40 | (node as u64) << 20 | driver as u64
+}
+pub fn lane_driver_app(driver: usize) -> u64 {
+    3 << 40 | driver as u64
+}
+pub fn lane_rider(rider: usize) -> u64 {
+    4 << 40 | rider as u64
+}
+pub fn lane_redis(call: u64) -> u64 {
+    5 << 40 | (call & 0xFF_FFFF)
+}
