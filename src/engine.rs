@@ -152,7 +152,7 @@ impl Engine {
         let config = Arc::new(config);
         let ids = Arc::new(match cluster {
             Some(_) => Ids::for_cluster(),
-            None => Ids::default(),
+            None => Ids::for_node(),
         });
         let admission = Arc::new(Admission::new(config.max_queued_requests));
 

@@ -34,6 +34,20 @@ impl Ids {
         }
     }
 
+    /// Counters whose fencing tokens start at the wall clock in microseconds,
+    /// so that tokens keep growing across restarts of a one-node engine (as
+    /// long as the clock does not go back by more than the time between
+    /// them).
+    pub fn for_node() -> Self {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Ids {
+            tokens: AtomicU64::new(micros),
+            ..Ids::default()
+        }
+    }
+
     /// Counters whose offer and trip ids start after the given bases (for
     /// tests that stand in for several nodes).
     pub fn starting_at(offers: u64, trips: u64) -> Self {

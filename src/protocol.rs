@@ -50,6 +50,11 @@ pub enum DriverCommand {
     Accept {
         /// The offer being answered.
         offer_id: OfferId,
+        /// The offer's fencing token, when the app sends it back: an accept
+        /// whose token is not the offer's (a stale one) is refused with
+        /// `offer_expired`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fencing_token: Option<FencingToken>,
     },
     /// The driver turns the offer down.
     Decline {
@@ -463,7 +468,17 @@ mod tests {
         );
         assert_eq!(
             DriverCommand::parse(r#"{"type":"accept","offer_id":7}"#).unwrap(),
-            DriverCommand::Accept { offer_id: 7 }
+            DriverCommand::Accept {
+                offer_id: 7,
+                fencing_token: None
+            }
+        );
+        assert_eq!(
+            DriverCommand::parse(r#"{"type":"accept","offer_id":7,"fencing_token":9}"#).unwrap(),
+            DriverCommand::Accept {
+                offer_id: 7,
+                fencing_token: Some(9)
+            }
         );
         assert_eq!(
             DriverCommand::parse(r#" {"type":"available","extra":true} "#).unwrap(),

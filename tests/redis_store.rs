@@ -46,13 +46,31 @@ async fn node_a_alive(servers: &[&RedisServer]) {
     }
 }
 
+/// The lock server's clock in microseconds, as its `TIME` says.
+async fn server_clock_us(url: &str) -> u64 {
+    let mut raw = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut raw).await.unwrap();
+    secs * 1_000_000 + micros
+}
+
 #[tokio::test]
 async fn a_driver_is_locked_once_and_tokens_grow() {
     let redis = RedisServer::start();
     let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
     let ttl = Duration::from_secs(15);
-    let first = server.try_acquire("d1", "node-a:1", ttl, 0).await.unwrap();
-    assert_eq!(first, Some(1));
+    let before = server_clock_us(&redis.url).await;
+    let first = server
+        .try_acquire("d1", "node-a:1", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    // Never below the server's clock: tokens keep growing even after the
+    // counter is lost.
+    assert!(first >= before, "{first} < {before}");
     // Held: nobody else gets it, whatever token floor they bring.
     assert_eq!(
         server.try_acquire("d1", "node-b:2", ttl, 0).await.unwrap(),
@@ -63,19 +81,25 @@ async fn a_driver_is_locked_once_and_tokens_grow() {
         None
     );
     // Another driver is another lock.
-    assert_eq!(
-        server.try_acquire("d2", "node-b:2", ttl, 0).await.unwrap(),
-        Some(1)
-    );
+    assert!(server
+        .try_acquire("d2", "node-b:2", ttl, 0)
+        .await
+        .unwrap()
+        .is_some());
 
     assert!(server.release("d1", "node-a:1").await.unwrap());
-    let second = server.try_acquire("d1", "node-b:3", ttl, 0).await.unwrap();
-    assert_eq!(second, Some(2));
-    // A floor lifts a lagging counter.
+    let second = server
+        .try_acquire("d1", "node-b:3", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second > first);
+    // A floor above the counter and the clock lifts the token past it.
     assert!(server.release("d1", "node-b:3").await.unwrap());
+    let floor = second + 1_000_000_000;
     assert_eq!(
-        server.try_acquire("d1", "node-c:4", ttl, 40).await.unwrap(),
-        Some(41)
+        server.try_acquire("d1", "node-c:4", ttl, floor).await.unwrap(),
+        Some(floor + 1)
     );
 }
 
@@ -102,39 +126,55 @@ async fn only_the_owner_releases_or_confirms() {
         server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
         None
     );
-    assert!(server.renew("d", "mine").await.unwrap());
-    assert!(!server.renew("d", "theirs").await.unwrap());
+    assert!(server.renew("d", &trip("mine", 1)).await.unwrap());
+    assert!(!server.renew("d", &trip("theirs", 1)).await.unwrap());
     // The trip ends: the owner finishes it, and the next offer may lock.
     assert!(!server.finish("d", "theirs").await.unwrap());
     assert!(server.finish("d", "mine").await.unwrap());
     assert!(
-        !server.renew("d", "mine").await.unwrap(),
+        !server.renew("d", &trip("mine", 1)).await.unwrap(),
         "a late renewal takes nothing back"
     );
-    assert_eq!(
-        server.try_acquire("d", "next", ttl, 0).await.unwrap(),
-        Some(2)
-    );
+    let next = server
+        .try_acquire("d", "next", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(server.release("d", "next").await.unwrap());
 
-    // Lost (a restart without persistence): the renewal says so, and the
-    // token counter restarts; the driver actor's floor is what lifts it.
+    // Lost (a restart without persistence): the next renewal takes the
+    // trip's lock back (the other servers of a quorum still hold it), and
+    // tokens go on growing from the server's clock.
     let mut raw = redis::Client::open(redis.url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    server
+    let held = server
         .try_acquire("d", "mine2", ttl, 0)
         .await
         .unwrap()
         .unwrap();
+    assert!(held > next);
+    assert!(server.confirm("d", &trip("mine2", 2)).await.unwrap());
     let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
-    assert!(!server.renew("d", "mine2").await.unwrap());
+    assert!(server.renew("d", &trip("mine2", 2)).await.unwrap());
     assert_eq!(
-        server.try_acquire("d", "next2", ttl, 2).await.unwrap(),
-        Some(3)
+        server.try_acquire("d", "theirs2", ttl, 0).await.unwrap(),
+        None,
+        "repaired: the driver is still on its trip"
     );
+    assert_eq!(
+        server.current_trip("d").await.unwrap().map(|t| t.trip_id),
+        Some(2)
+    );
+    assert!(server.finish("d", "mine2").await.unwrap());
+    let after = server
+        .try_acquire("d", "next2", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(after > held, "{after} after {held}");
 }
 
 #[tokio::test]
@@ -152,7 +192,7 @@ async fn an_expired_lock_is_free_and_its_late_owner_can_do_nothing() {
         .try_acquire("d", "fast-node:2", Duration::from_secs(15), 0)
         .await
         .unwrap();
-    assert_eq!(token, Some(2));
+    assert!(token.is_some());
     // The stalled owner wakes up: its confirm and release touch nothing.
     assert!(!server.confirm("d", &trip("slow-node:1", 1)).await.unwrap());
     assert!(!server.release("d", "slow-node:1").await.unwrap());
@@ -196,14 +236,15 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
 
     // One of three gone: locking goes on by majority.
     servers[0].kill();
+    let first = grant.fencing_token;
     let grant = redlock
         .acquire("d", "a:3", ttl, grant.fencing_token)
         .await
         .unwrap();
     assert_eq!(grant.granted, 2);
-    assert_eq!(grant.fencing_token, 2);
+    assert!(grant.fencing_token > first);
     assert_eq!(redlock.confirm("d", &trip("a:3", 5)).await, Some(true));
-    assert_eq!(redlock.renew("d", "a:3").await, Some(true));
+    assert_eq!(redlock.renew("d", &trip("a:3", 5)).await, Some(true));
     assert_eq!(
         redlock
             .current_trip("d")
@@ -211,10 +252,10 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
             .map(|t| t.map(|t| t.trip_id)),
         Ok(Some(5))
     );
-    assert_eq!(redlock.finish("d", "a:3").await, 2);
+    assert!(redlock.finish("d", "a:3").await);
     assert_eq!(redlock.current_trip("d").await, Ok(None));
     assert_eq!(
-        redlock.renew("d", "a:3").await,
+        redlock.renew("d", &trip("a:3", 5)).await,
         Some(false),
         "the trip is over"
     );
@@ -292,10 +333,11 @@ async fn settling_tells_what_became_of_a_lock_and_stops_late_actors() {
     assert!(!server.confirm("d", &trip("a/1", 7)).await.unwrap());
     assert_eq!(server.try_acquire("d", "a/1", ttl, 0).await.unwrap(), None);
     // Someone else may lock the driver at once.
-    assert_eq!(
-        server.try_acquire("d", "b/1", ttl, 0).await.unwrap(),
-        Some(2)
-    );
+    assert!(server
+        .try_acquire("d", "b/1", ttl, 0)
+        .await
+        .unwrap()
+        .is_some());
     assert!(server.release("d", "b/1").await.unwrap());
 
     // Accepted before the settle: the settle finds the trip.
@@ -370,4 +412,28 @@ async fn a_confirm_needs_the_riders_node_alive() {
     assert!(server.current_trip("d").await.unwrap().is_some());
     assert!(server.finish("d", "a/1").await.unwrap());
     assert_eq!(server.current_trip("d").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_trip_record_refuses_an_older_fencing_token() {
+    let redis = RedisServer::start();
+    let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    node_a_alive(&[&redis]).await;
+    let ttl = Duration::from_secs(15);
+    let with_token = |owner: &str, token: u64| TripRecord {
+        fencing_token: token,
+        ..trip(owner, token)
+    };
+    // A trip booked with token 100 sets the driver's fence.
+    server.try_acquire("d", "a/1", ttl, 0).await.unwrap().unwrap();
+    assert!(server.confirm("d", &with_token("a/1", 100)).await.unwrap());
+    assert!(server.finish("d", "a/1").await.unwrap());
+    // A later lock whose confirm carries an older token (a node acting on
+    // what it knew before) is refused, though it owns the lock.
+    server.try_acquire("d", "a/2", ttl, 0).await.unwrap().unwrap();
+    assert!(!server.confirm("d", &with_token("a/2", 99)).await.unwrap());
+    assert_eq!(server.current_trip("d").await.unwrap(), None);
+    // The same token again (a confirm asked twice) and a newer one pass.
+    assert!(server.confirm("d", &with_token("a/2", 100)).await.unwrap());
+    assert!(server.confirm("d", &with_token("a/2", 101)).await.unwrap());
 }

@@ -255,7 +255,11 @@ impl Driver {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .accept_sent(&request, &self.id);
-                    self.send(&DriverCommand::Accept { offer_id }).await?;
+                    self.send(&DriverCommand::Accept {
+                        offer_id,
+                        fencing_token: None,
+                    })
+                    .await?;
                 } else {
                     shared.stats.offers_declined.inc();
                     self.send(&DriverCommand::Decline { offer_id }).await?;

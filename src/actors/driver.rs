@@ -302,9 +302,12 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
             let settled = locks.settle(driver, &owner).await;
             ("settle", settled.is_some(), RedisReply::Settled(settled))
         }
-        RedisOp::Renew { owner } => {
-            let kept = locks.renew(driver, &owner).await;
-            let reply = RedisReply::Renewed { owner, kept };
+        RedisOp::Renew { record } => {
+            let kept = locks.renew(driver, &record).await;
+            let reply = RedisReply::Renewed {
+                owner: record.owner,
+                kept,
+            };
             ("renew", kept != Some(false), reply)
         }
         RedisOp::CurrentTrip => {

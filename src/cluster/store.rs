@@ -25,21 +25,24 @@ use super::redlock::{
 };
 use crate::lock::{FencingToken, LockRefused, TripId};
 
-/// Sets the lock if free and takes a fencing token in the same step.
-/// KEYS: lock, token counter, the owner's settled mark. ARGV: owner, ttl ms,
-/// token floor. Returns the token, or nil when the lock is held or the owner
-/// has already given up on it (see [`SETTLE`]).
+/// Sets the lock if free and takes a fencing token in the same step: one
+/// above the driver's counter and the caller's floor, and never below the
+/// server's clock in microseconds, so that tokens keep growing after a
+/// restart that lost the counter. KEYS: lock, token counter, the owner's
+/// settled mark. ARGV: owner, ttl ms, token floor. Returns the token, or nil
+/// when the lock is held or the owner has already given up on it (see
+/// [`SETTLE`]).
 const ACQUIRE: &str = r#"
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return false
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local floor = tonumber(ARGV[3])
+  local time = redis.call('TIME')
+  local clock = tonumber(time[1]) * 1000000 + tonumber(time[2])
   local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if current < floor then
-    redis.call('SET', KEYS[2], floor)
-  end
-  return redis.call('INCR', KEYS[2])
+  local token = math.max(current + 1, tonumber(ARGV[3]) + 1, clock)
+  redis.call('SET', KEYS[2], string.format('%d', token))
+  return token
 end
 return false
 "#;
@@ -57,40 +60,57 @@ return 0
 /// records the trip under the owner (for a settle) and as the driver's
 /// current trip (for the driver's app reconnecting to another node), and
 /// keeps the lock for the trip, so no node can lock a driver on a trip.
+/// The trip record is the resource a driver's lock guards, and its fence
+/// (the newest fencing token that booked this driver here) refuses a write
+/// carrying an older token: a lock that lost out to a newer one can't book
+/// even where its owner value would still match.
 /// KEYS: lock, the owner's trip record, the owner's settled mark, the
-/// requesting node's liveness key, the driver's current trip.
-/// ARGV: owner, trip id, record ttl ms, hold ms, the trip (JSON), whether
-/// the requesting node is another node ('1': its liveness is checked; the
-/// confirming node itself is alive by definition).
+/// requesting node's liveness key, the driver's current trip, the driver's
+/// fence. ARGV: owner, trip id, record ttl ms, hold ms, the trip (JSON),
+/// whether the requesting node is another node ('1': its liveness is
+/// checked; the confirming node itself is alive by definition), the lock's
+/// fencing token.
 const CONFIRM: &str = r#"
+local token = tonumber(ARGV[7])
 if redis.call('EXISTS', KEYS[3]) == 0
     and (ARGV[6] == '0' or redis.call('EXISTS', KEYS[4]) == 1)
-    and redis.call('GET', KEYS[1]) == ARGV[1] then
+    and redis.call('GET', KEYS[1]) == ARGV[1]
+    and tonumber(redis.call('GET', KEYS[6]) or '0') <= token then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('SET', KEYS[5], ARGV[1] .. '|' .. ARGV[5], 'PX', ARGV[4])
+  redis.call('SET', KEYS[6], ARGV[7])
   return 1
 end
 return 0
 "#;
 
 /// A trip's lock and the driver's current trip: kept for `hold` more while
-/// the caller owns the lock. 0 when it does not (the trip ended on another
-/// node the driver moved to, or the server lost it).
-/// KEYS: lock, the driver's current trip. ARGV: owner, hold ms.
+/// the caller owns the lock, and taken back where it is free and the owner
+/// was never finished or settled (this server restarted without its data:
+/// a renewal repairs it while the other servers still hold the trip). 0
+/// when it is another owner's, or this owner's is over (the trip ended on
+/// another node the driver moved to).
+/// KEYS: lock, the driver's current trip, the owner's settled mark.
+/// ARGV: owner, hold ms, the trip (JSON).
 const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1]
+    or (not holder and redis.call('EXISTS', KEYS[3]) == 0) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[3], 'PX', ARGV[2])
   return 1
 end
 return 0
 "#;
 
 /// The trip ended: frees the lock and the driver's current trip, each only
-/// if it is still the caller's. KEYS: lock, the driver's current trip.
-/// ARGV: owner.
+/// if it is still the caller's, and marks the owner settled so that no late
+/// renewal (an actor that has not heard yet) takes the lock back.
+/// KEYS: lock, the driver's current trip, the owner's settled mark.
+/// ARGV: owner, mark ttl ms.
 const FINISH: &str = r#"
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 local freed = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -243,6 +263,10 @@ fn token_key(driver: &str) -> String {
     format!("ridelock:driver:{driver}:token")
 }
 
+fn fence_key(driver: &str) -> String {
+    format!("ridelock:driver:{driver}:fence")
+}
+
 fn current_trip_key(driver: &str) -> String {
     format!("ridelock:driver:{driver}:trip")
 }
@@ -389,6 +413,7 @@ impl LockServer {
                     settled_key(&trip.owner),
                     alive_key(&trip.rider_node),
                     current_trip_key(driver),
+                    fence_key(driver),
                 ],
                 &[
                     trip.owner.clone(),
@@ -397,6 +422,7 @@ impl LockServer {
                     TRIP_HOLD.as_millis().to_string(),
                     json,
                     remote_rider.to_string(),
+                    trip.fencing_token.to_string(),
                 ],
             )
             .await?;
@@ -405,12 +431,17 @@ impl LockServer {
 
     /// Keeps `owner`'s trip lock of `driver` (and the driver's current trip)
     /// for another [`TRIP_HOLD`]; whether `owner` still held it.
-    pub async fn renew(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
+    pub async fn renew(&self, driver: &str, trip: &TripRecord) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(trip).expect("trip records serialize");
         let kept: i64 = self
             .run(
                 &RENEW_SCRIPT,
-                &[lock_key(driver), current_trip_key(driver)],
-                &[owner.to_string(), TRIP_HOLD.as_millis().to_string()],
+                &[
+                    lock_key(driver),
+                    current_trip_key(driver),
+                    settled_key(&trip.owner),
+                ],
+                &[trip.owner.clone(), TRIP_HOLD.as_millis().to_string(), json],
             )
             .await?;
         Ok(kept == 1)
@@ -422,8 +453,12 @@ impl LockServer {
         let freed: i64 = self
             .run(
                 &FINISH_SCRIPT,
-                &[lock_key(driver), current_trip_key(driver)],
-                &[owner.to_string()],
+                &[
+                    lock_key(driver),
+                    current_trip_key(driver),
+                    settled_key(owner),
+                ],
+                &[owner.to_string(), RECORD_TTL.as_millis().to_string()],
             )
             .await?;
         Ok(freed == 1)
@@ -633,8 +668,8 @@ impl Redlock {
     /// wherever it still holds it. `Some(true)` when a majority did,
     /// `Some(false)` when a majority answered that it is no longer
     /// `owner`'s, `None` when too few servers answered.
-    pub async fn renew(&self, driver: &str, owner: &str) -> Option<bool> {
-        let answers = join_all(self.servers.iter().map(|s| s.renew(driver, owner))).await;
+    pub async fn renew(&self, driver: &str, trip: &TripRecord) -> Option<bool> {
+        let answers = join_all(self.servers.iter().map(|s| s.renew(driver, trip))).await;
         let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
         majority_kept(&answers)
     }

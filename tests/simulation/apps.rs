@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::Rng;
-use ridelock::core::booking::{DriverEffect, DriverEvent};
+use ridelock::core::booking::{DriverEffect, DriverEvent, TRIP_HOLD};
 use ridelock::core::lock::{FencingToken, OfferId, TripId};
 use ridelock::location::LatLon;
 use ridelock::protocol::{DriverCommand, RequestId, ServerMessage};
@@ -240,7 +240,18 @@ impl World {
                 };
                 let answer = self.rng.random_range(0..100);
                 if answer < 55 {
-                    self.command(driver, DriverCommand::Accept { offer_id });
+                    // Half the apps send the token back; now and then a
+                    // stale one, which must be refused.
+                    let token = self.drivers[driver]
+                        .last_offer
+                        .filter(|(o, _)| *o == offer_id)
+                        .map(|(_, t)| t);
+                    let fencing_token = match self.rng.random_range(0..10) {
+                        0..5 => None,
+                        5 => token.map(|t| t.saturating_sub(1)),
+                        _ => token,
+                    };
+                    self.command(driver, DriverCommand::Accept { offer_id, fencing_token });
                 } else if answer < 85 {
                     self.drivers[driver].offers.pop();
                     self.command(driver, DriverCommand::Decline { offer_id });
@@ -407,7 +418,7 @@ impl World {
             0 => Fault::Pause(node),
             1 if cluster => Fault::Kill(node),
             2 if servers > 0 => Fault::ServerDown(self.rng.random_range(0..servers)),
-            3 if servers >= 3 => Fault::ServerWipe(self.rng.random_range(0..servers)),
+            3 if servers > 0 => Fault::ServerWipe(self.rng.random_range(0..servers)),
             _ => Fault::CrashDriverActor(node, self.rng.random_range(0..self.drivers.len())),
         };
         let wait = self.rng.random_range(500..3_000);
@@ -477,23 +488,30 @@ impl World {
                     }
                 }
             }
+            // The failure model Redlock is built for: one server in trouble
+            // at a time; a server that restarts without its data stays away
+            // for longer than an offer's lock lives ("delayed restart"), and
+            // the next fault waits until trip renewals have repaired it.
             Fault::ServerDown(server) => {
-                let down = self.servers.iter().filter(|s| !s.up).count();
-                if self.servers[server].up && (self.servers.len() == 1 || down == 0) {
+                if self.servers.iter().all(|s| s.up) && self.now >= self.servers_calm_at {
                     self.faults_injected += 1;
                     self.servers[server].up = false;
-                    let wait = self.rng.random_range(200..4_000);
-                    self.at(
-                        Duration::from_millis(wait),
-                        Ev::Fault(Fault::ServerUp(server)),
-                    );
+                    let wait = Duration::from_millis(self.rng.random_range(200..4_000));
+                    self.servers_calm_at = self.now + wait;
+                    self.at(wait, Ev::Fault(Fault::ServerUp(server)));
                 }
                 self.schedule_fault();
             }
             Fault::ServerUp(server) => self.servers[server].up = true,
             Fault::ServerWipe(server) => {
-                self.faults_injected += 1;
-                self.servers[server].wipe();
+                if self.servers.iter().all(|s| s.up) && self.now >= self.servers_calm_at {
+                    self.faults_injected += 1;
+                    self.servers[server].wipe();
+                    self.servers[server].up = false;
+                    let away = Duration::from_millis(self.rng.random_range(3_500..6_000));
+                    self.servers_calm_at = self.now + away + TRIP_HOLD / 3 + Duration::from_secs(2);
+                    self.at(away, Ev::Fault(Fault::ServerUp(server)));
+                }
                 self.schedule_fault();
             }
             Fault::CrashDriverActor(node, driver) => {

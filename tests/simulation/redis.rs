@@ -28,7 +28,7 @@ pub enum ServerOp {
     },
     Renew {
         driver: String,
-        owner: String,
+        record: TripRecord,
     },
     Finish {
         driver: String,
@@ -64,6 +64,9 @@ pub enum ServerReply {
 #[derive(Default)]
 pub struct Server {
     pub up: bool,
+    /// The instant the server's clock reads `EPOCH_US`.
+    clock_base: Option<Instant>,
+    fences: HashMap<String, FencingToken>,
     locks: HashMap<String, (String, Instant)>,
     tokens: HashMap<String, FencingToken>,
     settled: HashMap<String, Instant>,
@@ -82,9 +85,10 @@ fn live<V>(
 }
 
 impl Server {
-    pub fn new() -> Self {
+    pub fn new(clock_base: Instant) -> Self {
         Server {
             up: true,
+            clock_base: Some(clock_base),
             ..Server::default()
         }
     }
@@ -93,8 +97,15 @@ impl Server {
     pub fn wipe(&mut self) {
         *self = Server {
             up: self.up,
+            clock_base: self.clock_base,
             ..Server::default()
         };
+    }
+
+    /// The server's clock in microseconds (what `TIME` says).
+    fn clock_us(&self, now: Instant) -> u64 {
+        const EPOCH_US: u64 = 1_800_000_000_000_000;
+        EPOCH_US + (now - self.clock_base.expect("set")).as_micros() as u64
     }
 
     fn lock_owner(&self, driver: &str, now: Instant) -> Option<&str> {
@@ -130,8 +141,9 @@ impl Server {
                     driver.clone(),
                     (owner.clone(), now + (*ttl).max(Duration::from_millis(1))),
                 );
+                let clock = self.clock_us(now);
                 let token = self.tokens.entry(driver.clone()).or_insert(0);
-                *token = (*token).max(*floor) + 1;
+                *token = (*token + 1).max(*floor + 1).max(clock);
                 ServerReply::Token(Some(*token))
             }
             ServerOp::Release { driver, owner } => {
@@ -144,10 +156,13 @@ impl Server {
             ServerOp::Confirm { driver, record } => {
                 let rider_alive =
                     !record.rider_is_remote || live(&self.alive, &record.rider_node, now, |at| *at);
+                let fence = self.fences.get(driver).copied().unwrap_or(0);
                 let ok = !live(&self.settled, &record.owner, now, |at| *at)
                     && rider_alive
-                    && self.lock_owner(driver, now) == Some(record.owner.as_str());
+                    && self.lock_owner(driver, now) == Some(record.owner.as_str())
+                    && fence <= record.fencing_token;
                 if ok {
+                    self.fences.insert(driver.clone(), record.fencing_token);
                     self.trips
                         .insert(record.owner.clone(), (record.trip_id, now + RECORD_TTL));
                     self.locks.get_mut(driver).expect("held").1 = now + TRIP_HOLD;
@@ -158,17 +173,19 @@ impl Server {
                 }
                 ServerReply::Done(ok)
             }
-            ServerOp::Renew { driver, owner } => {
-                if self.lock_owner(driver, now) == Some(owner.as_str()) {
-                    self.locks.get_mut(driver).expect("held").1 = now + TRIP_HOLD;
-                    if let Some(current) = self.current.get_mut(driver) {
-                        current.2 = now + TRIP_HOLD;
-                    }
+            ServerOp::Renew { driver, record } => {
+                let holder = self.lock_owner(driver, now).map(str::to_string);
+                let owner = &record.owner;
+                let settled = live(&self.settled, owner, now, |at| *at);
+                if holder.as_deref() == Some(owner.as_str()) || (holder.is_none() && !settled) {
+                    self.locks.insert(driver.clone(), (owner.clone(), now + TRIP_HOLD));
+                    self.current.insert(driver.clone(), (owner.clone(), record.clone(), now + TRIP_HOLD));
                     return ServerReply::Done(true);
                 }
                 ServerReply::Done(false)
             }
             ServerOp::Finish { driver, owner } => {
+                self.settled.insert(owner.clone(), now + RECORD_TTL);
                 let freed = self.lock_owner(driver, now) == Some(owner.as_str());
                 if freed {
                     self.locks.remove(driver);

@@ -234,6 +234,10 @@ pub struct World {
     /// Last delivery time per (sender, receiver) lane, for FIFO lanes.
     lanes: HashMap<(u64, u64), Instant>,
     pub quiet: bool,
+    /// Lock servers fail one at a time: no server fault starts before this
+    /// (a server back from a restart without its data has been repaired by
+    /// trip renewals by then).
+    pub servers_calm_at: Instant,
     pub trace: Vec<String>,
     pub tracing: bool,
 }
@@ -267,7 +271,7 @@ impl World {
         let nodes = (0..shape.nodes)
             .map(|n| new_node(n, 0, &settings, cluster, shape.nodes))
             .collect();
-        let servers = (0..shape.servers).map(|_| Server::new()).collect();
+        let servers = (0..shape.servers).map(|_| Server::new(base)).collect();
         let drivers = (0..shape.drivers)
             .map(|_| DriverApp::new(&mut rng))
             .collect();
@@ -293,6 +297,7 @@ impl World {
             next_session: 0,
             lanes: HashMap::new(),
             quiet: false,
+            servers_calm_at: base,
             trace: Vec::new(),
             tracing,
         };
@@ -1143,8 +1148,8 @@ impl World {
                 RedisReply::Finished(answered >= ridelock::cluster::redlock::quorum(servers))
             }
             RedisOp::Confirm { .. } => RedisReply::Confirmed(majority_did(&bools(&call.answers))),
-            RedisOp::Renew { owner } => RedisReply::Renewed {
-                owner: owner.clone(),
+            RedisOp::Renew { record } => RedisReply::Renewed {
+                owner: record.owner.clone(),
                 kept: majority_kept(&bools(&call.answers)),
             },
             RedisOp::Settle { .. } => {
@@ -1316,9 +1321,9 @@ fn server_ops(op: &RedisOp, driver: &str, servers: usize) -> Vec<ServerOp> {
             driver,
             owner: owner.clone(),
         },
-        RedisOp::Renew { owner } => ServerOp::Renew {
+        RedisOp::Renew { record } => ServerOp::Renew {
             driver,
-            owner: owner.clone(),
+            record: record.clone(),
         },
         RedisOp::Finish { owner } => ServerOp::Finish {
             driver,

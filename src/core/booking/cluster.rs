@@ -136,7 +136,12 @@ impl Booking {
                 // The offer lasts no longer than the lock can be relied on,
                 // less room for the accept's confirm to get there.
                 let timeout = request.timeout.min(validity.saturating_sub(CONFIRM_ROOM));
-                let granted = if timeout.is_zero() {
+                let granted = if now >= request.not_after {
+                    // Redis took so long that the search has stopped
+                    // looking: no offer goes out for it.
+                    self.refuse(request, LockRefused::SearchEnded);
+                    false
+                } else if timeout.is_zero() {
                     self.refuse(request, LockRefused::StoreUnavailable);
                     false
                 } else {
@@ -217,7 +222,7 @@ impl Booking {
             // Nothing ran in between: the offer is as it was at the accept.
             match self.lock.accept(offer_id, record.trip_id, accepted_at) {
                 Ok(ended) => {
-                    self.renew_during_trip(now, record.owner);
+                    self.renew_during_trip(now, record);
                     self.report(now, ended);
                 }
                 Err(e) => self.answer_failed(now, e),
@@ -237,8 +242,8 @@ impl Booking {
     /// it meanwhile (not even through another connection of the same driver
     /// to another node). The lock lives [`TRIP_HOLD`] at a time and is
     /// renewed well within that.
-    fn renew_during_trip(&mut self, now: Instant, owner: String) {
-        self.renewal = Some((owner, now + TRIP_HOLD / 3));
+    fn renew_during_trip(&mut self, now: Instant, record: TripRecord) {
+        self.renewal = Some((record, now + TRIP_HOLD / 3));
     }
 
     /// A renewal's answer. A trip lock that a majority says is no longer
@@ -304,6 +309,7 @@ impl Booking {
             return self.finish(record.owner, 1);
         }
         let node = self.node.as_ref().expect("cluster mode");
+        let kept = record.clone();
         let rider_node = (record.rider_node != *node).then_some(record.rider_node);
         let trip = Trip {
             trip_id: record.trip_id,
@@ -321,19 +327,19 @@ impl Booking {
         let message = trip_assigned(&trip);
         if self.lock.adopt_trip(trip) {
             tracing::info!(driver = %self.id, trip = record.trip_id, "took over a trip from another node");
-            self.renew_during_trip(now, record.owner);
+            self.renew_during_trip(now, kept);
             self.tell(message);
         }
     }
 
     /// Renewals and trip look-ups that are due.
     pub(super) fn cluster_timers(&mut self, now: Instant) {
-        if let Some((owner, at)) = &mut self.renewal {
+        if let Some((record, at)) = &mut self.renewal {
             if *at <= now {
                 *at = now + TRIP_HOLD / 3;
-                let owner = owner.clone();
+                let record = record.clone();
                 self.effects
-                    .push(super::DriverEffect::Redis(RedisOp::Renew { owner }));
+                    .push(super::DriverEffect::Redis(RedisOp::Renew { record }));
             }
         }
         if let Some((_, at, _)) = &self.finish_retry {

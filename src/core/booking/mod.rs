@@ -182,8 +182,8 @@ pub enum RedisOp {
     },
     /// Keep a trip's lock for another [`TRIP_HOLD`].
     Renew {
-        /// The owner value.
-        owner: String,
+        /// The trip (its owner value is the lock's).
+        record: TripRecord,
     },
     /// Free a trip's lock and the driver's current-trip record.
     Finish {
@@ -311,7 +311,7 @@ pub struct Booking {
     /// Events that arrived while the driver waited for Redis, in order.
     deferred: VecDeque<DriverEvent>,
     /// Cluster mode: the trip lock being renewed, and when next.
-    renewal: Option<(String, Instant)>,
+    renewal: Option<(TripRecord, Instant)>,
     /// Cluster mode: when to look the current trip up again, and which try.
     lookup_retry: Option<(Instant, u32)>,
     /// Cluster mode: a finish Redis could not confirm: when to ask again.
@@ -533,7 +533,13 @@ impl Booking {
                     self.report(now, ended);
                 }
             }
-            DriverCommand::Accept { offer_id } => {
+            DriverCommand::Accept {
+                offer_id,
+                fencing_token,
+            } => {
+                if let Some(stale) = self.stale_token(offer_id, fencing_token) {
+                    return self.error(ErrorCode::OfferExpired, stale);
+                }
                 let trip_id = self.ids.next_trip();
                 match &self.node {
                     None => match self.lock.accept(offer_id, trip_id, now) {
@@ -560,6 +566,21 @@ impl Booking {
                 }
             },
         }
+    }
+
+    /// Why an accept of `offer_id` carrying `token` is refused as stale:
+    /// the token is not the one of the offer held (an older lock's, or made
+    /// up). Without a token, or for an offer not held, the usual answers
+    /// apply.
+    fn stale_token(&self, offer_id: OfferId, token: Option<FencingToken>) -> Option<String> {
+        let offer = self.lock.current_offer()?;
+        let token = token?;
+        (offer.offer_id == offer_id && offer.fencing_token != token).then(|| {
+            format!(
+                "offer {offer_id}: fencing token {token} is not the offer's ({}); the accept is refused",
+                offer.fencing_token
+            )
+        })
     }
 
     fn try_lock(&mut self, now: Instant, request: LockRequest) {
