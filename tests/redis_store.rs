@@ -126,13 +126,13 @@ async fn only_the_owner_releases_or_confirms() {
         server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
         None
     );
-    assert!(server.renew("d", &trip("mine", 1)).await.unwrap());
-    assert!(!server.renew("d", &trip("theirs", 1)).await.unwrap());
+    assert!(server.renew("d", &trip("mine", 1), true).await.unwrap());
+    assert!(!server.renew("d", &trip("theirs", 1), true).await.unwrap());
     // The trip ends: the owner finishes it, and the next offer may lock.
     assert!(!server.finish("d", "theirs").await.unwrap());
     assert!(server.finish("d", "mine").await.unwrap());
     assert!(
-        !server.renew("d", &trip("mine", 1)).await.unwrap(),
+        !server.renew("d", &trip("mine", 1), true).await.unwrap(),
         "a late renewal takes nothing back"
     );
     let next = server
@@ -158,7 +158,11 @@ async fn only_the_owner_releases_or_confirms() {
     assert!(held > next);
     assert!(server.confirm("d", &trip("mine2", 2)).await.unwrap());
     let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
-    assert!(server.renew("d", &trip("mine2", 2)).await.unwrap());
+    assert!(
+        !server.renew("d", &trip("mine2", 2), false).await.unwrap(),
+        "an actor the app has left takes nothing back"
+    );
+    assert!(server.renew("d", &trip("mine2", 2), true).await.unwrap());
     assert_eq!(
         server.try_acquire("d", "theirs2", ttl, 0).await.unwrap(),
         None,
@@ -244,7 +248,7 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
     assert_eq!(grant.granted, 2);
     assert!(grant.fencing_token > first);
     assert_eq!(redlock.confirm("d", &trip("a:3", 5)).await, Some(true));
-    assert_eq!(redlock.renew("d", &trip("a:3", 5)).await, Some(true));
+    assert_eq!(redlock.renew("d", &trip("a:3", 5), true).await, Some(true));
     assert_eq!(
         redlock
             .current_trip("d")
@@ -255,7 +259,7 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
     assert!(redlock.finish("d", "a:3").await);
     assert_eq!(redlock.current_trip("d").await, Ok(None));
     assert_eq!(
-        redlock.renew("d", &trip("a:3", 5)).await,
+        redlock.renew("d", &trip("a:3", 5), true).await,
         Some(false),
         "the trip is over"
     );

@@ -302,8 +302,8 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
             let settled = locks.settle(driver, &owner).await;
             ("settle", settled.is_some(), RedisReply::Settled(settled))
         }
-        RedisOp::Renew { record } => {
-            let kept = locks.renew(driver, &record).await;
+        RedisOp::Renew { record, repair } => {
+            let kept = locks.renew(driver, &record, repair).await;
             let reply = RedisReply::Renewed {
                 owner: record.owner,
                 kept,

@@ -60,6 +60,8 @@ return 0
 /// records the trip under the owner (for a settle) and as the driver's
 /// current trip (for the driver's app reconnecting to another node), and
 /// keeps the lock for the trip, so no node can lock a driver on a trip.
+/// Asked again after an answer was lost, it says 1 where the first one
+/// landed, even if a settle has come since: the settle found that trip.
 /// The trip record is the resource a driver's lock guards, and its fence
 /// (the newest fencing token that booked this driver here) refuses a write
 /// carrying an older token: a lock that lost out to a newer one can't book
@@ -71,6 +73,9 @@ return 0
 /// checked; the confirming node itself is alive by definition), the lock's
 /// fencing token.
 const CONFIRM: &str = r#"
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  return 1
+end
 local token = tonumber(ARGV[7])
 if redis.call('EXISTS', KEYS[3]) == 0
     and (ARGV[6] == '0' or redis.call('EXISTS', KEYS[4]) == 1)
@@ -91,12 +96,14 @@ return 0
 /// a renewal repairs it while the other servers still hold the trip). 0
 /// when it is another owner's, or this owner's is over (the trip ended on
 /// another node the driver moved to).
+/// Taking back happens only when the caller says so (`repair`: the driver's
+/// app is connected to it, so its trip is certainly going on).
 /// KEYS: lock, the driver's current trip, the owner's settled mark.
-/// ARGV: owner, hold ms, the trip (JSON).
+/// ARGV: owner, hold ms, the trip (JSON), repair ('1' or '0').
 const RENEW: &str = r#"
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1]
-    or (not holder and redis.call('EXISTS', KEYS[3]) == 0) then
+    or (not holder and ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[3], 'PX', ARGV[2])
   return 1
@@ -431,7 +438,12 @@ impl LockServer {
 
     /// Keeps `owner`'s trip lock of `driver` (and the driver's current trip)
     /// for another [`TRIP_HOLD`]; whether `owner` still held it.
-    pub async fn renew(&self, driver: &str, trip: &TripRecord) -> Result<bool, StoreError> {
+    pub async fn renew(
+        &self,
+        driver: &str,
+        trip: &TripRecord,
+        repair: bool,
+    ) -> Result<bool, StoreError> {
         let json = serde_json::to_string(trip).expect("trip records serialize");
         let kept: i64 = self
             .run(
@@ -441,7 +453,12 @@ impl LockServer {
                     current_trip_key(driver),
                     settled_key(&trip.owner),
                 ],
-                &[trip.owner.clone(), TRIP_HOLD.as_millis().to_string(), json],
+                &[
+                    trip.owner.clone(),
+                    TRIP_HOLD.as_millis().to_string(),
+                    json,
+                    if repair { "1" } else { "0" }.to_string(),
+                ],
             )
             .await?;
         Ok(kept == 1)
@@ -668,8 +685,8 @@ impl Redlock {
     /// wherever it still holds it. `Some(true)` when a majority did,
     /// `Some(false)` when a majority answered that it is no longer
     /// `owner`'s, `None` when too few servers answered.
-    pub async fn renew(&self, driver: &str, trip: &TripRecord) -> Option<bool> {
-        let answers = join_all(self.servers.iter().map(|s| s.renew(driver, trip))).await;
+    pub async fn renew(&self, driver: &str, trip: &TripRecord, repair: bool) -> Option<bool> {
+        let answers = join_all(self.servers.iter().map(|s| s.renew(driver, trip, repair))).await;
         let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
         majority_kept(&answers)
     }

@@ -418,7 +418,9 @@ impl World {
             0 => Fault::Pause(node),
             1 if cluster => Fault::Kill(node),
             2 if servers > 0 => Fault::ServerDown(self.rng.random_range(0..servers)),
-            3 if servers > 0 => Fault::ServerWipe(self.rng.random_range(0..servers)),
+            // One server without its data is no lock store at all: only a
+            // quorum of three survives a restart without persistence.
+            3 if servers >= 3 => Fault::ServerWipe(self.rng.random_range(0..servers)),
             _ => Fault::CrashDriverActor(node, self.rng.random_range(0..self.drivers.len())),
         };
         let wait = self.rng.random_range(500..3_000);
@@ -508,7 +510,7 @@ impl World {
                     self.faults_injected += 1;
                     self.servers[server].wipe();
                     self.servers[server].up = false;
-                    let away = Duration::from_millis(self.rng.random_range(3_500..6_000));
+                    let away = TRIP_HOLD + Duration::from_millis(self.rng.random_range(500..3_000));
                     self.servers_calm_at = self.now + away + TRIP_HOLD / 3 + Duration::from_secs(2);
                     self.at(away, Ev::Fault(Fault::ServerUp(server)));
                 }

@@ -29,6 +29,7 @@ pub enum ServerOp {
     Renew {
         driver: String,
         record: TripRecord,
+        repair: bool,
     },
     Finish {
         driver: String,
@@ -154,6 +155,13 @@ impl Server {
                 ServerReply::Done(false)
             }
             ServerOp::Confirm { driver, record } => {
+                if self
+                    .trips
+                    .get(&record.owner)
+                    .is_some_and(|(trip, until)| *trip == record.trip_id && *until > now)
+                {
+                    return ServerReply::Done(true);
+                }
                 let rider_alive =
                     !record.rider_is_remote || live(&self.alive, &record.rider_node, now, |at| *at);
                 let fence = self.fences.get(driver).copied().unwrap_or(0);
@@ -173,11 +181,15 @@ impl Server {
                 }
                 ServerReply::Done(ok)
             }
-            ServerOp::Renew { driver, record } => {
+            ServerOp::Renew {
+                driver,
+                record,
+                repair,
+            } => {
                 let holder = self.lock_owner(driver, now).map(str::to_string);
                 let owner = &record.owner;
                 let settled = live(&self.settled, owner, now, |at| *at);
-                if holder.as_deref() == Some(owner.as_str()) || (holder.is_none() && !settled) {
+                if holder.as_deref() == Some(owner.as_str()) || (holder.is_none() && *repair && !settled) {
                     self.locks.insert(driver.clone(), (owner.clone(), now + TRIP_HOLD));
                     self.current.insert(driver.clone(), (owner.clone(), record.clone(), now + TRIP_HOLD));
                     return ServerReply::Done(true);

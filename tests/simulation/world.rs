@@ -90,10 +90,13 @@ pub enum MatcherIn {
 /// Who asked Redis.
 #[derive(Clone, Debug)]
 pub enum Asker {
+    /// A driver actor; `actor` tells it from a later actor of the same
+    /// driver on the node (a reply to a crashed actor goes nowhere).
     Driver {
         node: usize,
         inc: u32,
         driver: usize,
+        actor: u64,
     },
     Matcher {
         node: usize,
@@ -158,6 +161,13 @@ pub enum Ev {
     SplitRetry {
         call: u64,
     },
+    RedisToDriver {
+        node: usize,
+        inc: u32,
+        driver: usize,
+        actor: u64,
+        reply: RedisReply,
+    },
     DriverApp {
         driver: usize,
         input: AppIn,
@@ -205,6 +215,8 @@ pub struct Node {
     pub drivers: HashMap<usize, Booking>,
     /// The session each driver actor uses (for telling apps).
     pub driver_sessions: HashMap<usize, u64>,
+    /// Which actor of each driver is alive here.
+    pub actors: HashMap<usize, u64>,
     /// Other nodes this node believes alive.
     pub live: Vec<bool>,
     pub ids: Arc<Ids>,
@@ -231,6 +243,7 @@ pub struct World {
     pub events_run: u64,
     pub faults_injected: u64,
     pub next_session: u64,
+    next_actor: u64,
     /// Last delivery time per (sender, receiver) lane, for FIFO lanes.
     lanes: HashMap<(u64, u64), Instant>,
     pub quiet: bool,
@@ -295,6 +308,7 @@ impl World {
             events_run: 0,
             faults_injected: 0,
             next_session: 0,
+            next_actor: 0,
             lanes: HashMap::new(),
             quiet: false,
             servers_calm_at: base,
@@ -404,6 +418,28 @@ impl World {
                     return Ok(());
                 }
                 self.driver_in(node, driver, event)?;
+            }
+            Ev::RedisToDriver {
+                node,
+                inc,
+                driver,
+                actor,
+                reply,
+            } => {
+                if !self.node_takes(node, inc, || Ev::RedisToDriver {
+                    node,
+                    inc,
+                    driver,
+                    actor,
+                    reply: reply.clone(),
+                }) {
+                    return Ok(());
+                }
+                if self.nodes[node].actors.get(&driver) == Some(&actor)
+                    && self.nodes[node].drivers.contains_key(&driver)
+                {
+                    self.driver_in(node, driver, DriverEvent::Redis(reply))?;
+                }
             }
             Ev::ServerOp {
                 server,
@@ -690,6 +726,8 @@ impl World {
                 DriverEvent::Attach { .. } => {
                     let ids = self.nodes[node].ids.clone();
                     let b = Booking::new(driver_name(driver), ids, cluster.then(|| id.clone()));
+                    self.next_actor += 1;
+                    self.nodes[node].actors.insert(driver, self.next_actor);
                     self.nodes[node].drivers.entry(driver).or_insert(b)
                 }
                 _ => return Ok(()),
@@ -868,8 +906,14 @@ impl World {
                 }
             }
             DriverEffect::Redis(op) => {
+                let actor = self.nodes[node].actors.get(&driver).copied().unwrap_or(0);
                 self.call(
-                    Asker::Driver { node, inc, driver },
+                    Asker::Driver {
+                        node,
+                        inc,
+                        driver,
+                        actor,
+                    },
                     driver_name(driver).to_string(),
                     op,
                 );
@@ -1148,7 +1192,7 @@ impl World {
                 RedisReply::Finished(answered >= ridelock::cluster::redlock::quorum(servers))
             }
             RedisOp::Confirm { .. } => RedisReply::Confirmed(majority_did(&bools(&call.answers))),
-            RedisOp::Renew { record } => RedisReply::Renewed {
+            RedisOp::Renew { record, .. } => RedisReply::Renewed {
                 owner: record.owner.clone(),
                 kept: majority_kept(&bools(&call.answers)),
             },
@@ -1179,16 +1223,22 @@ impl World {
         };
         let call = self.calls.remove(&id).expect("a call");
         match call.asker {
-            Asker::Driver { node, inc, driver } => {
+            Asker::Driver {
+                node,
+                inc,
+                driver,
+                actor,
+            } => {
                 self.lane(
                     lane_redis(id),
                     lane_driver(node, driver),
                     100,
-                    Ev::ToDriver {
+                    Ev::RedisToDriver {
                         node,
                         inc,
                         driver,
-                        event: DriverEvent::Redis(reply),
+                        actor,
+                        reply,
                     },
                 );
             }
@@ -1321,9 +1371,10 @@ fn server_ops(op: &RedisOp, driver: &str, servers: usize) -> Vec<ServerOp> {
             driver,
             owner: owner.clone(),
         },
-        RedisOp::Renew { record } => ServerOp::Renew {
+        RedisOp::Renew { record, repair } => ServerOp::Renew {
             driver,
             record: record.clone(),
+            repair: *repair,
         },
         RedisOp::Finish { owner } => ServerOp::Finish {
             driver,
@@ -1355,6 +1406,7 @@ pub fn new_node(
         held: Vec::new(),
         drivers: HashMap::new(),
         driver_sessions: HashMap::new(),
+        actors: HashMap::new(),
         live: vec![true; nodes],
         ids,
         tick_at: None,

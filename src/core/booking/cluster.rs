@@ -27,6 +27,9 @@ const CONFIRM_RETRY: Duration = Duration::from_millis(100);
 pub(super) const TRIP_LOOKUP_ATTEMPTS: u32 = 5;
 const TRIP_LOOKUP_RETRY: Duration = Duration::from_millis(500);
 
+/// How long apart an accept's settle is asked again while Redis can't tell.
+const SETTLE_ACCEPT_RETRY: Duration = Duration::from_millis(500);
+
 /// How often, and how far apart, a trip's finish is asked again when too
 /// few servers answered (until then its lock and record stay in Redis).
 pub(super) const FINISH_ATTEMPTS: u32 = 20;
@@ -98,6 +101,7 @@ impl Booking {
                     let wait = Waiting::SettleAccept {
                         record,
                         accepted_at,
+                        retry_at: None,
                     };
                     self.redis(RedisOp::Settle { owner }, Some(wait));
                 }
@@ -106,12 +110,25 @@ impl Booking {
                 Waiting::SettleAccept {
                     record,
                     accepted_at,
+                    ..
                 },
                 RedisReply::Settled(settled),
-            ) => {
-                let landed = matches!(settled, Some(Settled::Trip(_)));
-                self.confirmed(now, record, accepted_at, landed);
-            }
+            ) => match settled {
+                Some(settled) => {
+                    let landed = matches!(settled, Settled::Trip(_));
+                    self.confirmed(now, record, accepted_at, landed);
+                }
+                // Redis can't tell whether the accept booked: the driver
+                // stays held until it can (freeing it now could hand it to
+                // another rider while a trip record stands for this one).
+                None => {
+                    self.waiting = Some(Waiting::SettleAccept {
+                        record,
+                        accepted_at,
+                        retry_at: Some(now + SETTLE_ACCEPT_RETRY),
+                    })
+                }
+            },
             (Waiting::Lookup { attempt }, RedisReply::CurrentTrip(found)) => {
                 self.found_trip(now, attempt, found)
             }
@@ -196,24 +213,33 @@ impl Booking {
         self.redis(op, Some(wait));
     }
 
-    /// While a confirm waits to be asked again: asks when it is due.
+    /// While a confirm or an accept's settle waits to be asked again: asks
+    /// when it is due.
     pub(super) fn confirm_retry_due(&mut self, now: Instant) {
-        if let Some(Waiting::Confirm {
-            record,
-            attempt,
-            retry_at,
-            ..
-        }) = &mut self.waiting
-        {
-            if retry_at.is_some_and(|at| at <= now) {
+        let op = match &mut self.waiting {
+            Some(Waiting::Confirm {
+                record,
+                attempt,
+                retry_at,
+                ..
+            }) if retry_at.is_some_and(|at| at <= now) => {
                 *retry_at = None;
                 *attempt += 1;
-                let op = RedisOp::Confirm {
+                RedisOp::Confirm {
                     record: record.clone(),
-                };
-                self.effects.push(super::DriverEffect::Redis(op));
+                }
             }
-        }
+            Some(Waiting::SettleAccept {
+                record, retry_at, ..
+            }) if retry_at.is_some_and(|at| at <= now) => {
+                *retry_at = None;
+                RedisOp::Settle {
+                    owner: record.owner.clone(),
+                }
+            }
+            _ => return,
+        };
+        self.effects.push(super::DriverEffect::Redis(op));
     }
 
     fn confirmed(&mut self, now: Instant, record: TripRecord, accepted_at: Instant, kept: bool) {
@@ -243,7 +269,11 @@ impl Booking {
     /// to another node). The lock lives [`TRIP_HOLD`] at a time and is
     /// renewed well within that.
     fn renew_during_trip(&mut self, now: Instant, record: TripRecord) {
-        self.renewal = Some((record, now + TRIP_HOLD / 3));
+        self.renewal = Some(super::Renewal {
+            record,
+            at: now + TRIP_HOLD / 3,
+            kept: true,
+        });
     }
 
     /// A renewal's answer. A trip lock that a majority says is no longer
@@ -251,6 +281,11 @@ impl Booking {
     /// driver moved to, or the lock was lost, and a trip without its lock
     /// would let another node lock the driver meanwhile.
     fn renewed(&mut self, now: Instant, owner: String, kept: Option<bool>) {
+        if let Some(renewal) = &mut self.renewal {
+            if renewal.record.owner == owner {
+                renewal.kept = kept == Some(true);
+            }
+        }
         if kept != Some(false) {
             return;
         }
@@ -334,12 +369,17 @@ impl Booking {
 
     /// Renewals and trip look-ups that are due.
     pub(super) fn cluster_timers(&mut self, now: Instant) {
-        if let Some((record, at)) = &mut self.renewal {
-            if *at <= now {
-                *at = now + TRIP_HOLD / 3;
-                let record = record.clone();
+        if let Some(renewal) = &mut self.renewal {
+            if renewal.at <= now {
+                renewal.at = now + TRIP_HOLD / 3;
+                let record = renewal.record.clone();
+                // A lock a server lost is taken back while the trip is
+                // certainly going on: the app is here, or a majority held it
+                // at the last word. An actor the app has left, whose lock
+                // went quiet, may hold a trip completed elsewhere.
+                let repair = self.session.is_some() || renewal.kept;
                 self.effects
-                    .push(super::DriverEffect::Redis(RedisOp::Renew { record }));
+                    .push(super::DriverEffect::Redis(RedisOp::Renew { record, repair }));
             }
         }
         if let Some((_, at, _)) = &self.finish_retry {

@@ -184,6 +184,11 @@ pub enum RedisOp {
     Renew {
         /// The trip (its owner value is the lock's).
         record: TripRecord,
+        /// Whether to take the lock back where a server lost it: only while
+        /// the app is connected here (its trip is certainly going on), never
+        /// for an actor the app has left, which may hold a trip the app
+        /// completed elsewhere.
+        repair: bool,
     },
     /// Free a trip's lock and the driver's current-trip record.
     Finish {
@@ -265,6 +270,18 @@ pub enum DriverEffect {
     Retire,
 }
 
+/// Cluster mode: the trip lock being renewed.
+#[derive(Clone, Debug)]
+struct Renewal {
+    record: TripRecord,
+    /// When next.
+    at: Instant,
+    /// Whether the last word from Redis was that a majority holds it (the
+    /// confirm or take-over, or the last renewal): then a renewal also takes
+    /// the lock back on a server that lost it.
+    kept: bool,
+}
+
 /// What the driver waits for from Redis.
 #[derive(Clone, Debug)]
 enum Waiting {
@@ -282,10 +299,12 @@ enum Waiting {
         attempt: u32,
         retry_at: Option<Instant>,
     },
-    /// An accept whose confirm could not be told: its settle.
+    /// An accept whose confirm could not be told: its settle, asked until
+    /// Redis can tell (and when next, while between attempts).
     SettleAccept {
         record: TripRecord,
         accepted_at: Instant,
+        retry_at: Option<Instant>,
     },
     /// The driver's current trip (`attempt` of [`cluster::TRIP_LOOKUP_ATTEMPTS`]).
     Lookup { attempt: u32 },
@@ -311,7 +330,7 @@ pub struct Booking {
     /// Events that arrived while the driver waited for Redis, in order.
     deferred: VecDeque<DriverEvent>,
     /// Cluster mode: the trip lock being renewed, and when next.
-    renewal: Option<(TripRecord, Instant)>,
+    renewal: Option<Renewal>,
     /// Cluster mode: when to look the current trip up again, and which try.
     lookup_retry: Option<(Instant, u32)>,
     /// Cluster mode: a finish Redis could not confirm: when to ask again.
@@ -373,7 +392,9 @@ impl Booking {
     /// When a [`DriverEvent::Tick`] next has something to do.
     pub fn next_timeout(&self) -> Option<Instant> {
         let confirm_retry = match &self.waiting {
-            Some(Waiting::Confirm { retry_at, .. }) => *retry_at,
+            Some(Waiting::Confirm { retry_at, .. } | Waiting::SettleAccept { retry_at, .. }) => {
+                *retry_at
+            }
             _ => None,
         };
         if self.waiting.is_some() {
@@ -382,7 +403,7 @@ impl Booking {
         [
             self.lock.current_offer().map(|offer| offer.deadline),
             self.retire_at,
-            self.renewal.as_ref().map(|(_, at)| *at),
+            self.renewal.as_ref().map(|r| r.at),
             self.lookup_retry.map(|(at, _)| at),
             self.finish_retry.as_ref().map(|(_, at, _)| *at),
         ]
@@ -400,7 +421,7 @@ impl Booking {
                 self.redis_replied(now, reply)
             }
             DriverEvent::Tick if self.waiting.is_some() => self.confirm_retry_due(now),
-            event if self.waiting.is_some() => self.deferred.push_back(event),
+            event if self.waiting.is_some() => self.defer(event),
             event => self.apply(now, event),
         }
         // Events that waited for Redis run now, in order, until the next
@@ -416,6 +437,23 @@ impl Booking {
         }
     }
 
+    /// Keeps `event` for when Redis has answered. Only the newest location
+    /// is kept: a long wait (Redis can't tell whether an accept booked) must
+    /// not pile up a moving driver's updates.
+    fn defer(&mut self, event: DriverEvent) {
+        if let DriverEvent::Command {
+            command: DriverCommand::Location { .. },
+            session,
+        } = &event
+        {
+            let session = *session;
+            self.deferred.retain(|e| {
+                !matches!(e, DriverEvent::Command { command: DriverCommand::Location { .. }, session: s } if *s == session)
+            });
+        }
+        self.deferred.push_back(event);
+    }
+
     /// The driver's actor is stopping at `now`: an offer it holds ends as a
     /// disconnect and lock requests still waiting are refused, so no search
     /// waits for news that will not come.
@@ -423,14 +461,14 @@ impl Booking {
         if let Some(state) = self.counted_as.take() {
             m::driver_state_left(state);
         }
-        self.session = None;
-        if let Some(ended) = self.lock.disconnect() {
-            self.report(now, ended);
-        }
         let waiting = match self.waiting.take() {
             Some(Waiting::Acquire(request)) => Some(request),
             _ => None,
         };
+        self.session = None;
+        if let Some(ended) = self.lock.disconnect() {
+            self.report(now, ended);
+        }
         let deferred = std::mem::take(&mut self.deferred);
         let requests = waiting
             .into_iter()
@@ -509,8 +547,8 @@ impl Booking {
             self.lookup_trip(now, 1);
             // A trip held here may have been completed on another node the
             // app was on meanwhile: the next renewal, now, tells.
-            if let Some((_, at)) = &mut self.renewal {
-                *at = now;
+            if let Some(renewal) = &mut self.renewal {
+                renewal.at = now;
             }
         }
     }
