@@ -234,7 +234,9 @@ impl DriverActor {
 
     fn answer(&self, to: ReplyTo, answer: crate::core::search::LockAnswer) {
         match (to, &self.cluster) {
-            (ReplyTo::Node(node), Some(cluster)) => cluster.send(&node, answer_wire(answer)),
+            (ReplyTo::Node(node), Some(cluster)) => {
+                cluster.send(&node, answer_wire(answer, cluster.node()))
+            }
             _ => self.link.answers.do_send(LockAnswered(answer)),
         }
     }

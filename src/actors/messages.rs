@@ -119,14 +119,17 @@ impl ReplyRoute {
     pub fn deliver(&self, answer: LockAnswer) {
         match self {
             ReplyRoute::Matcher(matcher) => matcher.do_send(LockAnswered(answer)),
-            ReplyRoute::Node(cluster, node) => cluster.send(node, answer_wire(answer)),
+            ReplyRoute::Node(cluster, node) => {
+                cluster.send(node, answer_wire(answer, cluster.node()))
+            }
         }
     }
 }
 
 /// The wire form of a lock answer.
-pub fn answer_wire(answer: LockAnswer) -> Wire {
+pub fn answer_wire(answer: LockAnswer, from: &NodeId) -> Wire {
     Wire::Answer {
+        from: Some(from.clone()),
         driver: answer.driver_id,
         offer_id: answer.offer_id,
         search: answer.search,

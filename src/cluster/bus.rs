@@ -609,6 +609,7 @@ fn deliver(
             rider_id,
             request_id,
             result,
+            from,
         } => matcher.do_send(LockAnswered(LockAnswer {
             driver_id: driver,
             offer_id,
@@ -616,6 +617,7 @@ fn deliver(
             rider_id,
             request_id,
             result: result.map(|fencing_token| Granted { fencing_token }),
+            node: from,
         })),
         Wire::Ended {
             driver,

@@ -87,6 +87,10 @@ pub enum Wire {
         request_id: RequestId,
         /// The fencing token when granted, or why not.
         result: Result<FencingToken, LockRefused>,
+        /// The driver's node (so that a grant that comes too late can be
+        /// withdrawn there).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<NodeId>,
     },
     /// To the requesting node: an offer it was granted ended.
     Ended {
@@ -140,6 +144,7 @@ mod tests {
                 offered: 4,
                 newest: 9,
             }),
+            from: Some("b".into()),
         };
         let json = serde_json::to_string(&answer).unwrap();
         assert!(json.starts_with(r#"{"t":"answer""#), "{json}");

@@ -185,6 +185,8 @@ impl World {
                 trip_id, offer_id, ..
             } => {
                 app.offers.retain(|(o, _)| *o != offer_id);
+                self.ledger.app_assigned(driver, trip_id);
+                let app = &mut self.drivers[driver];
                 if app.completed.contains(&trip_id) {
                     // Told of a trip it completed (the completion went to a
                     // node that did not hold the trip yet): completed again.
@@ -251,6 +253,7 @@ impl World {
                         5 => token.map(|t| t.saturating_sub(1)),
                         _ => token,
                     };
+                    self.ledger.app_accepted(driver, offer_id);
                     self.command(driver, DriverCommand::Accept { offer_id, fencing_token });
                 } else if answer < 85 {
                     self.drivers[driver].offers.pop();

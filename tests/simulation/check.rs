@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use ridelock::core::booking::TripRecord;
 use ridelock::core::lock::{Ending, LockState, TripId};
 use ridelock::core::search::{OfferOutcome, SearchSettings};
 use ridelock::protocol::{RequestId, ServerMessage};
@@ -18,6 +19,12 @@ pub struct Ledger {
     finals: HashMap<Request, ServerMessage>,
     /// Trips booked: driver and request.
     accepted: HashMap<TripId, (usize, Request)>,
+    /// Cluster mode: which servers recorded each trip's confirm.
+    confirms: HashMap<TripId, std::collections::BTreeSet<usize>>,
+    /// Accepts sent by drivers' apps: (driver, offer).
+    app_accepts: std::collections::HashSet<(usize, u64)>,
+    /// Trips drivers' apps were told of: (driver, trip).
+    app_trips: std::collections::HashSet<(usize, TripId)>,
     matched: Vec<(Request, String, TripId)>,
     /// Offers told to drivers so far (a resend is not a new offer).
     offers: std::collections::HashSet<(usize, u64)>,
@@ -116,7 +123,8 @@ impl Ledger {
         Ok(())
     }
 
-    /// A driver actor reported how an offer ended.
+    /// A driver actor reported how an offer ended (one node: the trip is
+    /// booked here).
     pub fn offer_ended(
         &mut self,
         world: &World,
@@ -124,27 +132,74 @@ impl Ledger {
         driver: usize,
         outcome: &OfferOutcome,
     ) -> Result<(), String> {
-        if outcome.ending != Ending::Accepted {
+        if outcome.ending != Ending::Accepted || world.is_cluster() {
             return Ok(());
         }
         let trip = outcome.trip_id.expect("an accepted offer has a trip");
         let rider: usize = outcome.rider_id[1..].parse().expect("r<n>");
-        let key = (rider, outcome.request_id.clone());
-        if let Some((rider_node, inc, _)) = self.acked.get(&key) {
+        let request = (rider, outcome.request_id.clone());
+        self.booked(world, node, driver, trip, outcome.offer_id, request)
+    }
+
+    /// Cluster mode: lock server `server` recorded a confirm; the trip is
+    /// booked once `quorum` servers have.
+    pub fn confirmed(
+        &mut self,
+        world: &World,
+        server: usize,
+        quorum: usize,
+        driver: usize,
+        record: &TripRecord,
+    ) -> Result<(), String> {
+        let servers = self.confirms.entry(record.trip_id).or_default();
+        servers.insert(server);
+        if servers.len() != quorum {
+            return Ok(());
+        }
+        let rider: usize = record.rider_id[1..].parse().expect("r<n>");
+        let request = (rider, record.request_id.clone());
+        let node = world.node_index(&record.owner[..record.owner.find('/').expect("node/offer")]);
+        self.booked(world, node, driver, record.trip_id, record.offer_id, request)
+    }
+
+    fn booked(
+        &mut self,
+        world: &World,
+        node: usize,
+        driver: usize,
+        trip: TripId,
+        offer: u64,
+        request: Request,
+    ) -> Result<(), String> {
+        if let Some((rider_node, inc, _)) = self.acked.get(&request) {
             // A search that died with its node must not book: once that node
             // has restarted, nobody could tell the rider.
             let restarted = world.nodes[*rider_node].inc > *inc;
-            if restarted && self.deaths.get(&(*rider_node, *inc)).is_some() {
+            if restarted && self.deaths.contains_key(&(*rider_node, *inc)) {
                 return Err(format!(
-                    "n{node}/d{driver} booked trip {trip} for r{rider} {} whose search died with n{rider_node} (incarnation {inc}), which has restarted since",
-                    outcome.request_id
+                    "n{node}/d{driver} booked trip {trip} for r{} {} whose search died with n{rider_node} (incarnation {inc}), which has restarted since",
+                    request.0, request.1
                 ));
             }
         }
-        if self.accepted.insert(trip, (driver, key)).is_some() {
-            return Err(format!("trip {trip} booked twice"));
+        if !self.app_accepts.contains(&(driver, offer)) {
+            return Err(format!("trip {trip} booked for d{driver}, whose app never accepted offer {offer}"));
         }
-        Ok(())
+        let booking = (driver, request);
+        match self.accepted.insert(trip, booking.clone()) {
+            Some(earlier) if earlier != booking => Err(format!("trip {trip} booked twice: {earlier:?}, then {booking:?}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// A driver's app sent an accept.
+    pub fn app_accepted(&mut self, driver: usize, offer: u64) {
+        self.app_accepts.insert((driver, offer));
+    }
+
+    /// A driver's app was told it is on a trip.
+    pub fn app_assigned(&mut self, driver: usize, trip: TripId) {
+        self.app_trips.insert((driver, trip));
     }
 
     /// After every driver event: the driver holds at most one live offer,
@@ -157,7 +212,20 @@ impl Ledger {
             }
             if let Some(booking) = node.drivers.get(&driver) {
                 if let LockState::Offered(offer) = booking.lock().state() {
-                    if offer.deadline > world.now {
+                    // Cluster mode: an offer its requester settled can't
+                    // book any more; the driver's node hears of it shortly.
+                    let owner = ridelock::core::owner(
+                        offer.holder.node.as_ref().unwrap_or(&node.id),
+                        offer.offer_id,
+                    );
+                    let settled = world
+                        .servers
+                        .iter()
+                        .filter(|s| s.is_settled(&owner, world.now))
+                        .count();
+                    let dead = world.is_cluster()
+                        && settled >= ridelock::cluster::redlock::quorum(world.servers.len());
+                    if offer.deadline > world.now && !dead {
                         live.push((n, offer.offer_id));
                     }
                 }
@@ -184,6 +252,11 @@ impl Ledger {
         }
         for ((rider, request_id), driver, trip) in &self.matched {
             let d: usize = driver[1..].parse().expect("d<n>");
+            if !self.app_trips.contains(&(d, *trip)) {
+                return Err(format!(
+                    "r{rider} {request_id} was told matched with {driver} on trip {trip}, but that driver's app was never told of the trip"
+                ));
+            }
             match self.accepted.get(trip) {
                 Some((booked, key)) if *booked == d && key == &(*rider, request_id.clone()) => {}
                 other => {

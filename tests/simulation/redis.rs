@@ -116,6 +116,11 @@ impl Server {
             .map(|(owner, _)| owner.as_str())
     }
 
+    /// Whether `owner` was settled or finished here (its lock can't book).
+    pub fn is_settled(&self, owner: &str, now: Instant) -> bool {
+        live(&self.settled, owner, now, |at| *at)
+    }
+
     /// Drivers whose lock is held at `now`.
     pub fn locked(&self, now: Instant) -> Vec<(String, String)> {
         self.locks

@@ -446,7 +446,7 @@ impl World {
                 call,
                 op,
                 reply,
-            } => self.server_op(server, call, op, reply),
+            } => self.server_op(server, call, op, reply)?,
             Ev::ServerReply {
                 call,
                 server,
@@ -776,7 +776,7 @@ impl World {
         Ok(())
     }
 
-    pub fn answer(&mut self, node: usize, to: ReplyTo, answer: LockAnswer) -> Result<(), String> {
+    pub fn answer(&mut self, node: usize, to: ReplyTo, mut answer: LockAnswer) -> Result<(), String> {
         let d = driver_index(&answer.driver_id);
         match to {
             ReplyTo::Matcher => {
@@ -794,7 +794,7 @@ impl World {
             }
             ReplyTo::Node(to) => {
                 let to = self.node_index(&to);
-                self.wire(node, to, Wire::Matcher(MatcherIn::Answer(answer)));
+                self.wire(node, to, Wire::Matcher(MatcherIn::Answer({ answer.node = Some(self.nodes[node].id.clone()); answer })));
             }
         }
         Ok(())
@@ -1058,15 +1058,25 @@ impl World {
         );
     }
 
-    fn server_op(&mut self, server: usize, call: u64, op: ServerOp, fate: ReplyFate) {
+    fn server_op(&mut self, server: usize, call: u64, op: ServerOp, fate: ReplyFate) -> Result<(), String> {
         if !self.servers[server].up {
-            return;
+            return Ok(());
         }
         let answer = self.servers[server].apply(&op, self.now);
+        self.note(|| format!("server {server} (call {}): {op:?} -> {answer:?}", call >> 8));
+        if let (ServerOp::Confirm { driver, record }, ServerReply::Done(true)) = (&op, &answer) {
+            // Booked once a majority of servers recorded it.
+            let quorum = ridelock::cluster::redlock::quorum(self.servers.len());
+            let d = driver_index(driver);
+            let mut ledger = std::mem::take(&mut self.ledger);
+            let booked = ledger.confirmed(self, server, quorum, d, record);
+            self.ledger = ledger;
+            booked?;
+        }
         let delay = match fate {
             ReplyFate::OnTime => Duration::from_micros(self.rng.random_range(100..2_000)),
             ReplyFate::Late => REDIS_TIMEOUT + Duration::from_millis(self.rng.random_range(1..500)),
-            ReplyFate::Lost => return,
+            ReplyFate::Lost => return Ok(()),
         };
         self.at(
             delay,
@@ -1076,6 +1086,7 @@ impl World {
                 reply: answer,
             },
         );
+        Ok(())
     }
 
     fn server_reply(&mut self, tag: u64, server: usize, reply: ServerReply) -> Result<(), String> {

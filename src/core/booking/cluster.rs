@@ -42,7 +42,7 @@ const CONFIRM_ROOM: Duration = Duration::from_millis(500);
 impl Booking {
     /// Takes the lock in Redis for `request`; the driver waits for the
     /// answer, so its state can't change under the attempt.
-    pub(super) fn acquire(&mut self, request: LockRequest) {
+    pub(super) fn acquire(&mut self, now: Instant, request: LockRequest) {
         // Asking Redis for a driver who can't take the offer anyway would
         // only hold the key for nothing.
         if let Some(refused) = self.lock.refusal() {
@@ -53,7 +53,7 @@ impl Booking {
             ttl: request.timeout + LOCK_MARGIN,
             floor: self.lock.newest_token(),
         };
-        self.redis(op, Some(Waiting::Acquire(request)));
+        self.redis(op, Some(Waiting::Acquire(request, now)));
     }
 
     pub(super) fn redis_replied(&mut self, now: Instant, reply: RedisReply) {
@@ -65,8 +65,8 @@ impl Booking {
             return;
         };
         match (waiting, reply) {
-            (Waiting::Acquire(request), RedisReply::Acquired(result)) => {
-                self.acquired(now, request, result)
+            (Waiting::Acquire(request, sent_at), RedisReply::Acquired(result)) => {
+                self.acquired(now, sent_at, request, result)
             }
             (Waiting::Free, RedisReply::Freed) => {}
             (Waiting::Finish { owner, attempt }, RedisReply::Finished(answered)) => {
@@ -144,15 +144,21 @@ impl Booking {
     fn acquired(
         &mut self,
         now: Instant,
+        sent_at: Instant,
         request: LockRequest,
         result: Result<(FencingToken, Duration), LockRefused>,
     ) {
         match result {
             Ok((fencing_token, validity)) => {
                 let owner = self.owner_of(&request.holder, request.offer_id);
-                // The offer lasts no longer than the lock can be relied on,
-                // less room for the accept's confirm to get there.
-                let timeout = request.timeout.min(validity.saturating_sub(CONFIRM_ROOM));
+                // The lock can be relied on until `validity` after the
+                // attempt ended, which was after it was sent: counting from
+                // the send is safe however late the answer is handled (a
+                // node paused meanwhile must not offer a lock that lapsed).
+                // The offer lasts no longer than that, less room for the
+                // accept's confirm to get there.
+                let left = (sent_at + validity).saturating_duration_since(now);
+                let timeout = request.timeout.min(left.saturating_sub(CONFIRM_ROOM));
                 let granted = if now >= request.not_after {
                     // Redis took so long that the search has stopped
                     // looking: no offer goes out for it.

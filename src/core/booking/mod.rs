@@ -286,7 +286,7 @@ struct Renewal {
 #[derive(Clone, Debug)]
 enum Waiting {
     /// A lock: the request, and when its acquire went out.
-    Acquire(LockRequest),
+    Acquire(LockRequest, Instant),
     /// A release.
     Free,
     /// A trip's finish (`attempt` of [`cluster::FINISH_ATTEMPTS`]).
@@ -462,7 +462,7 @@ impl Booking {
             m::driver_state_left(state);
         }
         let waiting = match self.waiting.take() {
-            Some(Waiting::Acquire(request)) => Some(request),
+            Some(Waiting::Acquire(request, _)) => Some(request),
             _ => None,
         };
         self.session = None;
@@ -626,7 +626,7 @@ impl Booking {
             return self.refuse(request, LockRefused::SearchEnded);
         }
         if self.node.is_some() {
-            return self.acquire(request);
+            return self.acquire(now, request);
         }
         let token = self.ids.next_token();
         self.grant(now, request, token);
@@ -650,6 +650,7 @@ impl Booking {
             rider_id: holder.rider_id.clone(),
             request_id: holder.request_id.clone(),
             result,
+            node: None,
         };
         let offer = Offer {
             offer_id,

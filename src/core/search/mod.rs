@@ -143,6 +143,8 @@ pub struct LockAnswer {
     pub request_id: RequestId,
     /// Granted, or why not.
     pub result: Result<Granted, LockRefused>,
+    /// The driver's node, when it is another one and known.
+    pub node: Option<NodeId>,
 }
 
 impl LockAnswer {
@@ -160,6 +162,7 @@ impl LockAnswer {
             rider_id: holder.rider_id.clone(),
             request_id: holder.request_id.clone(),
             result: Err(why),
+            node: None,
         }
     }
 }
@@ -532,6 +535,7 @@ impl<R: Clone> Searches<R> {
             rider_id,
             request_id,
             result,
+            node: from,
         } = answer;
         let key = (rider_id, request_id);
         let Some(search) = self
@@ -541,7 +545,17 @@ impl<R: Clone> Searches<R> {
         else {
             // The offer already ended (the driver reported it before this
             // answer arrived), or its settle gave up on it, or the search is
-            // gone: whoever ended it took the driver out of `locking`.
+            // gone: whoever ended it took the driver out of `locking`. A
+            // grant nobody waits for any more is withdrawn, so the driver
+            // is not held for nothing (a no-op if the offer has ended).
+            if let Ok(Granted { fencing_token }) = result {
+                self.effects.push(SearchEffect::Cancel {
+                    driver: driver_id,
+                    node: from,
+                    offer_id,
+                    fencing_token,
+                });
+            }
             return;
         };
         self.locking.remove(&driver_id);

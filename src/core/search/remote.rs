@@ -201,7 +201,21 @@ impl<R: Clone> Searches<R> {
                 // news was lost), it is over without a trip. The driver is
                 // not held against this rider: it may never have seen the
                 // offer (a lost lock request: its node was resubscribing).
-                tracing::info!(driver = %driver_id, offer_id, "no news of a remote offer; it ended without a trip");
+                // An offer it does hold is withdrawn (its lock is gone).
+                tracing::info!(driver = %driver_id, offer_id, "no news of an offer; it ended without a trip");
+                if let Phase::Offered {
+                    node,
+                    fencing_token,
+                    ..
+                } = &search.phase
+                {
+                    self.effects.push(SearchEffect::Cancel {
+                        driver: driver_id.clone(),
+                        node: node.clone(),
+                        offer_id,
+                        fencing_token: *fencing_token,
+                    });
+                }
                 search.phase = Phase::Looking;
                 self.advance(now, key);
             }
