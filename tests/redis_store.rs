@@ -25,6 +25,7 @@ fn trip(owner: &str, trip_id: u64) -> TripRecord {
         pickup: LatLon::new(52.52, 13.405).unwrap(),
         rider_node: "a".into(),
         rider_is_remote: true,
+        rider_incarnation: 1,
     }
 }
 

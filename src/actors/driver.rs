@@ -26,6 +26,7 @@ use super::messages::{
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::Cluster;
 use crate::core::booking::{Booking, DriverEffect, DriverEvent, RedisOp, RedisReply, ReplyTo};
+use crate::core::Incarnation;
 use crate::ids::Ids;
 use crate::metrics as m;
 use crate::protocol::{DriverCommand, DriverId};
@@ -73,12 +74,15 @@ pub struct ConnectedElsewhere {
     pub node: NodeId,
 }
 
-/// Cluster mode: `node` died or left (see [`DriverEvent::HolderNodeGone`]).
+/// Cluster mode: a process of `node` died or left (see
+/// [`DriverEvent::HolderNodeGone`]).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct HolderNodeGone {
     /// The node.
     pub node: NodeId,
+    /// The process.
+    pub incarnation: Incarnation,
 }
 
 /// Cluster mode: Redis's answer to one of this driver's questions.
@@ -403,7 +407,11 @@ impl Handler<HolderNodeGone> for DriverActor {
     type Result = ();
 
     fn handle(&mut self, msg: HolderNodeGone, ctx: &mut Context<Self>) {
-        self.feed(DriverEvent::HolderNodeGone { node: msg.node }, ctx);
+        let event = DriverEvent::HolderNodeGone {
+            node: msg.node,
+            incarnation: msg.incarnation,
+        };
+        self.feed(event, ctx);
     }
 }
 
@@ -507,11 +515,14 @@ impl DriverRegistry {
 
     /// Tells every driver actor that `node` is gone (see [`HolderNodeGone`]).
     /// O(drivers), for a rare event.
-    pub fn holder_node_gone(&self, node: &NodeId) {
+    pub fn holder_node_gone(&self, node: &NodeId, incarnation: Incarnation) {
         for shard in &self.shards {
             let map = shard.lock().unwrap_or_else(|e| e.into_inner());
             for actor in map.values() {
-                actor.do_send(HolderNodeGone { node: node.clone() });
+                actor.do_send(HolderNodeGone {
+                    node: node.clone(),
+                    incarnation,
+                });
             }
         }
     }

@@ -308,6 +308,7 @@ impl Matcher {
                     &node,
                     Wire::Lock {
                         from: cluster.node().clone(),
+                        incarnation: cluster.incarnation(),
                         driver,
                         offer_id,
                         search: holder.search,

@@ -37,6 +37,7 @@ use wire::Wire;
 
 pub use crate::core::booking::LOCK_MARGIN;
 pub use crate::core::owner;
+use crate::core::Incarnation;
 
 /// Whether `node` is usable as a node id: it is part of Redis keys, channel
 /// names and lock owner values.
@@ -89,6 +90,8 @@ pub struct Cluster {
     /// The runtime that does all Redis I/O (see [`RedisRuntime`]).
     runtime: RedisRuntime,
     node: NodeId,
+    /// This process (see [`Incarnation`]).
+    incarnation: Incarnation,
     urls: Vec<String>,
     locks: Redlock,
     /// Availability changes of this node's drivers not yet published,
@@ -121,6 +124,8 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             runtime,
             node: node.into(),
+            // Random and never 0 (0 stands for "this node" in offers).
+            incarnation: rand::random::<u64>() | 1,
             urls: urls.to_vec(),
             locks,
             pending: Mutex::default(),
@@ -142,6 +147,13 @@ impl Cluster {
     /// This node's id.
     pub fn node(&self) -> &NodeId {
         &self.node
+    }
+
+    /// This process's incarnation: its liveness key holds it, and other
+    /// nodes take a new value for a restart (everything the old process
+    /// held is gone).
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
     }
 
     /// The driver locks.

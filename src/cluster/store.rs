@@ -70,15 +70,16 @@ return 0
 /// requesting node's liveness key, the driver's current trip, the driver's
 /// fence. ARGV: owner, trip id, record ttl ms, hold ms, the trip (JSON),
 /// whether the requesting node is another node ('1': its liveness is
-/// checked; the confirming node itself is alive by definition), the lock's
-/// fencing token.
+/// checked, and it must be the same process that asked; the confirming node
+/// itself is alive by definition), the lock's fencing token, the requesting
+/// node's incarnation.
 const CONFIRM: &str = r#"
 if redis.call('GET', KEYS[2]) == ARGV[2] then
   return 1
 end
 local token = tonumber(ARGV[7])
 if redis.call('EXISTS', KEYS[3]) == 0
-    and (ARGV[6] == '0' or redis.call('EXISTS', KEYS[4]) == 1)
+    and (ARGV[6] == '0' or redis.call('GET', KEYS[4]) == ARGV[8])
     and redis.call('GET', KEYS[1]) == ARGV[1]
     and tonumber(redis.call('GET', KEYS[6]) or '0') <= token then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
@@ -278,7 +279,8 @@ fn current_trip_key(driver: &str) -> String {
     format!("ridelock:driver:{driver}:trip")
 }
 
-/// A node's liveness key (see `bus`): present while the node is alive.
+/// A node's liveness key (see `bus`): present while the node is alive,
+/// holding the incarnation of the process that runs it.
 pub(crate) fn alive_key(node: &str) -> String {
     format!("ridelock:node:{node}:alive")
 }
@@ -430,6 +432,7 @@ impl LockServer {
                     json,
                     remote_rider.to_string(),
                     trip.fencing_token.to_string(),
+                    trip.rider_incarnation.to_string(),
                 ],
             )
             .await?;

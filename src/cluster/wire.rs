@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::location::LatLon;
 use crate::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
+use crate::core::Incarnation;
 use crate::protocol::{DriverId, RequestId, RiderId};
 
 /// An engine node's id (`--node-id`).
@@ -55,6 +56,9 @@ pub enum Wire {
     Lock {
         /// The requesting node (where the rider is).
         from: NodeId,
+        /// Its process (see [`Incarnation`]).
+        #[serde(default)]
+        incarnation: Incarnation,
         /// The driver.
         driver: DriverId,
         /// The offer's id (the requesting node's).

@@ -49,7 +49,16 @@ pub struct OfferHolder {
     /// Cluster mode: the node the rider is on, when it is not this one.
     /// Answers and outcomes go there instead of to this node's matcher.
     pub node: Option<NodeId>,
+    /// Cluster mode: which process of that node (0 when the rider is on
+    /// this node): a search dies with its process, and a node restarted
+    /// under the same id is another process.
+    pub incarnation: Incarnation,
 }
+
+/// One process of a cluster node: a node restarted under the same
+/// `--node-id` is a new incarnation, and what the old one held (searches,
+/// riders) is gone with it.
+pub type Incarnation = u64;
 
 /// The lock was granted: the offer is on its way to the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

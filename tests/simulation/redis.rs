@@ -42,10 +42,11 @@ pub enum ServerOp {
     CurrentTrip {
         driver: String,
     },
-    /// A node's liveness key, refreshed.
+    /// A node's liveness key, set to its process's incarnation.
     Alive {
         node: String,
         ttl: Duration,
+        incarnation: u64,
     },
     /// Whether a node's liveness key exists.
     IsAlive {
@@ -60,6 +61,7 @@ pub enum ServerReply {
     Done(bool),
     Trip(Option<TripId>),
     Record(Option<TripRecord>),
+    Incarnation(Option<u64>),
 }
 
 #[derive(Default)]
@@ -73,7 +75,7 @@ pub struct Server {
     settled: HashMap<String, Instant>,
     trips: HashMap<String, (TripId, Instant)>,
     current: HashMap<String, (String, TripRecord, Instant)>,
-    alive: HashMap<String, Instant>,
+    alive: HashMap<String, (u64, Instant)>,
 }
 
 fn live<V>(
@@ -168,7 +170,7 @@ impl Server {
                     return ServerReply::Done(true);
                 }
                 let rider_alive =
-                    !record.rider_is_remote || live(&self.alive, &record.rider_node, now, |at| *at);
+                    !record.rider_is_remote || self.alive.get(&*record.rider_node).is_some_and(|(inc, until)| *until > now && *inc == record.rider_incarnation);
                 let fence = self.fences.get(driver).copied().unwrap_or(0);
                 let ok = !live(&self.settled, &record.owner, now, |at| *at)
                     && rider_alive
@@ -237,11 +239,20 @@ impl Server {
                         .map(|(_, record, _)| record.clone()),
                 )
             }
-            ServerOp::Alive { node, ttl } => {
-                self.alive.insert(node.clone(), now + *ttl);
+            ServerOp::Alive {
+                node,
+                ttl,
+                incarnation,
+            } => {
+                self.alive.insert(node.clone(), (*incarnation, now + *ttl));
                 ServerReply::Done(true)
             }
-            ServerOp::IsAlive { node } => ServerReply::Done(live(&self.alive, node, now, |at| *at)),
+            ServerOp::IsAlive { node } => ServerReply::Incarnation(
+                self.alive
+                    .get(node)
+                    .filter(|(_, until)| *until > now)
+                    .map(|(inc, _)| *inc),
+            ),
         }
     }
 }

@@ -217,8 +217,8 @@ pub struct Node {
     pub driver_sessions: HashMap<usize, u64>,
     /// Which actor of each driver is alive here.
     pub actors: HashMap<usize, u64>,
-    /// Other nodes this node believes alive.
-    pub live: Vec<bool>,
+    /// The process of each other node this node believes alive.
+    pub live: Vec<Option<u64>>,
     pub ids: Arc<Ids>,
     pub tick_at: Option<Instant>,
     pub driver_tick_at: HashMap<usize, Instant>,
@@ -620,6 +620,7 @@ impl World {
                 let d = driver_index(&driver);
                 let left = not_after.saturating_duration_since(self.now);
                 holder.node = Some(self.nodes[node].id.clone());
+                holder.incarnation = u64::from(self.nodes[node].inc) + 1;
                 holder.first_offer_since = None;
                 let request = LockRequest {
                     offer_id,
@@ -1282,59 +1283,46 @@ impl World {
         if !n.paused {
             let id = n.id.clone();
             for s in 0..self.servers.len() {
-                self.send_server_op(
-                    s,
-                    0,
-                    ServerOp::Alive {
-                        node: id.to_string(),
-                        ttl: ALIVE_TTL,
-                    },
-                );
+                let op = ServerOp::Alive {
+                    node: id.to_string(),
+                    ttl: ALIVE_TTL,
+                    incarnation: u64::from(inc) + 1,
+                };
+                self.send_server_op(s, 0, op);
             }
-            // Which nodes are alive, as the first server that is up sees it.
+            // Which processes are alive, as the first server that is up
+            // sees it: one that lapsed or changed is gone, a new one loaded.
             if let Some(server) = self.servers.iter().position(|s| s.up) {
                 for other in 0..self.nodes.len() {
                     if other == node {
                         continue;
                     }
                     let other_id = self.nodes[other].id.clone();
-                    let alive = self.servers[server].apply(
-                        &ServerOp::IsAlive {
-                            node: other_id.to_string(),
-                        },
-                        self.now,
-                    ) == ServerReply::Done(true);
+                    let op = ServerOp::IsAlive {
+                        node: other_id.to_string(),
+                    };
+                    let ServerReply::Incarnation(now_alive) = self.servers[server].apply(&op, self.now) else {
+                        unreachable!("IsAlive says an incarnation")
+                    };
                     let believed = self.nodes[node].live[other];
-                    if believed != alive {
-                        self.nodes[node].live[other] = alive;
-                        let input = if alive {
-                            MatcherIn::NodeBack(other)
-                        } else {
-                            MatcherIn::NodeGone(other)
-                        };
-                        self.at(
-                            Duration::from_micros(50),
-                            Ev::ToMatcher { node, inc, input },
-                        );
-                        if !alive {
-                            let mut drivers: Vec<usize> =
-                                self.nodes[node].drivers.keys().copied().collect();
-                            drivers.sort_unstable();
-                            let other_id = self.nodes[other].id.clone();
-                            for d in drivers {
-                                self.at(
-                                    Duration::from_micros(60),
-                                    Ev::ToDriver {
-                                        node,
-                                        inc,
-                                        driver: d,
-                                        event: DriverEvent::HolderNodeGone {
-                                            node: other_id.clone(),
-                                        },
-                                    },
-                                );
-                            }
+                    if believed == now_alive {
+                        continue;
+                    }
+                    self.nodes[node].live[other] = now_alive;
+                    if let Some(old) = believed {
+                        self.at(Duration::from_micros(50), Ev::ToMatcher { node, inc, input: MatcherIn::NodeGone(other) });
+                        let mut drivers: Vec<usize> = self.nodes[node].drivers.keys().copied().collect();
+                        drivers.sort_unstable();
+                        for d in drivers {
+                            let event = DriverEvent::HolderNodeGone {
+                                node: other_id.clone(),
+                                incarnation: old,
+                            };
+                            self.at(Duration::from_micros(60), Ev::ToDriver { node, inc, driver: d, event });
                         }
+                    }
+                    if now_alive.is_some() {
+                        self.at(Duration::from_micros(70), Ev::ToMatcher { node, inc, input: MatcherIn::NodeBack(other) });
                     }
                 }
             }
@@ -1418,7 +1406,8 @@ pub fn new_node(
         drivers: HashMap::new(),
         driver_sessions: HashMap::new(),
         actors: HashMap::new(),
-        live: vec![true; nodes],
+        // Every node starts as its first process.
+        live: vec![Some(1); nodes],
         ids,
         tick_at: None,
         driver_tick_at: HashMap::new(),

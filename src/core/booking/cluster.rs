@@ -206,6 +206,7 @@ impl Booking {
             pickup: offer.holder.pickup,
             rider_node: offer.holder.node.clone().unwrap_or(node),
             rider_is_remote: offer.holder.node.is_some(),
+            rider_incarnation: offer.holder.incarnation,
         };
         let op = RedisOp::Confirm {
             record: record.clone(),
@@ -363,6 +364,7 @@ impl Booking {
                 pickup: record.pickup,
                 first_offer_since: None,
                 node: rider_node,
+                incarnation: record.rider_incarnation,
             },
         };
         let message = trip_assigned(&trip);

@@ -80,6 +80,10 @@ pub struct TripRecord {
     pub rider_node: NodeId,
     /// Whether that is another node than the driver's (at the accept).
     pub rider_is_remote: bool,
+    /// Which process of the rider's node made the search (a confirm passes
+    /// only while that process is alive).
+    #[serde(default)]
+    pub rider_incarnation: super::Incarnation,
 }
 
 /// Where a lock request's answer goes.
@@ -146,6 +150,8 @@ pub enum DriverEvent {
     HolderNodeGone {
         /// The node.
         node: NodeId,
+        /// Its process that is gone.
+        incarnation: super::Incarnation,
     },
     /// Time passed (see [`Booking::next_timeout`]).
     Tick,
@@ -510,11 +516,11 @@ impl Booking {
                     self.report(now, ended);
                 }
             }
-            DriverEvent::HolderNodeGone { node } => {
+            DriverEvent::HolderNodeGone { node, incarnation } => {
                 let Some(offer) = self.lock.current_offer() else {
                     return;
                 };
-                if offer.holder.node.as_ref() == Some(&node) {
+                if offer.holder.node.as_ref() == Some(&node) && offer.holder.incarnation == incarnation {
                     let (offer_id, token) = (offer.offer_id, offer.fencing_token);
                     if let Some(ended) = self.lock.cancel(offer_id, token) {
                         self.report(now, ended);

@@ -88,6 +88,7 @@ impl<R: Clone> Searches<R> {
             pickup: search.pickup,
             first_offer_since: (search.candidates_tried == 0).then_some(search.started),
             node: None,
+            incarnation: 0,
         };
         let not_after = search.started + self.settings.search_timeout;
         self.unpark(seq);
