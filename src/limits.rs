@@ -60,3 +60,11 @@ mod tests {
         assert_eq!(limit.rlim_cur, now);
     }
 }
+
+/// The wall clock in milliseconds since the Unix epoch (`None` before it).
+pub fn unix_ms() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}

@@ -317,6 +317,8 @@ impl Matcher {
                         pickup: holder.pickup,
                         timeout_ms: self.offer_timeout_ms,
                         search_left_ms: search_left.as_millis() as u64,
+                        search_deadline_unix_ms: crate::limits::unix_ms()
+                            .map(|now_ms| now_ms + search_left.as_millis() as u64),
                     },
                 );
             }

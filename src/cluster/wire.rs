@@ -76,6 +76,11 @@ pub enum Wire {
         /// How long the search goes on looking, ms from sending: a lock asked
         /// for later is refused.
         search_left_ms: u64,
+        /// The same deadline by the wall clock (ms since the Unix epoch), so
+        /// that a message late on its way does not stretch it; the earlier
+        /// of the two counts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        search_deadline_unix_ms: Option<u64>,
     },
     /// To the requesting node: the driver's node granted or refused a lock.
     Answer {

@@ -988,10 +988,12 @@ impl World {
                     event: DriverEvent::TryLock(request),
                     ..
                 },
-                Wire::Lock(_, _, left),
+                Wire::Lock(_, sent, left),
             ) = (&mut event, &message)
             {
-                request.not_after = self.now + delay + *left;
+                // Counted from the receipt, and cut to the deadline by the
+                // wall clock (all nodes' clocks agree here).
+                request.not_after = (self.now + delay + *left).min(sent.not_after);
             }
             self.at(delay, event);
         }

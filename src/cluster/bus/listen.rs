@@ -345,6 +345,7 @@ fn deliver(
             pickup,
             timeout_ms,
             search_left_ms,
+            search_deadline_unix_ms,
         } => {
             let holder = OfferHolder {
                 search,
@@ -359,7 +360,7 @@ fn deliver(
                 offer_id,
                 holder,
                 timeout: Duration::from_millis(timeout_ms),
-                not_after: Instant::now() + Duration::from_millis(search_left_ms),
+                not_after: Instant::now() + search_left(search_left_ms, search_deadline_unix_ms),
                 reply: ReplyTo::Node(from.clone()),
             };
             let route = ReplyRoute::Node(cluster.clone(), from);
@@ -416,4 +417,14 @@ fn deliver(
             }),
         ),
     }
+}
+
+/// How long a search that asked for a lock goes on looking, counted from
+/// now: what it said was left when it sent, cut to its wall-clock deadline
+/// if the message was late on its way.
+fn search_left(left_ms: u64, deadline_unix_ms: Option<u64>) -> Duration {
+    let by_clock = deadline_unix_ms
+        .zip(crate::limits::unix_ms())
+        .map(|(deadline, now)| deadline.saturating_sub(now));
+    Duration::from_millis(by_clock.map_or(left_ms, |clock| clock.min(left_ms)))
 }
