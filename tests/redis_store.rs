@@ -99,7 +99,10 @@ async fn a_driver_is_locked_once_and_tokens_grow() {
     assert!(server.release("d1", "node-b:3").await.unwrap());
     let floor = second + 1_000_000_000;
     assert_eq!(
-        server.try_acquire("d1", "node-c:4", ttl, floor).await.unwrap(),
+        server
+            .try_acquire("d1", "node-c:4", ttl, floor)
+            .await
+            .unwrap(),
         Some(floor + 1)
     );
 }
@@ -430,12 +433,20 @@ async fn the_trip_record_refuses_an_older_fencing_token() {
         ..trip(owner, token)
     };
     // A trip booked with token 100 sets the driver's fence.
-    server.try_acquire("d", "a/1", ttl, 0).await.unwrap().unwrap();
+    server
+        .try_acquire("d", "a/1", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(server.confirm("d", &with_token("a/1", 100)).await.unwrap());
     assert!(server.finish("d", "a/1").await.unwrap());
     // A later lock whose confirm carries an older token (a node acting on
     // what it knew before) is refused, though it owns the lock.
-    server.try_acquire("d", "a/2", ttl, 0).await.unwrap().unwrap();
+    server
+        .try_acquire("d", "a/2", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!server.confirm("d", &with_token("a/2", 99)).await.unwrap());
     assert_eq!(server.current_trip("d").await.unwrap(), None);
     // The same token again (a confirm asked twice) and a newer one pass.

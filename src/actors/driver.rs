@@ -316,6 +316,10 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
             };
             ("renew", kept != Some(false), reply)
         }
+        RedisOp::FinishTrip { trip_id } => {
+            let found = locks.finish_trip(driver, trip_id).await;
+            ("finish_trip", found, RedisReply::TripFinished)
+        }
         RedisOp::CurrentTrip => {
             let found = locks.current_trip(driver).await;
             (

@@ -484,6 +484,21 @@ impl LockServer {
         Ok(freed == 1)
     }
 
+    /// The driver's current trip as recorded, whoever holds its lock.
+    pub async fn recorded_trip(&self, driver: &str) -> Result<Option<TripRecord>, StoreError> {
+        let mut connection = self.connection.clone();
+        let value: Option<String> = self
+            .bounded(
+                redis::cmd("GET")
+                    .arg(current_trip_key(driver))
+                    .query_async(&mut connection),
+            )
+            .await?;
+        Ok(value
+            .and_then(|v| v.split_once('|').map(|(_, json)| json.to_string()))
+            .and_then(|json| serde_json::from_str(&json).ok()))
+    }
+
     /// The driver's current trip, if one is recorded and its lock is still
     /// held by the trip's owner (see [`CURRENT_TRIP`]).
     pub async fn current_trip(&self, driver: &str) -> Result<Option<TripRecord>, StoreError> {
@@ -700,6 +715,25 @@ impl Redlock {
     pub async fn finish(&self, driver: &str, owner: &str) -> bool {
         let answers = join_all(self.servers.iter().map(|s| s.finish(driver, owner))).await;
         answers.iter().filter(|r| r.is_ok()).count() >= quorum(self.servers.len())
+    }
+
+    /// The driver's app completed `trip_id` on a node that does not hold
+    /// it: if any server records it as the driver's current trip, it is
+    /// finished under its owner everywhere, which frees its lock and marks
+    /// the owner, so that the node holding it lets it go at its next
+    /// renewal. Whether it was found.
+    pub async fn finish_trip(&self, driver: &str, trip_id: TripId) -> bool {
+        let records = join_all(self.servers.iter().map(|s| s.recorded_trip(driver))).await;
+        let Some(owner) = records
+            .into_iter()
+            .filter_map(|r| r.ok().flatten())
+            .find(|record| record.trip_id == trip_id)
+            .map(|record| record.owner)
+        else {
+            return false;
+        };
+        self.finish(driver, &owner).await;
+        true
     }
 
     /// The driver's current trip (see [`current_trip_verdict`]).

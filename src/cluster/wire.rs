@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::Incarnation;
 use crate::location::LatLon;
 use crate::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
-use crate::core::Incarnation;
 use crate::protocol::{DriverId, RequestId, RiderId};
 
 /// An engine node's id (`--node-id`).

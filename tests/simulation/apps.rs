@@ -254,7 +254,13 @@ impl World {
                         _ => token,
                     };
                     self.ledger.app_accepted(driver, offer_id);
-                    self.command(driver, DriverCommand::Accept { offer_id, fencing_token });
+                    self.command(
+                        driver,
+                        DriverCommand::Accept {
+                            offer_id,
+                            fencing_token,
+                        },
+                    );
                 } else if answer < 85 {
                     self.drivers[driver].offers.pop();
                     self.command(driver, DriverCommand::Decline { offer_id });
@@ -439,7 +445,19 @@ impl World {
         {
             return;
         }
-        self.note(|| format!("fault {fault:?}"));
+        let before = self.faults_injected;
+        let what = format!("{fault:?}");
+        self.apply_fault(fault);
+        if self.faults_injected > before
+            || what.contains("Resume")
+            || what.contains("Restart")
+            || what.contains("Up")
+        {
+            self.note(|| format!("fault {what}"));
+        }
+    }
+
+    fn apply_fault(&mut self, fault: Fault) {
         match fault {
             Fault::Pause(node) => {
                 if self.nodes[node].up && !self.nodes[node].paused {
@@ -507,7 +525,13 @@ impl World {
                 }
                 self.schedule_fault();
             }
-            Fault::ServerUp(server) => self.servers[server].up = true,
+            // Back: it missed writes while away, which trip renewals repair
+            // before the next trouble.
+            Fault::ServerUp(server) => {
+                self.servers[server].up = true;
+                let repaired = self.now + TRIP_HOLD / 3 + Duration::from_secs(2);
+                self.servers_calm_at = self.servers_calm_at.max(repaired);
+            }
             Fault::ServerWipe(server) => {
                 if self.servers.iter().all(|s| s.up) && self.now >= self.servers_calm_at {
                     self.faults_injected += 1;

@@ -159,7 +159,14 @@ impl Ledger {
         let rider: usize = record.rider_id[1..].parse().expect("r<n>");
         let request = (rider, record.request_id.clone());
         let node = world.node_index(&record.owner[..record.owner.find('/').expect("node/offer")]);
-        self.booked(world, node, driver, record.trip_id, record.offer_id, request)
+        self.booked(
+            world,
+            node,
+            driver,
+            record.trip_id,
+            record.offer_id,
+            request,
+        )
     }
 
     fn booked(
@@ -183,11 +190,15 @@ impl Ledger {
             }
         }
         if !self.app_accepts.contains(&(driver, offer)) {
-            return Err(format!("trip {trip} booked for d{driver}, whose app never accepted offer {offer}"));
+            return Err(format!(
+                "trip {trip} booked for d{driver}, whose app never accepted offer {offer}"
+            ));
         }
         let booking = (driver, request);
         match self.accepted.insert(trip, booking.clone()) {
-            Some(earlier) if earlier != booking => Err(format!("trip {trip} booked twice: {earlier:?}, then {booking:?}")),
+            Some(earlier) if earlier != booking => Err(format!(
+                "trip {trip} booked twice: {earlier:?}, then {booking:?}"
+            )),
             _ => Ok(()),
         }
     }

@@ -123,6 +123,14 @@ impl Server {
         live(&self.settled, owner, now, |at| *at)
     }
 
+    /// The driver's current trip as recorded, whoever holds its lock.
+    pub fn recorded_trip(&self, driver: &str, now: Instant) -> Option<TripRecord> {
+        self.current
+            .get(driver)
+            .filter(|(_, _, until)| *until > now)
+            .map(|(_, record, _)| record.clone())
+    }
+
     /// Drivers whose lock is held at `now`.
     pub fn locked(&self, now: Instant) -> Vec<(String, String)> {
         self.locks
@@ -169,8 +177,13 @@ impl Server {
                 {
                     return ServerReply::Done(true);
                 }
-                let rider_alive =
-                    !record.rider_is_remote || self.alive.get(&*record.rider_node).is_some_and(|(inc, until)| *until > now && *inc == record.rider_incarnation);
+                let rider_alive = !record.rider_is_remote
+                    || self
+                        .alive
+                        .get(&*record.rider_node)
+                        .is_some_and(|(inc, until)| {
+                            *until > now && *inc == record.rider_incarnation
+                        });
                 let fence = self.fences.get(driver).copied().unwrap_or(0);
                 let ok = !live(&self.settled, &record.owner, now, |at| *at)
                     && rider_alive
@@ -196,9 +209,15 @@ impl Server {
                 let holder = self.lock_owner(driver, now).map(str::to_string);
                 let owner = &record.owner;
                 let settled = live(&self.settled, owner, now, |at| *at);
-                if holder.as_deref() == Some(owner.as_str()) || (holder.is_none() && *repair && !settled) {
-                    self.locks.insert(driver.clone(), (owner.clone(), now + TRIP_HOLD));
-                    self.current.insert(driver.clone(), (owner.clone(), record.clone(), now + TRIP_HOLD));
+                if holder.as_deref() == Some(owner.as_str())
+                    || (holder.is_none() && *repair && !settled)
+                {
+                    self.locks
+                        .insert(driver.clone(), (owner.clone(), now + TRIP_HOLD));
+                    self.current.insert(
+                        driver.clone(),
+                        (owner.clone(), record.clone(), now + TRIP_HOLD),
+                    );
                     return ServerReply::Done(true);
                 }
                 ServerReply::Done(false)

@@ -777,7 +777,12 @@ impl World {
         Ok(())
     }
 
-    pub fn answer(&mut self, node: usize, to: ReplyTo, mut answer: LockAnswer) -> Result<(), String> {
+    pub fn answer(
+        &mut self,
+        node: usize,
+        to: ReplyTo,
+        mut answer: LockAnswer,
+    ) -> Result<(), String> {
         let d = driver_index(&answer.driver_id);
         match to {
             ReplyTo::Matcher => {
@@ -795,7 +800,14 @@ impl World {
             }
             ReplyTo::Node(to) => {
                 let to = self.node_index(&to);
-                self.wire(node, to, Wire::Matcher(MatcherIn::Answer({ answer.node = Some(self.nodes[node].id.clone()); answer })));
+                self.wire(
+                    node,
+                    to,
+                    Wire::Matcher(MatcherIn::Answer({
+                        answer.node = Some(self.nodes[node].id.clone());
+                        answer
+                    })),
+                );
             }
         }
         Ok(())
@@ -1003,6 +1015,28 @@ impl World {
 
     /// Asks every server `op` for `asker`.
     pub fn call(&mut self, asker: Asker, driver: String, op: RedisOp) {
+        if let RedisOp::FinishTrip { trip_id } = op {
+            // Read the record where it is, then finish under its owner on
+            // every server (the read is modelled as instant; its failures
+            // would only make this do nothing, like a lost message).
+            let owner = self
+                .servers
+                .iter()
+                .filter(|s| s.up)
+                .filter_map(|s| s.recorded_trip(&driver, self.now))
+                .find(|record| record.trip_id == trip_id)
+                .map(|record| record.owner);
+            if let Some(owner) = owner {
+                for server in 0..self.servers.len() {
+                    let op = ServerOp::Finish {
+                        driver: driver.clone(),
+                        owner: owner.clone(),
+                    };
+                    self.send_server_op(server, 0, op);
+                }
+            }
+            return;
+        }
         self.next_call += 1;
         let id = self.next_call;
         let servers = self.servers.len();
@@ -1061,7 +1095,13 @@ impl World {
         );
     }
 
-    fn server_op(&mut self, server: usize, call: u64, op: ServerOp, fate: ReplyFate) -> Result<(), String> {
+    fn server_op(
+        &mut self,
+        server: usize,
+        call: u64,
+        op: ServerOp,
+        fate: ReplyFate,
+    ) -> Result<(), String> {
         if !self.servers[server].up {
             return Ok(());
         }
@@ -1221,6 +1261,7 @@ impl World {
                     .collect();
                 RedisReply::Settled(settle_verdict(&trips))
             }
+            RedisOp::FinishTrip { .. } => unreachable!("done in `call`"),
             RedisOp::CurrentTrip => {
                 let records = call
                     .answers
@@ -1303,7 +1344,9 @@ impl World {
                     let op = ServerOp::IsAlive {
                         node: other_id.to_string(),
                     };
-                    let ServerReply::Incarnation(now_alive) = self.servers[server].apply(&op, self.now) else {
+                    let ServerReply::Incarnation(now_alive) =
+                        self.servers[server].apply(&op, self.now)
+                    else {
                         unreachable!("IsAlive says an incarnation")
                     };
                     let believed = self.nodes[node].live[other];
@@ -1312,19 +1355,42 @@ impl World {
                     }
                     self.nodes[node].live[other] = now_alive;
                     if let Some(old) = believed {
-                        self.at(Duration::from_micros(50), Ev::ToMatcher { node, inc, input: MatcherIn::NodeGone(other) });
-                        let mut drivers: Vec<usize> = self.nodes[node].drivers.keys().copied().collect();
+                        self.at(
+                            Duration::from_micros(50),
+                            Ev::ToMatcher {
+                                node,
+                                inc,
+                                input: MatcherIn::NodeGone(other),
+                            },
+                        );
+                        let mut drivers: Vec<usize> =
+                            self.nodes[node].drivers.keys().copied().collect();
                         drivers.sort_unstable();
                         for d in drivers {
                             let event = DriverEvent::HolderNodeGone {
                                 node: other_id.clone(),
                                 incarnation: old,
                             };
-                            self.at(Duration::from_micros(60), Ev::ToDriver { node, inc, driver: d, event });
+                            self.at(
+                                Duration::from_micros(60),
+                                Ev::ToDriver {
+                                    node,
+                                    inc,
+                                    driver: d,
+                                    event,
+                                },
+                            );
                         }
                     }
                     if now_alive.is_some() {
-                        self.at(Duration::from_micros(70), Ev::ToMatcher { node, inc, input: MatcherIn::NodeBack(other) });
+                        self.at(
+                            Duration::from_micros(70),
+                            Ev::ToMatcher {
+                                node,
+                                inc,
+                                input: MatcherIn::NodeBack(other),
+                            },
+                        );
                     }
                 }
             }
@@ -1382,6 +1448,7 @@ fn server_ops(op: &RedisOp, driver: &str, servers: usize) -> Vec<ServerOp> {
             owner: owner.clone(),
         },
         RedisOp::CurrentTrip => ServerOp::CurrentTrip { driver },
+        RedisOp::FinishTrip { .. } => unreachable!("done by the caller"),
     };
     vec![one; servers]
 }

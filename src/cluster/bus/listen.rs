@@ -86,7 +86,15 @@ async fn listen_on(
     )
     .await
     .map_err(|_| io_timeout())??;
-    let mut live = snapshot(cluster, &mut connection, matcher, registry, timeout, &HashMap::new()).await?;
+    let mut live = snapshot(
+        cluster,
+        &mut connection,
+        matcher,
+        registry,
+        timeout,
+        &HashMap::new(),
+    )
+    .await?;
     tracing::info!(
         server = server.url(),
         nodes = live.len(),

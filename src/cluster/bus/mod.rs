@@ -146,4 +146,3 @@ async fn run_pipe(server: &LockServer, pipe: redis::Pipeline) -> bool {
         Ok(Ok(()))
     )
 }
-

@@ -15,7 +15,10 @@ use crate::location::LatLon;
 use crate::protocol::DriverId;
 
 /// The publisher task.
-pub(super) async fn publish(cluster: Arc<Cluster>, mut directed: mpsc::UnboundedReceiver<Outgoing>) {
+pub(super) async fn publish(
+    cluster: Arc<Cluster>,
+    mut directed: mpsc::UnboundedReceiver<Outgoing>,
+) {
     // This node's offerable drivers, for servers that lost them.
     let mut own: HashMap<DriverId, LatLon> = HashMap::new();
     let mut alive = tokio::time::interval(ALIVE_REFRESH);

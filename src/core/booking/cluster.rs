@@ -387,7 +387,10 @@ impl Booking {
                 // went quiet, may hold a trip completed elsewhere.
                 let repair = self.session.is_some() || renewal.kept;
                 self.effects
-                    .push(super::DriverEffect::Redis(RedisOp::Renew { record, repair }));
+                    .push(super::DriverEffect::Redis(RedisOp::Renew {
+                        record,
+                        repair,
+                    }));
             }
         }
         if let Some((_, at, _)) = &self.finish_retry {

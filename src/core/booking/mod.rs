@@ -203,13 +203,20 @@ pub enum RedisOp {
     },
     /// Read the driver's current trip.
     CurrentTrip,
+    /// The app completed trip `trip_id`, which this node does not hold: if
+    /// it is the driver's current trip in Redis, finish it there under its
+    /// owner (its holder elsewhere learns at its next renewal).
+    FinishTrip {
+        /// The trip.
+        trip_id: TripId,
+    },
 }
 
 impl RedisOp {
     /// Whether the driver waits for the answer before handling anything
     /// else (all but renewals).
     pub fn blocks(&self) -> bool {
-        !matches!(self, RedisOp::Renew { .. })
+        !matches!(self, RedisOp::Renew { .. } | RedisOp::FinishTrip { .. })
     }
 }
 
@@ -235,6 +242,8 @@ pub enum RedisReply {
     },
     /// To `CurrentTrip`.
     CurrentTrip(Result<Option<TripRecord>, ()>),
+    /// To `FinishTrip` (nothing waits for it).
+    TripFinished,
 }
 
 /// What the driver's actor must carry out.
@@ -423,6 +432,7 @@ impl Booking {
         match event {
             // Renewals run beside everything else, but what they find waits
             // like any other event.
+            DriverEvent::Redis(RedisReply::TripFinished) => {}
             DriverEvent::Redis(reply) if !matches!(reply, RedisReply::Renewed { .. }) => {
                 self.redis_replied(now, reply)
             }
@@ -520,7 +530,9 @@ impl Booking {
                 let Some(offer) = self.lock.current_offer() else {
                     return;
                 };
-                if offer.holder.node.as_ref() == Some(&node) && offer.holder.incarnation == incarnation {
+                if offer.holder.node.as_ref() == Some(&node)
+                    && offer.holder.incarnation == incarnation
+                {
                     let (offer_id, token) = (offer.offer_id, offer.fencing_token);
                     if let Some(ended) = self.lock.cancel(offer_id, token) {
                         self.report(now, ended);
@@ -605,6 +617,8 @@ impl Booking {
                     // if it turns up, it is finished rather than taken.
                     if self.node.is_some() {
                         self.remember_completed(trip_id);
+                        self.effects
+                            .push(DriverEffect::Redis(RedisOp::FinishTrip { trip_id }));
                     }
                     self.error(ErrorCode::UnknownTrip, e.to_string())
                 }
