@@ -41,6 +41,14 @@ pub fn open_file_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// The wall clock in milliseconds since the Unix epoch (`None` before it).
+pub fn unix_ms() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -59,12 +67,4 @@ mod tests {
         assert_eq!(limit.rlim_cur, limit.rlim_max);
         assert_eq!(limit.rlim_cur, now);
     }
-}
-
-/// The wall clock in milliseconds since the Unix epoch (`None` before it).
-pub fn unix_ms() -> Option<u64> {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_millis() as u64)
 }

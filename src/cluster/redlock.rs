@@ -140,6 +140,8 @@ pub fn settle_verdict(answers: &[Option<Option<TripId>>]) -> Option<Settled> {
 /// or `None` when it did not answer. A trip counts when a majority shows
 /// the same one (`same` tells records apart); none when no trip can reach
 /// a majority any more; otherwise `Err`: ask again.
+// `Err` only says "ask again": there is nothing more to carry.
+#[allow(clippy::result_unit_err)]
 pub fn current_trip_verdict<T>(
     answers: Vec<Option<Option<T>>>,
     same: impl Fn(&T, &T) -> bool,

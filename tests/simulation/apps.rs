@@ -77,7 +77,7 @@ impl World {
         (!up.is_empty()).then(|| up[self.rng.random_range(0..up.len())])
     }
 
-    fn to_driver_actor(&mut self, driver: usize, node: usize, event: DriverEvent) {
+    fn send_to_driver_actor(&mut self, driver: usize, node: usize, event: DriverEvent) {
         let inc = self.nodes[node].inc;
         self.lane(
             lane_driver_app(driver),
@@ -94,7 +94,7 @@ impl World {
 
     fn command(&mut self, driver: usize, command: DriverCommand) {
         if let Some((node, session)) = self.drivers[driver].conn {
-            self.to_driver_actor(driver, node, DriverEvent::Command { session, command });
+            self.send_to_driver_actor(driver, node, DriverEvent::Command { session, command });
         }
     }
 
@@ -104,7 +104,7 @@ impl World {
             // The app opens the new connection; half the time it closes the
             // old one, otherwise the old node hears of it over the bus.
             if self.rng.random_bool(0.5) {
-                self.to_driver_actor(driver, old, DriverEvent::Detach { session });
+                self.send_to_driver_actor(driver, old, DriverEvent::Detach { session });
             }
         }
         self.next_session += 1;
@@ -112,7 +112,7 @@ impl World {
         let app = &mut self.drivers[driver];
         app.conn = Some((node, session));
         app.offers.clear();
-        self.to_driver_actor(driver, node, DriverEvent::Attach { session });
+        self.send_to_driver_actor(driver, node, DriverEvent::Attach { session });
         let at = self.drivers[driver].at;
         self.command(
             driver,
@@ -277,7 +277,7 @@ impl World {
             80..83 => {
                 if let Some((node, session)) = self.drivers[driver].conn.take() {
                     self.drivers[driver].offers.clear();
-                    self.to_driver_actor(driver, node, DriverEvent::Detach { session });
+                    self.send_to_driver_actor(driver, node, DriverEvent::Detach { session });
                 }
             }
             83..86 => self.driver_connect(driver),
@@ -287,7 +287,7 @@ impl World {
 
     // ----- riders -----
 
-    fn to_matcher(&mut self, rider: usize, node: usize, input: MatcherIn) {
+    fn send_to_matcher(&mut self, rider: usize, node: usize, input: MatcherIn) {
         let inc = self.nodes[node].inc;
         self.lane(
             lane_rider(rider),
@@ -351,7 +351,7 @@ impl World {
     fn rider_leaves(&mut self, rider: usize) {
         if let Some((node, session)) = self.riders[rider].conn.take() {
             self.riders[rider].pending.clear();
-            self.to_matcher(rider, node, MatcherIn::RiderGone { rider, session });
+            self.send_to_matcher(rider, node, MatcherIn::RiderGone { rider, session });
         }
     }
 
@@ -373,7 +373,7 @@ impl World {
                 let request_id: RequestId = format!("q{}", app.next).into();
                 app.pending.push(request_id.clone());
                 let pickup = app.at;
-                self.to_matcher(
+                self.send_to_matcher(
                     rider,
                     node,
                     MatcherIn::Request {
@@ -390,7 +390,7 @@ impl World {
                     return;
                 }
                 let request_id = pending[self.rng.random_range(0..pending.len())].clone();
-                self.to_matcher(
+                self.send_to_matcher(
                     rider,
                     node,
                     MatcherIn::Cancel {

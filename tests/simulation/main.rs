@@ -58,7 +58,7 @@ fn fault_simulation() {
     let min_events: u64 = std::env::var("RIDELOCK_SIM_EVENTS")
         .ok()
         .map(|s| s.parse().expect("a number"))
-        .unwrap_or(1_000_000);
+        .unwrap_or(3_000_000);
     let (mut events, mut seeds, mut faults) = (0u64, 0u64, 0u64);
     let mut seed = replay.unwrap_or(0);
     loop {
@@ -81,7 +81,7 @@ fn fault_simulation() {
             };
             panic!("seed {seed}: {violation}\n{whole}\nreplay with RIDELOCK_SIM_SEED={seed}");
         }
-        if replay.is_some() || (events >= min_events && seeds >= 16) {
+        if replay.is_some() || (events >= min_events && seeds >= 64) {
             break;
         }
         seed += 1;

@@ -736,22 +736,16 @@ impl World {
         };
         booking.handle(now, event.clone());
         self.note(|| format!("n{node}/d{driver} <- {event:?}"));
-        loop {
-            let effects = match self.nodes[node].drivers.get_mut(&driver) {
-                Some(b) => b.take_effects(),
-                None => break,
-            };
-            if effects.is_empty() {
-                break;
-            }
-            let mut lost = false;
+        // Carrying out an effect never feeds the actor here (no outbox
+        // fills up), so one round drains it.
+        while let Some(effects) = self.nodes[node]
+            .drivers
+            .get_mut(&driver)
+            .map(|b| b.take_effects())
+            .filter(|effects| !effects.is_empty())
+        {
             for effect in effects {
-                lost |= self.driver_effect(node, inc, driver, effect)?;
-            }
-            if lost {
-                if let Some(b) = self.nodes[node].drivers.get_mut(&driver) {
-                    b.handle(now, DriverEvent::SessionLost);
-                }
+                self.driver_effect(node, inc, driver, effect)?;
             }
         }
         if let Some(next) = self.nodes[node]

@@ -45,6 +45,11 @@ pub const RETIRE_AFTER: Duration = Duration::from_secs(60);
 /// distances in offers and matches; ranking is off by at most this much.
 pub const MIN_INDEX_MOVE_M: f64 = 5.0;
 
+/// The longest a trip lasts: one not completed by then ends by itself
+/// (its lock freed), so that a driver whose app vanished mid-trip is not
+/// held, and its lock renewed, forever.
+pub const TRIP_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
+
 /// Trips a driver remembers having completed (see `Booking::completed`).
 const REMEMBERED_TRIPS: usize = 8;
 
@@ -353,6 +358,8 @@ pub struct Booking {
     /// Trips this driver completed lately: never taken over again from a
     /// record that outlived them.
     completed: VecDeque<TripId>,
+    /// Since when the driver is on its trip (here), for [`TRIP_MAX_AGE`].
+    trip_since: Option<Instant>,
     effects: Vec<DriverEffect>,
 }
 
@@ -375,6 +382,7 @@ impl Booking {
             lookup_retry: None,
             finish_retry: None,
             completed: VecDeque::new(),
+            trip_since: None,
             effects: Vec::new(),
         }
     }
@@ -421,6 +429,7 @@ impl Booking {
             self.renewal.as_ref().map(|r| r.at),
             self.lookup_retry.map(|(at, _)| at),
             self.finish_retry.as_ref().map(|(_, at, _)| *at),
+            self.trip_since.map(|since| since + TRIP_MAX_AGE),
         ]
         .into_iter()
         .flatten()
@@ -816,7 +825,13 @@ impl Booking {
             self.effects.push(DriverEffect::Indexed(location));
             self.indexed_at = location;
         }
-        let idle = self.session.is_none() && !matches!(self.lock.state(), LockState::OnTrip(_));
+        let on_trip = matches!(self.lock.state(), LockState::OnTrip(_));
+        match (on_trip, self.trip_since) {
+            (true, None) => self.trip_since = Some(now),
+            (false, Some(_)) => self.trip_since = None,
+            _ => {}
+        }
+        let idle = self.session.is_none() && !on_trip;
         match (idle, self.retire_at) {
             (true, None) => self.retire_at = Some(now + RETIRE_AFTER),
             (false, Some(_)) => self.retire_at = None,
@@ -834,6 +849,18 @@ impl Booking {
             if let Some(ended) = self.lock.expire(now) {
                 self.report(now, ended);
             }
+        }
+        if self
+            .trip_since
+            .is_some_and(|since| since + TRIP_MAX_AGE <= now)
+        {
+            if let Some(trip_id) = self.trip_id() {
+                tracing::warn!(driver = %self.id, trip = trip_id, "a trip outlived its maximum age; it ends");
+                if let Ok(trip) = self.lock.complete_trip(trip_id) {
+                    self.trip_ended(&trip);
+                }
+            }
+            self.trip_since = None;
         }
         if self.retire_at.is_some_and(|at| at <= now) {
             self.retire_at = None;

@@ -245,9 +245,22 @@ impl<R> Search<R> {
     }
 }
 
-/// When news of a remote lock is due: (when, search seq, offer, settle
-/// attempts so far, search).
-type RemoteDue = (Instant, u64, OfferId, u32, SearchKey);
+/// When news of an offer is due: (when, search seq, offer, settle attempts
+/// so far, which news, search).
+type RemoteDue = (Instant, u64, OfferId, u32, Awaited, SearchKey);
+
+/// Which news of an offer a due date is for: it counts only while the
+/// search still waits for that news (a lock answer that came in time must
+/// not let its due date settle the granted offer it became).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Awaited {
+    /// The answer to a lock request (the search is locking).
+    Answer,
+    /// How a granted offer ended (the search has it offered).
+    Outcome,
+    /// Either: a settle asked again, or the driver's node is gone.
+    Any,
+}
 
 /// Every search of one node, and the index of drivers it may offer.
 pub struct Searches<R> {
@@ -588,8 +601,14 @@ impl<R: Clone> Searches<R> {
                     + self.settings.offer_timeout
                     + self.settings.lock_margin
                     + REMOTE_ANSWER_WAIT;
-                self.remote_due
-                    .push(Reverse((due, seq, offer_id, 0, key.clone())));
+                self.remote_due.push(Reverse((
+                    due,
+                    seq,
+                    offer_id,
+                    0,
+                    Awaited::Outcome,
+                    key.clone(),
+                )));
                 if search.cancel_requested {
                     self.withdraw(now, &key);
                 }

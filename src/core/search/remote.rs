@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Instant;
 
-use super::{Phase, SearchEffect, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY};
+use super::{Awaited, Phase, SearchEffect, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY};
 use crate::cluster::wire::NodeId;
 use crate::core::{owner, Settled};
 use crate::location::LatLon;
@@ -76,8 +76,14 @@ impl<R: Clone> Searches<R> {
             } = &search.phase
             {
                 if *n == node {
-                    self.remote_due
-                        .push(Reverse((now, search.seq, *offer_id, 0, key.clone())));
+                    self.remote_due.push(Reverse((
+                        now,
+                        search.seq,
+                        *offer_id,
+                        0,
+                        Awaited::Any,
+                        key.clone(),
+                    )));
                 }
             }
         }
@@ -132,11 +138,21 @@ impl<R: Clone> Searches<R> {
             if *due > now {
                 break;
             }
-            let Some(Reverse((_, seq, offer_id, attempts, key))) = self.remote_due.pop() else {
+            let Some(Reverse((_, seq, offer_id, attempts, awaited, key))) = self.remote_due.pop()
+            else {
                 break;
             };
             let Some(search) = self.searches.get_mut(&key).filter(|s| {
-                s.seq == seq && s.current_offer() == Some(offer_id) && s.settling != Some(offer_id)
+                let still_awaited = match (awaited, &s.phase) {
+                    (Awaited::Answer, Phase::Locking { .. })
+                    | (Awaited::Outcome, Phase::Offered { .. })
+                    | (Awaited::Any, _) => true,
+                    _ => false,
+                };
+                s.seq == seq
+                    && s.current_offer() == Some(offer_id)
+                    && s.settling != Some(offer_id)
+                    && still_awaited
             }) else {
                 continue;
             };
@@ -221,8 +237,9 @@ impl<R: Clone> Searches<R> {
             }
             None if attempts < SETTLE_ATTEMPTS => {
                 m::redis_settle_undecided();
+                let due = now + SETTLE_RETRY;
                 self.remote_due
-                    .push(Reverse((now + SETTLE_RETRY, seq, offer_id, attempts, key)));
+                    .push(Reverse((due, seq, offer_id, attempts, Awaited::Any, key)));
             }
             None => {
                 // Redis has not been able to tell for a long while: the rider

@@ -3,7 +3,7 @@
 
 use std::cmp::Reverse;
 
-use super::{Phase, Search, SearchEffect, SearchKey, Searches, REMOTE_ANSWER_WAIT};
+use super::{Awaited, Phase, Search, SearchEffect, SearchKey, Searches, REMOTE_ANSWER_WAIT};
 use crate::core::lock::TripId;
 use crate::core::OfferHolder;
 use crate::location::LatLon;
@@ -96,8 +96,9 @@ impl<R: Clone> Searches<R> {
         if node.is_some() {
             // A lost request or answer between nodes would leave the search
             // waiting: past this, the lock is settled in Redis instead.
+            let due = now + REMOTE_ANSWER_WAIT;
             self.remote_due
-                .push(Reverse((now + REMOTE_ANSWER_WAIT, seq, offer_id, 0, key)));
+                .push(Reverse((due, seq, offer_id, 0, Awaited::Answer, key)));
         }
         self.effects.push(SearchEffect::Lock {
             driver: driver_id,

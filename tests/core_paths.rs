@@ -1,0 +1,569 @@
+//! The booking core driven directly, with time passed in: each of the paths
+//! that once broke the one-driver-one-rider promise (issue 9), and what the
+//! fencing token guards. Each test sets up the exact timing that went wrong;
+//! the fault simulation (`tests/simulation`) finds such timings at random.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ridelock::actors::messages::DriverChanges;
+use ridelock::cluster::redlock::current_trip_verdict;
+use ridelock::core::booking::{
+    Booking, DriverEffect, DriverEvent, LockRequest, RedisOp, RedisReply, ReplyTo, TripRecord,
+    TRIP_MAX_AGE,
+};
+use ridelock::core::lock::{Ending, LockRefused, LockState};
+use ridelock::core::search::{LockAnswer, SearchEffect, SearchSettings, Searches};
+use ridelock::core::{Granted, OfferHolder, Settled};
+use ridelock::ids::Ids;
+use ridelock::location::LatLon;
+use ridelock::protocol::{DriverCommand, ErrorCode, ServerMessage};
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+fn here() -> LatLon {
+    LatLon::new(52.52, 13.405).unwrap()
+}
+
+fn holder(node: Option<&str>, incarnation: u64) -> OfferHolder {
+    OfferHolder {
+        search: 1,
+        rider_id: "r1".into(),
+        request_id: "q1".into(),
+        pickup: here(),
+        first_offer_since: None,
+        node: node.map(Into::into),
+        incarnation,
+    }
+}
+
+fn request(offer_id: u64, holder: OfferHolder, not_after: Instant) -> LockRequest {
+    let reply = match &holder.node {
+        Some(node) => ReplyTo::Node(node.clone()),
+        None => ReplyTo::Matcher,
+    };
+    LockRequest {
+        offer_id,
+        holder,
+        timeout: Duration::from_secs(15),
+        not_after,
+        reply,
+    }
+}
+
+/// A driver on node `node` (cluster mode when `Some`), connected on session
+/// 1, located and available; its trip look-up answered "none".
+fn ready_driver(node: Option<&str>, now: Instant) -> Booking {
+    let mut driver = Booking::new("d1".into(), Arc::new(Ids::default()), node.map(Into::into));
+    driver.handle(now, DriverEvent::Attach { session: 1 });
+    if node.is_some() {
+        driver.handle(now, DriverEvent::Redis(RedisReply::CurrentTrip(Ok(None))));
+    }
+    let at = here();
+    let command = |command| DriverEvent::Command {
+        session: 1,
+        command,
+    };
+    driver.handle(
+        now,
+        command(DriverCommand::Location {
+            lat: at.lat,
+            lon: at.lon,
+        }),
+    );
+    driver.handle(now, command(DriverCommand::Available));
+    driver.take_effects();
+    driver
+}
+
+fn redis_ops(effects: &[DriverEffect]) -> Vec<&RedisOp> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            DriverEffect::Redis(op) => Some(op),
+            _ => None,
+        })
+        .collect()
+}
+
+fn told(effects: &[DriverEffect]) -> Vec<&ServerMessage> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            DriverEffect::Tell(message) => Some(message),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A cluster-mode driver holding offer 7 (token 100) for a rider on node
+/// "b", incarnation 5.
+fn offered_in_cluster(now: Instant) -> Booking {
+    let mut driver = ready_driver(Some("a"), now);
+    let not_after = now + Duration::from_secs(60);
+    driver.handle(
+        now,
+        DriverEvent::TryLock(request(7, holder(Some("b"), 5), not_after)),
+    );
+    let effects = driver.take_effects();
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Acquire { .. }]));
+    driver.handle(
+        now,
+        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
+    );
+    let effects = driver.take_effects();
+    assert!(
+        told(&effects)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Offer { offer_id: 7, .. })),
+        "{effects:?}"
+    );
+    driver
+}
+
+fn accept(offer_id: u64, fencing_token: Option<u64>) -> DriverEvent {
+    DriverEvent::Command {
+        session: 1,
+        command: DriverCommand::Accept {
+            offer_id,
+            fencing_token,
+        },
+    }
+}
+
+/// Path 1: an accept whose confirm may have landed while Redis could not
+/// say so keeps the driver held until Redis decides; it is never freed for
+/// another rider meanwhile.
+#[test]
+fn an_undecided_accept_keeps_the_driver_held_until_redis_decides() {
+    let t0 = Instant::now();
+    let mut driver = offered_in_cluster(t0);
+    driver.handle(t0, accept(7, None));
+    let mut now = t0;
+    // Three confirms Redis can't answer, 100 ms apart, then a settle.
+    for _ in 0..3 {
+        let effects = driver.take_effects();
+        assert!(matches!(redis_ops(&effects)[..], [RedisOp::Confirm { .. }]));
+        driver.handle(now, DriverEvent::Redis(RedisReply::Confirmed(None)));
+        now += MS(100);
+        driver.handle(now, DriverEvent::Tick);
+    }
+    let effects = driver.take_effects();
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Settle { .. }]));
+    // The settle's answer is lost too: still held, still waiting.
+    driver.handle(now, DriverEvent::Redis(RedisReply::Settled(None)));
+    assert!(driver.is_waiting());
+    assert!(matches!(driver.lock().state(), LockState::Offered(_)));
+    let effects = driver.take_effects();
+    assert!(
+        redis_ops(&effects).is_empty(),
+        "nothing released: {effects:?}"
+    );
+    // Another rider asks for the driver meanwhile: it waits, not granted.
+    driver.handle(
+        now,
+        DriverEvent::TryLock(request(8, holder(None, 0), now + Duration::from_secs(60))),
+    );
+    assert!(driver.take_effects().is_empty());
+    // Asked again 500 ms later; Redis now says the accept had booked.
+    now += MS(500);
+    driver.handle(now, DriverEvent::Tick);
+    let effects = driver.take_effects();
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Settle { .. }]));
+    driver.handle(
+        now,
+        DriverEvent::Redis(RedisReply::Settled(Some(Settled::Trip(1)))),
+    );
+    let effects = driver.take_effects();
+    assert!(
+        told(&effects)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::TripAssigned { .. })),
+        "{effects:?}"
+    );
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        DriverEffect::Ended { outcome, .. } if outcome.ending == Ending::Accepted
+    )));
+    // The waiting request is answered now: the driver is on a trip.
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        DriverEffect::Answer { answer, .. } if answer.offer_id == 8
+            && answer.result == Err(LockRefused::OnTrip)
+    )));
+}
+
+fn record(owner: &str, trip_id: u64) -> TripRecord {
+    TripRecord {
+        owner: owner.into(),
+        trip_id,
+        offer_id: 7,
+        fencing_token: 100,
+        rider_id: "r1".into(),
+        request_id: "q1".into(),
+        pickup: here(),
+        rider_node: "b".into(),
+        rider_is_remote: true,
+        rider_incarnation: 5,
+    }
+}
+
+/// Path 2: a trip is taken over only when a majority of servers show it
+/// with its lock still held by its owner, and a trip this driver completed
+/// is never taken over again from a record that outlived it.
+#[test]
+fn only_a_live_trip_shown_by_a_majority_is_taken_over() {
+    let same = |a: &TripRecord, b: &TripRecord| a.trip_id == b.trip_id && a.owner == b.owner;
+    let trip = record("b/7", 1);
+    // One server of three shows it; the others answered that there is none.
+    assert_eq!(
+        current_trip_verdict(vec![Some(Some(trip.clone())), Some(None), Some(None)], same),
+        Ok(None)
+    );
+    // One shows it and one did not answer: can't tell.
+    assert_eq!(
+        current_trip_verdict(vec![Some(Some(trip.clone())), None, Some(None)], same),
+        Err(())
+    );
+    assert_eq!(
+        current_trip_verdict(
+            vec![Some(Some(trip.clone())), Some(Some(trip.clone())), None],
+            same
+        ),
+        Ok(Some(trip.clone()))
+    );
+
+    // This driver takes a trip over, completes it, and a look-up then finds
+    // its stale record.
+    let now = Instant::now();
+    let mut driver = Booking::new("d1".into(), Arc::new(Ids::default()), Some("a".into()));
+    driver.handle(now, DriverEvent::Attach { session: 1 });
+    driver.handle(
+        now,
+        DriverEvent::Redis(RedisReply::CurrentTrip(Ok(Some(trip.clone())))),
+    );
+    assert_eq!(driver.trip_id(), Some(1), "taken over");
+    driver.take_effects();
+    driver.handle(
+        now,
+        DriverEvent::Command {
+            session: 1,
+            command: DriverCommand::TripCompleted { trip_id: 1 },
+        },
+    );
+    let effects = driver.take_effects();
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Finish { .. }]));
+    driver.handle(now, DriverEvent::Redis(RedisReply::Finished(true)));
+    // Reconnecting, the look-up finds the record (a finish that did not
+    // reach every server): the trip is finished again, not taken.
+    driver.handle(now, DriverEvent::Attach { session: 2 });
+    driver.take_effects();
+    driver.handle(
+        now,
+        DriverEvent::Redis(RedisReply::CurrentTrip(Ok(Some(trip)))),
+    );
+    assert_eq!(driver.trip_id(), None);
+    let effects = driver.take_effects();
+    assert!(
+        matches!(redis_ops(&effects)[..], [RedisOp::Finish { owner }] if owner == "b/7"),
+        "{effects:?}"
+    );
+}
+
+/// Path 3: offers held for riders of a node's old process are withdrawn
+/// when that process is gone; the new process's are not, and a confirm
+/// carries the incarnation that asked.
+#[test]
+fn a_restarted_node_is_another_process() {
+    let now = Instant::now();
+    let mut driver = offered_in_cluster(now);
+    driver.handle(
+        now,
+        DriverEvent::HolderNodeGone {
+            node: "b".into(),
+            incarnation: 6,
+        },
+    );
+    assert!(matches!(driver.lock().state(), LockState::Offered(_)));
+    driver.handle(now, accept(7, None));
+    let effects = driver.take_effects();
+    match redis_ops(&effects)[..] {
+        [RedisOp::Confirm { record }] => assert_eq!(record.rider_incarnation, 5),
+        _ => panic!("{effects:?}"),
+    }
+    let mut driver = offered_in_cluster(now);
+    driver.handle(
+        now,
+        DriverEvent::HolderNodeGone {
+            node: "b".into(),
+            incarnation: 5,
+        },
+    );
+    assert!(matches!(driver.lock().state(), LockState::Free));
+}
+
+/// Path 4: location updates reach the matcher coalesced per driver, with at
+/// most one wake-up queued however many drivers move.
+#[test]
+fn location_updates_are_coalesced_per_driver() {
+    let changes = DriverChanges::default();
+    let at = |i: u32| LatLon::new(52.0 + f64::from(i) * 1e-4, 13.0).unwrap();
+    assert!(changes.push("d1".into(), Some(at(1))), "the first wakes");
+    for i in 2..1000 {
+        assert!(!changes.push("d1".into(), Some(at(i))));
+        assert!(!changes.push("d2".into(), Some(at(i))));
+    }
+    changes.push("d2".into(), None);
+    changes.woken_up();
+    let (mut taken, more) = changes.take(16);
+    taken.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!more);
+    assert_eq!(
+        taken,
+        vec![("d1".into(), Some(at(999))), ("d2".into(), None)]
+    );
+    // Taken in slices: the rest waits for the next turn.
+    for i in 0..10 {
+        changes.push(format!("d{i}").into(), Some(at(i)));
+    }
+    changes.woken_up();
+    let (first, more) = changes.take(4);
+    assert_eq!((first.len(), more), (4, true));
+    assert!(changes.rewake(), "the matcher wakes itself for the rest");
+    assert_eq!(changes.take(100).0.len(), 6);
+}
+
+/// Path 5a: a driver actor that stops while holding an offer ends it.
+#[test]
+fn a_stopping_driver_ends_its_offer() {
+    let now = Instant::now();
+    let mut driver = ready_driver(None, now);
+    driver.handle(
+        now,
+        DriverEvent::TryLock(request(7, holder(None, 0), now + Duration::from_secs(60))),
+    );
+    driver.take_effects();
+    driver.stop(now);
+    let effects = driver.take_effects();
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        DriverEffect::Ended { outcome, .. }
+            if outcome.offer_id == 7 && outcome.ending == Ending::DriverDisconnected
+    )));
+}
+
+fn settings() -> SearchSettings {
+    SearchSettings {
+        radius_m: 5_000.0,
+        max_candidates: 5,
+        search_timeout: Duration::from_secs(60),
+        offer_timeout: Duration::from_secs(15),
+        max_requests_per_rider: 8,
+        max_searches: 100,
+        lock_margin: Duration::from_secs(1),
+    }
+}
+
+/// Ticks `searches` at each of its timeouts until one does something (or
+/// it has nothing left to do); when, and what.
+fn tick_until_something(searches: &mut Searches<u32>) -> (Instant, Vec<SearchEffect<u32>>) {
+    let counts = searches.counts();
+    while let Some(at) = searches.next_timeout() {
+        searches.tick(at);
+        let effects = searches.take_effects();
+        if !effects.is_empty() || searches.counts() != counts {
+            return (at, effects);
+        }
+    }
+    panic!("nothing happened")
+}
+
+/// Path 5b: an offer settled as dead (no news of it) is withdrawn from the
+/// driver; and 5a's other half: on one node, an offer with no news past its
+/// deadline is taken as lost, so the search moves on.
+#[test]
+fn an_offer_without_news_is_settled_and_withdrawn() {
+    let t0 = Instant::now();
+    let mut searches: Searches<u32> =
+        Searches::new(settings(), Arc::new(Ids::default()), Some("a".into()));
+    searches.remote_driver(t0, "b".into(), "d1".into(), Some(here()));
+    searches.request(t0, 1, "r1".into(), 1, "q1".into(), here(), t0);
+    let effects = searches.take_effects();
+    let Some(SearchEffect::Lock {
+        offer_id, holder, ..
+    }) = effects
+        .iter()
+        .find(|e| matches!(e, SearchEffect::Lock { .. }))
+    else {
+        panic!("{effects:?}")
+    };
+    let (offer_id, search) = (*offer_id, holder.search);
+    searches.lock_answered(
+        t0,
+        LockAnswer {
+            driver_id: "d1".into(),
+            offer_id,
+            search,
+            rider_id: "r1".into(),
+            request_id: "q1".into(),
+            result: Ok(Granted { fencing_token: 9 }),
+            node: Some("b".into()),
+        },
+    );
+    // No outcome by the deadline and its slack: settled in Redis.
+    let (late, effects) = tick_until_something(&mut searches);
+    assert!(late > t0 + Duration::from_secs(15));
+    let ticket = match &effects[..] {
+        [SearchEffect::Settle { ticket, .. }] => ticket.clone(),
+        other => panic!("{other:?}"),
+    };
+    searches.settled(late, ticket, Some(Settled::Dead));
+    let effects = searches.take_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            SearchEffect::Cancel { offer_id: o, fencing_token: 9, node: Some(n), .. }
+                if *o == offer_id && &**n == "b"
+        )),
+        "{effects:?}"
+    );
+
+    // One node: a local offer with no news ends as lost.
+    let mut searches: Searches<u32> = Searches::new(settings(), Arc::new(Ids::default()), None);
+    searches.driver_changed(t0, "d1".into(), Some(here()));
+    searches.request(t0, 1, "r1".into(), 1, "q1".into(), here(), t0);
+    let effects = searches.take_effects();
+    let Some(SearchEffect::Lock {
+        offer_id, holder, ..
+    }) = effects
+        .iter()
+        .find(|e| matches!(e, SearchEffect::Lock { .. }))
+    else {
+        panic!("{effects:?}")
+    };
+    let (offer_id, search) = (*offer_id, holder.search);
+    searches.lock_answered(
+        t0,
+        LockAnswer {
+            driver_id: "d1".into(),
+            offer_id,
+            search,
+            rider_id: "r1".into(),
+            request_id: "q1".into(),
+            result: Ok(Granted { fencing_token: 9 }),
+            node: None,
+        },
+    );
+    searches.take_effects();
+    let (late, _) = tick_until_something(&mut searches);
+    assert!(late > t0 + Duration::from_secs(15));
+    assert_eq!(searches.counts().waiting, 1, "looking again (parked)");
+}
+
+/// Path 5c: a lock Redis granted only after the search's deadline is not
+/// offered (and is released); nor is one whose time ran out while the
+/// node was paused.
+#[test]
+fn no_offer_goes_out_after_the_search_deadline_or_the_lock() {
+    let t0 = Instant::now();
+    let mut driver = ready_driver(Some("a"), t0);
+    driver.handle(
+        t0,
+        DriverEvent::TryLock(request(7, holder(Some("b"), 5), t0 + MS(200))),
+    );
+    driver.take_effects();
+    driver.handle(
+        t0 + MS(250),
+        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
+    );
+    let effects = driver.take_effects();
+    assert!(told(&effects).is_empty(), "{effects:?}");
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        DriverEffect::Answer { answer, .. } if answer.result == Err(LockRefused::SearchEnded)
+    )));
+    driver.handle(t0 + MS(250), DriverEvent::Redis(RedisReply::Freed));
+
+    // Granted while the node was paused for 20 s: the lock (16 s) lapsed.
+    let t1 = t0 + Duration::from_secs(1);
+    driver.handle(
+        t1,
+        DriverEvent::TryLock(request(
+            8,
+            holder(Some("b"), 5),
+            t1 + Duration::from_secs(60),
+        )),
+    );
+    driver.take_effects();
+    driver.handle(
+        t1 + Duration::from_secs(20),
+        DriverEvent::Redis(RedisReply::Acquired(Ok((101, Duration::from_secs(16))))),
+    );
+    let effects = driver.take_effects();
+    assert!(told(&effects).is_empty(), "{effects:?}");
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
+}
+
+/// Path 5d: a trip whose app vanished ends at its maximum age (its lock
+/// freed), rather than being renewed forever.
+#[test]
+fn a_trip_ends_at_its_maximum_age() {
+    let t0 = Instant::now();
+    let mut driver = offered_in_cluster(t0);
+    driver.handle(t0, accept(7, None));
+    driver.take_effects();
+    driver.handle(t0, DriverEvent::Redis(RedisReply::Confirmed(Some(true))));
+    assert!(driver.trip_id().is_some());
+    driver.handle(t0, DriverEvent::Detach { session: 1 });
+    driver.take_effects();
+    // Renewals meanwhile say the lock is still held.
+    let mut now = t0;
+    while now < t0 + TRIP_MAX_AGE {
+        now = driver.next_timeout().expect("a renewal or the age");
+        driver.handle(now, DriverEvent::Tick);
+        for op in redis_ops(&driver.take_effects()) {
+            if let RedisOp::Renew { record, .. } = op {
+                let reply = RedisReply::Renewed {
+                    owner: record.owner.clone(),
+                    kept: Some(true),
+                };
+                driver.handle(now, DriverEvent::Redis(reply));
+            }
+        }
+        if driver.trip_id().is_none() {
+            break;
+        }
+    }
+    assert_eq!(driver.trip_id(), None);
+    assert!(now >= t0 + TRIP_MAX_AGE);
+}
+
+/// What the fencing token guards on the driver's side: an accept carrying
+/// a token other than the offer's is refused with `offer_expired`, and the
+/// offer stays; the right one books (one node, no Redis).
+#[test]
+fn an_accept_with_a_stale_fencing_token_is_refused() {
+    let now = Instant::now();
+    let mut driver = ready_driver(None, now);
+    driver.handle(
+        now,
+        DriverEvent::TryLock(request(7, holder(None, 0), now + Duration::from_secs(60))),
+    );
+    let token = match told(&driver.take_effects())[..] {
+        [ServerMessage::Offer { fencing_token, .. }] => *fencing_token,
+        ref other => panic!("{other:?}"),
+    };
+    driver.handle(now, accept(7, Some(token - 1)));
+    let effects = driver.take_effects();
+    assert!(matches!(
+        told(&effects)[..],
+        [ServerMessage::Error {
+            code: ErrorCode::OfferExpired,
+            ..
+        }]
+    ));
+    assert!(matches!(driver.lock().state(), LockState::Offered(_)));
+    driver.handle(now, accept(7, Some(token)));
+    assert!(driver.trip_id().is_some());
+}
