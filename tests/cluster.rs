@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::redis::{signal, RedisServer};
 use common::{wait_for_available, Client};
-use ridelock::protocol::{NoDriverReason, RevokeReason, ServerMessage};
+use ridelock::protocol::{NoDriverReason, ServerMessage};
 use ridelock::Engine;
 use serde_json::json;
 

@@ -85,6 +85,20 @@ pub struct HolderNodeGone {
     pub incarnation: Incarnation,
 }
 
+/// Cluster mode: another node booked this driver after its app had moved
+/// here (see [`DriverEvent::LookUpTrip`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LookUpTrip;
+
+impl Handler<LookUpTrip> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: LookUpTrip, ctx: &mut Context<Self>) {
+        self.feed(DriverEvent::LookUpTrip, ctx);
+    }
+}
+
 /// Cluster mode: Redis's answer to one of this driver's questions.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -221,6 +235,14 @@ impl DriverActor {
             DriverEffect::Attached => {
                 if let Some(cluster) = &self.cluster {
                     cluster.broadcast(Wire::Attached {
+                        node: cluster.node().clone(),
+                        driver: id,
+                    });
+                }
+            }
+            DriverEffect::LeftOnTrip => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.broadcast(Wire::TripBooked {
                         node: cluster.node().clone(),
                         driver: id,
                     });

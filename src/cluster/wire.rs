@@ -52,6 +52,15 @@ pub enum Wire {
         /// The driver.
         driver: DriverId,
     },
+    /// On the drivers channel: `driver` is on a trip on `node` and its app
+    /// left that node (perhaps already connected elsewhere before the trip
+    /// was booked); the node the app is on takes the trip over from Redis.
+    TripBooked {
+        /// The node where it was booked.
+        node: NodeId,
+        /// The driver.
+        driver: DriverId,
+    },
     /// To a driver's node: lock `driver` for this request and offer it.
     Lock {
         /// The requesting node (where the rider is).

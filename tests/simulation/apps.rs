@@ -26,6 +26,9 @@ pub struct DriverApp {
     pub completed: Vec<TripId>,
     /// The newest offer, so that a resend (after a reconnect) is known.
     pub last_offer: Option<(OfferId, FencingToken)>,
+    /// Every offer seen, with its token: an offer sent again (the app came
+    /// back to a node that still holds it) is not a new lock.
+    pub seen: std::collections::HashMap<OfferId, FencingToken>,
 }
 
 pub struct RiderApp {
@@ -53,6 +56,7 @@ impl DriverApp {
             trip: None,
             last_token: 0,
             last_offer: None,
+            seen: std::collections::HashMap::new(),
             completed: Vec::new(),
         }
     }
@@ -169,11 +173,12 @@ impl World {
                 fencing_token,
                 ..
             } => {
-                let resent = app.last_offer == Some((offer_id, fencing_token));
+                let resent = app.seen.get(&offer_id) == Some(&fencing_token);
                 if fencing_token <= app.last_token && !resent {
                     return Err(format!("d{driver} got offer {offer_id} with fencing token {fencing_token}, not above {} seen before", app.last_token));
                 }
-                app.last_token = fencing_token;
+                app.seen.insert(offer_id, fencing_token);
+                app.last_token = app.last_token.max(fencing_token);
                 app.last_offer = Some((offer_id, fencing_token));
                 app.offers.retain(|(o, _)| *o != offer_id);
                 app.offers.push((offer_id, request_id));

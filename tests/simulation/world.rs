@@ -274,8 +274,8 @@ impl World {
         let settings = SearchSettings {
             radius_m: 3_000.0,
             max_candidates: 6,
-            search_timeout: Duration::from_secs(8),
-            offer_timeout: Duration::from_secs(2),
+            search_timeout: Duration::from_secs(10),
+            offer_timeout: Duration::from_secs(4),
             max_requests_per_rider: 2,
             max_searches: 10_000,
             lock_margin: LOCK_MARGIN,
@@ -898,6 +898,13 @@ impl World {
                                 at,
                             }),
                         );
+                    }
+                }
+            }
+            DriverEffect::LeftOnTrip => {
+                for to in 0..self.nodes.len() {
+                    if to != node {
+                        self.wire(node, to, Wire::Driver(driver, DriverEvent::LookUpTrip));
                     }
                 }
             }

@@ -14,7 +14,7 @@ use super::{
     decode_at, drivers_key, ALIVE_REFRESH, BULK_TIMEOUT_FACTOR, CHECKS_BEFORE_SWITCH,
     FORGET_DEAD_SCRIPT, NODES_KEY, RESUBSCRIBE_DELAY, RESUBSCRIBE_DELAY_MAX, RESYNC_EVERY,
 };
-use crate::actors::driver::{ConnectedElsewhere, DriverRegistry};
+use crate::actors::driver::{ConnectedElsewhere, DriverRegistry, LookUpTrip};
 use crate::actors::matcher::{LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteSnapshot};
 use crate::actors::messages::{
     CancelOffer, DriverDirectory, LockAnswered, OfferEnded, ReplyRoute, ToDriver, TryLock,
@@ -339,6 +339,13 @@ fn deliver(
             if node != cluster.node {
                 if let Some(actor) = registry.get(&driver) {
                     actor.do_send(ConnectedElsewhere { node });
+                }
+            }
+        }
+        Wire::TripBooked { node, driver } => {
+            if node != cluster.node {
+                if let Some(actor) = registry.get(&driver) {
+                    actor.do_send(LookUpTrip);
                 }
             }
         }

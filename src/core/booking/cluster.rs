@@ -257,6 +257,9 @@ impl Booking {
                 Ok(ended) => {
                     self.renew_during_trip(now, record);
                     self.report(now, ended);
+                    if self.session.is_none() {
+                        self.effects.push(super::DriverEffect::LeftOnTrip);
+                    }
                 }
                 Err(e) => self.answer_failed(now, e),
             }

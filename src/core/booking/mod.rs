@@ -158,6 +158,9 @@ pub enum DriverEvent {
         /// Its process that is gone.
         incarnation: super::Incarnation,
     },
+    /// Cluster mode: the driver was booked on another node after its app
+    /// had moved here: look its trip up in Redis and take it over.
+    LookUpTrip,
     /// Time passed (see [`Booking::next_timeout`]).
     Tick,
     /// Cluster mode: Redis answered (or could not).
@@ -284,6 +287,10 @@ pub enum DriverEffect {
     Indexed(Option<LatLon>),
     /// Cluster mode: tell the other nodes the app connected here.
     Attached,
+    /// Cluster mode: the driver is on a trip here and its app has left,
+    /// perhaps to another node it connected to before the trip was booked
+    /// (it accepted, then moved): the node it is on takes the trip over.
+    LeftOnTrip,
     /// Cluster mode: ask Redis.
     Redis(RedisOp),
     /// Nothing is left to keep: the actor may stop.
@@ -512,12 +519,14 @@ impl Booking {
             DriverEvent::Detach { session } => {
                 if self.session == Some(session) {
                     self.session = None;
+                    self.left_on_trip();
                 }
                 self.effects.push(DriverEffect::DropSession(session));
             }
             DriverEvent::SessionLost | DriverEvent::ConnectedElsewhere => {
                 if let Some(session) = self.session.take() {
                     self.effects.push(DriverEffect::DropSession(session));
+                    self.left_on_trip();
                 }
             }
             DriverEvent::Command { session, command } => {
@@ -548,6 +557,7 @@ impl Booking {
                     }
                 }
             }
+            DriverEvent::LookUpTrip => self.lookup_trip(now, 1),
             DriverEvent::Tick => {}
             DriverEvent::Redis(reply) => self.redis_replied(now, reply),
         }
@@ -927,6 +937,12 @@ impl Booking {
         if self.node.is_some() {
             let owner = self.owner_of(&trip.holder, trip.offer_id);
             self.finish(owner, 1);
+        }
+    }
+
+    fn left_on_trip(&mut self) {
+        if self.node.is_some() && self.trip_id().is_some() {
+            self.effects.push(DriverEffect::LeftOnTrip);
         }
     }
 
