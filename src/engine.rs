@@ -77,6 +77,14 @@ async fn connect_cluster(config: &Config) -> Result<Arc<Cluster>, StartError> {
     let cluster = Cluster::connect(&node, &config.redis, config.redis_timeout())
         .await
         .map_err(|e| StartError::Redis(e.to_string()))?;
+    // Registered (run on the Redis runtime, where the connections live)
+    // before anything is served.
+    let registering = cluster.clone();
+    cluster
+        .spawn(async move { Bus::register(&registering).await })
+        .await
+        .map_err(|e| StartError::Redis(e.to_string()))?
+        .map_err(StartError::Redis)?;
     tracing::info!(node, servers = config.redis.len(), "cluster mode");
     Ok(cluster)
 }

@@ -10,6 +10,7 @@ use ridelock::core::lock::{FencingToken, OfferId, TripId};
 use ridelock::location::LatLon;
 use ridelock::protocol::{DriverCommand, RequestId, ServerMessage};
 
+use super::redis::ServerOp;
 use super::world::{
     lane_driver, lane_driver_app, lane_matcher, lane_rider, new_node, AppIn, Ev, Fault, MatcherIn,
     World,
@@ -499,8 +500,25 @@ impl World {
                 if self.nodes[node].up {
                     return;
                 }
+                // A process registers its incarnation on a majority of the
+                // lock servers before it serves (as `Bus::register` does):
+                // from then on, confirms for the old one's riders fail.
+                let up = self.servers.iter().filter(|s| s.up).count();
+                if up < ridelock::cluster::redlock::quorum(self.servers.len()) {
+                    self.at(Duration::from_millis(500), Ev::Fault(Fault::Restart(node)));
+                    return;
+                }
                 let inc = self.nodes[node].inc + 1;
                 let nodes = self.nodes.len();
+                let register = ServerOp::Alive {
+                    node: self.nodes[node].id.to_string(),
+                    ttl: Duration::from_secs(5),
+                    incarnation: u64::from(inc) + 1,
+                };
+                let now = self.now;
+                for server in self.servers.iter_mut().filter(|s| s.up) {
+                    server.apply(&register, now);
+                }
                 self.nodes[node] = new_node(node, inc, &self.settings, true, nodes);
                 self.at(Duration::ZERO, Ev::Liveness { node, inc });
                 for other in 0..nodes {

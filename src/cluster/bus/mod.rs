@@ -90,6 +90,38 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// Registers this process before it serves: its liveness key, holding
+    /// its incarnation, on every server, and this node's announced drivers
+    /// cleared (a node restarted under the same id starts from nothing).
+    /// From then on, a confirm for a rider of an earlier process of this
+    /// node fails. A majority of servers must take it.
+    pub async fn register(cluster: &Cluster) -> Result<(), String> {
+        let node = &cluster.node;
+        let incarnation = cluster.incarnation.to_string();
+        let done = join_all(cluster.locks.server_list().iter().map(|server| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(alive_key(node))
+                .arg(&incarnation)
+                .arg("PX")
+                .arg(ALIVE_TTL.as_millis() as u64)
+                .ignore();
+            pipe.cmd("SADD").arg(NODES_KEY).arg(&**node).ignore();
+            pipe.cmd("DEL").arg(drivers_key(node)).ignore();
+            run_pipe(server, pipe)
+        }))
+        .await;
+        let registered = done.into_iter().filter(|ok| *ok).count();
+        let servers = cluster.locks.servers();
+        if registered >= super::redlock::quorum(servers) {
+            Ok(())
+        } else {
+            Err(format!(
+                "could register node {node} on only {registered} of {servers} Redis servers"
+            ))
+        }
+    }
+
     /// Starts the publisher and the listener on the cluster's Redis runtime.
     pub fn start(
         cluster: Arc<Cluster>,
