@@ -152,8 +152,9 @@ impl Ledger {
         record: &TripRecord,
     ) -> Result<(), String> {
         let servers = self.confirms.entry(record.trip_id).or_default();
-        servers.insert(server);
-        if servers.len() != quorum {
+        // Booked when the quorum is first reached (a confirm asked again
+        // lands on servers that have it already).
+        if !servers.insert(server) || servers.len() != quorum {
             return Ok(());
         }
         let rider: usize = record.rider_id[1..].parse().expect("r<n>");
