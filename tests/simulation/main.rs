@@ -11,6 +11,7 @@ mod check;
 mod redis;
 mod world;
 
+use std::io::Write;
 use std::time::Duration;
 
 use world::{Shape, World};
@@ -86,5 +87,10 @@ fn fault_simulation() {
         }
         seed += 1;
     }
-    println!("simulated {events} events over {seeds} seeds, {faults} faults injected, 0 invariant violations");
+    // Written to stderr directly (not through the harness's capture), so
+    // that every `cargo test` shows it.
+    let _ = writeln!(
+        std::io::stderr(),
+        "simulated {events} events over {seeds} seeds, {faults} faults injected, 0 invariant violations"
+    );
 }

@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
-use super::{Granted, OfferHolder};
+use super::lock::{Ending, FencingToken, LockRefused, OfferId};
+use super::Granted;
 use crate::cluster::wire::NodeId;
 use crate::ids::Ids;
 use crate::location::LatLon;
@@ -29,8 +29,13 @@ use crate::metrics as m;
 use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
 use crate::spatial::SpatialIndex;
 
+mod events;
 mod remote;
 mod steps;
+
+pub use events::{
+    LockAnswer, OfferOutcome, SearchCounts, SearchEffect, SearchKey, SearchSettings, SettleTicket,
+};
 
 /// Cluster mode: how long a remote lock's answer may take before the lock is
 /// settled in Redis instead (see `settle_due`); also the slack on a remote
@@ -44,149 +49,6 @@ pub(super) const SETTLE_ATTEMPTS: u32 = 60;
 /// request ends `no_driver` (`locks_unavailable`), and the wait between them.
 const STORE_FAILURES: u32 = 3;
 const STORE_RETRY: Duration = Duration::from_millis(200);
-
-/// The limits and timings a [`Searches`] works with.
-#[derive(Clone, Debug)]
-pub struct SearchSettings {
-    /// How far from the pickup a driver may be, in metres.
-    pub radius_m: f64,
-    /// Drivers offered per request before `no_driver`.
-    pub max_candidates: u32,
-    /// How long a request searches before `no_driver`.
-    pub search_timeout: Duration,
-    /// How long a driver has to answer an offer.
-    pub offer_timeout: Duration,
-    /// Requests in flight per rider, over all of its connections.
-    pub max_requests_per_rider: usize,
-    /// Searches held in total, parked ones included.
-    pub max_searches: usize,
-    /// Cluster mode: how much longer a lock lives in Redis than its offer.
-    pub lock_margin: Duration,
-}
-
-/// A rider's request, as a search knows it.
-pub type SearchKey = (RiderId, RequestId);
-
-/// What the caller must carry out.
-#[derive(Clone, Debug, PartialEq)]
-pub enum SearchEffect<R> {
-    /// Send `message` to the rider's connection `to`.
-    Tell {
-        /// The connection.
-        to: R,
-        /// The message.
-        message: ServerMessage,
-    },
-    /// Ask `driver` for its lock: on this node (`node: None`) or on `node`.
-    /// Exactly one [`LockAnswer`] must come back (a refusal if the request
-    /// cannot be delivered on this node).
-    Lock {
-        /// The driver.
-        driver: DriverId,
-        /// The driver's node, when it is another one.
-        node: Option<NodeId>,
-        /// The offer's id.
-        offer_id: OfferId,
-        /// Who asks.
-        holder: OfferHolder,
-        /// How long the driver has to answer.
-        timeout: Duration,
-        /// The search's deadline: the driver refuses a request that reaches
-        /// it later.
-        not_after: Instant,
-    },
-    /// Withdraw the offer `offer_id` (the rider cancelled).
-    Cancel {
-        /// The driver.
-        driver: DriverId,
-        /// The driver's node, when it is another one.
-        node: Option<NodeId>,
-        /// The offer.
-        offer_id: OfferId,
-        /// Its lock's fencing token.
-        fencing_token: FencingToken,
-    },
-    /// Cluster mode: settle `owner`'s lock of `driver` in Redis and hand the
-    /// outcome to [`Searches::settled`] with `ticket`.
-    Settle {
-        /// The driver.
-        driver: DriverId,
-        /// The lock's owner value.
-        owner: String,
-        /// What to hand back.
-        ticket: SettleTicket,
-    },
-}
-
-/// Identifies a settle in flight (see [`SearchEffect::Settle`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct SettleTicket {
-    key: SearchKey,
-    seq: u64,
-    offer_id: OfferId,
-    attempts: u32,
-    driver: DriverId,
-}
-
-/// A driver's answer to a lock request.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LockAnswer {
-    /// The driver asked.
-    pub driver_id: DriverId,
-    /// The offer the lock was for.
-    pub offer_id: OfferId,
-    /// The search that asked (its sequence number).
-    pub search: u64,
-    /// The search's rider.
-    pub rider_id: RiderId,
-    /// The search's request id.
-    pub request_id: RequestId,
-    /// Granted, or why not.
-    pub result: Result<Granted, LockRefused>,
-    /// The driver's node, when it is another one and known.
-    pub node: Option<NodeId>,
-}
-
-impl LockAnswer {
-    /// A refusal of the request `offer_id` of `holder` to `driver_id`.
-    pub fn refused(
-        driver_id: DriverId,
-        offer_id: OfferId,
-        holder: &OfferHolder,
-        why: LockRefused,
-    ) -> Self {
-        LockAnswer {
-            driver_id,
-            offer_id,
-            search: holder.search,
-            rider_id: holder.rider_id.clone(),
-            request_id: holder.request_id.clone(),
-            result: Err(why),
-            node: None,
-        }
-    }
-}
-
-/// How a granted offer ended (every granted offer produces exactly one).
-#[derive(Clone, Debug, PartialEq)]
-pub struct OfferOutcome {
-    /// The driver.
-    pub driver_id: DriverId,
-    /// The driver's location as the offer ended.
-    pub driver_location: Option<LatLon>,
-    /// The offer.
-    pub offer_id: OfferId,
-    /// The search it was made for.
-    pub search: u64,
-    /// The search's rider.
-    pub rider_id: RiderId,
-    /// The search's request id.
-    pub request_id: RequestId,
-    /// How it ended.
-    pub ending: Ending,
-    /// The trip, when accepted.
-    pub trip_id: Option<TripId>,
-}
 
 #[derive(Clone, Debug)]
 enum Phase {
@@ -299,17 +161,6 @@ pub struct Searches<R> {
     remote_due: BinaryHeap<Reverse<RemoteDue>>,
     effects: Vec<SearchEffect<R>>,
     index_queries: u32,
-}
-
-/// Counts of a [`Searches`], for tests and operators.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SearchCounts {
-    /// Drivers in the index (offerable).
-    pub available_drivers: usize,
-    /// Searches in flight.
-    pub searches: usize,
-    /// Searches parked waiting for a driver.
-    pub waiting: usize,
 }
 
 impl<R: Clone> Searches<R> {

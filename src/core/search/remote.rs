@@ -143,12 +143,12 @@ impl<R: Clone> Searches<R> {
                 break;
             };
             let Some(search) = self.searches.get_mut(&key).filter(|s| {
-                let still_awaited = match (awaited, &s.phase) {
+                let still_awaited = matches!(
+                    (awaited, &s.phase),
                     (Awaited::Answer, Phase::Locking { .. })
-                    | (Awaited::Outcome, Phase::Offered { .. })
-                    | (Awaited::Any, _) => true,
-                    _ => false,
-                };
+                        | (Awaited::Outcome, Phase::Offered { .. })
+                        | (Awaited::Any, _)
+                );
                 s.seq == seq
                     && s.current_offer() == Some(offer_id)
                     && s.settling != Some(offer_id)
