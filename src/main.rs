@@ -23,6 +23,11 @@ fn main() -> anyhow::Result<()> {
     tracing::info!(open_files, "open-file limit (one per connection)");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.io_threads())
+        // Socket I/O yields to the matcher when cores are short (see
+        // `BUSY_THREAD_NICENESS`).
+        .on_thread_start(|| {
+            ridelock::limits::lower_this_thread(ridelock::limits::BUSY_THREAD_NICENESS)
+        })
         .enable_all()
         .build()
         .context("starting the I/O runtime")?

@@ -6,7 +6,7 @@
 //! happen as effects, which the caller drains and carries out (send this to
 //! that client, ask Redis this, tell that driver this). The actors in
 //! [`crate::actors`] wrap these machines one to one and only move effects
-//! and results; the fault simulation in `tests/simulation.rs` runs the same
+//! and results; the fault simulation in `tests/simulation/` runs the same
 //! machines for many nodes in virtual time. `docs/design.md` has the tables.
 //!
 //! - [`lock`]: one driver's lock rules (offered, on a trip, fencing tokens);

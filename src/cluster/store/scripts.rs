@@ -78,7 +78,8 @@ return 0
 /// when it is another owner's, or this owner's is over (the trip ended on
 /// another node the driver moved to).
 /// Taking back happens only when the caller says so (`repair`: the driver's
-/// app is connected to it, so its trip is certainly going on).
+/// app is connected to it, or a majority held the lock at the caller's last
+/// word from Redis, so its trip is certainly going on).
 /// KEYS: lock, the driver's current trip, the owner's settled mark.
 /// ARGV: owner, hold ms, the trip (JSON), repair ('1' or '0').
 pub(super) const RENEW: &str = r#"

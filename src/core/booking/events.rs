@@ -147,10 +147,11 @@ pub enum RedisOp {
     Renew {
         /// The trip (its owner value is the lock's).
         record: TripRecord,
-        /// Whether to take the lock back where a server lost it: only while
-        /// the app is connected here (its trip is certainly going on), never
-        /// for an actor the app has left, which may hold a trip the app
-        /// completed elsewhere.
+        /// Whether to take the lock back where a server lost it: while the
+        /// app is connected here, or while the last word from Redis was
+        /// that a majority held it (the trip is certainly going on); never
+        /// for an actor the app has left whose lock went quiet, which may
+        /// hold a trip the app completed elsewhere.
         repair: bool,
     },
     /// Free a trip's lock and the driver's current-trip record.
@@ -171,7 +172,7 @@ pub enum RedisOp {
 
 impl RedisOp {
     /// Whether the driver waits for the answer before handling anything
-    /// else (all but renewals).
+    /// else (all but renewals and `FinishTrip`).
     pub fn blocks(&self) -> bool {
         !matches!(self, RedisOp::Renew { .. } | RedisOp::FinishTrip { .. })
     }

@@ -10,7 +10,8 @@
 //! while it is out, every other event waits in order, so the driver's state
 //! can't change under an acquire, a confirm or a release (the actor used to
 //! get this from `ctx.wait`; here it is explicit and tested). Trip renewals
-//! are the exception: they run beside everything else.
+//! and the finish of a trip completed elsewhere are the exceptions: they run
+//! beside everything else.
 
 mod cluster;
 mod events;
