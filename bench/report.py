@@ -85,15 +85,34 @@ if cpu and loc_taken:
     rows.append(("Engine CPU per location update (same run)", f"{per_update_us:.1f} µs ({cpu:.2f} cores busy)",
                  "≤ 20 µs (derived: 100k/s on 2 cores)", "met" if per_update_us <= 20 else "missed",
                  f"projected {2e6 / per_update_us:,.0f} updates/s on 2 cores of its own"))
-rows.append(("Matches/s, instant accepts, demand 12k/s, a connection and a token per rider", f"{mx['matches_per_s']:,.0f}", "≥ 10,000",
-             "met" if mx["matches_per_s"] >= 10_000 else "missed",
-             f"{pct(mx['matches_per_s'] * 4, echo)} of {echo:,.0f} echo round trips/s (a match is 4 in + 4 out)"))
-p99_5k = l5["latency_ms"]["request_to_offer"]["p99"]
-rows.append(("p99 request→offer at 5k requests/s (clients' clock)", f"{p99_5k:.3f} ms", "< 2 ms",
-             "met" if p99_5k < 2 else "missed", f"{p99_5k / rtt99:.1f}× the loopback RTT p99 ({rtt99:.3f} ms)"))
-e99 = engine_quantile("latency-5k", "ridelock_request_to_offer_seconds", 0.99)
-rows.append(("p99 request→offer at 5k requests/s (engine's histogram)", f"{ms(e99)} ms", "< 2 ms",
-             "met" if e99 is not None and e99 < 2 else "missed", "in-process: no loopback hop"))
+# Repeated scenarios: run 1 is NAME, later ones NAME-2, NAME-3, ...
+runs = int(read("runs", "")) if os.path.exists(os.path.join(results, "runs")) else 1
+
+
+def repeats(name):
+    return [name] + [f"{name}-{i}" for i in range(2, runs + 1)]
+
+
+def spread(values, fmt):
+    """'worst … best' over the runs, and every run in order."""
+    listed = ", ".join(fmt(v) for v in values)
+    return f"{fmt(min(values))} – {fmt(max(values))} ({listed})" if len(values) > 1 else fmt(values[0])
+
+
+mx_runs = [load(n)["matches_per_s"] for n in repeats("matches-max")]
+rows.append((f"Matches/s, instant accepts, demand 12k/s, a connection and a token per rider ({runs} runs)",
+             spread(mx_runs, lambda v: f"{v:,.0f}"), "≥ 10,000 in every run",
+             "met" if min(mx_runs) >= 10_000 else "missed",
+             f"{pct(min(mx_runs) * 4, echo)} of {echo:,.0f} echo round trips/s (a match is 4 in + 4 out), worst run"))
+p99_runs = [load(n)["latency_ms"]["request_to_offer"]["p99"] for n in repeats("latency-5k")]
+rows.append((f"p99 request→offer at 5k requests/s (clients' clock, {runs} runs)", spread(p99_runs, lambda v: f"{v:.3f} ms"),
+             "< 2 ms", "met" if max(p99_runs) < 2 else "missed",
+             f"{max(p99_runs) / rtt99:.1f}× the loopback RTT p99 ({rtt99:.3f} ms), worst run"))
+e99_runs = [engine_quantile(n, "ridelock_request_to_offer_seconds", 0.99) for n in repeats("latency-5k")]
+e99_runs = [v for v in e99_runs if v is not None]
+rows.append((f"p99 request→offer at 5k requests/s (engine's histogram, {runs} runs)",
+             spread(e99_runs, lambda v: f"{v:.3f} ms") if e99_runs else "n/a", "< 2 ms in every run",
+             "met" if e99_runs and max(e99_runs) < 2 else "missed", "in-process: no loopback hop"))
 
 
 def scenario_rows(name, r):
@@ -110,9 +129,13 @@ out = []
 out.append("# Benchmarks\n")
 measured_at = datetime.fromtimestamp(os.path.getmtime(os.path.join(results, "loopback.json")), timezone.utc)
 out.append(f"Measured by `bench/run` on {measured_at.strftime('%Y-%m-%d %H:%M UTC')}. "
-           "Engine and simulator share the machine, so every figure is what the engine does with "
-           "roughly half of it. Absolute numbers drift on a shared machine; the loopback column "
-           "relates each one to a plain tokio-tungstenite echo server measured in the same run.\n")
+           "Engine and simulator share the machine's 2 cores: nothing is pinned, the simulator (about "
+           "a core at 5k requests/s) runs at normal priority, and the engine's socket I/O threads run "
+           "4 nice steps below its matcher thread (see the notes). Every figure is what the engine does "
+           "with roughly half the machine. Absolute numbers drift on a shared machine; the loopback "
+           "column relates each one to a plain tokio-tungstenite echo server measured in the same run. "
+           f"The two figures with targets under load are measured in {runs} runs each and given as their "
+           "spread (worst – best, then each run).\n")
 out.append(f"**Machine:** {machine()}.\n")
 out.append("## Loopback limit (same run)\n")
 out.append(f"`loopback serve` + `loopback bench`: {lb['connections']} connections, {lb['message_bytes']}-byte "
@@ -131,9 +154,8 @@ out.append("Latencies in ms from the simulator's clock (request sent → offer r
            "→ `matched` received by the rider): p50 / p99 / max.\n")
 out.append("| scenario | drivers | requests/s | matches/s | refused | no-driver | request→offer | request→matched | location updates/s | engine CPU | engine RSS | violations |")
 out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-for name, r in [("locations", loc), ("matches-max", mx), ("matches-max-pooled", mxp), ("latency-5k", l5),
-                ("latency-1k", l1), ("city", city)]:
-    out.append(scenario_rows(name, r))
+for name in ["locations"] + repeats("matches-max") + ["matches-max-pooled"] + repeats("latency-5k") + ["latency-1k", "city"]:
+    out.append(scenario_rows(name, load(name)))
 out.append("")
 out.append("Riders connect as people do (`--riders person`): every request is a rider of its own who "
            "connects, sends a token, asks, waits for the final message and closes, so the engine runs "
@@ -162,7 +184,7 @@ for kind, r, f in floods:
 out.append("")
 out.append("Engine-side request→offer (its own `ridelock_request_to_offer_seconds` histogram, "
            "interpolated within buckets), p50 / p99:\n")
-for name in ["matches-max", "matches-max-pooled", "latency-5k", "latency-1k", "city"]:
+for name in repeats("matches-max") + ["matches-max-pooled"] + repeats("latency-5k") + ["latency-1k", "city"]:
     p50 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.5)
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
