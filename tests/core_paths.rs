@@ -428,7 +428,9 @@ fn an_offer_without_news_is_settled_and_withdrawn() {
         "{effects:?}"
     );
 
-    // One node: a local offer with no news ends as lost.
+    // One node: a local offer with no news is withdrawn from the driver's
+    // actor (which decides: an accept that got there first stands); an
+    // actor that is gone can't be asked, and then the offer is over.
     let mut searches: Searches<u32> = Searches::new(settings(), Arc::new(Ids::default()), None);
     searches.driver_changed(t0, "d1".into(), Some(here()));
     searches.request(t0, 1, "r1".into(), 1, "q1".into(), here(), t0);
@@ -455,8 +457,21 @@ fn an_offer_without_news_is_settled_and_withdrawn() {
         },
     );
     searches.take_effects();
-    let (late, _) = tick_until_something(&mut searches);
+    let (late, effects) = tick_until_something(&mut searches);
     assert!(late > t0 + Duration::from_secs(15));
+    assert!(
+        matches!(
+            &effects[..],
+            [SearchEffect::Cancel { offer_id: o, node: None, fencing_token: 9, .. }] if *o == offer_id
+        ),
+        "{effects:?}"
+    );
+    assert_eq!(
+        searches.counts().waiting,
+        0,
+        "still waiting for the driver's word"
+    );
+    searches.offer_undeliverable(late, &"d1".into(), offer_id);
     assert_eq!(searches.counts().waiting, 1, "looking again (parked)");
 }
 
@@ -566,4 +581,61 @@ fn an_accept_with_a_stale_fencing_token_is_refused() {
     assert!(matches!(driver.lock().state(), LockState::Offered(_)));
     driver.handle(now, accept(7, Some(token)));
     assert!(driver.trip_id().is_some());
+}
+
+/// A lock request delivered twice between nodes is answered once: a second
+/// answer (a refusal that overtook the grant on its way) would make the
+/// search drop an offer the driver holds, and the driver could then be
+/// booked for a rider told otherwise. Found by the simulation's check that
+/// every trip a driver is told of is its rider's `matched`.
+#[test]
+fn a_lock_request_delivered_twice_is_answered_once() {
+    let now = Instant::now();
+    let mut driver = ready_driver(Some("a"), now);
+    let asked = request(7, holder(Some("b"), 5), now + Duration::from_secs(60));
+    driver.handle(now, DriverEvent::TryLock(asked.clone()));
+    driver.handle(now, DriverEvent::TryLock(asked.clone()));
+    driver.handle(
+        now,
+        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
+    );
+    let answers = driver
+        .take_effects()
+        .into_iter()
+        .filter(|e| matches!(e, DriverEffect::Answer { .. }))
+        .count();
+    assert_eq!(answers, 1);
+    // After the offer ended, too.
+    driver.handle(now, DriverEvent::TryLock(asked));
+    assert!(driver.take_effects().is_empty());
+
+    // The search side: a second answer for the offer it holds changes
+    // nothing.
+    let mut searches: Searches<u32> =
+        Searches::new(settings(), Arc::new(Ids::default()), Some("a".into()));
+    searches.remote_driver(now, "b".into(), "d1".into(), Some(here()));
+    searches.request(now, 1, "r1".into(), 1, "q1".into(), here(), now);
+    let effects = searches.take_effects();
+    let Some(SearchEffect::Lock {
+        offer_id, holder, ..
+    }) = effects
+        .iter()
+        .find(|e| matches!(e, SearchEffect::Lock { .. }))
+    else {
+        panic!("{effects:?}")
+    };
+    let answer = |result| LockAnswer {
+        driver_id: "d1".into(),
+        offer_id: *offer_id,
+        search: holder.search,
+        rider_id: "r1".into(),
+        request_id: "q1".into(),
+        result,
+        node: Some("b".into()),
+    };
+    searches.lock_answered(now, answer(Ok(Granted { fencing_token: 9 })));
+    searches.lock_answered(now, answer(Err(LockRefused::AlreadyOffered)));
+    searches.lock_answered(now, answer(Ok(Granted { fencing_token: 9 })));
+    assert!(searches.take_effects().is_empty(), "no cancel, no new lock");
+    assert_eq!(searches.counts().waiting, 0);
 }

@@ -165,20 +165,23 @@ impl DriverActor {
             if effects.is_empty() {
                 break;
             }
-            let mut lost = false;
+            let mut lost = None;
             for effect in effects {
-                lost |= self.carry_out(effect, ctx);
+                if let Some(session) = self.carry_out(effect, ctx) {
+                    lost = Some(session);
+                }
             }
-            if lost {
-                self.booking.handle(now, DriverEvent::SessionLost);
+            if let Some(session) = lost {
+                self.booking
+                    .handle(now, DriverEvent::SessionLost { session });
             }
         }
         self.arm_timer(now, ctx);
     }
 
-    /// Carries out one effect; `true` when the app's connection turned out
-    /// full (it stopped reading).
-    fn carry_out(&mut self, effect: DriverEffect, ctx: &mut Context<Self>) -> bool {
+    /// Carries out one effect; the connection that turned out full (its app
+    /// stopped reading), if any.
+    fn carry_out(&mut self, effect: DriverEffect, ctx: &mut Context<Self>) -> Option<u64> {
         let id = self.booking.id().clone();
         match effect {
             DriverEffect::UseSession(session) => {
@@ -196,10 +199,11 @@ impl DriverActor {
                 }
             }
             DriverEffect::Tell(message) => {
-                let outbox = self.current.and_then(|s| self.outboxes.get(&s));
+                let current = self.current;
+                let outbox = current.and_then(|s| self.outboxes.get(&s));
                 if outbox.is_some_and(|outbox| !outbox.send(message)) {
                     tracing::warn!(driver = %id, "driver not reading its messages; dropping the connection");
-                    return true;
+                    return current;
                 }
             }
             DriverEffect::Answer { to, answer } => self.answer(to, answer),
@@ -255,7 +259,7 @@ impl DriverActor {
                 ctx.stop();
             }
         }
-        false
+        None
     }
 
     fn answer(&self, to: ReplyTo, answer: crate::core::search::LockAnswer) {
@@ -577,14 +581,20 @@ impl DriverRegistry {
 }
 
 impl DriverDirectory for DriverRegistry {
-    fn send(&self, driver: &DriverId, message: ToDriver) {
+    fn send(&self, driver: &DriverId, message: ToDriver) -> bool {
         // No actor here: a lock request is refused as it drops.
         let Some(actor) = self.get(driver) else {
-            return;
+            return false;
         };
         match message {
             ToDriver::Lock(request) => actor.do_send(request),
-            ToDriver::Cancel(cancel) => actor.do_send(cancel),
+            // A stopped actor's mailbox is closed: that is news too.
+            ToDriver::Cancel(cancel) => match actor.try_send(cancel) {
+                Ok(()) => {}
+                Err(actix::prelude::SendError::Full(cancel)) => actor.do_send(cancel),
+                Err(actix::prelude::SendError::Closed(_)) => return false,
+            },
         }
+        true
     }
 }

@@ -20,6 +20,7 @@ use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::core::booking::{LockRequest, ReplyTo, LOCK_MARGIN};
+use crate::core::lock::OfferId;
 use crate::core::search::{SearchEffect, SearchSettings, Searches, SettleTicket};
 use crate::core::Settled;
 use crate::ids::Ids;
@@ -262,12 +263,28 @@ impl Matcher {
         if queries > 0 {
             m::index_query(now.elapsed() / queries);
         }
-        for effect in self.searches.take_effects() {
-            self.carry_out(effect, now, ctx);
+        // Carrying out can itself be news (a cancel that reached no actor):
+        // handed back until nothing more happens.
+        loop {
+            let effects = self.searches.take_effects();
+            if effects.is_empty() {
+                break;
+            }
+            for effect in effects {
+                if let Some((driver, offer_id)) = self.carry_out(effect, now, ctx) {
+                    self.searches.offer_undeliverable(now, &driver, offer_id);
+                }
+            }
         }
     }
 
-    fn carry_out(&mut self, effect: SearchEffect<Outbox>, now: Instant, ctx: &mut Context<Self>) {
+    /// Carries out one effect; a cancel that reached no actor, if any.
+    fn carry_out(
+        &mut self,
+        effect: SearchEffect<Outbox>,
+        now: Instant,
+        ctx: &mut Context<Self>,
+    ) -> Option<(DriverId, OfferId)> {
         match effect {
             SearchEffect::Tell { to, message } => {
                 to.send(message);
@@ -328,13 +345,15 @@ impl Matcher {
                 offer_id,
                 fencing_token,
             } => match node {
-                None => self.drivers.send(
-                    &driver,
-                    ToDriver::Cancel(CancelOffer {
+                None => {
+                    let cancel = ToDriver::Cancel(CancelOffer {
                         offer_id,
                         fencing_token,
-                    }),
-                ),
+                    });
+                    if !self.drivers.send(&driver, cancel) {
+                        return Some((driver, offer_id));
+                    }
+                }
                 Some(node) => {
                     let cluster = self.cluster.as_ref().expect("cluster mode");
                     cluster.send(
@@ -362,6 +381,7 @@ impl Matcher {
                 });
             }
         }
+        None
     }
 }
 

@@ -4,7 +4,7 @@
 //! neither module imports the other, and the cluster's listener can hand
 //! both their messages from other nodes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,12 +35,21 @@ pub struct OfferEnded(pub OfferOutcome);
 #[rtype(result = "()")]
 pub struct DriversChanged;
 
+/// Changes not yet taken, oldest driver first (a driver that changes again
+/// keeps its place: it is taken with its newest state, and no driver waits
+/// behind others that keep moving).
+#[derive(Default)]
+struct Pending {
+    newest: HashMap<DriverId, Option<LatLon>>,
+    order: VecDeque<DriverId>,
+}
+
 /// Availability changes of this node's drivers not yet taken by the
 /// matcher, coalesced per driver: only the newest matters (offerable at a
 /// place, or not offerable).
 #[derive(Default)]
 pub struct DriverChanges {
-    pending: Mutex<HashMap<DriverId, Option<LatLon>>>,
+    pending: Mutex<Pending>,
     /// Whether a [`DriversChanged`] is on its way to the matcher.
     woken: AtomicBool,
 }
@@ -49,10 +58,12 @@ impl DriverChanges {
     /// Records `driver`'s newest state; `true` when the matcher must be
     /// woken (no [`DriversChanged`] is on its way).
     pub fn push(&self, driver: DriverId, at: Option<LatLon>) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(driver, at);
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.newest.insert(driver.clone(), at).is_none() {
+                pending.order.push_back(driver);
+            }
+        }
         !self.woken.swap(true, Ordering::AcqRel)
     }
 
@@ -66,15 +77,13 @@ impl DriverChanges {
     /// should wake itself again with [`DriverChanges::rewake`]).
     pub fn take(&self, max: usize) -> (Vec<(DriverId, Option<LatLon>)>, bool) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.len() <= max {
-            return (pending.drain().collect(), false);
-        }
-        let keys: Vec<DriverId> = pending.keys().take(max).cloned().collect();
+        let count = max.min(pending.order.len());
+        let keys: Vec<DriverId> = pending.order.drain(..count).collect();
         let taken = keys
             .into_iter()
-            .filter_map(|k| pending.remove_entry(&k))
+            .filter_map(|k| pending.newest.remove_entry(&k))
             .collect();
-        (taken, true)
+        (taken, !pending.order.is_empty())
     }
 
     /// Whether the caller must send itself another [`DriversChanged`].
@@ -204,6 +213,7 @@ pub enum ToDriver {
 /// The driver actors of this node, as the matcher sees them.
 pub trait DriverDirectory: Send + Sync {
     /// Delivers `message` to `driver`'s actor; a lock request for a driver
-    /// with no actor here is refused (by dropping it).
-    fn send(&self, driver: &DriverId, message: ToDriver);
+    /// with no actor here is refused (by dropping it). Whether it reached a
+    /// live actor.
+    fn send(&self, driver: &DriverId, message: ToDriver) -> bool;
 }

@@ -654,8 +654,7 @@ impl World {
                 self.fault(Fault::Restart(node));
             }
         }
-        for server in 0..self.servers.len() {
-            self.servers[server].up = true;
-        }
+        // Servers come back when their own time is up: one restarted
+        // without its data stays away as long as the failure model says.
     }
 }

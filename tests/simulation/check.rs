@@ -278,6 +278,40 @@ impl Ledger {
                 }
             }
         }
+        // The converse: every trip a driver's app was told of was booked,
+        // and its rider was told `matched` with it, unless the rider's
+        // search died with its node (then nobody is left to tell). A trip
+        // recorded in Redis that neither side was ever told of (its record
+        // lost with a server before anyone learnt of it) harms nobody.
+        let mut told: Vec<&(usize, TripId)> = self.app_trips.iter().collect();
+        told.sort();
+        for (driver, trip) in told {
+            let Some((booked_for, request)) = self.accepted.get(trip) else {
+                return Err(format!(
+                    "d{driver} was told of trip {trip}, which was never booked"
+                ));
+            };
+            if booked_for != driver {
+                return Err(format!(
+                    "d{driver} was told of trip {trip}, booked for d{booked_for}"
+                ));
+            }
+            let Some((node, inc, _)) = self.acked.get(request) else {
+                continue;
+            };
+            if world.nodes[*node].inc != *inc || !world.nodes[*node].up {
+                continue;
+            }
+            match self.finals.get(request) {
+                Some(ServerMessage::Matched { trip_id, .. }) if trip_id == trip => {}
+                other => {
+                    return Err(format!(
+                    "d{driver} was told of trip {trip} for r{} {}, whose rider was told {other:?}",
+                    request.0, request.1
+                ))
+                }
+            }
+        }
         for (n, node) in world.nodes.iter().enumerate() {
             let counts = node.searches.counts();
             if counts.searches > 0 {

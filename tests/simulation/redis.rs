@@ -218,6 +218,8 @@ impl Server {
                         driver.clone(),
                         (owner.clone(), record.clone(), now + TRIP_HOLD),
                     );
+                    self.trips
+                        .insert(owner.clone(), (record.trip_id, now + RECORD_TTL));
                     return ServerReply::Done(true);
                 }
                 ServerReply::Done(false)

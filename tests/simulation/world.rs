@@ -83,6 +83,10 @@ pub enum MatcherIn {
         at: Option<LatLon>,
     },
     NodeGone(usize),
+    Undeliverable {
+        driver: DriverId,
+        offer_id: u64,
+    },
     NodeBack(usize),
     Tick,
 }
@@ -528,6 +532,9 @@ impl World {
                 self.nodes[node].searches.remote_snapshot(now, id, drivers)
             }
             MatcherIn::Tick => s.tick(now),
+            MatcherIn::Undeliverable { driver, offer_id } => {
+                s.offer_undeliverable(now, &driver, offer_id)
+            }
         }
         let effects = self.nodes[node].searches.take_effects();
         for effect in effects {
@@ -723,6 +730,19 @@ impl World {
                         LockRefused::Offline,
                     );
                     return self.answer(node, request.reply.clone(), answer);
+                }
+                // A cancel that reaches no actor tells the matcher so.
+                DriverEvent::CancelOffer { offer_id, .. } => {
+                    let input = MatcherIn::Undeliverable {
+                        driver: driver_name(driver),
+                        offer_id: *offer_id,
+                    };
+                    let inc = self.nodes[node].inc;
+                    self.at(
+                        Duration::from_micros(50),
+                        Ev::ToMatcher { node, inc, input },
+                    );
+                    return Ok(());
                 }
                 DriverEvent::Attach { .. } => {
                     let ids = self.nodes[node].ids.clone();

@@ -381,6 +381,7 @@ fn deliver(
             let route = ReplyRoute::Node(cluster.clone(), from);
             // Not connected here (any more): the request's drop refuses.
             let message = TryLock::new(driver.clone(), request, route);
+            // Not connected here (any more): the request's drop refuses.
             registry.send(&driver, ToDriver::Lock(message));
         }
         Wire::Answer {
@@ -424,13 +425,14 @@ fn deliver(
             driver,
             offer_id,
             fencing_token,
-        } => registry.send(
-            &driver,
-            ToDriver::Cancel(CancelOffer {
+        } => {
+            // Not connected here (any more): nothing to withdraw.
+            let cancel = ToDriver::Cancel(CancelOffer {
                 offer_id,
                 fencing_token,
-            }),
-        ),
+            });
+            registry.send(&driver, cancel);
+        }
     }
 }
 

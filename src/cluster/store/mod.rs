@@ -303,12 +303,15 @@ impl LockServer {
                     lock_key(driver),
                     current_trip_key(driver),
                     settled_key(&trip.owner),
+                    trip_key(&trip.owner),
                 ],
                 &[
                     trip.owner.clone(),
                     TRIP_HOLD.as_millis().to_string(),
                     json,
                     if repair { "1" } else { "0" }.to_string(),
+                    trip.trip_id.to_string(),
+                    RECORD_TTL.as_millis().to_string(),
                 ],
             )
             .await?;

@@ -80,14 +80,19 @@ return 0
 /// Taking back happens only when the caller says so (`repair`: the driver's
 /// app is connected to it, or a majority held the lock at the caller's last
 /// word from Redis, so its trip is certainly going on).
-/// KEYS: lock, the driver's current trip, the owner's settled mark.
-/// ARGV: owner, hold ms, the trip (JSON), repair ('1' or '0').
+/// The owner's trip record (what a settle reads) is written again too, so
+/// that a server that missed the confirm or lost it tells a settle the
+/// truth.
+/// KEYS: lock, the driver's current trip, the owner's settled mark, the
+/// owner's trip record. ARGV: owner, hold ms, the trip (JSON), repair ('1'
+/// or '0'), trip id, record ttl ms.
 pub(super) const RENEW: &str = r#"
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1]
     or (not holder and ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('SET', KEYS[2], ARGV[1] .. '|' .. ARGV[3], 'PX', ARGV[2])
+  redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6])
   return 1
 end
 return 0

@@ -35,6 +35,10 @@ const SETTLE_ACCEPT_RETRY: Duration = Duration::from_millis(500);
 pub(super) const FINISH_ATTEMPTS: u32 = 20;
 const FINISH_RETRY: Duration = Duration::from_millis(500);
 
+/// How soon after a trip is booked or taken over its lock is first renewed
+/// (see `renew_during_trip`).
+const FIRST_RENEWAL: Duration = Duration::from_secs(1);
+
 /// Room left between an offer's deadline and the end of its lock's
 /// validity, for the accept's confirm to reach Redis.
 const CONFIRM_ROOM: Duration = Duration::from_millis(500);
@@ -279,9 +283,12 @@ impl Booking {
     /// to another node). The lock lives [`TRIP_HOLD`] at a time and is
     /// renewed well within that.
     fn renew_during_trip(&mut self, now: Instant, record: TripRecord) {
+        // The first renewal comes soon: it writes the trip to servers the
+        // confirm missed, so that losing one that had it (a restart without
+        // its data) does not leave the trip on a minority.
         self.renewal = Some(super::Renewal {
             record,
-            at: now + TRIP_HOLD / 3,
+            at: now + FIRST_RENEWAL,
             kept: true,
         });
     }

@@ -78,8 +78,12 @@ pub enum DriverEvent {
         /// The connection's id.
         session: u64,
     },
-    /// The app stopped reading its messages: the connection is dropped.
-    SessionLost,
+    /// The app stopped reading its messages on connection `session`: the
+    /// connection is dropped (a later connection is left alone).
+    SessionLost {
+        /// The connection.
+        session: u64,
+    },
     /// Cluster mode: the app connected to another node.
     ConnectedElsewhere,
     /// A command from the app on connection `session`.

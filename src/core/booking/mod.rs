@@ -51,6 +51,10 @@ pub const MIN_INDEX_MOVE_M: f64 = 5.0;
 /// held, and its lock renewed, forever.
 pub const TRIP_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
 
+/// Lock requests a driver remembers having been asked (see
+/// `Booking::asked`).
+const REMEMBERED_REQUESTS: usize = 16;
+
 /// Trips a driver remembers having completed (see `Booking::completed`).
 const REMEMBERED_TRIPS: usize = 8;
 
@@ -134,6 +138,9 @@ pub struct Booking {
     completed: VecDeque<TripId>,
     /// Since when the driver is on its trip (here), for [`TRIP_MAX_AGE`].
     trip_since: Option<Instant>,
+    /// The offers lately asked for, so that a request delivered twice is
+    /// handled once.
+    asked: VecDeque<OfferId>,
     effects: Vec<DriverEffect>,
 }
 
@@ -157,6 +164,7 @@ impl Booking {
             finish_retry: None,
             completed: VecDeque::new(),
             trip_since: None,
+            asked: VecDeque::new(),
             effects: Vec::new(),
         }
     }
@@ -260,13 +268,30 @@ impl Booking {
         if let Some(state) = self.counted_as.take() {
             m::driver_state_left(state);
         }
-        let waiting = match self.waiting.take() {
-            Some(Waiting::Acquire(request, _)) => Some(request),
+        let pending = self.waiting.take();
+        // An accept whose confirm may have landed is not ended here: the
+        // search settles it in Redis (which says whether it booked) when no
+        // news comes.
+        let deciding = matches!(
+            pending,
+            Some(Waiting::Confirm { .. } | Waiting::SettleAccept { .. })
+        );
+        let waiting = match pending {
+            Some(Waiting::Acquire(request, _)) => {
+                // The acquire may land after all: freed rather than left to
+                // lapse.
+                let owner = self.owner_of(&request.holder, request.offer_id);
+                self.effects
+                    .push(DriverEffect::Redis(RedisOp::Release { owner }));
+                Some(request)
+            }
             _ => None,
         };
         self.session = None;
-        if let Some(ended) = self.lock.disconnect() {
-            self.report(now, ended);
+        if !deciding {
+            if let Some(ended) = self.lock.disconnect() {
+                self.report(now, ended);
+            }
         }
         let deferred = std::mem::take(&mut self.deferred);
         let requests = waiting
@@ -290,7 +315,8 @@ impl Booking {
                 }
                 self.effects.push(DriverEffect::DropSession(session));
             }
-            DriverEvent::SessionLost | DriverEvent::ConnectedElsewhere => {
+            DriverEvent::SessionLost { session } if self.session != Some(session) => {}
+            DriverEvent::SessionLost { .. } | DriverEvent::ConnectedElsewhere => {
                 if let Some(session) = self.session.take() {
                     self.effects.push(DriverEffect::DropSession(session));
                     self.left_on_trip();
@@ -428,6 +454,18 @@ impl Booking {
     }
 
     fn try_lock(&mut self, now: Instant, request: LockRequest) {
+        // The same request again (delivered twice between nodes): it was
+        // answered already, and is not answered twice. A second grant could
+        // not happen (the offer is held or has ended), and a refusal could
+        // overtake the grant on its way and make the search drop an offer
+        // the driver holds.
+        if self.asked.contains(&request.offer_id) {
+            return;
+        }
+        if self.asked.len() == REMEMBERED_REQUESTS {
+            self.asked.pop_front();
+        }
+        self.asked.push_back(request.offer_id);
         if now >= request.not_after {
             return self.refuse(request, LockRefused::SearchEnded);
         }

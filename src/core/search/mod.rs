@@ -422,6 +422,11 @@ impl<R: Clone> Searches<R> {
             }
             return;
         };
+        if !matches!(search.phase, Phase::Locking { .. }) {
+            // A second answer to the lock it already holds (the request was
+            // delivered twice): the first one decided.
+            return;
+        }
         self.locking.remove(&driver_id);
         match result {
             Ok(Granted { fencing_token }) => {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::{Awaited, Phase, SearchEffect, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY};
 use crate::cluster::wire::NodeId;
+use crate::core::lock::OfferId;
 use crate::core::{owner, Settled};
 use crate::location::LatLon;
 use crate::metrics as m;
@@ -119,6 +120,29 @@ impl<R: Clone> Searches<R> {
         }
     }
 
+    /// A cancel of `offer_id` could not reach `driver`'s actor on this node
+    /// (it is gone). On one node its state is gone with it: the offer is
+    /// over without a trip. In cluster mode an accept of it may have booked
+    /// in Redis: the offer is settled there at once.
+    pub fn offer_undeliverable(&mut self, now: Instant, driver: &DriverId, offer_id: OfferId) {
+        let found = self
+            .searches
+            .iter()
+            .find(|(_, s)| {
+                s.current_offer() == Some(offer_id) && s.offered_driver().as_ref() == Some(driver)
+            })
+            .map(|(key, s)| (key.clone(), s.seq));
+        let Some((key, seq)) = found else {
+            return;
+        };
+        if self.node.is_none() {
+            return self.offer_lost(now, key, driver.clone());
+        }
+        self.remote_due
+            .push(Reverse((now, seq, offer_id, 0, Awaited::Any, key)));
+        self.settle_due(now);
+    }
+
     /// Takes a remote driver out of the index.
     pub(super) fn forget_remote(&mut self, driver_id: &DriverId) {
         if self.remote.remove(driver_id).is_some() {
@@ -160,12 +184,26 @@ impl<R: Clone> Searches<R> {
                 continue;
             };
             let Some(node) = &self.node else {
-                // One node, no Redis: the driver's actor ends every offer
-                // it was granted, unless it died with the offer held. Past
-                // the deadline the lock rules refuse any accept, so the
-                // offer is over.
-                tracing::warn!(driver = %driver, offer_id, "no news of an offer past its deadline; it ended without a trip");
-                self.offer_lost(now, key, driver);
+                // One node, no Redis: nothing can tell whether the driver
+                // accepted but the driver's actor. It is asked to end the
+                // offer (a no-op if it has ended: then its news is on the
+                // way); a dead actor can't be asked, which the caller
+                // reports (`offer_undeliverable`). Asked again while no
+                // news comes.
+                let Phase::Offered { fencing_token, .. } = search.phase else {
+                    self.offer_lost(now, key, driver);
+                    continue;
+                };
+                tracing::warn!(driver = %driver, offer_id, "no news of an offer past its deadline; withdrawing it");
+                self.effects.push(SearchEffect::Cancel {
+                    driver,
+                    node: None,
+                    offer_id,
+                    fencing_token,
+                });
+                let due = now + super::REMOTE_ANSWER_WAIT;
+                self.remote_due
+                    .push(Reverse((due, seq, offer_id, 0, Awaited::Outcome, key)));
                 continue;
             };
             search.settling = Some(offer_id);
