@@ -265,7 +265,7 @@ fn only_a_live_trip_shown_by_a_majority_is_taken_over() {
     assert_eq!(driver.trip_id(), None);
     let effects = driver.take_effects();
     assert!(
-        matches!(redis_ops(&effects)[..], [RedisOp::Finish { owner }] if owner == "b/7"),
+        matches!(redis_ops(&effects)[..], [RedisOp::Finish { owner, trip_id: 1 }] if owner == "b/7"),
         "{effects:?}"
     );
 }

@@ -133,8 +133,8 @@ async fn only_the_owner_releases_or_confirms() {
     assert!(server.renew("d", &trip("mine", 1), true).await.unwrap());
     assert!(!server.renew("d", &trip("theirs", 1), true).await.unwrap());
     // The trip ends: the owner finishes it, and the next offer may lock.
-    assert!(!server.finish("d", "theirs").await.unwrap());
-    assert!(server.finish("d", "mine").await.unwrap());
+    assert!(!server.finish("d", "theirs", 1).await.unwrap());
+    assert!(server.finish("d", "mine", 1).await.unwrap());
     assert!(
         !server.renew("d", &trip("mine", 1), true).await.unwrap(),
         "a late renewal takes nothing back"
@@ -176,7 +176,7 @@ async fn only_the_owner_releases_or_confirms() {
         server.current_trip("d").await.unwrap().map(|t| t.trip_id),
         Some(2)
     );
-    assert!(server.finish("d", "mine2").await.unwrap());
+    assert!(server.finish("d", "mine2", 2).await.unwrap());
     let after = server
         .try_acquire("d", "next2", ttl, 0)
         .await
@@ -260,7 +260,7 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
             .map(|t| t.map(|t| t.trip_id)),
         Ok(Some(5))
     );
-    assert!(redlock.finish("d", "a:3").await);
+    assert!(redlock.finish("d", "a:3", 5).await);
     assert_eq!(redlock.current_trip("d").await, Ok(None));
     assert_eq!(
         redlock.renew("d", &trip("a:3", 5), true).await,
@@ -416,9 +416,9 @@ async fn a_confirm_needs_the_riders_node_alive() {
         Some("a/1".to_string())
     );
     // Only the trip's owner finishes it.
-    assert!(!server.finish("d", "a/2").await.unwrap());
+    assert!(!server.finish("d", "a/2", 1).await.unwrap());
     assert!(server.current_trip("d").await.unwrap().is_some());
-    assert!(server.finish("d", "a/1").await.unwrap());
+    assert!(server.finish("d", "a/1", 1).await.unwrap());
     assert_eq!(server.current_trip("d").await.unwrap(), None);
 }
 
@@ -439,7 +439,7 @@ async fn the_trip_record_refuses_an_older_fencing_token() {
         .unwrap()
         .unwrap();
     assert!(server.confirm("d", &with_token("a/1", 100)).await.unwrap());
-    assert!(server.finish("d", "a/1").await.unwrap());
+    assert!(server.finish("d", "a/1", 1).await.unwrap());
     // A later lock whose confirm carries an older token (a node acting on
     // what it knew before) is refused, though it owns the lock.
     server

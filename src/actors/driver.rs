@@ -322,8 +322,8 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
             let freed = locks.release(driver, &owner).await;
             ("release", freed > 0, RedisReply::Freed)
         }
-        RedisOp::Finish { owner } => {
-            let answered = locks.finish(driver, &owner).await;
+        RedisOp::Finish { owner, trip_id } => {
+            let answered = locks.finish(driver, &owner, trip_id).await;
             ("finish", answered, RedisReply::Finished(answered))
         }
         RedisOp::Confirm { record } => {

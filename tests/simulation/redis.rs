@@ -34,6 +34,7 @@ pub enum ServerOp {
     Finish {
         driver: String,
         owner: String,
+        trip_id: TripId,
     },
     Settle {
         driver: String,
@@ -224,8 +225,14 @@ impl Server {
                 }
                 ServerReply::Done(false)
             }
-            ServerOp::Finish { driver, owner } => {
+            ServerOp::Finish {
+                driver,
+                owner,
+                trip_id,
+            } => {
                 self.settled.insert(owner.clone(), now + RECORD_TTL);
+                self.trips
+                    .insert(owner.clone(), (*trip_id, now + RECORD_TTL));
                 let freed = self.lock_owner(driver, now) == Some(owner.as_str());
                 if freed {
                     self.locks.remove(driver);

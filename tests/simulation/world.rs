@@ -1052,6 +1052,7 @@ impl World {
                     let op = ServerOp::Finish {
                         driver: driver.clone(),
                         owner: owner.clone(),
+                        trip_id,
                     };
                     self.send_server_op(server, 0, op);
                 }
@@ -1464,7 +1465,8 @@ fn server_ops(op: &RedisOp, driver: &str, servers: usize) -> Vec<ServerOp> {
             record: record.clone(),
             repair: *repair,
         },
-        RedisOp::Finish { owner } => ServerOp::Finish {
+        RedisOp::Finish { owner, trip_id } => ServerOp::Finish {
+            trip_id: *trip_id,
             driver,
             owner: owner.clone(),
         },

@@ -320,7 +320,12 @@ impl LockServer {
 
     /// `owner`'s trip of `driver` ended: frees its lock and the driver's
     /// current trip; whether the lock was still `owner`'s.
-    pub async fn finish(&self, driver: &str, owner: &str) -> Result<bool, StoreError> {
+    pub async fn finish(
+        &self,
+        driver: &str,
+        owner: &str,
+        trip_id: TripId,
+    ) -> Result<bool, StoreError> {
         let freed: i64 = self
             .run(
                 &FINISH_SCRIPT,
@@ -328,8 +333,13 @@ impl LockServer {
                     lock_key(driver),
                     current_trip_key(driver),
                     settled_key(owner),
+                    trip_key(owner),
                 ],
-                &[owner.to_string(), RECORD_TTL.as_millis().to_string()],
+                &[
+                    owner.to_string(),
+                    RECORD_TTL.as_millis().to_string(),
+                    trip_id.to_string(),
+                ],
             )
             .await?;
         Ok(freed == 1)

@@ -200,8 +200,13 @@ impl Redlock {
     /// `owner`'s trip of `driver` ended: frees its lock everywhere. Whether a
     /// majority of servers answered (then the lock is free, or was not
     /// `owner`'s any more); `false` means ask again.
-    pub async fn finish(&self, driver: &str, owner: &str) -> bool {
-        let answers = join_all(self.servers.iter().map(|s| s.finish(driver, owner))).await;
+    pub async fn finish(&self, driver: &str, owner: &str, trip_id: TripId) -> bool {
+        let answers = join_all(
+            self.servers
+                .iter()
+                .map(|s| s.finish(driver, owner, trip_id)),
+        )
+        .await;
         answers.iter().filter(|r| r.is_ok()).count() >= quorum(self.servers.len())
     }
 
@@ -220,7 +225,7 @@ impl Redlock {
         else {
             return false;
         };
-        self.finish(driver, &owner).await;
+        self.finish(driver, &owner, trip_id).await;
         true
     }
 

@@ -99,12 +99,15 @@ return 0
 "#;
 
 /// The trip ended: frees the lock and the driver's current trip, each only
-/// if it is still the caller's, and marks the owner settled so that no late
-/// renewal (an actor that has not heard yet) takes the lock back.
-/// KEYS: lock, the driver's current trip, the owner's settled mark.
-/// ARGV: owner, mark ttl ms.
+/// if it is still the caller's, marks the owner settled so that no late
+/// renewal (an actor that has not heard yet) takes the lock back, and
+/// records the trip under the owner, so that a settle reading this server
+/// finds it even if the confirm missed it (or it lost it).
+/// KEYS: lock, the driver's current trip, the owner's settled mark, the
+/// owner's trip record. ARGV: owner, mark ttl ms, trip id.
 pub(super) const FINISH: &str = r#"
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[2])
 local freed = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])

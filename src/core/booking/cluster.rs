@@ -73,9 +73,16 @@ impl Booking {
                 self.acquired(now, sent_at, request, result)
             }
             (Waiting::Free, RedisReply::Freed) => {}
-            (Waiting::Finish { owner, attempt }, RedisReply::Finished(answered)) => {
+            (
+                Waiting::Finish {
+                    owner,
+                    trip_id,
+                    attempt,
+                },
+                RedisReply::Finished(answered),
+            ) => {
                 if !answered && attempt < FINISH_ATTEMPTS {
-                    self.finish_retry = Some((owner, now + FINISH_RETRY, attempt + 1));
+                    self.finish_retry = Some((owner, trip_id, now + FINISH_RETRY, attempt + 1));
                 }
             }
             (
@@ -358,7 +365,7 @@ impl Booking {
         if self.completed.contains(&record.trip_id) {
             // The app completed that trip already (before the look-up
             // answered, or its finish has not reached every server yet).
-            return self.finish(record.owner, 1);
+            return self.finish(record.owner, record.trip_id, 1);
         }
         let node = self.node.as_ref().expect("cluster mode");
         let kept = record.clone();
@@ -403,10 +410,10 @@ impl Booking {
                     }));
             }
         }
-        if let Some((_, at, _)) = &self.finish_retry {
+        if let Some((_, _, at, _)) = &self.finish_retry {
             if *at <= now && self.waiting.is_none() {
-                let (owner, _, attempt) = self.finish_retry.take().expect("due");
-                self.finish(owner, attempt);
+                let (owner, trip_id, _, attempt) = self.finish_retry.take().expect("due");
+                self.finish(owner, trip_id, attempt);
             }
         }
         if let Some((at, attempt)) = self.lookup_retry {
@@ -418,11 +425,12 @@ impl Booking {
     }
 
     /// Frees a trip's lock and record in Redis.
-    pub(super) fn finish(&mut self, owner: String, attempt: u32) {
+    pub(super) fn finish(&mut self, owner: String, trip_id: TripId, attempt: u32) {
         let wait = Waiting::Finish {
             owner: owner.clone(),
+            trip_id,
             attempt,
         };
-        self.redis(RedisOp::Finish { owner }, Some(wait));
+        self.redis(RedisOp::Finish { owner, trip_id }, Some(wait));
     }
 }

@@ -158,10 +158,14 @@ pub enum RedisOp {
         /// hold a trip the app completed elsewhere.
         repair: bool,
     },
-    /// Free a trip's lock and the driver's current-trip record.
+    /// Free a trip's lock and the driver's current-trip record (and write
+    /// the owner's trip record where it is missing, so that a settle finds
+    /// the trip on every server the finish reached).
     Finish {
         /// The owner value.
         owner: String,
+        /// The trip.
+        trip_id: TripId,
     },
     /// Read the driver's current trip.
     CurrentTrip,

@@ -88,7 +88,11 @@ enum Waiting {
     /// A release.
     Free,
     /// A trip's finish (`attempt` of [`cluster::FINISH_ATTEMPTS`]).
-    Finish { owner: String, attempt: u32 },
+    Finish {
+        owner: String,
+        trip_id: TripId,
+        attempt: u32,
+    },
     /// An accept's confirm: the offer, the trip, the accept's time, the
     /// attempt, and when the next attempt is due (while between attempts).
     Confirm {
@@ -132,7 +136,7 @@ pub struct Booking {
     /// Cluster mode: when to look the current trip up again, and which try.
     lookup_retry: Option<(Instant, u32)>,
     /// Cluster mode: a finish Redis could not confirm: when to ask again.
-    finish_retry: Option<(String, Instant, u32)>,
+    finish_retry: Option<(String, TripId, Instant, u32)>,
     /// Trips this driver completed lately: never taken over again from a
     /// record that outlived them.
     completed: VecDeque<TripId>,
@@ -210,7 +214,7 @@ impl Booking {
             self.retire_at,
             self.renewal.as_ref().map(|r| r.at),
             self.lookup_retry.map(|(at, _)| at),
-            self.finish_retry.as_ref().map(|(_, at, _)| *at),
+            self.finish_retry.as_ref().map(|(_, _, at, _)| *at),
             self.trip_since.map(|since| since + TRIP_MAX_AGE),
         ]
         .into_iter()
@@ -523,7 +527,7 @@ impl Booking {
         self.remember_completed(trip.trip_id);
         if self.node.is_some() {
             let owner = self.owner_of(&trip.holder, trip.offer_id);
-            self.finish(owner, 1);
+            self.finish(owner, trip.trip_id, 1);
         }
     }
 
