@@ -35,11 +35,15 @@ pub(super) async fn listen(
 ) {
     let mut next = 0;
     let mut delay = RESUBSCRIBE_DELAY;
+    // Which process of each other node is alive, kept across subscriptions:
+    // a node that died or restarted while this one was resubscribing is
+    // still seen gone.
+    let mut live = HashMap::new();
     loop {
         let server = &cluster.locks.server_list()[next % cluster.urls.len()];
         next += 1;
         let subscribed_at = Instant::now();
-        match listen_on(&cluster, server, &matcher, &registry).await {
+        match listen_on(&cluster, server, &matcher, &registry, &mut live).await {
             Ok(()) => tracing::warn!(server = server.url(), "lost the cluster subscription"),
             Err(e) => tracing::warn!(server = server.url(), "cluster subscription failed: {e}"),
         }
@@ -59,6 +63,7 @@ async fn listen_on(
     server: &LockServer,
     matcher: &Addr<Matcher>,
     registry: &Arc<DriverRegistry>,
+    live: &mut HashMap<NodeId, Incarnation>,
 ) -> Result<(), redis::RedisError> {
     let timeout = server.timeout() * 4;
     let client = redis::Client::open(server.url())?;
@@ -86,15 +91,7 @@ async fn listen_on(
     )
     .await
     .map_err(|_| io_timeout())??;
-    let mut live = snapshot(
-        cluster,
-        &mut connection,
-        matcher,
-        registry,
-        timeout,
-        &HashMap::new(),
-    )
-    .await?;
+    *live = snapshot(cluster, &mut connection, matcher, registry, timeout, live).await?;
     tracing::info!(
         server = server.url(),
         nodes = live.len(),
@@ -119,11 +116,11 @@ async fn listen_on(
                 // way (pub/sub is at most once) is not repeated until the
                 // driver changes, and a parked driver doesn't.
                 let result = if checks % RESYNC_EVERY == 0 {
-                    snapshot(cluster, &mut connection, matcher, registry, timeout, &live)
+                    snapshot(cluster, &mut connection, matcher, registry, timeout, live)
                         .await
-                        .map(|now_live| live = now_live)
+                        .map(|now_live| *live = now_live)
                 } else {
-                    check_nodes(cluster, &mut connection, &mut live, matcher, registry, timeout).await
+                    check_nodes(cluster, &mut connection, live, matcher, registry, timeout).await
                 };
                 match result {
                     Ok(()) => failed_checks = 0,
@@ -184,12 +181,15 @@ async fn snapshot(
                 live.insert(node, incarnation);
             }
             None => {
-                if forget_dead(&node, connection, timeout).await {
-                    if let Some(&old) = before.get(&node) {
-                        node_gone(&node, old, matcher, registry);
-                    }
-                }
+                forget_dead(&node, connection, timeout).await;
             }
+        }
+    }
+    // Whatever was alive before and is not now (dead, forgotten, or gone
+    // from the node set) is gone.
+    for (node, &incarnation) in before {
+        if !live.contains_key(node) {
+            node_gone(node, incarnation, matcher, registry);
         }
     }
     matcher.do_send(LiveNodes {
