@@ -8,6 +8,9 @@
 
 mod apps;
 mod check;
+#[path = "../common/mod.rs"]
+mod common;
+mod model_check;
 mod redis;
 mod world;
 
