@@ -240,6 +240,40 @@ async fn locking_goes_on_by_majority_when_one_of_three_redis_servers_dies() {
     b.shutdown().await;
 }
 
+/// One lock server of three restarting without its data (the one both
+/// nodes listen on) must not make the other node look dead: liveness is
+/// what a majority of the servers say. (It used to drop the other node's
+/// drivers, settle offers to them and withdraw offers held for its riders,
+/// until the next refresh.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lock_server_losing_its_data_does_not_make_nodes_look_dead() {
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let a = node(&servers.iter().collect::<Vec<_>>(), "a", |_| {}).await;
+    let b = node(&servers.iter().collect::<Vec<_>>(), "b", |_| {}).await;
+    let _d0 = Client::available_driver(&b, "d0", LAT, LON).await;
+    wait_for_available(&a, 1).await;
+    let mut raw = redis::Client::open(servers[0].url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
+    // Three liveness checks' worth, with b's key kept off that server (b
+    // writes it back every second): b's driver stays in a's index all along.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let _: () = redis::cmd("DEL")
+            .arg("ridelock:node:b:alive")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(a.stats().await.available_drivers, 1, "b taken for dead");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_lost_means_refusals_and_redis_back_means_recovery() {
     let mut redis = RedisServer::start();

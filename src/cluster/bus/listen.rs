@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 
@@ -172,16 +173,21 @@ async fn snapshot(
             continue;
         }
         let node: NodeId = node.into();
-        match incarnation_of(&node, connection, timeout).await? {
-            Some(incarnation) => {
+        match liveness(cluster, &node).await {
+            Liveness::Alive(incarnation) => {
                 if let Some(&old) = before.get(&node).filter(|&&old| old != incarnation) {
                     node_gone(&node, old, matcher, registry);
                 }
                 load_node(&node, connection, matcher, timeout).await?;
                 live.insert(node, incarnation);
             }
-            None => {
+            Liveness::Dead => {
                 forget_dead(&node, connection, timeout).await;
+            }
+            Liveness::Unknown => {
+                if let Some(&old) = before.get(&node) {
+                    live.insert(node, old);
+                }
             }
         }
     }
@@ -196,18 +202,6 @@ async fn snapshot(
         nodes: live.keys().cloned().collect(),
     });
     Ok(live)
-}
-
-/// The process running `node`, as its liveness key says; `None` when it is
-/// not alive.
-async fn incarnation_of(
-    node: &NodeId,
-    connection: &mut MultiplexedConnection,
-    timeout: Duration,
-) -> Result<Option<Incarnation>, redis::RedisError> {
-    let value: Option<String> =
-        query(redis::cmd("GET").arg(alive_key(node)), connection, timeout).await?;
-    Ok(value.and_then(|v| v.parse().ok()))
 }
 
 /// Loads `node`'s drivers into the matcher.
@@ -255,7 +249,9 @@ async fn forget_dead(
 
 /// Drops the drivers of nodes whose liveness key lapsed or whose process
 /// changed (restarted under the same id), and loads those of nodes that
-/// (re)appeared.
+/// (re)appeared. Liveness is what a majority of the lock servers say, so
+/// that one server that restarted without its data (the listener's own,
+/// say) does not make every node look dead.
 async fn check_nodes(
     cluster: &Cluster,
     connection: &mut MultiplexedConnection,
@@ -264,16 +260,25 @@ async fn check_nodes(
     registry: &DriverRegistry,
     timeout: Duration,
 ) -> Result<(), redis::RedisError> {
-    let nodes: Vec<String> =
+    let listed: Vec<String> =
         query(redis::cmd("SMEMBERS").arg(NODES_KEY), connection, timeout).await?;
+    // Listed here, or alive before (a server that lost the set lists none).
+    let mut nodes: Vec<NodeId> = listed.into_iter().map(NodeId::from).collect();
+    nodes.extend(live.keys().cloned());
+    nodes.sort();
+    nodes.dedup();
     let mut seen = HashMap::new();
     for node in nodes {
         if *node == *cluster.node {
             continue;
         }
-        let node: NodeId = node.into();
-        match incarnation_of(&node, connection, timeout).await? {
-            None => {
+        match liveness(cluster, &node).await {
+            Liveness::Unknown => {
+                if let Some(&old) = live.get(&node) {
+                    seen.insert(node, old);
+                }
+            }
+            Liveness::Dead => {
                 if !forget_dead(&node, connection, timeout).await {
                     if let Some(&old) = live.get(&node) {
                         // Back just as it was about to be forgotten (or
@@ -281,13 +286,13 @@ async fn check_nodes(
                         seen.insert(node, old);
                     }
                 }
-                // Otherwise dead, and forgotten everywhere: dropped below if
-                // it was live here.
+                // Otherwise dead, and forgotten: dropped below if it was
+                // live here.
             }
-            Some(incarnation) if live.get(&node) == Some(&incarnation) => {
+            Liveness::Alive(incarnation) if live.get(&node) == Some(&incarnation) => {
                 seen.insert(node, incarnation);
             }
-            Some(incarnation) => {
+            Liveness::Alive(incarnation) => {
                 if let Some(&old) = live.get(&node) {
                     tracing::info!(node = %node, "node restarted; dropping what its old process held");
                     node_gone(&node, old, matcher, registry);
@@ -307,6 +312,45 @@ async fn check_nodes(
     }
     *live = seen;
     Ok(())
+}
+
+/// What the lock servers say of a node's liveness key.
+enum Liveness {
+    /// A majority show this process.
+    Alive(Incarnation),
+    /// A majority show no key.
+    Dead,
+    /// Neither (servers not answering, or split).
+    Unknown,
+}
+
+/// Reads `node`'s liveness key on every lock server.
+async fn liveness(cluster: &Cluster, node: &NodeId) -> Liveness {
+    let answers = join_all(cluster.locks.server_list().iter().map(|server| async move {
+        let mut connection = server.connection();
+        let mut get = redis::cmd("GET");
+        get.arg(alive_key(node));
+        let read = get.query_async::<Option<String>>(&mut connection);
+        match tokio::time::timeout(server.timeout(), read).await {
+            Ok(Ok(value)) => Some(value.and_then(|v| v.parse::<Incarnation>().ok())),
+            _ => None,
+        }
+    }))
+    .await;
+    let needed = crate::cluster::redlock::quorum(answers.len());
+    let shown: Vec<Option<Incarnation>> = answers.into_iter().flatten().collect();
+    if let Some(&incarnation) = shown
+        .iter()
+        .flatten()
+        .find(|&&i| shown.iter().filter(|s| **s == Some(i)).count() >= needed)
+    {
+        return Liveness::Alive(incarnation);
+    }
+    if shown.iter().filter(|s| s.is_none()).count() >= needed {
+        Liveness::Dead
+    } else {
+        Liveness::Unknown
+    }
 }
 
 /// A process of `node` died or left: the matcher drops its drivers and
