@@ -342,9 +342,14 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
             };
             ("renew", kept != Some(false), reply)
         }
-        RedisOp::FinishTrip { trip_id } => {
-            let found = locks.finish_trip(driver, trip_id).await;
-            ("finish_trip", found, RedisReply::TripFinished)
+        RedisOp::FinishTrip { trip_id, attempt } => {
+            let done = locks.finish_trip(driver, trip_id).await;
+            let reply = RedisReply::TripFinished {
+                trip_id,
+                attempt,
+                done,
+            };
+            ("finish_trip", done.is_some(), reply)
         }
         RedisOp::CurrentTrip => {
             let found = locks.current_trip(driver).await;

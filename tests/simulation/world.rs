@@ -1036,10 +1036,13 @@ impl World {
 
     /// Asks every server `op` for `asker`.
     pub fn call(&mut self, asker: Asker, driver: String, op: RedisOp) {
-        if let RedisOp::FinishTrip { trip_id } = op {
+        if let RedisOp::FinishTrip { trip_id, attempt } = op {
             // Read the record where it is, then finish under its owner on
-            // every server (the read is modelled as instant; its failures
-            // would only make this do nothing, like a lost message).
+            // every server (the read is modelled as instant, and the answer
+            // as the majority's: found and a majority up, not found by a
+            // majority, or can't tell).
+            let up = self.servers.iter().filter(|s| s.up).count();
+            let majority = up >= ridelock::cluster::redlock::quorum(self.servers.len());
             let owner = self
                 .servers
                 .iter()
@@ -1047,6 +1050,11 @@ impl World {
                 .filter_map(|s| s.recorded_trip(&driver, self.now))
                 .find(|record| record.trip_id == trip_id)
                 .map(|record| record.owner);
+            let done = match &owner {
+                Some(_) if majority => Some(true),
+                None if majority => Some(false),
+                _ => None,
+            };
             if let Some(owner) = owner {
                 for server in 0..self.servers.len() {
                     let op = ServerOp::Finish {
@@ -1056,6 +1064,29 @@ impl World {
                     };
                     self.send_server_op(server, 0, op);
                 }
+            }
+            if let Asker::Driver {
+                node,
+                inc,
+                driver: d,
+                actor,
+            } = asker
+            {
+                let reply = RedisReply::TripFinished {
+                    trip_id,
+                    attempt,
+                    done,
+                };
+                self.at(
+                    Duration::from_millis(1),
+                    Ev::RedisToDriver {
+                        node,
+                        inc,
+                        driver: d,
+                        actor,
+                        reply,
+                    },
+                );
             }
             return;
         }

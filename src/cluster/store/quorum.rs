@@ -214,19 +214,21 @@ impl Redlock {
     /// it: if any server records it as the driver's current trip, it is
     /// finished under its owner everywhere, which frees its lock and marks
     /// the owner, so that the node holding it lets it go at its next
-    /// renewal. Whether it was found.
-    pub async fn finish_trip(&self, driver: &str, trip_id: TripId) -> bool {
+    /// renewal. `Some(true)` when it was found and finished by a majority,
+    /// `Some(false)` when a majority answered and none records it, `None`
+    /// when too few answered to tell (ask again).
+    pub async fn finish_trip(&self, driver: &str, trip_id: TripId) -> Option<bool> {
         let records = join_all(self.servers.iter().map(|s| s.recorded_trip(driver))).await;
-        let Some(owner) = records
+        let answered = records.iter().filter(|r| r.is_ok()).count();
+        let owner = records
             .into_iter()
             .filter_map(|r| r.ok().flatten())
             .find(|record| record.trip_id == trip_id)
-            .map(|record| record.owner)
-        else {
-            return false;
-        };
-        self.finish(driver, &owner, trip_id).await;
-        true
+            .map(|record| record.owner);
+        match owner {
+            Some(owner) => self.finish(driver, &owner, trip_id).await.then_some(true),
+            None => (answered >= quorum(self.servers.len())).then_some(false),
+        }
     }
 
     /// The driver's current trip (see [`current_trip_verdict`]).

@@ -39,6 +39,10 @@ const FINISH_RETRY: Duration = Duration::from_millis(500);
 /// (see `renew_during_trip`).
 const FIRST_RENEWAL: Duration = Duration::from_secs(1);
 
+/// How often a trip completed elsewhere is asked to finish while Redis
+/// can't tell (500 ms apart: half a minute).
+const FINISH_TRIP_ATTEMPTS: u32 = 60;
+
 /// Room left between an offer's deadline and the end of its lock's
 /// validity, for the accept's confirm to reach Redis.
 const CONFIRM_ROOM: Duration = Duration::from_millis(500);
@@ -416,6 +420,12 @@ impl Booking {
                 self.finish(owner, trip_id, attempt);
             }
         }
+        if let Some((trip_id, at, attempt)) = self.finish_trip_retry {
+            if at <= now {
+                self.finish_trip_retry = None;
+                self.finish_trip(trip_id, attempt);
+            }
+        }
         if let Some((at, attempt)) = self.lookup_retry {
             if at <= now {
                 self.lookup_retry = None;
@@ -432,5 +442,31 @@ impl Booking {
             attempt,
         };
         self.redis(RedisOp::Finish { owner, trip_id }, Some(wait));
+    }
+
+    /// Finishes in Redis a trip the app completed on this node, which does
+    /// not hold it (it runs beside everything else).
+    pub(super) fn finish_trip(&mut self, trip_id: TripId, attempt: u32) {
+        self.effects
+            .push(super::DriverEffect::Redis(RedisOp::FinishTrip {
+                trip_id,
+                attempt,
+            }));
+    }
+
+    /// What finishing a trip completed elsewhere found: asked again while
+    /// Redis can't tell, so that its holder elsewhere is not left holding
+    /// it (for up to [`FINISH_TRIP_ATTEMPTS`] tries, then the trip's
+    /// maximum age frees it).
+    pub(super) fn trip_finished(
+        &mut self,
+        now: Instant,
+        trip_id: TripId,
+        done: Option<bool>,
+        attempt: u32,
+    ) {
+        if done.is_none() && attempt < FINISH_TRIP_ATTEMPTS {
+            self.finish_trip_retry = Some((trip_id, now + FINISH_RETRY, attempt + 1));
+        }
     }
 }

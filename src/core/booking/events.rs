@@ -175,6 +175,8 @@ pub enum RedisOp {
     FinishTrip {
         /// The trip.
         trip_id: TripId,
+        /// Which try this is.
+        attempt: u32,
     },
 }
 
@@ -208,8 +210,16 @@ pub enum RedisReply {
     },
     /// To `CurrentTrip`.
     CurrentTrip(Result<Option<TripRecord>, ()>),
-    /// To `FinishTrip` (nothing waits for it).
-    TripFinished,
+    /// To `FinishTrip` of `trip_id` (nothing waits for it): `None` when
+    /// Redis could not tell (ask again).
+    TripFinished {
+        /// The trip.
+        trip_id: TripId,
+        /// Which try it answers.
+        attempt: u32,
+        /// Whether it was found and finished.
+        done: Option<bool>,
+    },
 }
 
 /// What the driver's actor must carry out.

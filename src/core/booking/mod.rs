@@ -137,6 +137,9 @@ pub struct Booking {
     lookup_retry: Option<(Instant, u32)>,
     /// Cluster mode: a finish Redis could not confirm: when to ask again.
     finish_retry: Option<(String, TripId, Instant, u32)>,
+    /// Cluster mode: a trip completed elsewhere whose finish Redis could not
+    /// tell: when to ask again, and which try.
+    finish_trip_retry: Option<(TripId, Instant, u32)>,
     /// Trips this driver completed lately: never taken over again from a
     /// record that outlived them.
     completed: VecDeque<TripId>,
@@ -166,6 +169,7 @@ impl Booking {
             renewal: None,
             lookup_retry: None,
             finish_retry: None,
+            finish_trip_retry: None,
             completed: VecDeque::new(),
             trip_since: None,
             asked: VecDeque::new(),
@@ -215,6 +219,7 @@ impl Booking {
             self.renewal.as_ref().map(|r| r.at),
             self.lookup_retry.map(|(at, _)| at),
             self.finish_retry.as_ref().map(|(_, _, at, _)| *at),
+            self.finish_trip_retry.map(|(_, at, _)| at),
             self.trip_since.map(|since| since + TRIP_MAX_AGE),
         ]
         .into_iter()
@@ -227,7 +232,11 @@ impl Booking {
         match event {
             // Renewals run beside everything else, but what they find waits
             // like any other event.
-            DriverEvent::Redis(RedisReply::TripFinished) => {}
+            DriverEvent::Redis(RedisReply::TripFinished {
+                trip_id,
+                attempt,
+                done,
+            }) => self.trip_finished(now, trip_id, done, attempt),
             DriverEvent::Redis(reply) if !matches!(reply, RedisReply::Renewed { .. }) => {
                 self.redis_replied(now, reply)
             }
@@ -433,8 +442,7 @@ impl Booking {
                     // if it turns up, it is finished rather than taken.
                     if self.node.is_some() {
                         self.remember_completed(trip_id);
-                        self.effects
-                            .push(DriverEffect::Redis(RedisOp::FinishTrip { trip_id }));
+                        self.finish_trip(trip_id, 1);
                     }
                     self.error(ErrorCode::UnknownTrip, e.to_string())
                 }
