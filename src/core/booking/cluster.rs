@@ -331,6 +331,8 @@ impl Booking {
         if let Ok(trip) = self.lock.complete_trip(trip_id) {
             self.remember_completed(trip.trip_id);
         }
+        // The app, if here, may have been booked elsewhere meanwhile.
+        self.lookup_trip(now, 1);
         self.sync(now);
     }
 

@@ -435,7 +435,7 @@ impl Booking {
                 Err(e) => self.answer_failed(now, e),
             },
             DriverCommand::TripCompleted { trip_id } => match self.lock.complete_trip(trip_id) {
-                Ok(trip) => self.trip_ended(&trip),
+                Ok(trip) => self.trip_ended(now, &trip),
                 Err(e) => {
                     // Cluster mode: the trip may be one this node has not
                     // taken over yet (Redis has not answered the look-up);
@@ -530,12 +530,16 @@ fn trip_assigned(trip: &Trip<OfferHolder>) -> ServerMessage {
 
 /// `trip_ended` is shared by the app's completion and a lost trip lock.
 impl Booking {
-    fn trip_ended(&mut self, trip: &Trip<OfferHolder>) {
+    fn trip_ended(&mut self, now: Instant, trip: &Trip<OfferHolder>) {
         self.renewal = None;
         self.remember_completed(trip.trip_id);
         if self.node.is_some() {
             let owner = self.owner_of(&trip.holder, trip.offer_id);
             self.finish(owner, trip.trip_id, 1);
+            // The app may have been booked on another node meanwhile (a
+            // connection there before this one): looked up once the finish
+            // is through.
+            self.lookup_trip(now, 1);
         }
     }
 

@@ -218,7 +218,7 @@ impl Booking {
             if let Some(trip_id) = self.trip_id() {
                 tracing::warn!(driver = %self.id, trip = trip_id, "a trip outlived its maximum age; it ends");
                 if let Ok(trip) = self.lock.complete_trip(trip_id) {
-                    self.trip_ended(&trip);
+                    self.trip_ended(now, &trip);
                 }
             }
             self.trip_since = None;
