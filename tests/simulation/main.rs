@@ -4,7 +4,8 @@
 //! checked after every event and once everything has settled.
 //!
 //! `RIDELOCK_SIM_SEED=<n>` replays one seed and prints its trace;
-//! `RIDELOCK_SIM_EVENTS=<n>` sets how many events a run covers at least.
+//! `RIDELOCK_SIM_EVENTS=<n>` sets how many events a run covers at least;
+//! `RIDELOCK_SIM_FIRST_SEED=<n>` starts there instead of at seed 0.
 
 mod apps;
 mod check;
@@ -64,7 +65,13 @@ fn fault_simulation() {
         .map(|s| s.parse().expect("a number"))
         .unwrap_or(3_000_000);
     let (mut events, mut seeds, mut faults) = (0u64, 0u64, 0u64);
-    let mut seed = replay.unwrap_or(0);
+    // `RIDELOCK_SIM_FIRST_SEED` starts a long run past the seeds every
+    // `cargo test` covers.
+    let first: u64 = std::env::var("RIDELOCK_SIM_FIRST_SEED")
+        .ok()
+        .map(|s| s.parse().expect("a seed"))
+        .unwrap_or(0);
+    let mut seed = replay.unwrap_or(first);
     loop {
         let (world, result) = run(seed, replay.is_some());
         events += world.events_run;
