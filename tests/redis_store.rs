@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::redis::RedisServer;
 use ridelock::cluster::redlock::AttemptFailed;
-use ridelock::cluster::store::{LockError, LockServer, Redlock, Settled, TripRecord};
+use ridelock::cluster::store::{LockError, LockServer, Redlock, Renewal, Settled, TripRecord};
 use ridelock::location::LatLon;
 
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -130,14 +130,21 @@ async fn only_the_owner_releases_or_confirms() {
         server.try_acquire("d", "theirs", ttl, 0).await.unwrap(),
         None
     );
-    assert!(server.renew("d", &trip("mine", 1), true).await.unwrap());
-    assert!(!server.renew("d", &trip("theirs", 1), true).await.unwrap());
+    assert_eq!(
+        server.renew("d", &trip("mine", 1), true).await.unwrap(),
+        Renewal::Kept
+    );
+    assert_eq!(
+        server.renew("d", &trip("theirs", 1), true).await.unwrap(),
+        Renewal::Lost
+    );
     // The trip ends: the owner finishes it, and the next offer may lock.
     assert!(!server.finish("d", "theirs", 1).await.unwrap());
     assert!(server.finish("d", "mine", 1).await.unwrap());
-    assert!(
-        !server.renew("d", &trip("mine", 1), true).await.unwrap(),
-        "a late renewal takes nothing back"
+    assert_eq!(
+        server.renew("d", &trip("mine", 1), true).await.unwrap(),
+        Renewal::Finished,
+        "a late renewal hears the trip is over and takes nothing back"
     );
     let next = server
         .try_acquire("d", "next", ttl, 0)
@@ -162,11 +169,15 @@ async fn only_the_owner_releases_or_confirms() {
     assert!(held > next);
     assert!(server.confirm("d", &trip("mine2", 2)).await.unwrap());
     let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
-    assert!(
-        !server.renew("d", &trip("mine2", 2), false).await.unwrap(),
+    assert_eq!(
+        server.renew("d", &trip("mine2", 2), false).await.unwrap(),
+        Renewal::Lost,
         "an actor the app has left takes nothing back"
     );
-    assert!(server.renew("d", &trip("mine2", 2), true).await.unwrap());
+    assert_eq!(
+        server.renew("d", &trip("mine2", 2), true).await.unwrap(),
+        Renewal::Kept
+    );
     assert_eq!(
         server.try_acquire("d", "theirs2", ttl, 0).await.unwrap(),
         None,
@@ -452,4 +463,29 @@ async fn the_trip_record_refuses_an_older_fencing_token() {
     // The same token again (a confirm asked twice) and a newer one pass.
     assert!(server.confirm("d", &with_token("a/2", 100)).await.unwrap());
     assert!(server.confirm("d", &with_token("a/2", 101)).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_finish_heard_by_one_server_ends_the_trip_for_its_holder() {
+    // The simulation found it: a finish reached one server of three, the
+    // finishing node died, and the node still holding the trip renewed it
+    // (the two other servers kept it) for as long as the trip could last.
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let redlock = Redlock::connect(&urls, TIMEOUT).await.unwrap();
+    node_a_alive(&servers.iter().collect::<Vec<_>>()).await;
+    redlock
+        .acquire("d", "a:1", Duration::from_secs(15), 0)
+        .await
+        .unwrap();
+    assert_eq!(redlock.confirm("d", &trip("a:1", 7)).await, Some(true));
+    assert_eq!(redlock.renew("d", &trip("a:1", 7), true).await, Some(true));
+
+    let one = LockServer::connect(&servers[0].url, TIMEOUT).await.unwrap();
+    assert!(one.finish("d", "a:1", 7).await.unwrap());
+    assert_eq!(
+        redlock.renew("d", &trip("a:1", 7), true).await,
+        Some(false),
+        "the holder lets go"
+    );
 }

@@ -99,15 +99,34 @@ pub fn majority_did(answers: &[Option<bool>]) -> Option<bool> {
     }
 }
 
-/// The verdict on a renewal: `Some(true)` when a majority kept the lock,
-/// `Some(false)` when a majority answered that it is no longer the
-/// caller's, `None` otherwise.
-pub fn majority_kept(answers: &[Option<bool>]) -> Option<bool> {
+/// One server's answer to a renewal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// Kept (or taken back) for the owner.
+    Kept,
+    /// Not the owner's here.
+    Lost,
+    /// The trip was finished: let it go, whatever other servers say.
+    Finished,
+}
+
+/// The verdict on a renewal (`None` for a server that did not answer):
+/// `Some(true)` when a majority kept the lock, `Some(false)` when a majority
+/// answered that it is no longer the caller's or any server heard the trip
+/// finish, `None` otherwise.
+///
+/// One server's finish is enough because a finish is only ever sent for a
+/// trip that ended; without it, a holder whose finish reached a minority
+/// (and whose finishing node then died) would renew the trip forever.
+pub fn renewal_verdict(answers: &[Option<Renewal>]) -> Option<bool> {
+    if answers.contains(&Some(Renewal::Finished)) {
+        return Some(false);
+    }
     let needed = quorum(answers.len());
     let count = |want| answers.iter().filter(|a| **a == Some(want)).count();
-    if count(true) >= needed {
+    if count(Renewal::Kept) >= needed {
         Some(true)
-    } else if count(false) >= needed {
+    } else if count(Renewal::Lost) >= needed {
         Some(false)
     } else {
         None

@@ -57,7 +57,7 @@ async fn real(server: &LockServer, op: &ServerOp) -> ServerReply {
             driver,
             record,
             repair,
-        } => ServerReply::Done(server.renew(driver, record, *repair).await.unwrap()),
+        } => ServerReply::Renewal(server.renew(driver, record, *repair).await.unwrap()),
         ServerOp::Finish {
             driver,
             owner,

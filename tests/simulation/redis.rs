@@ -1,10 +1,11 @@
 //! A model of the lock servers: what each Lua script in
-//! `src/cluster/store.rs` does to one server's keys, with expiry in virtual
+//! `src/cluster/store/scripts.rs` does to one server's keys, with expiry in virtual
 //! time. A restart without persistence forgets everything.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use ridelock::cluster::redlock::Renewal;
 use ridelock::cluster::store::RECORD_TTL;
 use ridelock::core::booking::{TripRecord, TRIP_HOLD};
 use ridelock::core::lock::{FencingToken, TripId};
@@ -63,6 +64,7 @@ pub enum ServerReply {
     Trip(Option<TripId>),
     Record(Option<TripRecord>),
     Incarnation(Option<u64>),
+    Renewal(Renewal),
 }
 
 #[derive(Default)]
@@ -74,6 +76,8 @@ pub struct Server {
     locks: HashMap<String, (String, Instant)>,
     tokens: HashMap<String, FencingToken>,
     settled: HashMap<String, Instant>,
+    /// Owners whose trip was finished here: a renewal hears it.
+    finished: HashMap<String, Instant>,
     trips: HashMap<String, (TripId, Instant)>,
     current: HashMap<String, (String, TripRecord, Instant)>,
     alive: HashMap<String, (u64, Instant)>,
@@ -207,8 +211,11 @@ impl Server {
                 record,
                 repair,
             } => {
-                let holder = self.lock_owner(driver, now).map(str::to_string);
                 let owner = &record.owner;
+                if live(&self.finished, owner, now, |at| *at) {
+                    return ServerReply::Renewal(Renewal::Finished);
+                }
+                let holder = self.lock_owner(driver, now).map(str::to_string);
                 let settled = live(&self.settled, owner, now, |at| *at);
                 if holder.as_deref() == Some(owner.as_str())
                     || (holder.is_none() && *repair && !settled)
@@ -221,9 +228,9 @@ impl Server {
                     );
                     self.trips
                         .insert(owner.clone(), (record.trip_id, now + RECORD_TTL));
-                    return ServerReply::Done(true);
+                    return ServerReply::Renewal(Renewal::Kept);
                 }
-                ServerReply::Done(false)
+                ServerReply::Renewal(Renewal::Lost)
             }
             ServerOp::Finish {
                 driver,
@@ -231,6 +238,7 @@ impl Server {
                 trip_id,
             } => {
                 self.settled.insert(owner.clone(), now + RECORD_TTL);
+                self.finished.insert(owner.clone(), now + RECORD_TTL);
                 self.trips
                     .insert(owner.clone(), (*trip_id, now + RECORD_TTL));
                 let freed = self.lock_owner(driver, now) == Some(owner.as_str());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ridelock::cluster::redlock::{
-    current_trip_verdict, judge, majority_did, majority_kept, settle_verdict, AttemptFailed,
+    current_trip_verdict, judge, majority_did, renewal_verdict, settle_verdict, AttemptFailed,
 };
 use ridelock::cluster::wire::NodeId;
 use ridelock::core::booking::{
@@ -28,6 +28,7 @@ use ridelock::protocol::{DriverId, RequestId, RiderId, ServerMessage};
 use super::apps::{DriverApp, RiderApp};
 use super::check::Ledger;
 use super::redis::{Server, ServerOp, ServerReply};
+use ridelock::cluster::redlock::Renewal;
 
 /// The per-server timeout of the Redis client (`--redis-timeout-ms`).
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
@@ -1301,7 +1302,7 @@ impl World {
             RedisOp::Confirm { .. } => RedisReply::Confirmed(majority_did(&bools(&call.answers))),
             RedisOp::Renew { record, .. } => RedisReply::Renewed {
                 owner: record.owner.clone(),
-                kept: majority_kept(&bools(&call.answers)),
+                kept: renewal_verdict(&renewals(&call.answers)),
             },
             RedisOp::Settle { .. } => {
                 let trips: Vec<Option<Option<u64>>> = call
@@ -1458,6 +1459,16 @@ pub enum Wire {
     Matcher(MatcherIn),
     Driver(usize, DriverEvent),
     Lock(usize, LockRequest, Duration),
+}
+
+fn renewals(answers: &[Option<ServerReply>]) -> Vec<Option<Renewal>> {
+    answers
+        .iter()
+        .map(|a| match a {
+            Some(ServerReply::Renewal(r)) => Some(*r),
+            _ => None,
+        })
+        .collect()
 }
 
 fn bools(answers: &[Option<ServerReply>]) -> Vec<Option<bool>> {

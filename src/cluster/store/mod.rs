@@ -17,6 +17,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::redlock::AttemptFailed;
+pub use super::redlock::Renewal;
 use crate::lock::{FencingToken, LockRefused, TripId};
 
 mod quorum;
@@ -139,6 +140,10 @@ fn trip_key(owner: &str) -> String {
 
 fn settled_key(owner: &str) -> String {
     format!("ridelock:owner:{owner}:settled")
+}
+
+fn finished_key(owner: &str) -> String {
+    format!("ridelock:owner:{owner}:finished")
 }
 
 /// Locks on one Redis server.
@@ -294,7 +299,7 @@ impl LockServer {
         driver: &str,
         trip: &TripRecord,
         repair: bool,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Renewal, StoreError> {
         let json = serde_json::to_string(trip).expect("trip records serialize");
         let kept: i64 = self
             .run(
@@ -304,6 +309,7 @@ impl LockServer {
                     current_trip_key(driver),
                     settled_key(&trip.owner),
                     trip_key(&trip.owner),
+                    finished_key(&trip.owner),
                 ],
                 &[
                     trip.owner.clone(),
@@ -315,7 +321,11 @@ impl LockServer {
                 ],
             )
             .await?;
-        Ok(kept == 1)
+        Ok(match kept {
+            1 => Renewal::Kept,
+            2 => Renewal::Finished,
+            _ => Renewal::Lost,
+        })
     }
 
     /// `owner`'s trip of `driver` ended: frees its lock and the driver's
@@ -334,6 +344,7 @@ impl LockServer {
                     current_trip_key(driver),
                     settled_key(owner),
                     trip_key(owner),
+                    finished_key(owner),
                 ],
                 &[
                     owner.to_string(),

@@ -7,8 +7,8 @@ use tokio::time::Instant;
 
 use super::{Grant, LockError, LockServer, StoreError, TripRecord};
 use crate::cluster::redlock::{
-    current_trip_verdict, judge, majority_did, majority_kept, quorum, retry_delay, settle_verdict,
-    AttemptFailed,
+    current_trip_verdict, judge, majority_did, quorum, renewal_verdict, retry_delay,
+    settle_verdict, AttemptFailed,
 };
 use crate::core::lock::{FencingToken, TripId};
 use crate::core::Settled;
@@ -193,8 +193,8 @@ impl Redlock {
     /// `owner`'s, `None` when too few servers answered.
     pub async fn renew(&self, driver: &str, trip: &TripRecord, repair: bool) -> Option<bool> {
         let answers = join_all(self.servers.iter().map(|s| s.renew(driver, trip, repair))).await;
-        let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
-        majority_kept(&answers)
+        let answers: Vec<_> = answers.into_iter().map(Result::ok).collect();
+        renewal_verdict(&answers)
     }
 
     /// `owner`'s trip of `driver` ended: frees its lock everywhere. Whether a

@@ -83,10 +83,15 @@ return 0
 /// The owner's trip record (what a settle reads) is written again too, so
 /// that a server that missed the confirm or lost it tells a settle the
 /// truth.
+/// 2 when the trip was finished (by whichever node or app): the caller lets
+/// it go, whatever the other servers say.
 /// KEYS: lock, the driver's current trip, the owner's settled mark, the
-/// owner's trip record. ARGV: owner, hold ms, the trip (JSON), repair ('1'
-/// or '0'), trip id, record ttl ms.
+/// owner's trip record, the owner's finished mark. ARGV: owner, hold ms, the
+/// trip (JSON), repair ('1' or '0'), trip id, record ttl ms.
 pub(super) const RENEW: &str = r#"
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  return 2
+end
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1]
     or (not holder and ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 0) then
@@ -103,10 +108,13 @@ return 0
 /// renewal (an actor that has not heard yet) takes the lock back, and
 /// records the trip under the owner, so that a settle reading this server
 /// finds it even if the confirm missed it (or it lost it).
+/// It also marks the trip finished, which every later renewal of it hears.
 /// KEYS: lock, the driver's current trip, the owner's settled mark, the
-/// owner's trip record. ARGV: owner, mark ttl ms, trip id.
+/// owner's trip record, the owner's finished mark. ARGV: owner, mark ttl
+/// ms, trip id.
 pub(super) const FINISH: &str = r#"
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[2])
 redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[2])
 local freed = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
