@@ -135,9 +135,38 @@ pub struct Config {
     pub search_timeout_ms: u64,
 
     /// Only drivers within this great-circle distance of the pickup are
-    /// offered, in metres.
+    /// offered, in metres (at first: see --radius-step-m).
     #[arg(long, env = "RIDELOCK_RADIUS_M", default_value_t = 5_000.0)]
     pub radius_m: f64,
+
+    /// GeoJSON file of the areas served: a FeatureCollection of Polygons or
+    /// MultiPolygons, each with a string `name` property. Requests whose
+    /// pickup is outside every area get `outside_service_area`; drivers
+    /// outside every area are not offered. Without it, everywhere is served.
+    /// Every node of a cluster must be given the same file.
+    #[arg(long, env = "RIDELOCK_SERVICE_AREA")]
+    pub service_area: Option<PathBuf>,
+
+    /// A driver whose last `location` is older than this, in seconds, is not
+    /// offered until its next one, even with its connection open.
+    #[arg(long, env = "RIDELOCK_LOCATION_MAX_AGE_S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub location_max_age_s: u64,
+
+    /// How much farther a request looks for every --radius-step-ms it has
+    /// waited, in metres, up to --max-radius-m; 0 keeps --radius-m.
+    #[arg(long, env = "RIDELOCK_RADIUS_STEP_M", default_value_t = 1_000.0)]
+    pub radius_step_m: f64,
+
+    /// How often a waiting request's search radius grows, in milliseconds.
+    #[arg(long, env = "RIDELOCK_RADIUS_STEP_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub radius_step_ms: u64,
+
+    /// How far a waiting request's search radius grows at most, in metres
+    /// (at least --radius-m).
+    #[arg(long, env = "RIDELOCK_MAX_RADIUS_M", default_value_t = 10_000.0)]
+    pub max_radius_m: f64,
 
     /// Drivers one request is offered to at most, nearest first; when that
     /// many have declined or let the offer expire, the rider gets `no_driver`.
@@ -243,6 +272,16 @@ impl Config {
     /// The offer timeout as a duration.
     pub fn offer_timeout(&self) -> Duration {
         Duration::from_millis(self.offer_timeout_ms)
+    }
+
+    /// How old a driver's location may grow, as a duration.
+    pub fn location_max_age(&self) -> Duration {
+        Duration::from_secs(self.location_max_age_s)
+    }
+
+    /// How often a waiting request's radius grows, as a duration.
+    pub fn radius_step(&self) -> Duration {
+        Duration::from_millis(self.radius_step_ms)
     }
 
     /// The search timeout as a duration.

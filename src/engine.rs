@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::actors::driver::DriverRegistry;
 use crate::actors::matcher::{Admission, GetStats, Matcher, MatcherStats};
 use crate::actors::messages::{DriverChanges, MatcherLink};
+use crate::areas::ServiceAreas;
 use crate::auth::{self, Verifier};
 use crate::cluster::bus::Bus;
 use crate::cluster::{self, Cluster};
@@ -111,15 +112,42 @@ fn verifier(config: &Config) -> Result<Option<Verifier>, StartError> {
     Ok(None)
 }
 
+fn check_radii(config: &Config) -> Result<(), StartError> {
+    let refuse = |why: &str| Err(StartError::Config(why.into()));
+    if !(config.radius_m.is_finite() && config.radius_m > 0.0) {
+        return refuse("--radius-m must be a positive number");
+    }
+    if !(config.radius_step_m.is_finite() && config.radius_step_m >= 0.0) {
+        return refuse("--radius-step-m must be a number of metres, 0 or more");
+    }
+    if !(config.max_radius_m.is_finite() && config.max_radius_m >= config.radius_m) {
+        return refuse("--max-radius-m must be a number of metres no smaller than --radius-m");
+    }
+    Ok(())
+}
+
+fn service_areas(config: &Config) -> Result<Option<Arc<ServiceAreas>>, StartError> {
+    let Some(path) = &config.service_area else {
+        return Ok(None);
+    };
+    let refuse =
+        |why: String| StartError::Config(format!("--service-area {}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| refuse(e.to_string()))?;
+    let areas = ServiceAreas::from_geojson(&text).map_err(|e| refuse(e.to_string()))?;
+    tracing::info!(
+        areas = areas.names().len(),
+        "serving only the areas of {}",
+        path.display()
+    );
+    Ok(Some(Arc::new(areas)))
+}
+
 impl Engine {
     /// Binds `config.listen`, starts the actors, and serves on the current
     /// tokio runtime. Returns once the engine accepts connections.
     pub async fn start(config: Config) -> Result<Engine, StartError> {
-        if !(config.radius_m.is_finite() && config.radius_m > 0.0) {
-            return Err(StartError::Config(
-                "--radius-m must be a positive number".into(),
-            ));
-        }
+        check_radii(&config)?;
+        let areas = service_areas(&config)?;
         let listener = server::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -195,6 +223,7 @@ impl Engine {
                         link,
                         actor_ids.clone(),
                         actor_cluster.clone(),
+                        actor_config.location_max_age(),
                     );
                     let matcher = context.run(Matcher::new(
                         &actor_config,
@@ -203,6 +232,7 @@ impl Engine {
                         actor_cluster,
                         registry.clone(),
                         changes,
+                        areas,
                     ));
                     (System::current(), matcher, registry)
                 });

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod actors;
+pub mod areas;
 pub mod auth;
 pub mod cluster;
 pub mod config;

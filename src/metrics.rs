@@ -26,6 +26,12 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Buckets for candidates tried per request.
 pub const CANDIDATE_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0];
+/// Buckets for [`PICKUP_DISTANCE`], in metres (up to twice the default
+/// widest radius).
+pub const DISTANCE_BUCKETS: &[f64] = &[
+    50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1_000.0, 1_500.0, 2_000.0, 3_000.0, 5_000.0, 7_500.0,
+    10_000.0, 20_000.0,
+];
 
 /// Driver actors by state (`state` = offline, available, offered, on_trip).
 pub const DRIVERS: &str = "ridelock_drivers";
@@ -66,6 +72,18 @@ pub const WAITING_RIDERS: &str = "ridelock_waiting_riders";
 pub const INDEX_DRIVERS: &str = "ridelock_index_drivers";
 /// Location updates taken from drivers.
 pub const LOCATION_UPDATES: &str = "ridelock_location_updates_total";
+/// Drivers taken out of the index because their last location grew older
+/// than `--location-max-age-s`.
+pub const STALE_DRIVERS: &str = "ridelock_stale_drivers_total";
+/// Pickup distance of each match, in metres.
+pub const PICKUP_DISTANCE: &str = "ridelock_pickup_distance_meters";
+/// Ride requests by the service `area` of their pickup (only with
+/// `--service-area`).
+pub const AREA_REQUESTS: &str = "ridelock_area_requests_total";
+/// With `--service-area`: what was outside every area, by `kind`:
+/// `request` (refused with `outside_service_area`) or `driver` (a position
+/// update that made a driver not offerable).
+pub const OUTSIDE_SERVICE_AREA: &str = "ridelock_outside_service_area_total";
 /// WebSocket messages by `direction` (in, out).
 pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 /// Errors sent to clients by `code`.
@@ -127,6 +145,12 @@ pub fn install() -> PrometheusHandle {
                         CANDIDATE_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(PICKUP_DISTANCE.into()),
+                        DISTANCE_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are non-empty");
             let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
@@ -184,6 +208,19 @@ fn describe() {
     );
     describe_gauge!(INDEX_DRIVERS, "Available drivers in the spatial index");
     describe_counter!(LOCATION_UPDATES, "Driver location updates");
+    describe_counter!(
+        STALE_DRIVERS,
+        "Drivers taken out of the index for a location older than --location-max-age-s"
+    );
+    describe_histogram!(
+        PICKUP_DISTANCE,
+        "Distance from the matched driver to the pickup, in metres"
+    );
+    describe_counter!(AREA_REQUESTS, "Ride requests by service area");
+    describe_counter!(
+        OUTSIDE_SERVICE_AREA,
+        "Requests refused and driver positions ignored for being outside every service area, by kind"
+    );
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
     describe_counter!(
@@ -219,6 +256,7 @@ fn preregister() {
         LOCK_ATTEMPTS,
         LOCK_REFUSALS,
         LOCATION_UPDATES,
+        STALE_DRIVERS,
         REDIS_QUORUM_FAILURES,
         FRAMES_DELAYED,
         FLOOD_CLOSES,
@@ -233,6 +271,9 @@ fn preregister() {
     }
     for result in ["ok", "failed"] {
         counter!(CLUSTER_MESSAGES, "result" => result).increment(0);
+    }
+    for kind in ["request", "driver"] {
+        counter!(OUTSIDE_SERVICE_AREA, "kind" => kind).increment(0);
     }
     for ending in [
         Ending::Accepted,
@@ -327,6 +368,22 @@ pub(crate) fn matcher_gauges(searches: usize, waiting: usize, indexed: usize) {
 
 pub(crate) fn location_update() {
     LOCATION_UPDATES_COUNTER.increment(1);
+}
+
+pub(crate) fn driver_went_stale() {
+    counter!(STALE_DRIVERS).increment(1);
+}
+
+pub(crate) fn pickup_distance(metres: f64) {
+    histogram!(PICKUP_DISTANCE).record(metres);
+}
+
+pub(crate) fn area_request(area: &str) {
+    counter!(AREA_REQUESTS, "area" => area.to_string()).increment(1);
+}
+
+pub(crate) fn outside_service_area(kind: &'static str) {
+    counter!(OUTSIDE_SERVICE_AREA, "kind" => kind).increment(1);
 }
 
 pub(crate) fn ws_message_in() {

@@ -268,11 +268,13 @@ pub enum ErrorCode {
     BinaryNotSupported,
     /// The engine has too many requests queued; retry after a pause.
     Overloaded,
+    /// `request_ride` with a pickup outside every service area.
+    OutsideServiceArea,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and metrics.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::InvalidJson,
         ErrorCode::NotAnObject,
         ErrorCode::MissingType,
@@ -288,6 +290,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::BinaryNotSupported,
         ErrorCode::Overloaded,
+        ErrorCode::OutsideServiceArea,
     ];
 
     /// The snake_case code as sent (also the metrics label).
@@ -308,6 +311,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BinaryNotSupported => "binary_not_supported",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::OutsideServiceArea => "outside_service_area",
         }
     }
 }

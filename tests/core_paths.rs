@@ -21,6 +21,8 @@ use ridelock::protocol::{DriverCommand, ErrorCode, ServerMessage};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
+const LOCATION_MAX_AGE: Duration = Duration::from_secs(60);
+
 fn here() -> LatLon {
     LatLon::new(52.52, 13.405).unwrap()
 }
@@ -54,7 +56,12 @@ fn request(offer_id: u64, holder: OfferHolder, not_after: Instant) -> LockReques
 /// A driver on node `node` (cluster mode when `Some`), connected on session
 /// 1, located and available; its trip look-up answered "none".
 fn ready_driver(node: Option<&str>, now: Instant) -> Booking {
-    let mut driver = Booking::new("d1".into(), Arc::new(Ids::default()), node.map(Into::into));
+    let mut driver = Booking::new(
+        "d1".into(),
+        Arc::new(Ids::default()),
+        node.map(Into::into),
+        LOCATION_MAX_AGE,
+    );
     driver.handle(now, DriverEvent::Attach { session: 1 });
     if node.is_some() {
         driver.handle(now, DriverEvent::Redis(RedisReply::CurrentTrip(Ok(None))));
@@ -236,7 +243,12 @@ fn only_a_live_trip_shown_by_a_majority_is_taken_over() {
     // This driver takes a trip over, completes it, and a look-up then finds
     // its stale record.
     let now = Instant::now();
-    let mut driver = Booking::new("d1".into(), Arc::new(Ids::default()), Some("a".into()));
+    let mut driver = Booking::new(
+        "d1".into(),
+        Arc::new(Ids::default()),
+        Some("a".into()),
+        LOCATION_MAX_AGE,
+    );
     driver.handle(now, DriverEvent::Attach { session: 1 });
     driver.handle(
         now,
@@ -355,6 +367,9 @@ fn a_stopping_driver_ends_its_offer() {
 fn settings() -> SearchSettings {
     SearchSettings {
         radius_m: 5_000.0,
+        radius_step_m: 1_000.0,
+        radius_step: Duration::from_secs(10),
+        max_radius_m: 7_000.0,
         max_candidates: 5,
         search_timeout: Duration::from_secs(60),
         offer_timeout: Duration::from_secs(15),

@@ -160,6 +160,14 @@ async fn the_dashboard_only_asks_for_exported_metrics() {
         c.search_timeout_ms = 500;
         c.redis = vec![redis.url.clone()];
         c.node_id = Some("metrics".into());
+        // So that requests are counted by area too.
+        c.service_area = Some(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/service-area.geojson"
+            )
+            .into(),
+        );
     })
     .await;
     // Traffic that touches every histogram: an expiry, a decline, an accept.
@@ -183,6 +191,13 @@ async fn the_dashboard_only_asks_for_exported_metrics() {
         driver.recv().await,
         ServerMessage::TripAssigned { .. }
     ));
+    // The match is counted (with its pickup distance) as the rider is told.
+    loop {
+        if let ServerMessage::Matched { request_id, .. } = rider.recv().await {
+            assert_eq!(&*request_id, "q3");
+            break;
+        }
+    }
 
     let exported = names(&scrape(engine.local_addr()).await);
     let dashboard: Value =

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix::ArbiterHandle;
@@ -143,7 +143,7 @@ impl DriverActor {
     fn new(id: DriverId, registry: Arc<DriverRegistry>) -> Self {
         let node = registry.cluster.as_ref().map(|c| c.node().clone());
         DriverActor {
-            booking: Booking::new(id, registry.ids.clone(), node),
+            booking: Booking::new(id, registry.ids.clone(), node, registry.location_max_age),
             outboxes: HashMap::new(),
             current: None,
             link: registry.link.clone(),
@@ -473,16 +473,19 @@ pub struct DriverRegistry {
     link: MatcherLink,
     ids: Arc<Ids>,
     cluster: Option<Arc<Cluster>>,
+    location_max_age: Duration,
 }
 
 impl DriverRegistry {
     /// A registry that starts driver actors round the given arbiters; with
-    /// `cluster`, their locks are taken in Redis.
+    /// `cluster`, their locks are taken in Redis. Drivers are offered only
+    /// while their last location is at most `location_max_age` old.
     pub fn new(
         arbiters: Vec<ArbiterHandle>,
         link: MatcherLink,
         ids: Arc<Ids>,
         cluster: Option<Arc<Cluster>>,
+        location_max_age: Duration,
     ) -> Arc<Self> {
         assert!(
             !arbiters.is_empty(),
@@ -495,6 +498,7 @@ impl DriverRegistry {
             link,
             ids,
             cluster,
+            location_max_age,
         })
     }
 

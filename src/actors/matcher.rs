@@ -16,6 +16,7 @@ use super::messages::{
     CancelOffer, DriverChanges, DriverDirectory, DriversChanged, LockAnswered, OfferEnded,
     ReplyRoute, ToDriver, TryLock,
 };
+use crate::areas::ServiceAreas;
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -221,7 +222,9 @@ impl Matcher {
     /// A matcher with no searches; `drivers` reaches this node's driver
     /// actors, `changes` is where they leave their availability, and
     /// `admission` counts the ride requests sessions have queued for it.
-    /// With `cluster`, drivers on other nodes are indexed and offered too.
+    /// With `cluster`, drivers on other nodes are indexed and offered too;
+    /// with `areas`, only those areas are served.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
         ids: Arc<Ids>,
@@ -229,9 +232,13 @@ impl Matcher {
         cluster: Option<Arc<Cluster>>,
         drivers: Arc<dyn DriverDirectory>,
         changes: Arc<DriverChanges>,
+        areas: Option<Arc<ServiceAreas>>,
     ) -> Self {
         let settings = SearchSettings {
             radius_m: config.radius_m,
+            radius_step_m: config.radius_step_m,
+            radius_step: config.radius_step(),
+            max_radius_m: config.max_radius_m,
             max_candidates: config.max_candidates,
             search_timeout: config.search_timeout(),
             offer_timeout: config.offer_timeout(),
@@ -240,8 +247,12 @@ impl Matcher {
             lock_margin: LOCK_MARGIN,
         };
         let node = cluster.as_ref().map(|c| c.node().clone());
+        let mut searches = Searches::new(settings, ids, node);
+        if let Some(areas) = areas {
+            searches.serve_only(areas);
+        }
         Matcher {
-            searches: Searches::new(settings, ids, node),
+            searches,
             admission,
             drivers,
             changes,

@@ -212,6 +212,9 @@ pub struct DriverLock<H> {
     connected: bool,
     wants_work: bool,
     location: Option<LatLon>,
+    /// The last location is too old to offer the driver by (see
+    /// [`DriverLock::location_went_stale`]).
+    location_stale: bool,
     state: LockState<H>,
     newest_token: FencingToken,
     recent_endings: VecDeque<(OfferId, Ending)>,
@@ -230,6 +233,7 @@ impl<H> DriverLock<H> {
             connected: false,
             wants_work: false,
             location: None,
+            location_stale: false,
             state: LockState::Free,
             newest_token: 0,
             // Allocated on the first ending: most connected drivers never need it.
@@ -287,7 +291,9 @@ impl<H> DriverLock<H> {
             LockState::Offered(_) => Some(LockRefused::AlreadyOffered),
             LockState::OnTrip(_) => Some(LockRefused::OnTrip),
             LockState::Free if !self.connected || !self.wants_work => Some(LockRefused::Offline),
-            LockState::Free if self.location.is_none() => Some(LockRefused::NoLocation),
+            LockState::Free if self.location.is_none() || self.location_stale => {
+                Some(LockRefused::NoLocation)
+            }
             LockState::Free => None,
         }
     }
@@ -321,7 +327,20 @@ impl<H> DriverLock<H> {
 
     /// The driver reported a new position.
     pub fn set_location(&mut self, location: LatLon) {
+        self.location_stale = false;
         self.location = Some(location);
+    }
+
+    /// The driver has not reported a position for too long: it is not
+    /// offered until its next one (it may be parked with the app asleep, or
+    /// in a tunnel). An offer or trip it holds is not affected.
+    pub fn location_went_stale(&mut self) {
+        self.location_stale = true;
+    }
+
+    /// Whether the last location is too old to offer the driver by.
+    pub fn is_location_stale(&self) -> bool {
+        self.location_stale
     }
 
     /// Grants the lock to `offer.holder` if the driver is offerable, the token
@@ -544,6 +563,22 @@ mod tests {
         assert_eq!(lock.availability(), Availability::Available);
         assert!(lock.try_lock(offer(1, 1, later, 7), t0).is_ok());
         assert_eq!(lock.availability(), Availability::Offered);
+    }
+
+    #[test]
+    fn a_stale_location_is_not_offered_until_a_fresh_one() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(15);
+        lock.location_went_stale();
+        assert_eq!(lock.availability(), Availability::Offline);
+        assert_eq!(
+            lock.try_lock(offer(1, 1, later, 7), t0),
+            Err(LockRefused::NoLocation)
+        );
+        lock.set_location(LatLon::new(0.0, 0.0).unwrap());
+        assert!(!lock.is_location_stale());
+        assert!(lock.try_lock(offer(1, 1, later, 7), t0).is_ok());
     }
 
     #[test]

@@ -33,6 +33,8 @@ use ridelock::cluster::redlock::Renewal;
 /// The per-server timeout of the Redis client (`--redis-timeout-ms`).
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// Liveness keys: refreshed every second, lapse after five.
+/// Short, so that drivers who sit still for a while go stale and come back.
+const LOCATION_MAX_AGE: Duration = Duration::from_secs(8);
 const ALIVE_REFRESH: Duration = Duration::from_secs(1);
 const ALIVE_TTL: Duration = Duration::from_secs(5);
 
@@ -277,7 +279,12 @@ impl World {
         let mut rng = StdRng::seed_from_u64(seed);
         let base = Instant::now();
         let settings = SearchSettings {
-            radius_m: 3_000.0,
+            // Small at first, so that searches park and look farther as
+            // they wait (the city is about 5 km across).
+            radius_m: 1_500.0,
+            radius_step_m: 750.0,
+            radius_step: Duration::from_secs(2),
+            max_radius_m: 4_000.0,
             max_candidates: 6,
             search_timeout: Duration::from_secs(10),
             offer_timeout: Duration::from_secs(4),
@@ -747,7 +754,12 @@ impl World {
                 }
                 DriverEvent::Attach { .. } => {
                     let ids = self.nodes[node].ids.clone();
-                    let b = Booking::new(driver_name(driver), ids, cluster.then(|| id.clone()));
+                    let b = Booking::new(
+                        driver_name(driver),
+                        ids,
+                        cluster.then(|| id.clone()),
+                        LOCATION_MAX_AGE,
+                    );
                     self.next_actor += 1;
                     self.nodes[node].actors.insert(driver, self.next_actor);
                     self.nodes[node].drivers.entry(driver).or_insert(b)

@@ -148,12 +148,27 @@ pub struct Booking {
     /// The offers lately asked for, so that a request delivered twice is
     /// handled once.
     asked: VecDeque<OfferId>,
+    /// How old a location may grow before the driver is not offered by it.
+    location_max_age: Duration,
+    /// When the last location came.
+    located_at: Option<Instant>,
+    /// When to look whether the location has gone stale: set once per
+    /// `location_max_age`, not per update, so that a driver sending its
+    /// position every few seconds does not re-arm a timer each time.
+    stale_check: Option<Instant>,
     effects: Vec<DriverEffect>,
 }
 
 impl Booking {
     /// A driver nobody has heard from; `node` is this node in cluster mode.
-    pub fn new(id: DriverId, ids: Arc<Ids>, node: Option<NodeId>) -> Self {
+    /// It is offered only while its last location is at most
+    /// `location_max_age` old.
+    pub fn new(
+        id: DriverId,
+        ids: Arc<Ids>,
+        node: Option<NodeId>,
+        location_max_age: Duration,
+    ) -> Self {
         Booking {
             id,
             ids,
@@ -173,6 +188,9 @@ impl Booking {
             completed: VecDeque::new(),
             trip_since: None,
             asked: VecDeque::new(),
+            location_max_age,
+            located_at: None,
+            stale_check: None,
             effects: Vec::new(),
         }
     }
@@ -221,6 +239,7 @@ impl Booking {
             self.finish_retry.as_ref().map(|(_, _, at, _)| *at),
             self.finish_trip_retry.map(|(_, at, _)| at),
             self.trip_since.map(|since| since + TRIP_MAX_AGE),
+            self.stale_check,
         ]
         .into_iter()
         .flatten()
@@ -404,6 +423,8 @@ impl Booking {
                 // bug upstream, and the update is then ignored, not trusted.
                 if let Ok(at) = LatLon::new(lat, lon) {
                     self.lock.set_location(at);
+                    self.located_at = Some(now);
+                    self.stale_check.get_or_insert(now + self.location_max_age);
                 }
             }
             DriverCommand::Available => {

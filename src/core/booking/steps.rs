@@ -223,6 +223,19 @@ impl Booking {
             }
             self.trip_since = None;
         }
+        if self.stale_check.is_some_and(|at| at <= now) {
+            self.stale_check = None;
+            match self.located_at.map(|at| at + self.location_max_age) {
+                Some(fresh_until) if fresh_until > now => self.stale_check = Some(fresh_until),
+                Some(_) => {
+                    if self.lock.is_offerable() {
+                        m::driver_went_stale();
+                    }
+                    self.lock.location_went_stale();
+                }
+                None => {}
+            }
+        }
         if self.retire_at.is_some_and(|at| at <= now) {
             self.retire_at = None;
             // Retiring forgets the lock's state; never with an offer held

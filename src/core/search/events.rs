@@ -12,8 +12,14 @@ use crate::protocol::{DriverId, RequestId, RiderId, ServerMessage};
 /// The limits and timings a [`Searches`] works with.
 #[derive(Clone, Debug)]
 pub struct SearchSettings {
-    /// How far from the pickup a driver may be, in metres.
+    /// How far from the pickup a driver may be at first, in metres.
     pub radius_m: f64,
+    /// How much farther every `radius_step` a search waits, in metres.
+    pub radius_step_m: f64,
+    /// How often a waiting search's radius grows.
+    pub radius_step: Duration,
+    /// How far the radius grows at most, in metres (`radius_m` or more).
+    pub max_radius_m: f64,
     /// Drivers offered per request before `no_driver`.
     pub max_candidates: u32,
     /// How long a request searches before `no_driver`.
@@ -26,6 +32,29 @@ pub struct SearchSettings {
     pub max_searches: usize,
     /// Cluster mode: how much longer a lock lives in Redis than its offer.
     pub lock_margin: Duration,
+}
+
+impl SearchSettings {
+    /// How far from its pickup a search `age` old looks: `radius_m`, one
+    /// `radius_step_m` farther for every whole `radius_step` waited, up to
+    /// `max_radius_m`.
+    pub fn radius_at(&self, age: Duration) -> f64 {
+        let steps = age.as_nanos() / self.radius_step.as_nanos().max(1);
+        (self.radius_m + self.radius_step_m * steps as f64)
+            .min(self.max_radius_m.max(self.radius_m))
+    }
+
+    /// When a search started at `started` next looks farther, if it will.
+    pub fn next_widening(&self, started: Instant, now: Instant) -> Option<Instant> {
+        let age = now.saturating_duration_since(started);
+        if self.radius_step_m <= 0.0 || self.radius_at(age) >= self.max_radius_m {
+            return None;
+        }
+        let step = self.radius_step.as_nanos().max(1);
+        let steps = age.as_nanos() / step + 1;
+        let offset = u64::try_from(steps * step).ok()?;
+        Some(started + Duration::from_nanos(offset))
+    }
 }
 
 /// A rider's request, as a search knows it.

@@ -89,6 +89,8 @@ struct Search<R> {
     /// Cluster mode: where the remote driver of the current offer was when
     /// it was granted (the index forgets it then), for a settled `matched`.
     offered_at: Option<LatLon>,
+    /// While parked: when its radius next grows (it then looks again).
+    widen_at: Option<Instant>,
 }
 
 impl<R> Search<R> {
@@ -150,6 +152,9 @@ pub struct Searches<R> {
     deadlines: BinaryHeap<Reverse<(Instant, u64, SearchKey)>>,
     /// Searches waiting to try again after Redis could not decide a lock.
     retries: BinaryHeap<Reverse<(Instant, u64, SearchKey)>>,
+    /// Parked searches whose radius grows, when it does (entries that no
+    /// longer match the search's `widen_at` are skipped).
+    widenings: BinaryHeap<Reverse<(Instant, u64, SearchKey)>>,
     next_seq: u64,
     /// Indexed drivers connected to other nodes, and which node.
     remote: HashMap<DriverId, NodeId>,
@@ -159,6 +164,8 @@ pub struct Searches<R> {
     shadowed: HashMap<DriverId, (NodeId, LatLon)>,
     /// When news of a remote lock is overdue (see `settle_due`).
     remote_due: BinaryHeap<Reverse<RemoteDue>>,
+    /// Where requests are taken and drivers offered (`None`: everywhere).
+    areas: Option<Arc<crate::areas::ServiceAreas>>,
     effects: Vec<SearchEffect<R>>,
     index_queries: u32,
 }
@@ -181,10 +188,12 @@ impl<R: Clone> Searches<R> {
             waiting_at: SpatialIndex::new(),
             deadlines: BinaryHeap::new(),
             retries: BinaryHeap::new(),
+            widenings: BinaryHeap::new(),
             next_seq: 0,
             remote: HashMap::new(),
             shadowed: HashMap::new(),
             remote_due: BinaryHeap::new(),
+            areas: None,
             effects: Vec::new(),
             index_queries: 0,
         }
@@ -215,6 +224,7 @@ impl<R: Clone> Searches<R> {
         [
             self.deadlines.peek().map(|Reverse((at, ..))| *at),
             self.retries.peek().map(|Reverse((at, ..))| *at),
+            self.widenings.peek().map(|Reverse((at, ..))| *at),
             self.remote_due.peek().map(|Reverse((at, ..))| *at),
         ]
         .into_iter()
@@ -252,7 +262,17 @@ impl<R: Clone> Searches<R> {
     ) {
         m::request_received();
         let key = (rider_id.clone(), request_id.clone());
-        let refusal = if self.searches.contains_key(&key) {
+        let area = self.areas.as_ref().map(|areas| areas.area_of(pickup));
+        let refusal = if area == Some(None) {
+            m::outside_service_area("request");
+            Some((
+                ErrorCode::OutsideServiceArea,
+                format!(
+                    "the pickup ({}, {}) is outside every area this engine serves",
+                    pickup.lat, pickup.lon
+                ),
+            ))
+        } else if self.searches.contains_key(&key) {
             Some((
                 ErrorCode::RequestInFlight,
                 format!("request {request_id} is already in flight"),
@@ -281,6 +301,9 @@ impl<R: Clone> Searches<R> {
             m::protocol_error(code);
             return self.tell(&rider, ServerMessage::request_error(code, request_id, why));
         }
+        if let Some(Some(area)) = area {
+            m::area_request(area);
+        }
         *self.by_rider.entry(rider_id).or_insert(0) += 1;
         self.next_seq += 1;
         let seq = self.next_seq;
@@ -305,6 +328,7 @@ impl<R: Clone> Searches<R> {
                 store_failures: 0,
                 settling: None,
                 offered_at: None,
+                widen_at: None,
             },
         );
         let deadline = now + self.settings.search_timeout;
@@ -370,7 +394,7 @@ impl<R: Clone> Searches<R> {
     /// longer. Each call carries the driver's newest state: changes may be
     /// coalesced on the way, never reordered.
     pub fn driver_changed(&mut self, now: Instant, driver: DriverId, at: Option<LatLon>) {
-        match at {
+        match at.filter(|at| self.offerable_at(*at)) {
             Some(at) => {
                 // Connected here now, whatever another node said before.
                 self.remote.remove(&driver);
@@ -541,9 +565,11 @@ impl<R: Clone> Searches<R> {
     // ----- time -----
 
     /// Carries out what is due at `now`: search deadlines, retries after
-    /// Redis could not decide, and settles of overdue remote offers.
+    /// Redis could not decide, parked searches whose radius grew, and
+    /// settles of overdue remote offers.
     pub fn tick(&mut self, now: Instant) {
         self.settle_due(now);
+        self.widen_due(now);
         while let Some(Reverse((at, ..))) = self.retries.peek() {
             if *at > now {
                 break;

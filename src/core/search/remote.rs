@@ -22,7 +22,7 @@ impl<R: Clone> Searches<R> {
         driver: DriverId,
         at: Option<LatLon>,
     ) {
-        match at {
+        match at.filter(|at| self.offerable_at(*at)) {
             // A driver connected here is this node's to announce, until its
             // actor here says otherwise.
             Some(at) if self.local.contains(&driver) => {

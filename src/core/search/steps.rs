@@ -2,8 +2,10 @@
 //! for a lock, waking parked searches, and the final message.
 
 use std::cmp::Reverse;
+use std::sync::Arc;
 
 use super::{Awaited, Phase, Search, SearchEffect, SearchKey, Searches, REMOTE_ANSWER_WAIT};
+use crate::areas::ServiceAreas;
 use crate::core::lock::TripId;
 use crate::core::OfferHolder;
 use crate::location::LatLon;
@@ -16,6 +18,22 @@ use std::time::Instant;
 const OLDEST_PARKED_SCAN: usize = 64;
 
 impl<R: Clone> Searches<R> {
+    /// Serves only `areas`: requests whose pickup is outside every area are
+    /// refused (`outside_service_area`), and drivers outside every area are
+    /// not offered. Every node of a cluster must serve the same areas.
+    pub fn serve_only(&mut self, areas: Arc<ServiceAreas>) {
+        self.areas = Some(areas);
+    }
+
+    /// Whether a driver at `at` may be offered (counting one that may not).
+    pub(super) fn offerable_at(&self, at: LatLon) -> bool {
+        let inside = self.areas.as_ref().is_none_or(|a| a.area_of(at).is_some());
+        if !inside {
+            m::outside_service_area("driver");
+        }
+        inside
+    }
+
     /// Moves a search that is `Looking` forward: ends it if it was cancelled
     /// or ran out of time, asks the nearest untried driver, or parks it.
     pub(super) fn advance(&mut self, now: Instant, key: SearchKey) {
@@ -41,20 +59,59 @@ impl<R: Clone> Searches<R> {
         // driver or the radius, so a search parks only when nobody in reach is
         // free for it, and then the next driver to free up wakes it.
         self.index_queries += 1;
+        let radius = self.radius_of(search, now);
         let candidate = self
             .drivers
-            .nearest_within(search.pickup, self.settings.radius_m)
+            .nearest_within(search.pickup, radius)
             .find(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id));
         match candidate {
             Some((driver_id, _)) => self.ask_for_lock(now, key, driver_id),
-            None => self.park(&key),
+            None => self.park(now, &key),
         }
     }
 
-    pub(super) fn park(&mut self, key: &SearchKey) {
-        if let Some(search) = self.searches.get(key) {
-            if self.waiting.insert(search.seq, key.clone()).is_none() {
-                self.waiting_at.upsert(search.seq, search.pickup);
+    /// How far from its pickup `search` looks at `now`.
+    fn radius_of(&self, search: &Search<R>, now: Instant) -> f64 {
+        let age = now.saturating_duration_since(search.started);
+        self.settings.radius_at(age)
+    }
+
+    pub(super) fn park(&mut self, now: Instant, key: &SearchKey) {
+        let Some(search) = self.searches.get_mut(key) else {
+            return;
+        };
+        if self.waiting.insert(search.seq, key.clone()).is_none() {
+            self.waiting_at.upsert(search.seq, search.pickup);
+        }
+        // A search that can still look farther looks again when it may.
+        let widen_at = self.settings.next_widening(search.started, now);
+        if widen_at.is_some() && search.widen_at != widen_at {
+            search.widen_at = widen_at;
+            if let Some(at) = widen_at {
+                self.widenings.push(Reverse((at, search.seq, key.clone())));
+            }
+        }
+    }
+
+    /// Parked searches whose radius has grown look again.
+    pub(super) fn widen_due(&mut self, now: Instant) {
+        while let Some(Reverse((at, ..))) = self.widenings.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, seq, key))) = self.widenings.pop() else {
+                break;
+            };
+            let Some(search) = self.searches.get_mut(&key) else {
+                continue;
+            };
+            if search.seq != seq || search.widen_at != Some(at) {
+                continue;
+            }
+            search.widen_at = None;
+            if self.waiting.contains_key(&seq) {
+                self.unpark(seq);
+                self.advance(now, key);
             }
         }
     }
@@ -69,7 +126,7 @@ impl<R: Clone> Searches<R> {
         let node = match (self.local.contains(&driver_id), self.remote.get(&driver_id)) {
             (true, _) => None,
             (false, Some(node)) => Some(node.clone()),
-            (false, None) => return self.park(&key),
+            (false, None) => return self.park(now, &key),
         };
         let Some(search) = self.searches.get_mut(&key) else {
             return;
@@ -121,26 +178,31 @@ impl<R: Clone> Searches<R> {
         if self.waiting.is_empty() || self.locking.contains(driver_id) {
             return;
         }
-        let radius = self.settings.radius_m;
-        let eligible = |search: &Search<R>| !search.excluded.contains(driver_id);
+        // Each parked search has its own radius (it grows as it waits).
+        let settings = &self.settings;
+        let in_reach = |search: &Search<R>, metres: f64| {
+            let age = now.saturating_duration_since(search.started);
+            !search.excluded.contains(driver_id) && metres <= settings.radius_at(age)
+        };
         let mut oldest = None;
         for (seq, key) in self.waiting.iter().take(OLDEST_PARKED_SCAN) {
             let Some(search) = self.searches.get(key) else {
                 continue;
             };
-            if eligible(search) && search.pickup.distance_m(at) <= radius {
+            if in_reach(search, search.pickup.distance_m(at)) {
                 oldest = Some(*seq);
                 break;
             }
         }
         if oldest.is_none() && self.waiting.len() > OLDEST_PARKED_SCAN {
             self.index_queries += 1;
+            let widest = self.settings.max_radius_m.max(self.settings.radius_m);
             oldest = self
                 .waiting_at
-                .nearest_within(at, radius)
-                .filter_map(|(seq, _)| {
+                .nearest_within(at, widest)
+                .filter_map(|(seq, metres)| {
                     let search = self.searches.get(self.waiting.get(&seq)?)?;
-                    eligible(search).then_some(seq)
+                    in_reach(search, metres).then_some(seq)
                 })
                 .min();
         }
@@ -186,12 +248,14 @@ impl<R: Clone> Searches<R> {
         let Some(search) = self.searches.get(key) else {
             return;
         };
+        let distance_m = driver_location.distance_m(search.pickup);
+        m::pickup_distance(distance_m);
         let message = ServerMessage::Matched {
             request_id: key.1.clone(),
             trip_id,
             driver_id,
             driver_location,
-            distance_m: driver_location.distance_m(search.pickup),
+            distance_m,
         };
         self.finish(now, key, message);
     }

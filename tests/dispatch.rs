@@ -1,0 +1,154 @@
+//! Who may be offered to whom, through real sockets: service areas, drivers
+//! whose location went stale, and a search radius that grows while a rider
+//! waits.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{wait_for_available, wait_for_waiting, Client};
+use ridelock::protocol::ServerMessage;
+use serde_json::json;
+
+const LAT: f64 = 52.5200;
+const LON: f64 = 13.4050;
+
+fn service_area_file() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/service-area.geojson"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pickup_outside_every_service_area_is_refused_and_changes_nothing() {
+    let engine = common::engine(|c| c.service_area = Some(service_area_file())).await;
+    let mut rider = Client::rider(&engine, "r1").await;
+    // East of "mitte" (which ends at 13.45) and north of "airport".
+    rider.request_ride("outside", 52.52, 13.47).await;
+    match rider.recv().await {
+        ServerMessage::Error {
+            code,
+            request_id,
+            message,
+        } => {
+            assert_eq!(code.as_str(), "outside_service_area");
+            assert_eq!(request_id.as_deref(), Some("outside"));
+            assert!(message.contains("outside every area"), "{message}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert_eq!(engine.stats().await.searches, 0);
+    // Inside either area: searching as usual.
+    rider.request_ride("mitte", LAT, LON).await;
+    rider.expect_searching("mitte").await;
+    rider.request_ride("airport", 52.37, 13.50).await;
+    rider.expect_searching("airport").await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_outside_every_service_area_is_not_offered_until_inside() {
+    let engine = common::engine(|c| c.service_area = Some(service_area_file())).await;
+    // 1.4 km east of the pickup, but past the area's eastern edge.
+    let mut driver = Client::available_driver(&engine, "d1", 52.52, 13.46).await;
+    let mut rider = Client::rider(&engine, "r1").await;
+    rider.request_ride("q", 52.52, 13.44).await;
+    rider.expect_searching("q").await;
+    wait_for_waiting(&engine, 1).await;
+    driver.expect_silence(Duration::from_millis(300)).await;
+
+    // The driver crosses into the area: the waiting rider gets it.
+    driver
+        .send(json!({"type": "location", "lat": 52.52, "lon": 13.449}))
+        .await;
+    let (offer_id, _) = driver.expect_offer().await;
+    driver.accept(offer_id).await;
+    assert_eq!(rider.expect_matched().await, "d1");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_whose_location_went_stale_is_offered_again_after_a_fresh_one() {
+    let engine = common::engine(|c| c.location_max_age_s = 1).await;
+    let mut driver = Client::available_driver(&engine, "d1", LAT + 0.001, LON).await;
+    wait_for_available(&engine, 1).await;
+    // Connected and available, but silent for longer than the max age.
+    wait_for_available(&engine, 0).await;
+
+    let mut rider = Client::rider(&engine, "r1").await;
+    rider.request_ride("q", LAT, LON).await;
+    rider.expect_searching("q").await;
+    wait_for_waiting(&engine, 1).await;
+    driver.expect_silence(Duration::from_millis(300)).await;
+
+    driver
+        .send(json!({"type": "location", "lat": LAT + 0.001, "lon": LON}))
+        .await;
+    let (offer_id, _) = driver.expect_offer().await;
+    driver.accept(offer_id).await;
+    assert_eq!(rider.expect_matched().await, "d1");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_search_radius_grows_until_a_driver_is_in_reach() {
+    let engine = common::engine(|c| {
+        c.radius_m = 1_000.0;
+        c.radius_step_m = 1_000.0;
+        c.radius_step_ms = 400;
+        c.max_radius_m = 3_000.0;
+    })
+    .await;
+    // About 2.5 km north: in reach once the radius has grown twice.
+    let mut driver = Client::available_driver(&engine, "d1", LAT + 0.0225, LON).await;
+    // 3.3 km south: never in reach.
+    let mut beyond = Client::available_driver(&engine, "d2", LAT - 0.03, LON).await;
+    wait_for_available(&engine, 2).await;
+
+    let mut rider = Client::rider(&engine, "r1").await;
+    rider.request_ride("q", LAT, LON).await;
+    rider.expect_searching("q").await;
+    wait_for_waiting(&engine, 1).await;
+    let (offer_id, _) = driver.expect_offer().await;
+    driver.decline(offer_id).await;
+    // Declined: the search waits again, at its widest, and d2 stays out.
+    wait_for_waiting(&engine, 1).await;
+    beyond.expect_silence(Duration::from_millis(1_000)).await;
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unusable_service_area_file_or_radius_stops_the_engine_saying_why() {
+    let dir = std::env::temp_dir().join(format!("ridelock-areas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let line = dir.join("line.geojson");
+    std::fs::write(
+        &line,
+        r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"road"},"geometry":{"type":"LineString","coordinates":[[13.3,52.5],[13.4,52.5]]}}]}"#,
+    )
+    .unwrap();
+    let refusal = |adjust: Box<dyn FnOnce(&mut ridelock::Config)>| async move {
+        match ridelock::engine::Engine::start(common::config(adjust)).await {
+            Err(e) => e.to_string(),
+            Ok(engine) => {
+                engine.shutdown().await;
+                panic!("started")
+            }
+        }
+    };
+    let missing = dir.join("missing.geojson");
+    let why = refusal(Box::new(move |c| c.service_area = Some(missing))).await;
+    assert!(
+        why.contains("--service-area") && why.contains("missing.geojson"),
+        "{why}"
+    );
+    let why = refusal(Box::new(move |c| c.service_area = Some(line))).await;
+    assert!(why.contains("Polygon"), "{why}");
+    let why = refusal(Box::new(|c| c.max_radius_m = 100.0)).await;
+    assert!(why.contains("--max-radius-m"), "{why}");
+    let why = refusal(Box::new(|c| c.radius_step_m = -1.0)).await;
+    assert!(why.contains("--radius-step-m"), "{why}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
