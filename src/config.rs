@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::auth::Role;
+use crate::core::search::Dispatch;
 
 /// The `ridelock` command line: serve (the default), or a tool.
 #[derive(Debug, Parser)]
@@ -138,6 +139,19 @@ pub struct Config {
     /// offered, in metres (at first: see --radius-step-m).
     #[arg(long, env = "RIDELOCK_RADIUS_M", default_value_t = 5_000.0)]
     pub radius_m: f64,
+
+    /// How new requests get their first driver: `greedy` (each its nearest
+    /// free driver on arrival) or `batch` (requests arriving within
+    /// --batch-window-ms assigned together by minimum total pickup
+    /// distance). See BENCHMARKS.md for what each costs and gains.
+    #[arg(long, env = "RIDELOCK_DISPATCH", value_enum, default_value_t = DispatchMode::Greedy)]
+    pub dispatch: DispatchMode,
+
+    /// With `--dispatch batch`: how long a request waits for others to be
+    /// assigned with, in milliseconds.
+    #[arg(long, env = "RIDELOCK_BATCH_WINDOW_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_window_ms: u64,
 
     /// GeoJSON file of the areas served: a FeatureCollection of Polygons or
     /// MultiPolygons, each with a string `name` property. Requests whose
@@ -279,6 +293,16 @@ impl Config {
         Duration::from_secs(self.location_max_age_s)
     }
 
+    /// How new requests get their first driver, for the core.
+    pub fn dispatch(&self) -> Dispatch {
+        match self.dispatch {
+            DispatchMode::Greedy => Dispatch::Greedy,
+            DispatchMode::Batch => Dispatch::Batch {
+                window: Duration::from_millis(self.batch_window_ms),
+            },
+        }
+    }
+
     /// How often a waiting request's radius grows, as a duration.
     pub fn radius_step(&self) -> Duration {
         Duration::from_millis(self.radius_step_ms)
@@ -340,4 +364,13 @@ fn per_core_if_zero(threads: usize) -> usize {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     }
+}
+
+/// `--dispatch`: how new requests get their first driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DispatchMode {
+    /// Each request asks its nearest free driver as it arrives.
+    Greedy,
+    /// Requests within a window are assigned together.
+    Batch,
 }

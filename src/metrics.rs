@@ -26,6 +26,10 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Buckets for candidates tried per request.
 pub const CANDIDATE_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0];
+/// Buckets for [`BATCH_REQUESTS`].
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0, 2_000.0, 5_000.0,
+];
 /// Buckets for [`PICKUP_DISTANCE`], in metres (up to twice the default
 /// widest radius).
 pub const DISTANCE_BUCKETS: &[f64] = &[
@@ -75,6 +79,11 @@ pub const LOCATION_UPDATES: &str = "ridelock_location_updates_total";
 /// Drivers taken out of the index because their last location grew older
 /// than `--location-max-age-s`.
 pub const STALE_DRIVERS: &str = "ridelock_stale_drivers_total";
+/// Batch dispatch: requests assigned per batch.
+pub const BATCH_REQUESTS: &str = "ridelock_batch_requests";
+/// Batch dispatch: the time one batch took to assign (candidate look-ups
+/// and solving), on the matcher thread.
+pub const BATCH_ASSIGNMENT: &str = "ridelock_batch_assignment_seconds";
 /// Pickup distance of each match, in metres.
 pub const PICKUP_DISTANCE: &str = "ridelock_pickup_distance_meters";
 /// Ride requests by the service `area` of their pickup (only with
@@ -151,6 +160,9 @@ pub fn install() -> PrometheusHandle {
                         DISTANCE_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_REQUESTS.into()), BATCH_BUCKETS)
+                })
                 .expect("bucket lists are non-empty");
             let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
@@ -217,6 +229,15 @@ fn describe() {
         "Distance from the matched driver to the pickup, in metres"
     );
     describe_counter!(AREA_REQUESTS, "Ride requests by service area");
+    describe_histogram!(
+        BATCH_REQUESTS,
+        "Requests assigned per batch (--dispatch batch)"
+    );
+    describe_histogram!(
+        BATCH_ASSIGNMENT,
+        Unit::Seconds,
+        "Time to assign one batch on the matcher thread (--dispatch batch)"
+    );
     describe_counter!(
         OUTSIDE_SERVICE_AREA,
         "Requests refused and driver positions ignored for being outside every service area, by kind"
@@ -376,6 +397,11 @@ pub(crate) fn driver_went_stale() {
 
 pub(crate) fn pickup_distance(metres: f64) {
     histogram!(PICKUP_DISTANCE).record(metres);
+}
+
+pub(crate) fn batch_assigned(requests: usize, took: Duration) {
+    histogram!(BATCH_REQUESTS).record(requests as f64);
+    histogram!(BATCH_ASSIGNMENT).record(took.as_secs_f64());
 }
 
 pub(crate) fn area_request(area: &str) {

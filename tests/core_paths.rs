@@ -13,7 +13,7 @@ use ridelock::core::booking::{
     TRIP_MAX_AGE,
 };
 use ridelock::core::lock::{Ending, LockRefused, LockState};
-use ridelock::core::search::{LockAnswer, SearchEffect, SearchSettings, Searches};
+use ridelock::core::search::{Dispatch, LockAnswer, SearchEffect, SearchSettings, Searches};
 use ridelock::core::{Granted, OfferHolder, Settled};
 use ridelock::ids::Ids;
 use ridelock::location::LatLon;
@@ -376,6 +376,7 @@ fn settings() -> SearchSettings {
         max_requests_per_rider: 8,
         max_searches: 100,
         lock_margin: Duration::from_secs(1),
+        dispatch: Dispatch::Greedy,
     }
 }
 

@@ -152,3 +152,56 @@ async fn an_unusable_service_area_file_or_radius_stops_the_engine_saying_why() {
     assert!(why.contains("--radius-step-m"), "{why}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `metres` north of the test's pickup origin.
+fn north(metres: f64) -> f64 {
+    LAT + metres / 111_195.0
+}
+
+/// Rider A waits at 0 m and rider B at 600 m; driver "a" is at 300 m and
+/// driver "b" at -400 m. Greedy gives A its nearest ("a", 300 m) and leaves
+/// B with "b" at 1,000 m (1,300 m in all); the optimum is A–b and B–a
+/// (700 m). The pickup each driver is offered says which request it got.
+async fn crossing(dispatch: ridelock::config::DispatchMode) -> (String, String) {
+    let engine = common::engine(|c| {
+        c.dispatch = dispatch;
+        c.batch_window_ms = 400;
+    })
+    .await;
+    let mut a = Client::available_driver(&engine, "a", north(300.0), LON).await;
+    let mut b = Client::available_driver(&engine, "b", north(-400.0), LON).await;
+    wait_for_available(&engine, 2).await;
+    let mut rider_a = Client::rider(&engine, "rider-a").await;
+    let mut rider_b = Client::rider(&engine, "rider-b").await;
+    rider_a.request_ride("A", north(0.0), LON).await;
+    rider_a.expect_searching("A").await;
+    rider_b.request_ride("B", north(600.0), LON).await;
+    rider_b.expect_searching("B").await;
+    let (offer_a, got_a) = a.expect_offer().await;
+    let (offer_b, got_b) = b.expect_offer().await;
+    a.accept(offer_a).await;
+    b.accept(offer_b).await;
+    let matched_a = rider_a.expect_matched().await;
+    let matched_b = rider_b.expect_matched().await;
+    // Each rider is matched with the driver that was offered its request.
+    let driver_for_a = if got_a == "A" { "a" } else { "b" };
+    assert_eq!(matched_a, driver_for_a);
+    assert_ne!(matched_a, matched_b);
+    engine.shutdown().await;
+    (got_a, got_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_dispatch_does_not_cross_two_riders_that_greedy_crosses() {
+    use ridelock::config::DispatchMode;
+    // Greedy: A (first) takes "a", B is left with "b".
+    assert_eq!(
+        crossing(DispatchMode::Greedy).await,
+        ("A".to_string(), "B".to_string())
+    );
+    // Batch: both are assigned together, 700 m in all instead of 1,300 m.
+    assert_eq!(
+        crossing(DispatchMode::Batch).await,
+        ("B".to_string(), "A".to_string())
+    );
+}

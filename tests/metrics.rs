@@ -160,6 +160,9 @@ async fn the_dashboard_only_asks_for_exported_metrics() {
         c.search_timeout_ms = 500;
         c.redis = vec![redis.url.clone()];
         c.node_id = Some("metrics".into());
+        // Batches of one, so that the batch metrics are exported too.
+        c.dispatch = ridelock::config::DispatchMode::Batch;
+        c.batch_window_ms = 5;
         // So that requests are counted by area too.
         c.service_area = Some(
             concat!(

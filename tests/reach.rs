@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ridelock::core::booking::{Booking, DriverEffect, DriverEvent};
-use ridelock::core::search::{SearchEffect, SearchSettings, Searches};
+use ridelock::core::search::{Dispatch, SearchEffect, SearchSettings, Searches};
 use ridelock::ids::Ids;
 use ridelock::location::LatLon;
 use ridelock::protocol::DriverCommand;
@@ -33,6 +33,7 @@ fn settings() -> SearchSettings {
         max_requests_per_rider: 8,
         max_searches: 100,
         lock_margin: Duration::from_secs(1),
+        dispatch: Dispatch::Greedy,
     }
 }
 
@@ -162,4 +163,203 @@ fn a_driver_whose_location_went_stale_leaves_the_index_until_its_next_one() {
     driver.handle(t0 + Duration::from_secs(100), location());
     assert_eq!(indexed(&driver.take_effects()), [Some(at)]);
     assert!(driver.lock().is_offerable());
+}
+
+mod batches {
+    //! Batch dispatch through the pure core, with drivers coming, going
+    //! stale and moving out of the service area at random: no lock is asked
+    //! of a driver that is not offerable at that moment, and every request
+    //! ends exactly once.
+
+    use std::collections::{HashMap, HashSet};
+
+    use proptest::prelude::*;
+    use ridelock::areas::ServiceAreas;
+    use ridelock::core::lock::{Ending, LockRefused};
+    use ridelock::core::search::{Dispatch, LockAnswer, OfferOutcome, SearchEffect, Searches};
+    use ridelock::core::Granted;
+    use ridelock::protocol::ServerMessage;
+
+    use super::*;
+
+    const AREA: &str = r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"served"},"geometry":{"type":"Polygon","coordinates":[[[13.38,52.50],[13.43,52.50],[13.43,52.54],[13.38,52.54],[13.38,52.50]]]}}]}"#;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Driver d reports a position (x, y on a grid that runs past the
+        /// area's eastern edge), or goes away (stale, unavailable).
+        Driver(u8, Option<(u8, u8)>),
+        Request(u8, u8),
+        Answer(usize, bool),
+        End(usize, bool),
+        Wait(u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..8, proptest::option::weighted(0.8, (0u8..10, 0u8..10))).prop_map(|(d, at)| Op::Driver(d, at)),
+            3 => (0u8..10, 0u8..10).prop_map(|(x, y)| Op::Request(x, y)),
+            2 => (0usize..4, any::<bool>()).prop_map(|(i, grant)| Op::Answer(i, grant)),
+            2 => (0usize..4, any::<bool>()).prop_map(|(i, accept)| Op::End(i, accept)),
+            2 => (1u16..2_000).prop_map(Op::Wait),
+        ]
+    }
+
+    /// Grid point (x, y): x = 9 is east of the area.
+    fn spot(x: u8, y: u8) -> LatLon {
+        LatLon::new(52.505 + f64::from(y) * 0.003, 13.385 + f64::from(x) * 0.005).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn batches_offer_only_offerable_drivers_and_end_every_request_once(
+            ops in proptest::collection::vec(op(), 1..120)
+        ) {
+            let areas = Arc::new(ServiceAreas::from_geojson(AREA).unwrap());
+            let mut settings = settings();
+            settings.dispatch = Dispatch::Batch { window: Duration::from_millis(300) };
+            settings.search_timeout = Duration::from_secs(5);
+            let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+            searches.serve_only(areas.clone());
+            let mut now = Instant::now();
+            // The model: where each driver is offerable, and who is held.
+            let mut offerable: HashMap<String, LatLon> = HashMap::new();
+            let mut held: HashSet<String> = HashSet::new();
+            let mut asked: Vec<LockAnswer> = Vec::new();
+            let mut granted: Vec<OfferOutcome> = Vec::new();
+            let mut searching = 0usize;
+            let mut endings: HashMap<String, usize> = HashMap::new();
+            let mut trip = 0u64;
+
+            let absorb = |effects: Vec<SearchEffect<u32>>,
+                              offerable: &HashMap<String, LatLon>,
+                              held: &mut HashSet<String>,
+                              asked: &mut Vec<LockAnswer>,
+                              searching: &mut usize,
+                              endings: &mut HashMap<String, usize>|
+             -> Result<(), TestCaseError> {
+                for effect in effects {
+                    match effect {
+                        SearchEffect::Lock { driver, offer_id, holder, .. } => {
+                            let at = offerable.get(&*driver);
+                            prop_assert!(at.is_some(), "{driver} asked while not offerable");
+                            prop_assert!(areas.area_of(*at.unwrap()).is_some(), "{driver} outside");
+                            prop_assert!(held.insert(driver.to_string()), "{driver} asked twice");
+                            asked.push(LockAnswer {
+                                driver_id: driver,
+                                offer_id,
+                                search: holder.search,
+                                rider_id: holder.rider_id,
+                                request_id: holder.request_id,
+                                result: Err(LockRefused::Offline),
+                                node: None,
+                            });
+                        }
+                        SearchEffect::Tell { message, .. } => match message {
+                            ServerMessage::Searching { .. } => *searching += 1,
+                            ServerMessage::Matched { request_id, .. }
+                            | ServerMessage::NoDriver { request_id, .. }
+                            | ServerMessage::Cancelled { request_id } => {
+                                *endings.entry(request_id.to_string()).or_default() += 1;
+                            }
+                            ServerMessage::Error { .. } => {}
+                            other => prop_assert!(false, "unexpected {other:?}"),
+                        },
+                        other => prop_assert!(false, "unexpected {other:?}"),
+                    }
+                }
+                Ok(())
+            };
+
+            let mut next_request = 0;
+            for op in ops {
+                match op {
+                    Op::Driver(d, at) => {
+                        let name = format!("d{d}");
+                        if held.contains(&name) {
+                            continue; // its actor says nothing while it is offered
+                        }
+                        let at = at.map(|(x, y)| spot(x, y));
+                        match at {
+                            Some(at) => offerable.insert(name.clone(), at),
+                            None => offerable.remove(&name),
+                        };
+                        searches.driver_changed(now, name.as_str().into(), at);
+                    }
+                    Op::Request(x, y) => {
+                        next_request += 1;
+                        let rider = format!("r{next_request}");
+                        searches.request(now, 1, rider.as_str().into(), 1, rider.as_str().into(), spot(x, y), now);
+                    }
+                    Op::Answer(i, grant) if i < asked.len() => {
+                        let mut answer = asked.remove(i);
+                        let driver = answer.driver_id.to_string();
+                        if grant {
+                            answer.result = Ok(Granted { fencing_token: 1 });
+                            // Granted: the driver is offered, not offerable.
+                            offerable.remove(&driver);
+                            granted.push(OfferOutcome {
+                                driver_id: answer.driver_id.clone(),
+                                driver_location: None,
+                                offer_id: answer.offer_id,
+                                search: answer.search,
+                                rider_id: answer.rider_id.clone(),
+                                request_id: answer.request_id.clone(),
+                                ending: Ending::Declined,
+                                trip_id: None,
+                            });
+                        } else {
+                            held.remove(&driver);
+                        }
+                        searches.lock_answered(now, answer);
+                    }
+                    Op::End(i, accept) if i < granted.len() => {
+                        let mut outcome = granted.remove(i);
+                        let driver = outcome.driver_id.to_string();
+                        if accept {
+                            trip += 1;
+                            outcome.ending = Ending::Accepted;
+                            outcome.trip_id = Some(trip);
+                        }
+                        searches.offer_ended(now, outcome);
+                        held.remove(&driver);
+                        // A driver who declined is offerable again where it was
+                        // (a matched one is on its trip).
+                        if !accept {
+                            let at = spot(0, 0);
+                            offerable.insert(driver.clone(), at);
+                            searches.driver_changed(now, driver.as_str().into(), Some(at));
+                        }
+                    }
+                    Op::Answer(..) | Op::End(..) => {}
+                    Op::Wait(ms) => {
+                        now += Duration::from_millis(u64::from(ms));
+                        searches.tick(now);
+                    }
+                }
+                let effects = searches.take_effects();
+                absorb(effects, &offerable, &mut held, &mut asked, &mut searching, &mut endings)?;
+            }
+            // Wind down: every lock refused, every offer declined, time runs out.
+            for _ in 0..40 {
+                for answer in std::mem::take(&mut asked) {
+                    held.remove(&*answer.driver_id);
+                    searches.lock_answered(now, answer);
+                }
+                for outcome in std::mem::take(&mut granted) {
+                    held.remove(&*outcome.driver_id);
+                    searches.offer_ended(now, outcome);
+                }
+                now += Duration::from_millis(500);
+                searches.tick(now);
+                let effects = searches.take_effects();
+                absorb(effects, &offerable, &mut held, &mut asked, &mut searching, &mut endings)?;
+            }
+            prop_assert!(asked.is_empty() && granted.is_empty());
+            prop_assert_eq!(searches.counts().searches, 0);
+            prop_assert_eq!(endings.len(), searching, "every request that got searching ended");
+            prop_assert!(endings.values().all(|n| *n == 1), "{endings:?}");
+        }
+    }
 }

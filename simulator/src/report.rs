@@ -36,6 +36,30 @@ impl Percentiles {
     }
 }
 
+/// Pickup distances of the matches, in metres.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Distances {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+}
+
+impl Distances {
+    /// From a histogram of whole metres.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Distances::default();
+        }
+        Distances {
+            count: h.len(),
+            mean: h.mean(),
+            p50: h.value_at_quantile(0.50) as f64,
+            p90: h.value_at_quantile(0.90) as f64,
+        }
+    }
+}
+
 /// Offers by how they ended, as the drivers saw them.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Offers {
@@ -78,6 +102,9 @@ pub struct Report {
     pub location_backlog: Option<i64>,
     pub no_driver_rate: f64,
     pub latency_ms: Latencies,
+    /// How far matched drivers were from the pickup (`matched`'s
+    /// `distance_m`), over the whole run.
+    pub pickup_distance_m: Distances,
     pub violations: u64,
     pub violation_examples: Vec<String>,
     pub connected_drivers_peak: u64,
@@ -185,6 +212,15 @@ impl Report {
                 ),
             );
         }
+        let d = &self.pickup_distance_m;
+        row(
+            &mut out,
+            "pickup distance m",
+            format!(
+                "mean {:.0}  p50 {:.0}  p90 {:.0}  (n={})",
+                d.mean, d.p50, d.p90, d.count
+            ),
+        );
         if p.flood > 0 {
             row(
                 &mut out,
@@ -263,6 +299,23 @@ mod tests {
         assert_eq!(
             Percentiles::of(&Histogram::<u64>::new(3).unwrap()),
             Percentiles::default()
+        );
+    }
+
+    #[test]
+    fn distances_in_metres() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 1_000_000_000, 3).unwrap();
+        for metres in 1..=100u64 {
+            h.record(metres * 10).unwrap();
+        }
+        let d = Distances::of(&h);
+        assert_eq!(d.count, 100);
+        assert!((d.mean - 505.0).abs() < 1.0, "{d:?}");
+        assert!((d.p50 - 500.0).abs() < 1.0, "{d:?}");
+        assert!((d.p90 - 900.0).abs() < 1.0, "{d:?}");
+        assert_eq!(
+            Distances::of(&Histogram::<u64>::new(3).unwrap()),
+            Distances::default()
         );
     }
 }

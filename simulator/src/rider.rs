@@ -208,9 +208,11 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
         ServerMessage::Matched {
             request_id,
             driver_id,
+            distance_m,
             ..
         } => {
             stats.matches.inc();
+            stats.pickup_distance.record(distance_m);
             if let Some(sent) = open.get(&*request_id) {
                 stats.request_to_matched.record(sent.elapsed());
             }

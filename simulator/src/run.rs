@@ -20,7 +20,7 @@ use crate::city::City;
 use crate::driver;
 use crate::flood;
 use crate::net::{self, Target};
-use crate::report::{Latencies, Offers, Percentiles, Report};
+use crate::report::{Distances, Latencies, Offers, Percentiles, Report};
 use crate::rider::{self, Order, Phase};
 use crate::stats::Stats;
 
@@ -281,6 +281,7 @@ pub async fn run(
             request_to_offer: Percentiles::of(&stats.request_to_offer.snapshot()),
             request_to_matched: Percentiles::of(&stats.request_to_matched.snapshot()),
         },
+        pickup_distance_m: Distances::of(&stats.pickup_distance.snapshot()),
         violations: stats.violations(),
         violation_examples: stats.violation_examples(),
         connected_drivers_peak: peak,

@@ -53,6 +53,31 @@ impl Latency {
     }
 }
 
+/// A histogram of distances in whole metres, 1 m to 1,000 km.
+pub struct Distance(Mutex<Histogram<u64>>);
+
+impl Default for Distance {
+    fn default() -> Self {
+        Distance(Mutex::new(
+            Histogram::new_with_bounds(1, 1_000_000_000, 3).expect("valid histogram bounds"),
+        ))
+    }
+}
+
+impl Distance {
+    /// Records one distance.
+    pub fn record(&self, metres: f64) {
+        let whole = (metres.round() as u64).clamp(1, 1_000_000_000);
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = h.record(whole);
+    }
+
+    /// A copy of the samples so far.
+    pub fn snapshot(&self) -> Histogram<u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Everything measured during a run.
 #[derive(Default)]
 pub struct Stats {
@@ -80,6 +105,9 @@ pub struct Stats {
     connected_peak: AtomicU64,
     pub request_to_offer: Latency,
     pub request_to_matched: Latency,
+    /// How far each matched driver was from the pickup (`matched`'s
+    /// `distance_m`).
+    pub pickup_distance: Distance,
     /// When each request was sent, until its first offer is seen.
     awaiting_offer: Mutex<HashMap<String, Instant>>,
     pub ledger: Mutex<RequestLedger>,

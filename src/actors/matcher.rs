@@ -245,6 +245,7 @@ impl Matcher {
             max_requests_per_rider: config.max_requests_per_rider,
             max_searches: config.max_searches,
             lock_margin: LOCK_MARGIN,
+            dispatch: config.dispatch(),
         };
         let node = cluster.as_ref().map(|c| c.node().clone());
         let mut searches = Searches::new(settings, ids, node);
@@ -271,7 +272,11 @@ impl Matcher {
         let now = Instant::now();
         decision(&mut self.searches, now);
         let queries = self.searches.take_index_queries();
-        if queries > 0 {
+        let batched = self.searches.take_batched();
+        if batched > 0 {
+            // The decision was the batch's: its queries and its solving.
+            m::batch_assigned(batched, now.elapsed());
+        } else if queries > 0 {
             m::index_query(now.elapsed() / queries);
         }
         // Carrying out can itself be news (a cancel that reached no actor):

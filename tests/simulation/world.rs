@@ -18,7 +18,7 @@ use ridelock::core::booking::{
 };
 use ridelock::core::lock::LockRefused;
 use ridelock::core::search::{
-    LockAnswer, OfferOutcome, SearchEffect, SearchSettings, Searches, SettleTicket,
+    Dispatch, LockAnswer, OfferOutcome, SearchEffect, SearchSettings, Searches, SettleTicket,
 };
 use ridelock::core::Settled;
 use ridelock::ids::Ids;
@@ -291,6 +291,13 @@ impl World {
             max_requests_per_rider: 2,
             max_searches: 10_000,
             lock_margin: LOCK_MARGIN,
+            // Every other seed assigns new requests in batches.
+            dispatch: match seed % 2 {
+                0 => Dispatch::Greedy,
+                _ => Dispatch::Batch {
+                    window: Duration::from_millis(300),
+                },
+            },
         };
         let cluster = shape.nodes > 1;
         let nodes = (0..shape.nodes)

@@ -32,6 +32,22 @@ pub struct SearchSettings {
     pub max_searches: usize,
     /// Cluster mode: how much longer a lock lives in Redis than its offer.
     pub lock_margin: Duration,
+    /// How new requests are given their first driver.
+    pub dispatch: Dispatch,
+}
+
+/// How new requests are given their first driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Each request asks its nearest free driver as it arrives.
+    Greedy,
+    /// Requests that arrive within `window` are assigned together (see
+    /// `batch.rs`); a decline or expiry then moves on to the request's next
+    /// nearest free driver, as greedy does.
+    Batch {
+        /// How long a request waits for others to be assigned with.
+        window: Duration,
+    },
 }
 
 impl SearchSettings {

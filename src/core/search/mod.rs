@@ -29,12 +29,14 @@ use crate::metrics as m;
 use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
 use crate::spatial::SpatialIndex;
 
+mod batch;
 mod events;
 mod remote;
 mod steps;
 
 pub use events::{
-    LockAnswer, OfferOutcome, SearchCounts, SearchEffect, SearchKey, SearchSettings, SettleTicket,
+    Dispatch, LockAnswer, OfferOutcome, SearchCounts, SearchEffect, SearchKey, SearchSettings,
+    SettleTicket,
 };
 
 /// Cluster mode: how long a remote lock's answer may take before the lock is
@@ -164,6 +166,12 @@ pub struct Searches<R> {
     shadowed: HashMap<DriverId, (NodeId, LatLon)>,
     /// When news of a remote lock is overdue (see `settle_due`).
     remote_due: BinaryHeap<Reverse<RemoteDue>>,
+    /// Batch dispatch: new requests waiting for the window to close, and
+    /// when it does.
+    batch: Vec<SearchKey>,
+    batch_due: Option<Instant>,
+    /// Requests assigned by batches since the last `take_batched`.
+    batched: usize,
     /// Where requests are taken and drivers offered (`None`: everywhere).
     areas: Option<Arc<crate::areas::ServiceAreas>>,
     effects: Vec<SearchEffect<R>>,
@@ -193,6 +201,9 @@ impl<R: Clone> Searches<R> {
             remote: HashMap::new(),
             shadowed: HashMap::new(),
             remote_due: BinaryHeap::new(),
+            batch: Vec::new(),
+            batch_due: None,
+            batched: 0,
             areas: None,
             effects: Vec::new(),
             index_queries: 0,
@@ -225,6 +236,7 @@ impl<R: Clone> Searches<R> {
             self.deadlines.peek().map(|Reverse((at, ..))| *at),
             self.retries.peek().map(|Reverse((at, ..))| *at),
             self.widenings.peek().map(|Reverse((at, ..))| *at),
+            self.batch_due,
             self.remote_due.peek().map(|Reverse((at, ..))| *at),
         ]
         .into_iter()
@@ -333,7 +345,13 @@ impl<R: Clone> Searches<R> {
         );
         let deadline = now + self.settings.search_timeout;
         self.deadlines.push(Reverse((deadline, seq, key.clone())));
-        self.advance(now, key);
+        match self.settings.dispatch {
+            Dispatch::Greedy => self.advance(now, key),
+            Dispatch::Batch { window } => {
+                self.batch.push(key);
+                self.batch_due.get_or_insert(now + window);
+            }
+        }
     }
 
     /// The rider on connection `rider` withdraws a request: immediate when no
@@ -570,6 +588,9 @@ impl<R: Clone> Searches<R> {
     pub fn tick(&mut self, now: Instant) {
         self.settle_due(now);
         self.widen_due(now);
+        if self.batch_due.is_some_and(|due| due <= now) {
+            self.assign_batch(now);
+        }
         while let Some(Reverse((at, ..))) = self.retries.peek() {
             if *at > now {
                 break;

@@ -1,0 +1,305 @@
+//! Batched assignment (`--dispatch batch`): requests that arrived within a
+//! window are given drivers together, by a minimum-cost assignment over
+//! pickup distance, instead of each taking the nearest free driver as it
+//! comes.
+//!
+//! Greedy is fast but can cross: the first rider takes the driver who was
+//! the only close one for the second. A window of requests and each one's
+//! few nearest free drivers form a bipartite graph; Kuhn–Munkres (from the
+//! `pathfinding` crate) finds the assignment that serves the most requests
+//! and, among those, has the shortest total pickup distance.
+//!
+//! The cost stays bounded at any rate: each request brings at most
+//! [`CANDIDATES_PER_REQUEST`] drivers, requests that share no driver are
+//! solved apart (connected components), and a component larger than
+//! [`MAX_ROWS`] requests is solved in slices, oldest requests first, each
+//! slice leaving out the drivers the earlier ones took. Kuhn–Munkres is
+//! cubic in a slice's size, so a slice costs at most about
+//! `MAX_ROWS² × MAX_ROWS × CANDIDATES_PER_REQUEST` steps.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use pathfinding::kuhn_munkres::kuhn_munkres_min;
+use pathfinding::matrix::Matrix;
+
+use super::{Phase, Searches};
+use crate::protocol::DriverId;
+
+/// Drivers considered per request: its nearest free ones in reach.
+pub const CANDIDATES_PER_REQUEST: usize = 6;
+/// Requests solved together at most (see the module docs).
+pub const MAX_ROWS: usize = 48;
+/// The cost of a pair that is not a candidate: more than any real
+/// distance, so the solver serves as many requests as it can before it
+/// looks at distances, and small enough that a slice's sum can't overflow.
+const NOT_A_CANDIDATE: i64 = 1_000_000_000;
+
+impl<R: Clone> Searches<R> {
+    /// The batch window closed: its requests still looking get their first
+    /// drivers together; those left without one (or that can't be assigned:
+    /// cancelled, out of time) go the greedy way, which asks the nearest
+    /// free driver left or parks.
+    pub(super) fn assign_batch(&mut self, now: Instant) {
+        self.batch_due = None;
+        let keys = std::mem::take(&mut self.batch);
+        let mut open = Vec::new();
+        let mut wanted = Vec::new();
+        for key in keys {
+            let Some(search) = self.searches.get(&key) else {
+                continue;
+            };
+            let out_of_time =
+                search.deadline_passed || now >= search.started + self.settings.search_timeout;
+            if !matches!(search.phase, Phase::Looking)
+                || search.cancel_requested
+                || out_of_time
+                || self.waiting.contains_key(&search.seq)
+            {
+                // Moved on already, or ends now: `advance` says how.
+                if matches!(search.phase, Phase::Looking) && !self.waiting.contains_key(&search.seq)
+                {
+                    self.advance(now, key);
+                }
+                continue;
+            }
+            self.index_queries += 1;
+            let radius = self
+                .settings
+                .radius_at(now.saturating_duration_since(search.started));
+            let candidates: Vec<(DriverId, f64)> = self
+                .drivers
+                .nearest_within(search.pickup, radius)
+                .filter(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id))
+                .take(CANDIDATES_PER_REQUEST)
+                .collect();
+            open.push(key);
+            wanted.push(candidates);
+        }
+        self.batched += open.len();
+        let chosen = assign(&wanted);
+        // Assigned first, so that the greedy fallbacks see those drivers as
+        // being locked.
+        let mut unassigned = Vec::new();
+        for (key, driver) in open.into_iter().zip(chosen) {
+            match driver {
+                Some(driver) => self.ask_for_lock(now, key, driver),
+                None => unassigned.push(key),
+            }
+        }
+        for key in unassigned {
+            self.advance(now, key);
+        }
+    }
+
+    /// Requests assigned by batches since the last call (for the batch
+    /// metrics, which the caller times).
+    pub fn take_batched(&mut self) -> usize {
+        std::mem::take(&mut self.batched)
+    }
+}
+
+/// For each request (its candidates with their distance in metres, nearest
+/// first), the driver it gets, if any. No driver is given twice.
+pub fn assign(requests: &[Vec<(DriverId, f64)>]) -> Vec<Option<DriverId>> {
+    let mut chosen = vec![None; requests.len()];
+    let mut taken: HashSet<DriverId> = HashSet::new();
+    for component in components(requests) {
+        for slice in component.chunks(MAX_ROWS) {
+            solve(requests, slice, &mut taken, &mut chosen);
+        }
+    }
+    chosen
+}
+
+/// Requests grouped by the drivers they share, each group in request order,
+/// groups in order of their first request.
+fn components(requests: &[Vec<(DriverId, f64)>]) -> Vec<Vec<usize>> {
+    let mut parent: Vec<usize> = (0..requests.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut first_with: HashMap<&DriverId, usize> = HashMap::new();
+    for (i, candidates) in requests.iter().enumerate() {
+        for (driver, _) in candidates {
+            let other = *first_with.entry(driver).or_insert(i);
+            let (a, b) = (root(&mut parent, i), root(&mut parent, other));
+            // The older request's root wins, so roots are first members.
+            parent[a.max(b)] = a.min(b);
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group_of_root: HashMap<usize, usize> = HashMap::new();
+    for i in 0..requests.len() {
+        let r = root(&mut parent, i);
+        let g = *group_of_root.entry(r).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
+    groups
+}
+
+fn solve(
+    requests: &[Vec<(DriverId, f64)>],
+    slice: &[usize],
+    taken: &mut HashSet<DriverId>,
+    chosen: &mut [Option<DriverId>],
+) {
+    let mut columns: Vec<&DriverId> = Vec::new();
+    let mut column_of: HashMap<&DriverId, usize> = HashMap::new();
+    for &i in slice {
+        for (driver, _) in &requests[i] {
+            if !taken.contains(driver) && !column_of.contains_key(driver) {
+                column_of.insert(driver, columns.len());
+                columns.push(driver);
+            }
+        }
+    }
+    if columns.is_empty() {
+        return;
+    }
+    // The solver needs at least as many columns as rows: requests left
+    // without a real driver take a padding column.
+    let width = columns.len().max(slice.len());
+    let mut costs = Matrix::new(slice.len(), width, NOT_A_CANDIDATE);
+    for (row, &i) in slice.iter().enumerate() {
+        for (driver, metres) in &requests[i] {
+            if let Some(&column) = column_of.get(driver) {
+                // Decimetres: fine enough to tell drivers apart, whole
+                // numbers so that the solver's sums are exact.
+                costs[(row, column)] = (metres * 10.0).round() as i64;
+            }
+        }
+    }
+    let (_, assignment) = kuhn_munkres_min(&costs);
+    for (row, &column) in assignment.iter().enumerate() {
+        if column < columns.len() && costs[(row, column)] < NOT_A_CANDIDATE {
+            let driver = columns[column].clone();
+            taken.insert(driver.clone());
+            chosen[slice[row]] = Some(driver);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(name: &str) -> DriverId {
+        name.into()
+    }
+
+    #[test]
+    fn where_greedy_crosses_batch_finds_the_optimum() {
+        // Greedy gives rider 0 its nearest (a, 100 m), leaving rider 1 with
+        // b at 2,000 m: 2,100 m. Batch: 0 takes b (300 m), 1 takes a
+        // (400 m): 700 m.
+        let requests = vec![
+            vec![(d("a"), 100.0), (d("b"), 300.0)],
+            vec![(d("a"), 400.0), (d("b"), 2_000.0)],
+        ];
+        assert_eq!(assign(&requests), [Some(d("b")), Some(d("a"))]);
+    }
+
+    #[test]
+    fn as_many_requests_as_possible_are_served_before_distance_counts() {
+        // Rider 0 would rather have a, but then rider 1 gets nobody.
+        let requests = vec![
+            vec![(d("a"), 10.0), (d("b"), 4_000.0)],
+            vec![(d("a"), 4_000.0)],
+        ];
+        assert_eq!(assign(&requests), [Some(d("b")), Some(d("a"))]);
+    }
+
+    #[test]
+    fn more_requests_than_drivers_leaves_the_rest_unassigned() {
+        let requests = vec![vec![(d("a"), 500.0)], vec![(d("a"), 100.0)], vec![]];
+        assert_eq!(assign(&requests), [None, Some(d("a")), None]);
+    }
+
+    /// Every assignment of a small case, tried one by one.
+    fn best_by_brute_force(requests: &[Vec<(DriverId, f64)>]) -> (usize, i64) {
+        fn go(
+            requests: &[Vec<(DriverId, f64)>],
+            i: usize,
+            used: &mut Vec<DriverId>,
+            served: usize,
+            cost: i64,
+            best: &mut (usize, i64),
+        ) {
+            if i == requests.len() {
+                if served > best.0 || (served == best.0 && cost < best.1) {
+                    *best = (served, cost);
+                }
+                return;
+            }
+            go(requests, i + 1, used, served, cost, best);
+            for (driver, metres) in &requests[i] {
+                if !used.contains(driver) {
+                    used.push(driver.clone());
+                    let c = (metres * 10.0).round() as i64;
+                    go(requests, i + 1, used, served + 1, cost + c, best);
+                    used.pop();
+                }
+            }
+        }
+        let mut best = (0, i64::MAX);
+        go(requests, 0, &mut Vec::new(), 0, 0, &mut best);
+        best
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn small_batches_are_solved_optimally(
+            raw in proptest::collection::vec(
+                proptest::collection::btree_map(0u8..7, 1u32..5_000, 0..4),
+                0..7,
+            )
+        ) {
+            let requests: Vec<Vec<(DriverId, f64)>> = raw
+                .iter()
+                .map(|m| m.iter().map(|(k, v)| (d(&format!("d{k}")), *v as f64)).collect())
+                .collect();
+            let chosen = assign(&requests);
+            let mut used = HashSet::new();
+            let (mut served, mut cost) = (0, 0);
+            for (i, driver) in chosen.iter().enumerate() {
+                if let Some(driver) = driver {
+                    proptest::prop_assert!(used.insert(driver.clone()), "{driver} twice");
+                    let metres = requests[i].iter().find(|(c, _)| c == driver).expect("a candidate").1;
+                    served += 1;
+                    cost += (metres * 10.0).round() as i64;
+                }
+            }
+            let (best_served, best_cost) = best_by_brute_force(&requests);
+            proptest::prop_assert_eq!(served, best_served);
+            if served > 0 {
+                proptest::prop_assert_eq!(cost, best_cost);
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_component_is_solved_in_slices_without_giving_a_driver_twice() {
+        // 200 requests all wanting the same 6 drivers, and 300 more each
+        // with a driver of its own.
+        let shared: Vec<(DriverId, f64)> = (0..6)
+            .map(|k| (d(&format!("s{k}")), 100.0 * k as f64))
+            .collect();
+        let mut requests = vec![shared; 200];
+        requests.extend((0..300).map(|i| vec![(d(&format!("own{i}")), 50.0)]));
+        let chosen = assign(&requests);
+        let served: Vec<&DriverId> = chosen.iter().flatten().collect();
+        assert_eq!(served.len(), 306);
+        assert_eq!(served.iter().collect::<HashSet<_>>().len(), 306);
+        // The shared drivers went to the oldest slice.
+        assert!(chosen[MAX_ROWS..200].iter().all(Option::is_none));
+        assert_eq!(chosen[..MAX_ROWS].iter().flatten().count(), 6);
+    }
+}
