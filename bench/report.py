@@ -189,13 +189,15 @@ for name in repeats("matches-max") + ["matches-max-pooled"] + repeats("latency-5
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
 out.append("")
-# The cluster section is bench/cluster's: carried over as it is.
-begin, end = "<!-- cluster: written by bench/cluster -->", "<!-- /cluster -->"
+# The cluster and dispatch sections are bench/cluster's and bench/dispatch's:
+# carried over as they are.
 previous = os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")
-if os.path.exists(previous):
-    text = open(previous).read()
-    if begin in text and end in text:
-        out.append(text[text.index(begin):text.index(end) + len(end)] + "\n")
+for section in ("cluster", "dispatch"):
+    begin, end = f"<!-- {section}: written by bench/{section} -->", f"<!-- /{section} -->"
+    if os.path.exists(previous):
+        text = open(previous).read()
+        if begin in text and end in text:
+            out.append(text[text.index(begin):text.index(end) + len(end)] + "\n")
 out.append("## Command lines\n")
 out.append("```sh")
 out.append("target/release/loopback serve --listen 127.0.0.1:19000")
