@@ -110,6 +110,34 @@ fn a_driver_freeing_up_wakes_a_parked_search_within_its_grown_radius() {
     assert_eq!(locked(&searches.take_effects()), ["d"]);
 }
 
+#[test]
+fn a_full_batch_is_assigned_before_its_window_closes() {
+    use ridelock::core::search::MAX_BATCH;
+    let t0 = Instant::now();
+    let settings = SearchSettings {
+        dispatch: Dispatch::Batch {
+            window: Duration::from_millis(500),
+        },
+        max_searches: 10_000,
+        ..settings()
+    };
+    let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+    for i in 0..MAX_BATCH {
+        searches.driver_changed(t0, format!("d{i}").into(), Some(north(i as f64)));
+    }
+    for i in 0..MAX_BATCH - 1 {
+        let rider = format!("r{i}");
+        searches.request(t0, 1, rider.as_str().into(), 1, "q".into(), pickup(), t0);
+    }
+    assert!(locked(&searches.take_effects()).is_empty(), "the window is open");
+    searches.request(t0, 1, "last".into(), 1, "q".into(), pickup(), t0);
+    let mut drivers = locked(&searches.take_effects());
+    assert_eq!(drivers.len(), MAX_BATCH, "full: assigned at once");
+    drivers.sort();
+    drivers.dedup();
+    assert_eq!(drivers.len(), MAX_BATCH, "each driver once");
+}
+
 fn indexed(effects: &[DriverEffect]) -> Vec<Option<LatLon>> {
     effects
         .iter()

@@ -26,6 +26,12 @@ use pathfinding::matrix::Matrix;
 use super::{Phase, Searches};
 use crate::protocol::DriverId;
 
+/// Requests a batch holds at most: it closes at its window or at this many
+/// requests, whichever comes first, so that at a high rate one assignment
+/// never holds the matcher for long (at 5,000 requests/s a 500 ms window
+/// gathered 2,300 requests and took up to 94 ms to assign; see
+/// BENCHMARKS.md).
+pub const MAX_BATCH: usize = 256;
 /// Drivers considered per request: its nearest free ones in reach.
 pub const CANDIDATES_PER_REQUEST: usize = 6;
 /// Requests solved together at most (see the module docs).

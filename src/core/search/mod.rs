@@ -34,6 +34,7 @@ mod events;
 mod remote;
 mod steps;
 
+pub use batch::MAX_BATCH;
 pub use events::{
     Dispatch, LockAnswer, OfferOutcome, SearchCounts, SearchEffect, SearchKey, SearchSettings,
     SettleTicket,
@@ -350,6 +351,9 @@ impl<R: Clone> Searches<R> {
             Dispatch::Batch { window } => {
                 self.batch.push(key);
                 self.batch_due.get_or_insert(now + window);
+                if self.batch.len() >= batch::MAX_BATCH {
+                    self.assign_batch(now);
+                }
             }
         }
     }
