@@ -129,7 +129,10 @@ fn a_full_batch_is_assigned_before_its_window_closes() {
         let rider = format!("r{i}");
         searches.request(t0, 1, rider.as_str().into(), 1, "q".into(), pickup(), t0);
     }
-    assert!(locked(&searches.take_effects()).is_empty(), "the window is open");
+    assert!(
+        locked(&searches.take_effects()).is_empty(),
+        "the window is open"
+    );
     searches.request(t0, 1, "last".into(), 1, "q".into(), pickup(), t0);
     let mut drivers = locked(&searches.take_effects());
     assert_eq!(drivers.len(), MAX_BATCH, "full: assigned at once");

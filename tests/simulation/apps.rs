@@ -519,7 +519,8 @@ impl World {
                 for server in self.servers.iter_mut().filter(|s| s.up) {
                     server.apply(&register, now);
                 }
-                self.nodes[node] = new_node(node, inc, &self.settings, true, nodes);
+                self.nodes[node] =
+                    new_node(node, inc, &self.settings, self.areas.as_ref(), true, nodes);
                 self.at(Duration::ZERO, Ev::Liveness { node, inc });
                 for other in 0..nodes {
                     if other != node {

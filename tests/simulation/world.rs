@@ -28,11 +28,15 @@ use ridelock::protocol::{DriverId, RequestId, RiderId, ServerMessage};
 use super::apps::{DriverApp, RiderApp};
 use super::check::Ledger;
 use super::redis::{Server, ServerOp, ServerReply};
+use ridelock::areas::ServiceAreas;
 use ridelock::cluster::redlock::Renewal;
 
 /// The per-server timeout of the Redis client (`--redis-timeout-ms`).
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// Liveness keys: refreshed every second, lapse after five.
+/// The west of the simulated city (which spans 13.37–13.44 east).
+const SIM_AREA: &str = r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"west"},"geometry":{"type":"Polygon","coordinates":[[[13.36,52.48],[13.426,52.48],[13.426,52.55],[13.36,52.55],[13.36,52.48]]]}}]}"#;
+
 /// Short, so that drivers who sit still for a while go stale and come back.
 const LOCATION_MAX_AGE: Duration = Duration::from_secs(8);
 const ALIVE_REFRESH: Duration = Duration::from_secs(1);
@@ -235,6 +239,8 @@ pub struct World {
     pub rng: StdRng,
     pub shape: Shape,
     pub settings: SearchSettings,
+    /// Served areas, on seeds that have them (every third).
+    pub areas: Option<Arc<ServiceAreas>>,
     pub base: Instant,
     pub now: Instant,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -300,8 +306,13 @@ impl World {
             },
         };
         let cluster = shape.nodes > 1;
+        // Every third seed serves only the west of the city: the east fifth
+        // is outside, for pickups and drivers alike.
+        let areas = (seed % 3 == 2).then(|| {
+            Arc::new(ServiceAreas::from_geojson(SIM_AREA).expect("the simulation's area parses"))
+        });
         let nodes = (0..shape.nodes)
-            .map(|n| new_node(n, 0, &settings, cluster, shape.nodes))
+            .map(|n| new_node(n, 0, &settings, areas.as_ref(), cluster, shape.nodes))
             .collect();
         let servers = (0..shape.servers).map(|_| Server::new(base)).collect();
         let drivers = (0..shape.drivers)
@@ -312,6 +323,7 @@ impl World {
             rng,
             shape,
             settings,
+            areas,
             base,
             now: base,
             queue: BinaryHeap::new(),
@@ -1541,6 +1553,7 @@ pub fn new_node(
     n: usize,
     inc: u32,
     settings: &SearchSettings,
+    areas: Option<&Arc<ServiceAreas>>,
     cluster: bool,
     nodes: usize,
 ) -> Node {
@@ -1549,8 +1562,12 @@ pub fn new_node(
     // starting points of `Ids::for_cluster` make them.
     let base = (n as u64 * 64 + u64::from(inc)) << 32;
     let ids = Arc::new(Ids::starting_at(base, base));
+    let mut searches = Searches::new(settings.clone(), ids.clone(), cluster.then(|| id.clone()));
+    if let Some(areas) = areas {
+        searches.serve_only(areas.clone());
+    }
     Node {
-        searches: Searches::new(settings.clone(), ids.clone(), cluster.then(|| id.clone())),
+        searches,
         id,
         inc,
         up: true,
