@@ -178,9 +178,9 @@ pub struct Config {
     pub radius_step_ms: u64,
 
     /// How far a waiting request's search radius grows at most, in metres
-    /// (at least --radius-m).
-    #[arg(long, env = "RIDELOCK_MAX_RADIUS_M", default_value_t = 10_000.0)]
-    pub max_radius_m: f64,
+    /// (at least --radius-m). Default: the larger of --radius-m and 10000.
+    #[arg(long, env = "RIDELOCK_MAX_RADIUS_M")]
+    pub max_radius_m: Option<f64>,
 
     /// Drivers one request is offered to at most, nearest first; when that
     /// many have declined or let the offer expire, the rider gets `no_driver`.
@@ -303,6 +303,12 @@ impl Config {
         }
     }
 
+    /// How far a waiting request's radius grows at most, in metres.
+    pub fn max_radius_m(&self) -> f64 {
+        self.max_radius_m
+            .unwrap_or(self.radius_m.max(DEFAULT_MAX_RADIUS_M))
+    }
+
     /// How often a waiting request's radius grows, as a duration.
     pub fn radius_step(&self) -> Duration {
         Duration::from_millis(self.radius_step_ms)
@@ -365,6 +371,9 @@ fn per_core_if_zero(threads: usize) -> usize {
         n => n,
     }
 }
+
+/// The widest a search radius grows by default, in metres.
+pub const DEFAULT_MAX_RADIUS_M: f64 = 10_000.0;
 
 /// `--dispatch`: how new requests get their first driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

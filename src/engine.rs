@@ -120,7 +120,8 @@ fn check_radii(config: &Config) -> Result<(), StartError> {
     if !(config.radius_step_m.is_finite() && config.radius_step_m >= 0.0) {
         return refuse("--radius-step-m must be a number of metres, 0 or more");
     }
-    if !(config.max_radius_m.is_finite() && config.max_radius_m >= config.radius_m) {
+    let max = config.max_radius_m();
+    if !(max.is_finite() && max >= config.radius_m) {
         return refuse("--max-radius-m must be a number of metres no smaller than --radius-m");
     }
     Ok(())

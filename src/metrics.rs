@@ -90,8 +90,10 @@ pub const PICKUP_DISTANCE: &str = "ridelock_pickup_distance_meters";
 /// `--service-area`).
 pub const AREA_REQUESTS: &str = "ridelock_area_requests_total";
 /// With `--service-area`: what was outside every area, by `kind`:
-/// `request` (refused with `outside_service_area`) or `driver` (a position
-/// update that made a driver not offerable).
+/// `request` (refused with `outside_service_area`) or `driver` (a change of
+/// a driver connected to this node, to a position outside every area; a
+/// driver moves the index only every few metres, so this is not per
+/// location update).
 pub const OUTSIDE_SERVICE_AREA: &str = "ridelock_outside_service_area_total";
 /// WebSocket messages by `direction` (in, out).
 pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";

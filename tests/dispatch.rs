@@ -98,7 +98,7 @@ async fn the_search_radius_grows_until_a_driver_is_in_reach() {
         c.radius_m = 1_000.0;
         c.radius_step_m = 1_000.0;
         c.radius_step_ms = 400;
-        c.max_radius_m = 3_000.0;
+        c.max_radius_m = Some(3_000.0);
     })
     .await;
     // About 2.5 km north: in reach once the radius has grown twice.
@@ -146,7 +146,7 @@ async fn an_unusable_service_area_file_or_radius_stops_the_engine_saying_why() {
     );
     let why = refusal(Box::new(move |c| c.service_area = Some(line))).await;
     assert!(why.contains("Polygon"), "{why}");
-    let why = refusal(Box::new(|c| c.max_radius_m = 100.0)).await;
+    let why = refusal(Box::new(|c| c.max_radius_m = Some(100.0))).await;
     assert!(why.contains("--max-radius-m"), "{why}");
     let why = refusal(Box::new(|c| c.radius_step_m = -1.0)).await;
     assert!(why.contains("--radius-step-m"), "{why}");

@@ -111,6 +111,46 @@ fn a_driver_freeing_up_wakes_a_parked_search_within_its_grown_radius() {
 }
 
 #[test]
+fn past_the_oldest_parked_searches_the_index_finds_one_within_its_grown_radius() {
+    // More parked searches than the oldest-first scan looks at: the 64
+    // oldest are far away, so the driver is found through the index of
+    // parked pickups, each with its own (grown) radius.
+    let t0 = Instant::now();
+    let mut searches: Searches<u32> = Searches::new(settings(), Arc::new(Ids::default()), None);
+    let far = LatLon::new(52.0, 13.405).unwrap();
+    for i in 0..64 {
+        let rider = format!("far{i}");
+        searches.request(t0, 1, rider.as_str().into(), 1, "q".into(), far, t0);
+    }
+    for i in 0..6 {
+        let rider = format!("near{i}");
+        searches.request(t0, 1, rider.as_str().into(), 1, "q".into(), pickup(), t0);
+    }
+    searches.take_effects();
+    assert_eq!(searches.counts().waiting, 70);
+    let at = north(5_500.0);
+    searches.driver_changed(t0 + Duration::from_secs(5), "d".into(), Some(at));
+    assert!(
+        locked(&searches.take_effects()).is_empty(),
+        "5.5 km: out of a 5 km radius"
+    );
+    searches.driver_changed(t0 + Duration::from_secs(5), "d".into(), None);
+    let later = t0 + Duration::from_secs(11);
+    searches.tick(later);
+    searches.take_effects();
+    searches.driver_changed(later, "d".into(), Some(at));
+    let asked: Vec<String> = searches
+        .take_effects()
+        .iter()
+        .filter_map(|e| match e {
+            SearchEffect::Lock { holder, .. } => Some(holder.rider_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, ["near0"], "the oldest in reach, at 6 km");
+}
+
+#[test]
 fn a_full_batch_is_assigned_before_its_window_closes() {
     use ridelock::core::search::MAX_BATCH;
     let t0 = Instant::now();
@@ -122,23 +162,50 @@ fn a_full_batch_is_assigned_before_its_window_closes() {
         ..settings()
     };
     let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+    // Riders 30 m apart along a street, each with a driver 10 m away.
     for i in 0..MAX_BATCH {
-        searches.driver_changed(t0, format!("d{i}").into(), Some(north(i as f64)));
+        let at = north(i as f64 * 30.0 + 10.0);
+        searches.driver_changed(t0, format!("d{i}").into(), Some(at));
     }
     for i in 0..MAX_BATCH - 1 {
         let rider = format!("r{i}");
-        searches.request(t0, 1, rider.as_str().into(), 1, "q".into(), pickup(), t0);
+        let at = north(i as f64 * 30.0);
+        searches.request(t0, 1, rider.as_str().into(), 1, "q".into(), at, t0);
     }
     assert!(
         locked(&searches.take_effects()).is_empty(),
         "the window is open"
     );
-    searches.request(t0, 1, "last".into(), 1, "q".into(), pickup(), t0);
+    let last = north((MAX_BATCH - 1) as f64 * 30.0);
+    searches.request(t0, 1, "last".into(), 1, "q".into(), last, t0);
     let mut drivers = locked(&searches.take_effects());
     assert_eq!(drivers.len(), MAX_BATCH, "full: assigned at once");
     drivers.sort();
     drivers.dedup();
     assert_eq!(drivers.len(), MAX_BATCH, "each driver once");
+}
+
+#[test]
+fn a_request_cancelled_and_asked_again_in_one_window_asks_one_driver() {
+    // The review found it: the batch kept the cancelled request's key, and
+    // the same id asked again was in the batch twice: two drivers were
+    // asked for one search, and the first stayed "being locked" for good.
+    let t0 = Instant::now();
+    let settings = SearchSettings {
+        dispatch: Dispatch::Batch {
+            window: Duration::from_millis(500),
+        },
+        ..settings()
+    };
+    let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+    searches.driver_changed(t0, "d1".into(), Some(north(100.0)));
+    searches.driver_changed(t0, "d2".into(), Some(north(200.0)));
+    searches.request(t0, 1, "r1".into(), 1, "q".into(), pickup(), t0);
+    searches.cancel(t0, 1, "r1".into(), "q".into());
+    searches.request(t0, 1, "r1".into(), 1, "q".into(), pickup(), t0);
+    searches.take_effects();
+    searches.tick(t0 + Duration::from_millis(500));
+    assert_eq!(locked(&searches.take_effects()), ["d1"]);
 }
 
 fn indexed(effects: &[DriverEffect]) -> Vec<Option<LatLon>> {
@@ -198,18 +265,19 @@ fn a_driver_whose_location_went_stale_leaves_the_index_until_its_next_one() {
 
 mod batches {
     //! Batch dispatch through the pure core, with drivers coming, going
-    //! stale and moving out of the service area at random: no lock is asked
-    //! of a driver that is not offerable at that moment, and every request
-    //! ends exactly once.
+    //! away (stale, unavailable) and moving out of the service area at
+    //! random, riders cancelling and asking again under the same ids, and
+    //! offers timing out: no lock is asked of a driver that is not offerable
+    //! at that moment or already asked, and every request ends exactly once.
 
     use std::collections::{HashMap, HashSet};
 
     use proptest::prelude::*;
     use ridelock::areas::ServiceAreas;
-    use ridelock::core::lock::{Ending, LockRefused};
+    use ridelock::core::lock::{Ending, LockRefused, OfferId};
     use ridelock::core::search::{Dispatch, LockAnswer, OfferOutcome, SearchEffect, Searches};
     use ridelock::core::Granted;
-    use ridelock::protocol::ServerMessage;
+    use ridelock::protocol::{DriverId, ServerMessage};
 
     use super::*;
 
@@ -218,9 +286,12 @@ mod batches {
     #[derive(Clone, Debug)]
     enum Op {
         /// Driver d reports a position (x, y on a grid that runs past the
-        /// area's eastern edge), or goes away (stale, unavailable).
+        /// area's eastern edge), or goes away.
         Driver(u8, Option<(u8, u8)>),
-        Request(u8, u8),
+        /// Rider r asks (request id q) for a ride from grid point (x, y).
+        Request(u8, u8, u8, u8),
+        /// Rider r cancels request q.
+        Cancel(u8, u8),
         Answer(usize, bool),
         End(usize, bool),
         Wait(u16),
@@ -228,8 +299,10 @@ mod batches {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0u8..8, proptest::option::weighted(0.8, (0u8..10, 0u8..10))).prop_map(|(d, at)| Op::Driver(d, at)),
-            3 => (0u8..10, 0u8..10).prop_map(|(x, y)| Op::Request(x, y)),
+            3 => (0u8..8, proptest::option::weighted(0.8, (0u8..10, 0u8..10)))
+                .prop_map(|(d, at)| Op::Driver(d, at)),
+            3 => (0u8..3, 0u8..3, 0u8..10, 0u8..10).prop_map(|(r, q, x, y)| Op::Request(r, q, x, y)),
+            1 => (0u8..3, 0u8..3).prop_map(|(r, q)| Op::Cancel(r, q)),
             2 => (0usize..4, any::<bool>()).prop_map(|(i, grant)| Op::Answer(i, grant)),
             2 => (0usize..4, any::<bool>()).prop_map(|(i, accept)| Op::End(i, accept)),
             2 => (1u16..2_000).prop_map(Op::Wait),
@@ -241,43 +314,59 @@ mod batches {
         LatLon::new(52.505 + f64::from(y) * 0.003, 13.385 + f64::from(x) * 0.005).unwrap()
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
-        #[test]
-        fn batches_offer_only_offerable_drivers_and_end_every_request_once(
-            ops in proptest::collection::vec(op(), 1..120)
-        ) {
-            let areas = Arc::new(ServiceAreas::from_geojson(AREA).unwrap());
-            let mut settings = settings();
-            settings.dispatch = Dispatch::Batch { window: Duration::from_millis(300) };
-            settings.search_timeout = Duration::from_secs(5);
-            let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
-            searches.serve_only(areas.clone());
-            let mut now = Instant::now();
-            // The model: where each driver is offerable, and who is held.
-            let mut offerable: HashMap<String, LatLon> = HashMap::new();
-            let mut held: HashSet<String> = HashSet::new();
-            let mut asked: Vec<LockAnswer> = Vec::new();
-            let mut granted: Vec<OfferOutcome> = Vec::new();
-            let mut searching = 0usize;
-            let mut endings: HashMap<String, usize> = HashMap::new();
-            let mut trip = 0u64;
+    /// What the drivers' actors and the riders' apps would know.
+    struct Model {
+        areas: Arc<ServiceAreas>,
+        searches: Searches<u32>,
+        now: Instant,
+        /// Where each driver is offerable.
+        offerable: HashMap<String, LatLon>,
+        /// Drivers with a lock request or an offer out.
+        held: HashSet<String>,
+        asked: Vec<LockAnswer>,
+        granted: Vec<OfferOutcome>,
+        /// `searching` and final messages per request id.
+        searching: HashMap<String, usize>,
+        endings: HashMap<String, usize>,
+        trips: u64,
+    }
 
-            let absorb = |effects: Vec<SearchEffect<u32>>,
-                              offerable: &HashMap<String, LatLon>,
-                              held: &mut HashSet<String>,
-                              asked: &mut Vec<LockAnswer>,
-                              searching: &mut usize,
-                              endings: &mut HashMap<String, usize>|
-             -> Result<(), TestCaseError> {
+    impl Model {
+        fn driver_free(&mut self, driver: &DriverId, at: LatLon) {
+            self.held.remove(&**driver);
+            self.offerable.insert(driver.to_string(), at);
+            self.searches
+                .driver_changed(self.now, driver.clone(), Some(at));
+        }
+
+        /// Takes the core's effects, checking each, until none are left
+        /// (withdrawals are answered as the driver's actor would).
+        fn absorb(&mut self) -> Result<(), TestCaseError> {
+            loop {
+                let effects = self.searches.take_effects();
+                if effects.is_empty() {
+                    return Ok(());
+                }
+                let mut withdrawn: Vec<(DriverId, OfferId)> = Vec::new();
                 for effect in effects {
                     match effect {
-                        SearchEffect::Lock { driver, offer_id, holder, .. } => {
-                            let at = offerable.get(&*driver);
+                        SearchEffect::Lock {
+                            driver,
+                            offer_id,
+                            holder,
+                            ..
+                        } => {
+                            let at = self.offerable.get(&*driver);
                             prop_assert!(at.is_some(), "{driver} asked while not offerable");
-                            prop_assert!(areas.area_of(*at.unwrap()).is_some(), "{driver} outside");
-                            prop_assert!(held.insert(driver.to_string()), "{driver} asked twice");
-                            asked.push(LockAnswer {
+                            prop_assert!(
+                                self.areas.area_of(*at.unwrap()).is_some(),
+                                "{driver} outside"
+                            );
+                            prop_assert!(
+                                self.held.insert(driver.to_string()),
+                                "{driver} asked twice"
+                            );
+                            self.asked.push(LockAnswer {
                                 driver_id: driver,
                                 offer_id,
                                 search: holder.search,
@@ -287,12 +376,23 @@ mod batches {
                                 node: None,
                             });
                         }
+                        SearchEffect::Cancel {
+                            driver, offer_id, ..
+                        } => withdrawn.push((driver, offer_id)),
                         SearchEffect::Tell { message, .. } => match message {
-                            ServerMessage::Searching { .. } => *searching += 1,
+                            ServerMessage::Searching { request_id } => {
+                                *self.searching.entry(request_id.to_string()).or_default() += 1;
+                            }
                             ServerMessage::Matched { request_id, .. }
                             | ServerMessage::NoDriver { request_id, .. }
                             | ServerMessage::Cancelled { request_id } => {
-                                *endings.entry(request_id.to_string()).or_default() += 1;
+                                let id = request_id.to_string();
+                                *self.endings.entry(id.clone()).or_default() += 1;
+                                prop_assert!(
+                                    self.endings[&id]
+                                        <= self.searching.get(&id).copied().unwrap_or(0),
+                                    "{id} ended more often than it was taken"
+                                );
                             }
                             ServerMessage::Error { .. } => {}
                             other => prop_assert!(false, "unexpected {other:?}"),
@@ -300,37 +400,78 @@ mod batches {
                         other => prop_assert!(false, "unexpected {other:?}"),
                     }
                 }
-                Ok(())
-            };
+                // A withdrawn offer ends as cancelled; a withdrawn grant the
+                // search no longer waited for simply frees the driver.
+                for (driver, offer_id) in withdrawn {
+                    if let Some(i) = self.granted.iter().position(|o| o.offer_id == offer_id) {
+                        let mut outcome = self.granted.remove(i);
+                        outcome.ending = Ending::RiderCancelled;
+                        self.searches.offer_ended(self.now, outcome);
+                    }
+                    if self.held.contains(&*driver)
+                        && !self.asked.iter().any(|a| a.driver_id == driver)
+                    {
+                        self.driver_free(&driver, spot(0, 0));
+                    }
+                }
+            }
+        }
+    }
 
-            let mut next_request = 0;
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn batches_offer_only_offerable_drivers_and_end_every_request_once(
+            ops in proptest::collection::vec(op(), 1..150)
+        ) {
+            let areas = Arc::new(ServiceAreas::from_geojson(AREA).unwrap());
+            let mut settings = settings();
+            settings.dispatch = Dispatch::Batch { window: Duration::from_millis(300) };
+            settings.search_timeout = Duration::from_secs(5);
+            let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+            searches.serve_only(areas.clone());
+            let mut m = Model {
+                areas,
+                searches,
+                now: Instant::now(),
+                offerable: HashMap::new(),
+                held: HashSet::new(),
+                asked: Vec::new(),
+                granted: Vec::new(),
+                searching: HashMap::new(),
+                endings: HashMap::new(),
+                trips: 0,
+            };
             for op in ops {
+                let now = m.now;
                 match op {
                     Op::Driver(d, at) => {
                         let name = format!("d{d}");
-                        if held.contains(&name) {
-                            continue; // its actor says nothing while it is offered
+                        if m.held.contains(&name) {
+                            continue; // its actor says nothing while it is asked or offered
                         }
                         let at = at.map(|(x, y)| spot(x, y));
                         match at {
-                            Some(at) => offerable.insert(name.clone(), at),
-                            None => offerable.remove(&name),
+                            Some(at) => m.offerable.insert(name.clone(), at),
+                            None => m.offerable.remove(&name),
                         };
-                        searches.driver_changed(now, name.as_str().into(), at);
+                        m.searches.driver_changed(now, name.as_str().into(), at);
                     }
-                    Op::Request(x, y) => {
-                        next_request += 1;
-                        let rider = format!("r{next_request}");
-                        searches.request(now, 1, rider.as_str().into(), 1, rider.as_str().into(), spot(x, y), now);
+                    Op::Request(r, q, x, y) => {
+                        let (rider, request) = (format!("r{r}"), format!("r{r}-q{q}"));
+                        m.searches.request(now, 1, rider.as_str().into(), 1, request.as_str().into(), spot(x, y), now);
                     }
-                    Op::Answer(i, grant) if i < asked.len() => {
-                        let mut answer = asked.remove(i);
-                        let driver = answer.driver_id.to_string();
+                    Op::Cancel(r, q) => {
+                        let (rider, request) = (format!("r{r}"), format!("r{r}-q{q}"));
+                        m.searches.cancel(now, 1, rider.as_str().into(), request.as_str().into());
+                    }
+                    Op::Answer(i, grant) if i < m.asked.len() => {
+                        let mut answer = m.asked.remove(i);
                         if grant {
                             answer.result = Ok(Granted { fencing_token: 1 });
                             // Granted: the driver is offered, not offerable.
-                            offerable.remove(&driver);
-                            granted.push(OfferOutcome {
+                            m.offerable.remove(&*answer.driver_id);
+                            m.granted.push(OfferOutcome {
                                 driver_id: answer.driver_id.clone(),
                                 driver_location: None,
                                 offer_id: answer.offer_id,
@@ -341,56 +482,50 @@ mod batches {
                                 trip_id: None,
                             });
                         } else {
-                            held.remove(&driver);
+                            m.held.remove(&*answer.driver_id);
                         }
-                        searches.lock_answered(now, answer);
+                        m.searches.lock_answered(now, answer);
                     }
-                    Op::End(i, accept) if i < granted.len() => {
-                        let mut outcome = granted.remove(i);
-                        let driver = outcome.driver_id.to_string();
+                    Op::End(i, accept) if i < m.granted.len() => {
+                        let mut outcome = m.granted.remove(i);
+                        let driver = outcome.driver_id.clone();
                         if accept {
-                            trip += 1;
+                            m.trips += 1;
                             outcome.ending = Ending::Accepted;
-                            outcome.trip_id = Some(trip);
+                            outcome.trip_id = Some(m.trips);
                         }
-                        searches.offer_ended(now, outcome);
-                        held.remove(&driver);
-                        // A driver who declined is offerable again where it was
-                        // (a matched one is on its trip).
-                        if !accept {
-                            let at = spot(0, 0);
-                            offerable.insert(driver.clone(), at);
-                            searches.driver_changed(now, driver.as_str().into(), Some(at));
+                        m.searches.offer_ended(now, outcome);
+                        if accept {
+                            m.held.remove(&*driver); // on its trip: never offerable here again
+                        } else {
+                            m.driver_free(&driver, spot(0, 0));
                         }
                     }
                     Op::Answer(..) | Op::End(..) => {}
                     Op::Wait(ms) => {
-                        now += Duration::from_millis(u64::from(ms));
-                        searches.tick(now);
+                        m.now += Duration::from_millis(u64::from(ms));
+                        m.searches.tick(m.now);
                     }
                 }
-                let effects = searches.take_effects();
-                absorb(effects, &offerable, &mut held, &mut asked, &mut searching, &mut endings)?;
+                m.absorb()?;
             }
             // Wind down: every lock refused, every offer declined, time runs out.
             for _ in 0..40 {
-                for answer in std::mem::take(&mut asked) {
-                    held.remove(&*answer.driver_id);
-                    searches.lock_answered(now, answer);
+                for answer in std::mem::take(&mut m.asked) {
+                    m.held.remove(&*answer.driver_id);
+                    m.searches.lock_answered(m.now, answer);
                 }
-                for outcome in std::mem::take(&mut granted) {
-                    held.remove(&*outcome.driver_id);
-                    searches.offer_ended(now, outcome);
+                for outcome in std::mem::take(&mut m.granted) {
+                    m.held.remove(&*outcome.driver_id);
+                    m.searches.offer_ended(m.now, outcome);
                 }
-                now += Duration::from_millis(500);
-                searches.tick(now);
-                let effects = searches.take_effects();
-                absorb(effects, &offerable, &mut held, &mut asked, &mut searching, &mut endings)?;
+                m.now += Duration::from_millis(500);
+                m.searches.tick(m.now);
+                m.absorb()?;
             }
-            prop_assert!(asked.is_empty() && granted.is_empty());
-            prop_assert_eq!(searches.counts().searches, 0);
-            prop_assert_eq!(endings.len(), searching, "every request that got searching ended");
-            prop_assert!(endings.values().all(|n| *n == 1), "{endings:?}");
+            prop_assert!(m.asked.is_empty() && m.granted.is_empty());
+            prop_assert_eq!(m.searches.counts().searches, 0);
+            prop_assert_eq!(&m.endings, &m.searching, "every request that got searching ended once");
         }
     }
 }

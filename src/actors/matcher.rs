@@ -238,7 +238,7 @@ impl Matcher {
             radius_m: config.radius_m,
             radius_step_m: config.radius_step_m,
             radius_step: config.radius_step(),
-            max_radius_m: config.max_radius_m,
+            max_radius_m: config.max_radius_m(),
             max_candidates: config.max_candidates,
             search_timeout: config.search_timeout(),
             offer_timeout: config.offer_timeout(),

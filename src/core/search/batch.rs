@@ -51,8 +51,10 @@ impl<R: Clone> Searches<R> {
         let keys = std::mem::take(&mut self.batch);
         let mut open = Vec::new();
         let mut wanted = Vec::new();
-        for key in keys {
-            let Some(search) = self.searches.get(&key) else {
+        for (seq, key) in keys {
+            // A request that ended in the window (and perhaps was asked
+            // again under the same id: a new search) is not this entry's.
+            let Some(search) = self.searches.get(&key).filter(|s| s.seq == seq) else {
                 continue;
             };
             let out_of_time =

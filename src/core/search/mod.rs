@@ -169,7 +169,7 @@ pub struct Searches<R> {
     remote_due: BinaryHeap<Reverse<RemoteDue>>,
     /// Batch dispatch: new requests waiting for the window to close, and
     /// when it does.
-    batch: Vec<SearchKey>,
+    batch: Vec<(u64, SearchKey)>,
     batch_due: Option<Instant>,
     /// Requests assigned by batches since the last `take_batched`.
     batched: usize,
@@ -349,7 +349,7 @@ impl<R: Clone> Searches<R> {
         match self.settings.dispatch {
             Dispatch::Greedy => self.advance(now, key),
             Dispatch::Batch { window } => {
-                self.batch.push(key);
+                self.batch.push((seq, key));
                 self.batch_due.get_or_insert(now + window);
                 if self.batch.len() >= batch::MAX_BATCH {
                     self.assign_batch(now);
@@ -416,7 +416,16 @@ impl<R: Clone> Searches<R> {
     /// longer. Each call carries the driver's newest state: changes may be
     /// coalesced on the way, never reordered.
     pub fn driver_changed(&mut self, now: Instant, driver: DriverId, at: Option<LatLon>) {
-        match at.filter(|at| self.offerable_at(*at)) {
+        // Counted here only: each node counts its own drivers, once per
+        // change the driver's actor reports (not per location update).
+        let at = match at {
+            Some(at) if !self.offerable_at(at) => {
+                m::outside_service_area("driver");
+                None
+            }
+            at => at,
+        };
+        match at {
             Some(at) => {
                 // Connected here now, whatever another node said before.
                 self.remote.remove(&driver);

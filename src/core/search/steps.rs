@@ -25,13 +25,9 @@ impl<R: Clone> Searches<R> {
         self.areas = Some(areas);
     }
 
-    /// Whether a driver at `at` may be offered (counting one that may not).
+    /// Whether a driver at `at` may be offered.
     pub(super) fn offerable_at(&self, at: LatLon) -> bool {
-        let inside = self.areas.as_ref().is_none_or(|a| a.area_of(at).is_some());
-        if !inside {
-            m::outside_service_area("driver");
-        }
-        inside
+        self.areas.as_ref().is_none_or(|a| a.area_of(at).is_some())
     }
 
     /// Moves a search that is `Looking` forward: ends it if it was cancelled
@@ -83,8 +79,13 @@ impl<R: Clone> Searches<R> {
         if self.waiting.insert(search.seq, key.clone()).is_none() {
             self.waiting_at.upsert(search.seq, search.pickup);
         }
-        // A search that can still look farther looks again when it may.
-        let widen_at = self.settings.next_widening(search.started, now);
+        // A search that can still look farther looks again when it may
+        // (not past its deadline, when it ends anyway).
+        let deadline = search.started + self.settings.search_timeout;
+        let widen_at = self
+            .settings
+            .next_widening(search.started, now)
+            .filter(|at| *at < deadline);
         if widen_at.is_some() && search.widen_at != widen_at {
             search.widen_at = widen_at;
             if let Some(at) = widen_at {
@@ -128,7 +129,14 @@ impl<R: Clone> Searches<R> {
             (false, Some(node)) => Some(node.clone()),
             (false, None) => return self.park(now, &key),
         };
-        let Some(search) = self.searches.get_mut(&key) else {
+        // One driver at a time per search: asking a second would leave the
+        // first one's answer unheard and that driver "being locked".
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| matches!(s.phase, Phase::Looking))
+        else {
+            debug_assert!(false, "asked for a lock while not looking");
             return;
         };
         let offer_id = self.ids.next_offer();
