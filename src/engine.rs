@@ -213,6 +213,7 @@ impl Engine {
                     let link = MatcherLink {
                         answers: address.clone().recipient(),
                         ended: address.clone().recipient(),
+                        held: address.clone().recipient(),
                         wake: address.clone().recipient(),
                         changes: changes.clone(),
                     };

@@ -95,6 +95,16 @@ pub const AREA_REQUESTS: &str = "ridelock_area_requests_total";
 /// driver moves the index only every few metres, so this is not per
 /// location update).
 pub const OUTSIDE_SERVICE_AREA: &str = "ridelock_outside_service_area_total";
+/// Ride requests by how many vehicles they ask for (`size`, 1 to 4).
+pub const GROUP_SIZE_REQUESTS: &str = "ridelock_requests_by_group_size_total";
+/// Group requests (more than one vehicle): request to every member's
+/// accept (the group complete).
+pub const GROUP_COMPLETION: &str = "ridelock_group_completion_seconds";
+/// Group requests that failed, by `reason` (group_incomplete,
+/// rider_cancelled).
+pub const GROUPS_FAILED: &str = "ridelock_groups_failed_total";
+/// Drivers an older group took back from a younger one.
+pub const PREEMPTIONS: &str = "ridelock_preemptions_total";
 /// WebSocket messages by `direction` (in, out).
 pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 /// Errors sent to clients by `code`.
@@ -244,6 +254,20 @@ fn describe() {
         OUTSIDE_SERVICE_AREA,
         "Requests refused and driver positions ignored for being outside every service area, by kind"
     );
+    describe_counter!(
+        GROUP_SIZE_REQUESTS,
+        "Ride requests by how many vehicles they ask for"
+    );
+    describe_histogram!(
+        GROUP_COMPLETION,
+        Unit::Seconds,
+        "Group request to every member accepted"
+    );
+    describe_counter!(GROUPS_FAILED, "Group requests failed by reason");
+    describe_counter!(
+        PREEMPTIONS,
+        "Drivers an older group took back from a younger one"
+    );
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
     describe_counter!(
@@ -283,8 +307,15 @@ fn preregister() {
         REDIS_QUORUM_FAILURES,
         FRAMES_DELAYED,
         FLOOD_CLOSES,
+        PREEMPTIONS,
     ] {
         counter!(counter).increment(0);
+    }
+    for size in 1..=crate::protocol::MAX_VEHICLES {
+        counter!(GROUP_SIZE_REQUESTS, "size" => size.to_string()).increment(0);
+    }
+    for reason in [Ending::GroupIncomplete, Ending::RiderCancelled] {
+        counter!(GROUPS_FAILED, "reason" => reason.as_str()).increment(0);
     }
     for reason in REFUSAL_REASONS {
         counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(0);
@@ -304,6 +335,8 @@ fn preregister() {
         Ending::Expired,
         Ending::RiderCancelled,
         Ending::DriverDisconnected,
+        Ending::GroupIncomplete,
+        Ending::Preempted,
     ] {
         counter!(OFFERS, "outcome" => ending.as_str()).increment(0);
     }
@@ -345,6 +378,25 @@ pub(crate) fn connection_closed(role: &'static str) {
 
 pub(crate) fn request_received() {
     counter!(RIDE_REQUESTS).increment(1);
+}
+
+pub(crate) fn request_vehicles(vehicles: u8) {
+    // Four label values: the counters exist already (`preregister`).
+    const SIZES: [&str; 4] = ["1", "2", "3", "4"];
+    let size = SIZES[usize::from(vehicles.clamp(1, 4)) - 1];
+    counter!(GROUP_SIZE_REQUESTS, "size" => size).increment(1);
+}
+
+pub(crate) fn group_completed(age: Duration) {
+    histogram!(GROUP_COMPLETION).record(age);
+}
+
+pub(crate) fn group_failed(why: Ending) {
+    counter!(GROUPS_FAILED, "reason" => why.as_str()).increment(1);
+}
+
+pub(crate) fn preemption() {
+    counter!(PREEMPTIONS).increment(1);
 }
 
 pub(crate) fn search_finished(message: &ServerMessage, age: Duration, candidates: u32) {

@@ -84,7 +84,11 @@ impl Peer for RiderPeer {
 
     fn deliver(&mut self, command: RiderCommand) -> Result<(), ServerMessage> {
         match command {
-            RiderCommand::RequestRide { request_id, pickup } => {
+            RiderCommand::RequestRide {
+                request_id,
+                pickup,
+                vehicles,
+            } => {
                 if !self.admission.try_enter() {
                     return Err(ServerMessage::request_error(
                         ErrorCode::Overloaded,
@@ -96,6 +100,7 @@ impl Peer for RiderPeer {
                     rider: self.rider.clone(),
                     request_id,
                     pickup,
+                    vehicles,
                     received_at: std::time::Instant::now(),
                 });
             }

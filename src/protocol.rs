@@ -17,6 +17,9 @@ use crate::lock::{Ending, FencingToken, OfferId, TripId};
 /// so their size is bounded like everything else a client controls.
 pub const MAX_REQUEST_ID_LEN: usize = 64;
 
+/// Most vehicles one request may ask for (see `request_ride`'s `vehicles`).
+pub const MAX_VEHICLES: u8 = 4;
+
 /// Longest explanation in an error, in bytes (then cut, with an ellipsis).
 pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
 
@@ -78,12 +81,37 @@ pub enum RiderCommand {
         request_id: RequestId,
         /// Where to be picked up.
         pickup: Position,
+        /// How many vehicles, 1 to 4: all of them come or none does.
+        #[serde(
+            default = "one_vehicle",
+            deserialize_with = "vehicles",
+            skip_serializing_if = "is_one"
+        )]
+        vehicles: u8,
     },
     /// Withdraw a request still in flight.
     Cancel {
         /// The request to withdraw.
         request_id: RequestId,
     },
+}
+
+fn one_vehicle() -> u8 {
+    1
+}
+
+fn is_one(n: &u8) -> bool {
+    *n == 1
+}
+
+/// `vehicles` as a `u8`, with an error that names the field (serde's own
+/// says only what type it expected).
+fn vehicles<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    u8::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "vehicles must be an integer from 1 to {MAX_VEHICLES}"
+        ))
+    })
 }
 
 /// Why an offer was taken back from a driver.
@@ -94,6 +122,24 @@ pub enum RevokeReason {
     Expired,
     /// The rider cancelled the request.
     RiderCancelled,
+    /// The group of vehicles this offer was part of could not be completed
+    /// before the request's deadline.
+    GroupIncomplete,
+    /// An older group request took the driver (see `docs/design.md`).
+    Preempted,
+}
+
+/// One vehicle of a `matched`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MatchedDriver {
+    /// The driver.
+    pub driver_id: DriverId,
+    /// The driver's trip.
+    pub trip_id: TripId,
+    /// The driver's position when accepting.
+    pub driver_location: Position,
+    /// Great-circle distance from the driver to the pickup, metres.
+    pub distance_m: f64,
 }
 
 /// Everything the engine sends, to drivers and riders alike.
@@ -116,6 +162,21 @@ pub enum ServerMessage {
         expires_in_ms: u64,
         /// The lock's fencing token (grows with every lock of this driver).
         fencing_token: FencingToken,
+        /// How many vehicles the request asks for (1 for a plain request).
+        #[serde(default = "one_vehicle")]
+        group_size: u8,
+    },
+    /// To a driver who accepted an offer of a group that is not complete:
+    /// you are held for it; `trip_assigned` or `offer_revoked` follows.
+    WaitingForGroup {
+        /// The offer accepted.
+        offer_id: OfferId,
+        /// The rider's request.
+        request_id: RequestId,
+        /// How many members have accepted so far.
+        accepted: u8,
+        /// How many vehicles the request asks for.
+        group_size: u8,
     },
     /// To a driver: the offer ended without your answer.
     OfferRevoked {
@@ -134,11 +195,23 @@ pub enum ServerMessage {
         rider_id: RiderId,
         /// Where the rider waits.
         pickup: Position,
+        /// How many vehicles the request asked for (1 for a plain request).
+        #[serde(default = "one_vehicle")]
+        group_size: u8,
     },
     /// To a rider: the request was taken and the search has begun.
     Searching {
         /// The request.
         request_id: RequestId,
+    },
+    /// To a rider of a group request: members accepted so far.
+    GroupProgress {
+        /// The request.
+        request_id: RequestId,
+        /// How many members have accepted.
+        accepted: u8,
+        /// How many vehicles the request asks for.
+        group_size: u8,
     },
     /// To a rider, final: a driver accepted.
     Matched {
@@ -152,6 +225,11 @@ pub enum ServerMessage {
         driver_location: Position,
         /// Great-circle distance from the driver to the pickup, metres.
         distance_m: f64,
+        /// Every vehicle, nearest first (one entry for a plain request,
+        /// which the fields above repeat); for a group, the fields above
+        /// are the first entry's.
+        #[serde(default)]
+        drivers: Vec<MatchedDriver>,
     },
     /// To a rider, final: nobody could be found before the search deadline.
     NoDriver {
@@ -219,6 +297,8 @@ impl RevokeReason {
         match ending {
             Ending::Expired => Some(RevokeReason::Expired),
             Ending::RiderCancelled => Some(RevokeReason::RiderCancelled),
+            Ending::GroupIncomplete => Some(RevokeReason::GroupIncomplete),
+            Ending::Preempted => Some(RevokeReason::Preempted),
             Ending::Accepted | Ending::Declined | Ending::DriverDisconnected => None,
         }
     }
@@ -270,11 +350,17 @@ pub enum ErrorCode {
     Overloaded,
     /// `request_ride` with a pickup outside every service area.
     OutsideServiceArea,
+    /// `accept`/`decline` of a group offer already accepted: the driver is
+    /// held for the group until it completes or fails.
+    AlreadyAccepted,
+    /// A request this engine can't serve in its mode (for now: more than one
+    /// vehicle in cluster mode).
+    Unsupported,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and metrics.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidJson,
         ErrorCode::NotAnObject,
         ErrorCode::MissingType,
@@ -291,6 +377,8 @@ impl ErrorCode {
         ErrorCode::BinaryNotSupported,
         ErrorCode::Overloaded,
         ErrorCode::OutsideServiceArea,
+        ErrorCode::AlreadyAccepted,
+        ErrorCode::Unsupported,
     ];
 
     /// The snake_case code as sent (also the metrics label).
@@ -312,6 +400,8 @@ impl ErrorCode {
             ErrorCode::BinaryNotSupported => "binary_not_supported",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::OutsideServiceArea => "outside_service_area",
+            ErrorCode::AlreadyAccepted => "already_accepted",
+            ErrorCode::Unsupported => "unsupported",
         }
     }
 }
@@ -437,16 +527,32 @@ impl Command for RiderCommand {
 
     fn validate(self) -> Result<Self, ProtocolError> {
         let request_id = match &self {
-            RiderCommand::RequestRide { request_id, pickup } => {
+            RiderCommand::RequestRide {
+                request_id,
+                pickup,
+                vehicles,
+            } => {
                 coordinates(pickup.lat, pickup.lon)?;
+                if !(1..=MAX_VEHICLES).contains(vehicles) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidField,
+                        format!("vehicles must be an integer from 1 to {MAX_VEHICLES}"),
+                    ));
+                }
                 request_id
             }
             RiderCommand::Cancel { request_id } => request_id,
         };
-        if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID_LEN {
+        // Control characters are refused: the engine names a group's
+        // members by the request id and one (see `core::search`), and ids
+        // are echoed into logs.
+        if request_id.is_empty()
+            || request_id.len() > MAX_REQUEST_ID_LEN
+            || request_id.chars().any(char::is_control)
+        {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
-                format!("request_id must be 1 to {MAX_REQUEST_ID_LEN} bytes"),
+                format!("request_id must be 1 to {MAX_REQUEST_ID_LEN} bytes of printable text"),
             ));
         }
         Ok(self)
@@ -568,9 +674,47 @@ mod tests {
             ok,
             RiderCommand::RequestRide {
                 request_id: "r".into(),
-                pickup: LatLon { lat: 1.0, lon: 2.0 }
+                pickup: LatLon { lat: 1.0, lon: 2.0 },
+                vehicles: 1,
             }
         );
+    }
+
+    #[test]
+    fn vehicles_are_one_to_four() {
+        let request = |vehicles: &str| {
+            format!(
+                r#"{{"type":"request_ride","request_id":"r","pickup":{{"lat":1,"lon":2}}{vehicles}}}"#
+            )
+        };
+        let parsed = RiderCommand::parse(&request("")).unwrap();
+        assert!(matches!(
+            parsed,
+            RiderCommand::RequestRide { vehicles: 1, .. }
+        ));
+        for n in 1..=4 {
+            let parsed = RiderCommand::parse(&request(&format!(r#","vehicles":{n}"#))).unwrap();
+            assert!(
+                matches!(parsed, RiderCommand::RequestRide { vehicles, .. } if vehicles == n),
+                "{n}"
+            );
+        }
+        for bad in [
+            "0", "5", "-1", "1.5", "\"2\"", "null", "true", "300", "1e9", "[2]",
+        ] {
+            let text = request(&format!(r#","vehicles":{bad}"#));
+            let e = RiderCommand::parse(&text).expect_err(&text);
+            assert_eq!(e.code, ErrorCode::InvalidField, "{text}");
+            assert!(e.message.contains("vehicles"), "{text}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn request_ids_are_printable() {
+        let text = r#"{"type":"request_ride","request_id":"a\u0000b","pickup":{"lat":1,"lon":2}}"#;
+        assert_eq!(code_of::<RiderCommand>(text), ErrorCode::InvalidField);
+        let text = r#"{"type":"cancel","request_id":"a\nb"}"#;
+        assert_eq!(code_of::<RiderCommand>(text), ErrorCode::InvalidField);
     }
 
     #[test]

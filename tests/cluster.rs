@@ -673,3 +673,36 @@ fn node_ids_outside_the_alphabet_are_refused_at_start() {
         assert!(stderr.contains("--node-id"), "{bad:?}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_request_is_refused_in_cluster_mode_and_starts_nothing() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let mut driver = Client::available_driver(&a, "d1", LAT + 0.001, LON).await;
+    wait_for_available(&a, 1).await;
+    let mut rider = Client::rider(&a, "r1").await;
+    rider
+        .send(json!({
+            "type": "request_ride", "request_id": "g",
+            "pickup": {"lat": LAT, "lon": LON}, "vehicles": 2,
+        }))
+        .await;
+    match rider.recv().await {
+        ServerMessage::Error {
+            code, request_id, ..
+        } => {
+            assert_eq!(code.as_str(), "unsupported");
+            assert_eq!(request_id.as_deref(), Some("g"));
+        }
+        other => panic!("expected unsupported, got {other:?}"),
+    }
+    driver.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(a.stats().await.searches, 0);
+    // One vehicle is served as ever, under the same id.
+    rider.request_ride("g", LAT, LON).await;
+    rider.expect_searching("g").await;
+    let (offer, _) = driver.expect_offer_within(CROSS_NODE).await;
+    driver.accept(offer).await;
+    assert_eq!(rider.expect_matched().await, "d1");
+    a.shutdown().await;
+}

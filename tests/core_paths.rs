@@ -36,6 +36,7 @@ fn holder(node: Option<&str>, incarnation: u64) -> OfferHolder {
         first_offer_since: None,
         node: node.map(Into::into),
         incarnation,
+        group: None,
     }
 }
 

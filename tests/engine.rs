@@ -60,12 +60,19 @@ async fn a_rider_is_matched_with_a_driver_who_accepts() {
             driver_id,
             driver_location,
             distance_m,
+            drivers,
         } => {
             assert_eq!(&*request_id, "req-1");
             assert_eq!(t, trip_id);
             assert_eq!(&*driver_id, "d1");
             assert_eq!(driver_location.lat, LAT + 0.001);
             assert!((distance_m - 111.2).abs() < 1.0);
+            // One vehicle: `drivers` repeats it.
+            assert_eq!(drivers.len(), 1);
+            assert_eq!(
+                (&*drivers[0].driver_id, drivers[0].trip_id),
+                ("d1", trip_id)
+            );
         }
         other => panic!("expected matched, got {other:?}"),
     }

@@ -1,6 +1,7 @@
 //! The lock rules of one driver against an independent model: random event
 //! sequences (stale, equal and fresh fencing tokens; answers to the current
-//! offer, to remembered and to unknown ones; losses and adopted trips) drive
+//! offer, to remembered and to unknown ones; losses and adopted trips; group
+//! offers held, committed and let go) drive
 //! both `DriverLock` and a small model written from docs/protocol.md, and
 //! after every step they must agree on the state, the newest token, the
 //! availability, every ending and every refusal.
@@ -57,6 +58,13 @@ enum Event {
     Cancel {
         right_id: bool,
         right_token: bool,
+        why: Ending,
+    },
+    /// The app accepts a group's offer: held until `ttl_ms` from now.
+    Hold(Target, u64),
+    /// The group completes: the held offer becomes a trip.
+    Commit {
+        right_token: bool,
     },
     Lose(Target),
     AdoptTrip {
@@ -95,8 +103,12 @@ fn event() -> impl Strategy<Value = Event> {
         2 => (0u64..150).prop_map(Event::Advance),
         1 => Just(Event::AdvanceToDeadline),
         1 => Just(Event::Expire),
-        1 => (any::<bool>(), any::<bool>())
-            .prop_map(|(right_id, right_token)| Event::Cancel { right_id, right_token }),
+        1 => (any::<bool>(), any::<bool>(), prop_oneof![
+                Just(Ending::RiderCancelled), Just(Ending::GroupIncomplete), Just(Ending::Preempted)
+            ])
+            .prop_map(|(right_id, right_token, why)| Event::Cancel { right_id, right_token, why }),
+        2 => (target(), 0u64..400).prop_map(|(t, ttl)| Event::Hold(t, ttl)),
+        2 => any::<bool>().prop_map(|right_token| Event::Commit { right_token }),
         1 => target().prop_map(Event::Lose),
         1 => token_kind().prop_map(|token| Event::AdoptTrip { token }),
         1 => any::<bool>().prop_map(|right_trip| Event::CompleteTrip { right_trip }),
@@ -108,6 +120,12 @@ fn event() -> impl Strategy<Value = Event> {
 enum Doing {
     Free,
     Offered {
+        offer_id: OfferId,
+        token: u64,
+        deadline: Instant,
+    },
+    /// A group's offer accepted, held until `deadline`.
+    Held {
         offer_id: OfferId,
         token: u64,
         deadline: Instant,
@@ -133,7 +151,7 @@ struct Model {
 impl Model {
     fn availability(&self) -> Availability {
         match self.doing {
-            Doing::Offered { .. } => Availability::Offered,
+            Doing::Offered { .. } | Doing::Held { .. } => Availability::Offered,
             Doing::OnTrip { .. } => Availability::OnTrip,
             Doing::Free if self.connected && self.wants_work && self.located => {
                 Availability::Available
@@ -152,7 +170,9 @@ impl Model {
 
     fn target(&self, target: &Target) -> OfferId {
         match (target, &self.doing) {
-            (Target::Current, Doing::Offered { offer_id, .. }) => *offer_id,
+            (Target::Current, Doing::Offered { offer_id, .. } | Doing::Held { offer_id, .. }) => {
+                *offer_id
+            }
             (Target::Current, _) => self.granted.last().copied().unwrap_or(999_999),
             (Target::Old(back), _) => self
                 .granted
@@ -165,10 +185,18 @@ impl Model {
         }
     }
 
-    /// Ends the held offer with `ending`; the ended offer's id.
+    /// Ends the offer with `ending`; the ended offer's id. A group hold is
+    /// the driver's word: the driver's own doing (declining, going away)
+    /// does not end it.
     fn end(&mut self, ending: Ending) -> Option<OfferId> {
-        let Doing::Offered { offer_id, .. } = self.doing else {
-            return None;
+        let offer_id = match self.doing {
+            Doing::Offered { offer_id, .. } => offer_id,
+            Doing::Held { offer_id, .. }
+                if !matches!(ending, Ending::Declined | Ending::DriverDisconnected) =>
+            {
+                offer_id
+            }
+            _ => return None,
         };
         self.doing = Doing::Free;
         self.remember(offer_id, ending);
@@ -247,7 +275,7 @@ proptest! {
                     let offer = Offer { offer_id: next_offer, fencing_token: token, deadline, holder: 7 };
                     let result = lock.try_lock(offer, now).map(|o| o.offer_id);
                     let expected: Result<OfferId, LockRefused> = match model.doing {
-                        Doing::Offered { .. } => Err(LockRefused::AlreadyOffered),
+                        Doing::Offered { .. } | Doing::Held { .. } => Err(LockRefused::AlreadyOffered),
                         Doing::OnTrip { .. } => Err(LockRefused::OnTrip),
                         Doing::Free if !(model.connected && model.wants_work) => Err(LockRefused::Offline),
                         Doing::Free if !model.located => Err(LockRefused::NoLocation),
@@ -297,7 +325,11 @@ proptest! {
                                 Err(other) => prop_assert!(false, "answer to the held offer refused: {other:?}"),
                             }
                         }
+                        (Doing::Held { offer_id, .. }, result) if *offer_id == id => {
+                            prop_assert!(matches!(result, Err(AnswerError::AlreadyAccepted(o)) if o == id), "{result:?}");
+                        }
                         (_, Ok(ended)) => prop_assert!(false, "answer to offer {id} taken while not held: {ended:?}"),
+                        (_, Err(AnswerError::AlreadyAccepted(o))) => prop_assert!(false, "{o} called accepted while not held"),
                         (_, Err(AnswerError::ExpiredNow(ended))) => prop_assert!(false, "{id} not held, yet expired now: {ended:?}"),
                         (_, Err(AnswerError::OfferEnded { offer_id, ending })) => {
                             prop_assert_eq!(offer_id, id);
@@ -311,37 +343,96 @@ proptest! {
                 }
                 Event::Advance(ms) => now += Duration::from_millis(*ms),
                 Event::AdvanceToDeadline => {
-                    if let Doing::Offered { deadline, .. } = model.doing {
+                    if let Doing::Offered { deadline, .. } | Doing::Held { deadline, .. } = model.doing {
                         now = now.max(deadline);
+                    }
+                }
+                Event::Hold(t, ttl_ms) => {
+                    let id = model.target(t);
+                    let until = now + Duration::from_millis(*ttl_ms);
+                    let result = lock.hold(id, until, now).map(|o| o.offer_id);
+                    match (model.doing.clone(), result) {
+                        (Doing::Offered { offer_id, token, deadline }, result) if offer_id == id => {
+                            if now < deadline {
+                                prop_assert_eq!(result, Ok(id));
+                                model.doing = Doing::Held { offer_id, token, deadline: until };
+                            } else {
+                                match result {
+                                    Err(AnswerError::ExpiredNow(ended)) => {
+                                        model.end(Ending::Expired);
+                                        want.push((id, Ending::Expired));
+                                        got.push(*ended);
+                                    }
+                                    other => prop_assert!(false, "hold past the deadline: {other:?}"),
+                                }
+                            }
+                        }
+                        (Doing::Held { offer_id, .. }, result) if offer_id == id => {
+                            prop_assert!(matches!(result, Err(AnswerError::AlreadyAccepted(o)) if o == id), "{result:?}");
+                        }
+                        (_, Ok(o)) => prop_assert!(false, "held {o}, which was not offered"),
+                        (_, Err(AnswerError::OfferEnded { offer_id, ending })) => {
+                            prop_assert_eq!(offer_id, id);
+                            prop_assert_eq!(Some(ending), model.ending_of(id));
+                        }
+                        (_, Err(AnswerError::UnknownOffer(offer_id))) => {
+                            prop_assert_eq!(offer_id, id);
+                            prop_assert_eq!(model.ending_of(id), None);
+                        }
+                        (_, Err(other)) => prop_assert!(false, "hold of {id}: {other:?}"),
+                    }
+                }
+                Event::Commit { right_token } => {
+                    let (id, token) = match model.doing {
+                        Doing::Held { offer_id, token, .. } | Doing::Offered { offer_id, token, .. } => {
+                            (offer_id, if *right_token { token } else { token + 1 })
+                        }
+                        _ => (model.target(&Target::Current), model.newest),
+                    };
+                    let trip_id = next_trip;
+                    next_trip += 1;
+                    let ended = lock.commit(id, token, trip_id);
+                    match model.doing {
+                        Doing::Held { offer_id, token: held, .. } if offer_id == id && held == token => {
+                            let ended = ended.expect("a held offer commits");
+                            prop_assert_eq!(ended.trip_id, Some(trip_id));
+                            want.push((id, Ending::Accepted));
+                            got.push(ended);
+                            model.doing = Doing::OnTrip { trip_id };
+                            model.remember(id, Ending::Accepted);
+                        }
+                        // Only a hold commits: not an offer still deciding,
+                        // nor another lock's.
+                        _ => prop_assert!(ended.is_none(), "committed {ended:?}"),
                     }
                 }
                 Event::Expire => {
                     got.extend(lock.expire(now));
-                    if let Doing::Offered { deadline, .. } = model.doing {
+                    if let Doing::Offered { deadline, .. } | Doing::Held { deadline, .. } = model.doing {
                         if deadline <= now {
                             want.extend(model.end(Ending::Expired).map(|id| (id, Ending::Expired)));
                         }
                     }
                 }
-                Event::Cancel { right_id, right_token } => {
+                Event::Cancel { right_id, right_token, why } => {
                     let (id, token) = match model.doing {
-                        Doing::Offered { offer_id, token, .. } => (
+                        Doing::Offered { offer_id, token, .. } | Doing::Held { offer_id, token, .. } => (
                             if *right_id { offer_id } else { offer_id + 1 },
                             if *right_token { token } else { token + 1 },
                         ),
                         _ => (model.target(&Target::Current), model.newest),
                     };
-                    got.extend(lock.cancel(id, token));
-                    if let Doing::Offered { offer_id, token: held, .. } = model.doing {
+                    got.extend(lock.cancel(id, token, *why));
+                    if let Doing::Offered { offer_id, token: held, .. } | Doing::Held { offer_id, token: held, .. } = model.doing {
                         if offer_id == id && held == token {
-                            want.extend(model.end(Ending::RiderCancelled).map(|id| (id, Ending::RiderCancelled)));
+                            want.extend(model.end(*why).map(|id| (id, *why)));
                         }
                     }
                 }
                 Event::Lose(t) => {
                     let id = model.target(t);
                     got.extend(lock.lose(id));
-                    if matches!(model.doing, Doing::Offered { offer_id, .. } if offer_id == id) {
+                    if matches!(model.doing, Doing::Offered { offer_id, .. } | Doing::Held { offer_id, .. } if offer_id == id) {
                         // Lost where it is really held: expired, whatever the
                         // local deadline says.
                         want.extend(model.end(Ending::Expired).map(|id| (id, Ending::Expired)));
@@ -386,6 +477,9 @@ proptest! {
                 (LockState::Offered(o), Doing::Offered { offer_id, token, deadline }) => {
                     prop_assert_eq!((o.offer_id, o.fencing_token, o.deadline), (*offer_id, *token, *deadline));
                 }
+                (LockState::Held(o), Doing::Held { offer_id, token, deadline }) => {
+                    prop_assert_eq!((o.offer_id, o.fencing_token, o.deadline), (*offer_id, *token, *deadline));
+                }
                 (LockState::OnTrip(t), Doing::OnTrip { trip_id }) => prop_assert_eq!(t.trip_id, *trip_id),
                 (state, doing) => prop_assert!(false, "lock {state:?}, model {doing:?}"),
             }
@@ -393,7 +487,8 @@ proptest! {
                 prop_assert_eq!(lock.ending_of(id), Some(ending));
             }
             if let Some(&forgotten) = model.granted.iter().find(|id| {
-                model.ending_of(**id).is_none() && !matches!(model.doing, Doing::Offered { offer_id, .. } if offer_id == **id)
+                model.ending_of(**id).is_none()
+                    && !matches!(model.doing, Doing::Offered { offer_id, .. } | Doing::Held { offer_id, .. } if offer_id == **id)
             }) {
                 prop_assert_eq!(lock.ending_of(forgotten), None);
             }

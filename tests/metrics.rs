@@ -202,6 +202,33 @@ async fn the_dashboard_only_asks_for_exported_metrics() {
         }
     }
 
+    // A group of two, completed: on an engine of its own (cluster mode
+    // serves single vehicles only); the exporter is the process's, so the
+    // cluster node's /metrics shows it too.
+    let single = common::engine(|_| {}).await;
+    let mut d1 = Client::available_driver(&single, "g1", LAT, LON).await;
+    let mut d2 = Client::available_driver(&single, "g2", LAT + 0.001, LON).await;
+    common::wait_for_available(&single, 2).await;
+    let mut group_rider = Client::rider(&single, "gr").await;
+    group_rider
+        .send(serde_json::json!({
+            "type": "request_ride", "request_id": "g",
+            "pickup": {"lat": LAT, "lon": LON}, "vehicles": 2,
+        }))
+        .await;
+    group_rider.expect_searching("g").await;
+    for d in [&mut d1, &mut d2] {
+        let (offer_id, _) = d.expect_offer().await;
+        d.accept(offer_id).await;
+    }
+    loop {
+        if let ServerMessage::Matched { drivers, .. } = group_rider.recv().await {
+            assert_eq!(drivers.len(), 2);
+            break;
+        }
+    }
+    single.shutdown().await;
+
     let exported = names(&scrape(engine.local_addr()).await);
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string("dashboards/ridelock.json").unwrap())

@@ -37,6 +37,11 @@ fn valid_command() -> impl Strategy<Value = Value> {
         (id, lat, lon).prop_map(|(id, lat, lon)| json!({
             "type": "request_ride", "request_id": id, "pickup": {"lat": lat, "lon": lon}
         })),
+        // Several vehicles (1, the default, is written by leaving it out).
+        ("[a-z0-9]{1,64}", 2u8..=4).prop_map(|(id, vehicles)| json!({
+            "type": "request_ride", "request_id": id, "pickup": {"lat": LAT, "lon": LON},
+            "vehicles": vehicles,
+        })),
         "[a-z0-9]{1,64}".prop_map(|id| json!({"type": "cancel", "request_id": id})),
     ]
 }
@@ -147,15 +152,21 @@ fn valid_driver(command: &DriverCommand) -> bool {
 
 fn valid_rider(command: &RiderCommand) -> bool {
     let request_id = match command {
-        RiderCommand::RequestRide { request_id, pickup } => {
-            if LatLon::new(pickup.lat, pickup.lon).is_err() {
+        RiderCommand::RequestRide {
+            request_id,
+            pickup,
+            vehicles,
+        } => {
+            if LatLon::new(pickup.lat, pickup.lon).is_err() || !(1..=4).contains(vehicles) {
                 return false;
             }
             request_id
         }
         RiderCommand::Cancel { request_id } => request_id,
     };
-    !request_id.is_empty() && request_id.len() <= MAX_REQUEST_ID_LEN
+    !request_id.is_empty()
+        && request_id.len() <= MAX_REQUEST_ID_LEN
+        && !request_id.chars().any(char::is_control)
 }
 
 proptest! {
@@ -190,7 +201,7 @@ proptest! {
 
 /// Every message the engine sends, with arbitrary values in every field.
 fn server_message() -> impl Strategy<Value = ServerMessage> {
-    use ridelock::protocol::{NoDriverReason, RevokeReason};
+    use ridelock::protocol::{MatchedDriver, NoDriverReason, RevokeReason};
     let pos = (-90.0..=90.0f64, -180.0..=180.0f64).prop_map(|(lat, lon)| LatLon { lat, lon });
     let id = "[A-Za-z0-9_.:@-]{1,64}".prop_map(|s| std::sync::Arc::<str>::from(s.as_str()));
     let code = prop::sample::select(ErrorCode::ALL.to_vec());
@@ -202,7 +213,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             pos.clone(),
             0.0..1e7f64,
             any::<u64>(),
-            any::<u64>()
+            (any::<u64>(), 1u8..=4)
         )
             .prop_map(
                 |(
@@ -212,7 +223,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     pickup,
                     distance_m,
                     expires_in_ms,
-                    fencing_token,
+                    (fencing_token, group_size),
                 )| {
                     ServerMessage::Offer {
                         offer_id,
@@ -222,35 +233,72 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                         distance_m,
                         expires_in_ms,
                         fencing_token,
+                        group_size,
                     }
                 }
             ),
         (
             any::<u64>(),
-            prop::sample::select(vec![RevokeReason::Expired, RevokeReason::RiderCancelled])
+            prop::sample::select(vec![
+                RevokeReason::Expired,
+                RevokeReason::RiderCancelled,
+                RevokeReason::GroupIncomplete,
+                RevokeReason::Preempted,
+            ])
         )
             .prop_map(|(offer_id, reason)| ServerMessage::OfferRevoked { offer_id, reason }),
-        (any::<u64>(), any::<u64>(), id.clone(), pos.clone()).prop_map(
-            |(trip_id, offer_id, rider_id, pickup)| ServerMessage::TripAssigned {
+        (any::<u64>(), id.clone(), 0u8..=4, 1u8..=4).prop_map(
+            |(offer_id, request_id, accepted, group_size)| ServerMessage::WaitingForGroup {
+                offer_id,
+                request_id,
+                accepted,
+                group_size,
+            }
+        ),
+        (id.clone(), 0u8..=4, 1u8..=4).prop_map(|(request_id, accepted, group_size)| {
+            ServerMessage::GroupProgress {
+                request_id,
+                accepted,
+                group_size,
+            }
+        }),
+        (any::<u64>(), any::<u64>(), id.clone(), pos.clone(), 1u8..=4).prop_map(
+            |(trip_id, offer_id, rider_id, pickup, group_size)| ServerMessage::TripAssigned {
                 trip_id,
                 offer_id,
                 rider_id,
-                pickup
+                pickup,
+                group_size,
             }
         ),
         id.clone()
             .prop_map(|request_id| ServerMessage::Searching { request_id }),
-        (id.clone(), any::<u64>(), id.clone(), pos, 0.0..1e7f64).prop_map(
-            |(request_id, trip_id, driver_id, driver_location, distance_m)| {
+        (
+            id.clone(),
+            prop::collection::vec((any::<u64>(), id.clone(), pos, 0.0..1e7f64), 1..=4)
+        )
+            .prop_map(|(request_id, vehicles)| {
+                let drivers: Vec<MatchedDriver> = vehicles
+                    .into_iter()
+                    .map(
+                        |(trip_id, driver_id, driver_location, distance_m)| MatchedDriver {
+                            driver_id,
+                            trip_id,
+                            driver_location,
+                            distance_m,
+                        },
+                    )
+                    .collect();
+                let first = drivers[0].clone();
                 ServerMessage::Matched {
                     request_id,
-                    trip_id,
-                    driver_id,
-                    driver_location,
-                    distance_m,
+                    trip_id: first.trip_id,
+                    driver_id: first.driver_id,
+                    driver_location: first.driver_location,
+                    distance_m: first.distance_m,
+                    drivers,
                 }
-            }
-        ),
+            }),
         (
             id.clone(),
             prop::option::of(Just(NoDriverReason::LocksUnavailable))

@@ -78,6 +78,7 @@ pub async fn run(
                 let command = RiderCommand::RequestRide {
                     request_id: order.request_id.into(),
                     pickup: order.pickup,
+                    vehicles: 1,
                 };
                 if send(&mut ws, &command).await.is_err() {
                     break;
@@ -151,6 +152,7 @@ pub async fn person(
     let command = RiderCommand::RequestRide {
         request_id: request_id.clone(),
         pickup: order.pickup,
+        vehicles: 1,
     };
     if send(&mut ws, &command).await.is_ok() {
         let cancel = RiderCommand::Cancel { request_id };

@@ -20,8 +20,8 @@ use actix::prelude::*;
 use actix::ArbiterHandle;
 
 use super::messages::{
-    answer_wire, CancelOffer, DriverDirectory, LockAnswered, MatcherLink, OfferEnded, ToDriver,
-    TryLock,
+    answer_wire, CancelOffer, DriverDirectory, GroupNews, LockAnswered, MatcherLink, OfferEnded,
+    OfferHeld, ToDriver, TryLock,
 };
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::Cluster;
@@ -230,6 +230,7 @@ impl DriverActor {
                 ),
                 _ => self.link.ended.do_send(OfferEnded(outcome)),
             },
+            DriverEffect::Held(outcome, token) => self.link.held.do_send(OfferHeld(outcome, token)),
             DriverEffect::Indexed(at) => {
                 if let Some(cluster) = &self.cluster {
                     cluster.announce(&id, at);
@@ -422,6 +423,26 @@ impl Handler<CancelOffer> for DriverActor {
         let event = DriverEvent::CancelOffer {
             offer_id: msg.offer_id,
             fencing_token: msg.fencing_token,
+            why: msg.why,
+        };
+        self.feed(event, ctx);
+    }
+}
+
+impl Handler<GroupNews> for DriverActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: GroupNews, ctx: &mut Context<Self>) {
+        let event = match msg.trip_id {
+            Some(trip_id) => DriverEvent::CommitHold {
+                offer_id: msg.offer_id,
+                fencing_token: msg.fencing_token,
+                trip_id,
+            },
+            None => DriverEvent::GroupProgress {
+                offer_id: msg.offer_id,
+                accepted: msg.accepted,
+            },
         };
         self.feed(event, ctx);
     }
@@ -601,6 +622,12 @@ impl DriverDirectory for DriverRegistry {
             ToDriver::Cancel(cancel) => match actor.try_send(cancel) {
                 Ok(()) => {}
                 Err(actix::prelude::SendError::Full(cancel)) => actor.do_send(cancel),
+                Err(actix::prelude::SendError::Closed(_)) => return false,
+            },
+            // A commit must not be lost to a full mailbox either.
+            ToDriver::Group(news) => match actor.try_send(news) {
+                Ok(()) => {}
+                Err(actix::prelude::SendError::Full(news)) => actor.do_send(news),
                 Err(actix::prelude::SendError::Closed(_)) => return false,
             },
         }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::messages::{
-    CancelOffer, DriverChanges, DriverDirectory, DriversChanged, LockAnswered, OfferEnded,
-    ReplyRoute, ToDriver, TryLock,
+    CancelOffer, DriverChanges, DriverDirectory, DriversChanged, GroupNews, LockAnswered,
+    OfferEnded, OfferHeld, ReplyRoute, ToDriver, TryLock,
 };
 use crate::areas::ServiceAreas;
 use crate::cluster::wire::{NodeId, Wire};
@@ -98,6 +98,8 @@ pub struct RequestRide {
     pub request_id: RequestId,
     /// Where to be picked up (validated).
     pub pickup: LatLon,
+    /// How many vehicles (validated: 1 to 4).
+    pub vehicles: u8,
     /// When the session read the request: latencies count from here, so
     /// they include any wait in the matcher's queue.
     pub received_at: Instant,
@@ -360,11 +362,13 @@ impl Matcher {
                 node,
                 offer_id,
                 fencing_token,
+                why,
             } => match node {
                 None => {
                     let cancel = ToDriver::Cancel(CancelOffer {
                         offer_id,
                         fencing_token,
+                        why,
                     });
                     if !self.drivers.send(&driver, cancel) {
                         return Some((driver, offer_id));
@@ -382,6 +386,25 @@ impl Matcher {
                     );
                 }
             },
+            SearchEffect::GroupNews {
+                driver,
+                offer_id,
+                fencing_token,
+                accepted,
+                trip_id,
+            } => {
+                let news = GroupNews {
+                    offer_id,
+                    fencing_token,
+                    accepted,
+                    trip_id,
+                };
+                if !self.drivers.send(&driver, ToDriver::Group(news)) && trip_id.is_some() {
+                    // Only a crashed actor is gone while held (a hold keeps
+                    // it): its trip is lost with it, as any trip is.
+                    tracing::error!(driver = %driver, offer_id, "a group's driver is gone at its commit");
+                }
+            }
             SearchEffect::Settle {
                 driver,
                 owner,
@@ -410,6 +433,7 @@ impl Handler<RequestRide> for Matcher {
             rider,
             request_id,
             pickup,
+            vehicles,
             received_at,
         } = msg;
         self.decide(ctx, |searches, now| {
@@ -418,15 +442,8 @@ impl Handler<RequestRide> for Matcher {
                 session,
                 outbox,
             } = rider;
-            searches.request(
-                now,
-                outbox,
-                rider_id,
-                session,
-                request_id,
-                pickup,
-                received_at,
-            )
+            let request = (rider_id, session, request_id, pickup, received_at);
+            searches.request_vehicles(now, outbox, request, vehicles)
         });
     }
 }
@@ -475,6 +492,17 @@ impl Handler<OfferEnded> for Matcher {
 
     fn handle(&mut self, msg: OfferEnded, ctx: &mut Context<Self>) {
         self.decide(ctx, |searches, now| searches.offer_ended(now, msg.0));
+    }
+}
+
+impl Handler<OfferHeld> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: OfferHeld, ctx: &mut Context<Self>) {
+        let OfferHeld(outcome, fencing_token) = msg;
+        self.decide(ctx, |searches, now| {
+            searches.offer_held(now, outcome, fencing_token)
+        });
     }
 }
 

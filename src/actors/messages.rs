@@ -13,7 +13,7 @@ use actix::prelude::*;
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::Cluster;
 use crate::core::booking::LockRequest;
-use crate::core::lock::{FencingToken, LockRefused, OfferId};
+use crate::core::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
 use crate::core::search::{LockAnswer, OfferOutcome};
 use crate::location::LatLon;
 use crate::protocol::DriverId;
@@ -27,6 +27,12 @@ pub struct LockAnswered(pub LockAnswer);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct OfferEnded(pub OfferOutcome);
+
+/// A driver accepted an offer of a group and is held for it, for the
+/// matcher.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OfferHeld(pub OfferOutcome, pub FencingToken);
 
 /// Drivers' availability changed: the matcher takes the changes from
 /// [`DriverChanges`]. At most one is queued at a time however many drivers
@@ -99,6 +105,8 @@ pub struct MatcherLink {
     pub answers: Recipient<LockAnswered>,
     /// Offer outcomes.
     pub ended: Recipient<OfferEnded>,
+    /// Group offers accepted and held.
+    pub held: Recipient<OfferHeld>,
     /// The matcher's wake-up for availability changes.
     pub wake: Recipient<DriversChanged>,
     /// Availability changes.
@@ -192,7 +200,7 @@ impl Drop for TryLock {
     }
 }
 
-/// The matcher withdraws an offer (the rider cancelled).
+/// The matcher withdraws an offer or a group hold.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CancelOffer {
@@ -200,6 +208,24 @@ pub struct CancelOffer {
     pub offer_id: OfferId,
     /// Its fencing token.
     pub fencing_token: FencingToken,
+    /// Why (told to the app as the revoke's reason).
+    pub why: Ending,
+}
+
+/// The matcher, to a driver held for a group: the group is complete
+/// (`trip_id` set: the driver goes on that trip), or `accepted` members
+/// have accepted so far.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GroupNews {
+    /// The held offer.
+    pub offer_id: OfferId,
+    /// Its fencing token.
+    pub fencing_token: FencingToken,
+    /// Members accepted so far.
+    pub accepted: u8,
+    /// The trip, once the group is complete.
+    pub trip_id: Option<TripId>,
 }
 
 /// What the matcher sends a driver.
@@ -208,6 +234,8 @@ pub enum ToDriver {
     Lock(TryLock),
     /// Withdraw an offer.
     Cancel(CancelOffer),
+    /// News of the group it is held for.
+    Group(GroupNews),
 }
 
 /// The driver actors of this node, as the matcher sees them.

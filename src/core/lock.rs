@@ -15,7 +15,12 @@
 //!   seen before;
 //! - every offer ends exactly once ([`Ending`]); every ending but `Accepted`
 //!   frees the driver at once;
-//! - an offer is answerable only while `now < deadline`.
+//! - an offer is answerable only while `now < deadline`;
+//! - an offer of a group (several vehicles for one request) that the driver
+//!   accepts is *held* for the group ([`LockState::Held`]) until its holder
+//!   commits it (a trip) or lets it go, or its own deadline passes: the
+//!   driver's part is decided, like a participant of a two-phase commit that
+//!   voted yes, so neither a disconnect nor `unavailable` ends it.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -66,6 +71,10 @@ pub enum LockState<H> {
     Free,
     /// Offered to one holder, waiting for the driver's answer.
     Offered(Offer<H>),
+    /// A group's offer the driver accepted, held for the group until its
+    /// holder commits it or lets it go; `deadline` is then how long the hold
+    /// lasts at most.
+    Held(Offer<H>),
     /// Assigned to a trip until the driver completes it.
     OnTrip(Trip<H>),
 }
@@ -84,6 +93,10 @@ pub enum Ending {
     RiderCancelled,
     /// The driver's connection went away.
     DriverDisconnected,
+    /// The offer's group could not be completed in time.
+    GroupIncomplete,
+    /// An older group request took the driver.
+    Preempted,
 }
 
 impl Ending {
@@ -95,6 +108,8 @@ impl Ending {
             Ending::Expired => "expired",
             Ending::RiderCancelled => "rider_cancelled",
             Ending::DriverDisconnected => "driver_disconnected",
+            Ending::GroupIncomplete => "group_incomplete",
+            Ending::Preempted => "preempted",
         }
     }
 }
@@ -196,6 +211,10 @@ pub enum AnswerError<H> {
     /// Carries the ending, which the caller must report like any other.
     #[error("offer {} has expired", .0.offer.offer_id)]
     ExpiredNow(Box<Ended<H>>),
+    /// The driver accepted this group offer already and is held for the
+    /// group: the answer is final.
+    #[error("offer {0} is accepted already; you are held for its group")]
+    AlreadyAccepted(OfferId),
 }
 
 /// Why `trip_completed` was refused.
@@ -261,10 +280,19 @@ impl<H> DriverLock<H> {
         self.newest_token
     }
 
-    /// The offer being held, if any.
+    /// The offer being held, if any: waiting for the driver's answer, or
+    /// accepted and held for its group.
     pub fn current_offer(&self) -> Option<&Offer<H>> {
         match &self.state {
-            LockState::Offered(offer) => Some(offer),
+            LockState::Offered(offer) | LockState::Held(offer) => Some(offer),
+            _ => None,
+        }
+    }
+
+    /// The group offer the driver accepted and is held for, if any.
+    pub fn held_offer(&self) -> Option<&Offer<H>> {
+        match &self.state {
+            LockState::Held(offer) => Some(offer),
             _ => None,
         }
     }
@@ -272,7 +300,7 @@ impl<H> DriverLock<H> {
     /// The state operators see.
     pub fn availability(&self) -> Availability {
         match self.state {
-            LockState::Offered(_) => Availability::Offered,
+            LockState::Offered(_) | LockState::Held(_) => Availability::Offered,
             LockState::OnTrip(_) => Availability::OnTrip,
             LockState::Free if self.refusal().is_none() => Availability::Available,
             LockState::Free => Availability::Offline,
@@ -288,7 +316,7 @@ impl<H> DriverLock<H> {
     /// driver is offerable.
     pub fn refusal(&self) -> Option<LockRefused> {
         match self.state {
-            LockState::Offered(_) => Some(LockRefused::AlreadyOffered),
+            LockState::Offered(_) | LockState::Held(_) => Some(LockRefused::AlreadyOffered),
             LockState::OnTrip(_) => Some(LockRefused::OnTrip),
             LockState::Free if !self.connected || !self.wants_work => Some(LockRefused::Offline),
             LockState::Free if self.location.is_none() || self.location_stale => {
@@ -304,8 +332,9 @@ impl<H> DriverLock<H> {
     }
 
     /// The driver's session went away. An offer in flight ends
-    /// `DriverDisconnected`; a trip survives (the app may reconnect to finish
-    /// it). The driver must say `available` again after reconnecting.
+    /// `DriverDisconnected`; a trip or a held group offer survives (the app
+    /// may reconnect to it). The driver must say `available` again after
+    /// reconnecting.
     pub fn disconnect(&mut self) -> Option<Ended<H>> {
         self.connected = false;
         self.wants_work = false;
@@ -314,8 +343,9 @@ impl<H> DriverLock<H> {
 
     /// The driver said `available` (`true`) or `unavailable` (`false`).
     ///
-    /// Going unavailable while holding an offer declines it. On a trip, the
-    /// wish is remembered and takes effect when the trip completes.
+    /// Going unavailable while holding an offer declines it. On a trip or
+    /// held for a group, the wish is remembered and takes effect when that
+    /// is over.
     pub fn set_wants_work(&mut self, wants_work: bool) -> Option<Ended<H>> {
         self.wants_work = wants_work;
         if wants_work {
@@ -394,6 +424,62 @@ impl<H> DriverLock<H> {
         })
     }
 
+    /// The driver accepted `offer_id`, an offer of a group: the driver is
+    /// held for the group until `until` at the latest (see
+    /// [`DriverLock::commit`]).
+    pub fn hold(
+        &mut self,
+        offer_id: OfferId,
+        until: Instant,
+        now: Instant,
+    ) -> Result<&Offer<H>, AnswerError<H>> {
+        self.check_answerable(offer_id, now)?;
+        let LockState::Offered(mut offer) = std::mem::replace(&mut self.state, LockState::Free)
+        else {
+            unreachable!("check_answerable guarantees an offer is held");
+        };
+        offer.deadline = until;
+        self.state = LockState::Held(offer);
+        match &self.state {
+            LockState::Held(offer) => Ok(offer),
+            _ => unreachable!("state was set to Held just above"),
+        }
+    }
+
+    /// The group of the held offer `offer_id` (with this fencing token) is
+    /// complete: the driver goes on trip `trip_id`. `None` when that hold is
+    /// not the driver's any more (it lapsed, or was let go).
+    pub fn commit(
+        &mut self,
+        offer_id: OfferId,
+        token: FencingToken,
+        trip_id: TripId,
+    ) -> Option<Ended<H>>
+    where
+        H: Clone,
+    {
+        match &self.state {
+            LockState::Held(offer)
+                if offer.offer_id == offer_id && offer.fencing_token == token => {}
+            _ => return None,
+        }
+        let LockState::Held(offer) = std::mem::replace(&mut self.state, LockState::Free) else {
+            unreachable!("matched Held just above");
+        };
+        self.state = LockState::OnTrip(Trip {
+            trip_id,
+            offer_id,
+            fencing_token: offer.fencing_token,
+            holder: offer.holder.clone(),
+        });
+        self.remember(offer_id, Ending::Accepted);
+        Some(Ended {
+            offer,
+            ending: Ending::Accepted,
+            trip_id: Some(trip_id),
+        })
+    }
+
     /// The driver declined `offer_id`; the driver is free at once.
     pub fn decline(&mut self, offer_id: OfferId, now: Instant) -> Result<Ended<H>, AnswerError<H>> {
         self.check_answerable(offer_id, now)?;
@@ -402,22 +488,28 @@ impl<H> DriverLock<H> {
             .expect("check_answerable guarantees an offer is held"))
     }
 
-    /// Ends the held offer if its deadline has passed (the actor's timer).
+    /// Ends the offer (or the group hold) if its deadline has passed (the
+    /// actor's timer).
     pub fn expire(&mut self, now: Instant) -> Option<Ended<H>> {
-        match &self.state {
-            LockState::Offered(offer) if offer.deadline <= now => self.end_offer(Ending::Expired),
+        match self.current_offer() {
+            Some(offer) if offer.deadline <= now => self.end_offer(Ending::Expired),
             _ => None,
         }
     }
 
-    /// The holder withdrew: ends the offer only if it is still the one with
-    /// this id and fencing token, so a late cancel can't free a newer lock.
-    pub fn cancel(&mut self, offer_id: OfferId, token: FencingToken) -> Option<Ended<H>> {
-        match &self.state {
-            LockState::Offered(offer)
-                if offer.offer_id == offer_id && offer.fencing_token == token =>
-            {
-                self.end_offer(Ending::RiderCancelled)
+    /// The holder withdrew (`why`: the rider cancelled, the group failed or
+    /// an older group took the driver): ends the offer, or the group hold,
+    /// only if it is still the one with this id and fencing token, so a late
+    /// cancel can't free a newer lock.
+    pub fn cancel(
+        &mut self,
+        offer_id: OfferId,
+        token: FencingToken,
+        why: Ending,
+    ) -> Option<Ended<H>> {
+        match self.current_offer() {
+            Some(offer) if offer.offer_id == offer_id && offer.fencing_token == token => {
+                self.end_offer(why)
             }
             _ => None,
         }
@@ -427,10 +519,8 @@ impl<H> DriverLock<H> {
     /// lapsed in the lock store, or its requester gave up on it): the offer
     /// ends as `Expired`, whatever its local deadline says.
     pub fn lose(&mut self, offer_id: OfferId) -> Option<Ended<H>> {
-        match &self.state {
-            LockState::Offered(offer) if offer.offer_id == offer_id => {
-                self.end_offer(Ending::Expired)
-            }
+        match self.current_offer() {
+            Some(offer) if offer.offer_id == offer_id => self.end_offer(Ending::Expired),
             _ => None,
         }
     }
@@ -481,6 +571,9 @@ impl<H> DriverLock<H> {
         now: Instant,
     ) -> Result<(), AnswerError<H>> {
         match &self.state {
+            LockState::Held(offer) if offer.offer_id == offer_id => {
+                Err(AnswerError::AlreadyAccepted(offer_id))
+            }
             LockState::Offered(offer) if offer.offer_id == offer_id => {
                 if offer.deadline <= now {
                     let ended = self.end_offer(Ending::Expired);
@@ -498,13 +591,19 @@ impl<H> DriverLock<H> {
         }
     }
 
-    /// Frees the driver from the held offer, if any, and records the ending.
+    /// Frees the driver from the offer it holds, if any, and records the
+    /// ending. A group hold ends only by its holder, its deadline or a lost
+    /// lock (`cancel`, `expire`, `lose`), never by the driver's doing.
     fn end_offer(&mut self, ending: Ending) -> Option<Ended<H>> {
-        if !matches!(self.state, LockState::Offered(_)) {
+        let held = matches!(self.state, LockState::Held(_));
+        let by_driver = matches!(ending, Ending::Declined | Ending::DriverDisconnected);
+        if !(matches!(self.state, LockState::Offered(_)) || held && !by_driver) {
             return None;
         }
-        let LockState::Offered(offer) = std::mem::replace(&mut self.state, LockState::Free) else {
-            unreachable!("matched Offered just above");
+        let (LockState::Offered(offer) | LockState::Held(offer)) =
+            std::mem::replace(&mut self.state, LockState::Free)
+        else {
+            unreachable!("matched Offered or Held just above");
         };
         self.remember(offer.offer_id, ending);
         Some(Ended {
@@ -714,9 +813,67 @@ mod tests {
         lock.try_lock(offer(1, 1, later, 7), t0).unwrap();
         lock.decline(1, t0).unwrap();
         lock.try_lock(offer(2, 2, later, 8), t0).unwrap();
-        assert_eq!(lock.cancel(1, 1), None);
+        assert_eq!(lock.cancel(1, 1, Ending::RiderCancelled), None);
         assert_eq!(lock.current_offer().unwrap().offer_id, 2);
-        assert_eq!(lock.cancel(2, 2).unwrap().ending, Ending::RiderCancelled);
+        assert_eq!(
+            lock.cancel(2, 2, Ending::RiderCancelled).unwrap().ending,
+            Ending::RiderCancelled
+        );
+    }
+
+    #[test]
+    fn a_held_group_offer_ends_only_by_its_holder_or_its_deadline() {
+        let mut lock = ready();
+        let t0 = Instant::now();
+        let offer_deadline = t0 + Duration::from_secs(15);
+        let hold_until = t0 + Duration::from_secs(40);
+        lock.try_lock(offer(1, 1, offer_deadline, 7), t0).unwrap();
+        assert_eq!(lock.hold(1, hold_until, t0).unwrap().deadline, hold_until);
+        assert_eq!(lock.availability(), Availability::Offered);
+        assert_eq!(lock.refusal(), Some(LockRefused::AlreadyOffered));
+        // The driver's part is decided: no second answer, and neither going
+        // unavailable nor disconnecting lets the hold go.
+        assert_eq!(lock.decline(1, t0), Err(AnswerError::AlreadyAccepted(1)));
+        assert!(matches!(
+            lock.accept(1, 9, t0),
+            Err(AnswerError::AlreadyAccepted(1))
+        ));
+        assert_eq!(lock.set_wants_work(false), None);
+        assert_eq!(lock.disconnect(), None);
+        // Past the offer's own deadline it stands; past the hold's it lapses.
+        assert_eq!(lock.expire(offer_deadline), None);
+        assert_eq!(lock.held_offer().unwrap().offer_id, 1);
+        // A commit with another token is not this hold's.
+        assert_eq!(lock.commit(1, 2, 42), None);
+        let ended = lock.commit(1, 1, 42).unwrap();
+        assert_eq!((ended.ending, ended.trip_id), (Ending::Accepted, Some(42)));
+        assert!(matches!(lock.state(), LockState::OnTrip(t) if t.trip_id == 42));
+
+        let mut lock = ready();
+        lock.try_lock(offer(3, 3, offer_deadline, 7), t0).unwrap();
+        lock.hold(3, hold_until, t0).unwrap();
+        assert_eq!(lock.expire(hold_until).unwrap().ending, Ending::Expired);
+        assert_eq!(
+            lock.commit(3, 3, 43),
+            None,
+            "a lapsed hold can't be committed"
+        );
+        assert!(lock.is_offerable());
+
+        let mut lock = ready();
+        lock.try_lock(offer(4, 4, offer_deadline, 7), t0).unwrap();
+        lock.hold(4, hold_until, t0).unwrap();
+        assert_eq!(
+            lock.cancel(4, 3, Ending::Preempted),
+            None,
+            "another lock's cancel"
+        );
+        assert_eq!(
+            lock.cancel(4, 4, Ending::Preempted).unwrap().ending,
+            Ending::Preempted
+        );
+        assert_eq!(lock.ending_of(4), Some(Ending::Preempted));
+        assert!(lock.is_offerable());
     }
 
     // The property test of these rules against an independent model, with

@@ -53,6 +53,36 @@ pub struct OfferHolder {
     /// this node): a search dies with its process, and a node restarted
     /// under the same id is another process.
     pub incarnation: Incarnation,
+    /// For one member of a group request (several vehicles): the group.
+    pub group: Option<GroupTag>,
+}
+
+/// The group an offer is part of (see `core::search` for how members are
+/// found, held and committed).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupTag {
+    /// The request id the rider chose (the holder's `request_id` names the
+    /// member, which only the matcher sees).
+    pub request_id: RequestId,
+    /// How many vehicles the request asks for.
+    pub size: u8,
+    /// How long a driver who accepts is held for the group at most: past
+    /// the search's deadline, with room for the commit to arrive.
+    pub hold_until: Instant,
+}
+
+impl OfferHolder {
+    /// The request id as the rider and the driver know it.
+    pub fn public_request_id(&self) -> &RequestId {
+        self.group
+            .as_ref()
+            .map_or(&self.request_id, |g| &g.request_id)
+    }
+
+    /// How many vehicles the request asks for.
+    pub fn group_size(&self) -> u8 {
+        self.group.as_ref().map_or(1, |g| g.size)
+    }
 }
 
 /// One process of a cluster node: a node restarted under the same

@@ -379,6 +379,20 @@ impl World {
                 let request_id: RequestId = format!("q{}", app.next).into();
                 app.pending.push(request_id.clone());
                 let pickup = app.at;
+                // One node serves groups (a cluster refuses them: that
+                // refusal is tried too, now and then).
+                let vehicles = match self.rng.random_range(0..100) {
+                    0..70 => 1,
+                    70..88 => 2,
+                    88..96 => 3,
+                    _ => 4,
+                };
+                let vehicles = if self.is_cluster() && self.rng.random_bool(0.8) {
+                    1
+                } else {
+                    vehicles
+                };
+                self.ledger.requested(rider, &request_id, vehicles);
                 self.send_to_matcher(
                     rider,
                     node,
@@ -387,6 +401,7 @@ impl World {
                         session,
                         request_id,
                         pickup,
+                        vehicles,
                     },
                 );
             }
@@ -571,10 +586,11 @@ impl World {
                 // A single node keeps trips in memory only: losing one with
                 // its actor is not something the engine could undo, so only
                 // cluster mode (trips kept in Redis) crashes drivers on trips.
+                // A driver held for a group is as good as on its trip.
                 let on_trip = self.nodes[node]
                     .drivers
                     .get(&driver)
-                    .is_some_and(|b| b.trip_id().is_some());
+                    .is_some_and(|b| b.trip_id().is_some() || b.lock().held_offer().is_some());
                 if self.nodes[node].up
                     && !self.nodes[node].paused
                     && (self.is_cluster() || !on_trip)

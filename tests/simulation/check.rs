@@ -30,9 +30,29 @@ pub struct Ledger {
     offers: std::collections::HashSet<(usize, u64)>,
     /// When each node incarnation died.
     deaths: HashMap<(usize, u32), Instant>,
+    /// How many vehicles each request asked for.
+    vehicles: HashMap<Request, u8>,
+    /// Group requests (more than one vehicle) matched, and ended without.
+    pub groups_matched: u64,
+    pub groups_failed: u64,
+}
+
+/// The rider's own request id of a search key's request id: a group
+/// member's is the group's, a control character and the member's number
+/// after it (see `core::search::group`).
+fn public(request_id: &RequestId) -> RequestId {
+    match request_id.split_once('\u{1f}') {
+        Some((public, _)) => public.into(),
+        None => request_id.clone(),
+    }
 }
 
 impl Ledger {
+    /// A rider's app asked for `vehicles` vehicles.
+    pub fn requested(&mut self, rider: usize, request_id: &RequestId, vehicles: u8) {
+        self.vehicles.insert((rider, request_id.clone()), vehicles);
+    }
+
     pub fn node_died(&mut self, node: usize, inc: u32, now: Instant) {
         self.deaths.insert((node, inc), now);
     }
@@ -57,15 +77,37 @@ impl Ledger {
                 request_id,
                 trip_id,
                 driver_id,
+                drivers,
                 ..
             } => {
                 self.final_(rider, request_id, message)?;
-                self.matched
-                    .push(((rider, request_id.clone()), driver_id.to_string(), *trip_id));
+                let key = (rider, request_id.clone());
+                // Never a partial group: as many distinct drivers (and
+                // trips) as vehicles asked for, the first repeated on top.
+                let wanted = self.vehicles.get(&key).copied().unwrap_or(1);
+                let mut distinct: Vec<&str> = drivers.iter().map(|d| &*d.driver_id).collect();
+                distinct.sort_unstable();
+                distinct.dedup();
+                let first = drivers.first().map(|d| (&d.driver_id, d.trip_id));
+                if drivers.len() != usize::from(wanted)
+                    || distinct.len() != drivers.len()
+                    || first != Some((driver_id, *trip_id))
+                {
+                    return Err(format!(
+                        "r{rider} request {request_id} for {wanted} vehicles matched with {drivers:?} (top: {driver_id} trip {trip_id})"
+                    ));
+                }
+                for d in drivers {
+                    self.matched
+                        .push((key.clone(), d.driver_id.to_string(), d.trip_id));
+                }
+                self.groups_matched += u64::from(wanted > 1);
             }
             ServerMessage::NoDriver { request_id, .. }
             | ServerMessage::Cancelled { request_id } => {
                 self.final_(rider, request_id, message)?;
+                let wanted = self.vehicles.get(&(rider, request_id.clone()));
+                self.groups_failed += u64::from(wanted.is_some_and(|&n| n > 1));
             }
             _ => {}
         }
@@ -137,7 +179,7 @@ impl Ledger {
         }
         let trip = outcome.trip_id.expect("an accepted offer has a trip");
         let rider: usize = outcome.rider_id[1..].parse().expect("r<n>");
-        let request = (rider, outcome.request_id.clone());
+        let request = (rider, public(&outcome.request_id));
         self.booked(world, node, driver, trip, outcome.offer_id, request)
     }
 
@@ -223,7 +265,8 @@ impl Ledger {
                 continue;
             }
             if let Some(booking) = node.drivers.get(&driver) {
-                if let LockState::Offered(offer) = booking.lock().state() {
+                // A driver held for a group is held as an offer is.
+                if let LockState::Offered(offer) | LockState::Held(offer) = booking.lock().state() {
                     // Cluster mode: an offer its requester settled can't
                     // book any more; the driver's node hears of it shortly.
                     let owner = ridelock::core::owner(
@@ -303,7 +346,8 @@ impl Ledger {
                 continue;
             }
             match self.finals.get(request) {
-                Some(ServerMessage::Matched { trip_id, .. }) if trip_id == trip => {}
+                Some(ServerMessage::Matched { drivers, .. })
+                    if drivers.iter().any(|d| d.trip_id == *trip) => {}
                 other => {
                     return Err(format!(
                     "d{driver} was told of trip {trip} for r{} {}, whose rider was told {other:?}",

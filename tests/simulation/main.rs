@@ -65,6 +65,7 @@ fn fault_simulation() {
         .map(|s| s.parse().expect("a number"))
         .unwrap_or(3_000_000);
     let (mut events, mut seeds, mut faults) = (0u64, 0u64, 0u64);
+    let (mut groups_matched, mut groups_failed, mut preemptions) = (0u64, 0u64, 0u64);
     // `RIDELOCK_SIM_FIRST_SEED` starts a long run past the seeds every
     // `cargo test` covers.
     let first: u64 = std::env::var("RIDELOCK_SIM_FIRST_SEED")
@@ -76,6 +77,9 @@ fn fault_simulation() {
         let (world, result) = run(seed, replay.is_some());
         events += world.events_run;
         faults += world.faults_injected;
+        groups_matched += world.ledger.groups_matched;
+        groups_failed += world.ledger.groups_failed;
+        preemptions += world.preemptions;
         seeds += 1;
         if let Err(violation) = result {
             // Run it again with the trace on, to show how it came about.
@@ -101,6 +105,18 @@ fn fault_simulation() {
     // that every `cargo test` shows it.
     let _ = writeln!(
         std::io::stderr(),
-        "simulated {events} events over {seeds} seeds, {faults} faults injected, 0 invariant violations"
+        "simulated {events} events over {seeds} seeds, {faults} faults injected, 0 invariant violations; \
+         groups: {groups_matched} matched, {groups_failed} not, {preemptions} drivers taken by older groups"
     );
+    // The run must have exercised what it checks.
+    if replay.is_none() {
+        assert!(
+            groups_matched > 0 && groups_failed > 0,
+            "no group requests were decided"
+        );
+        assert!(
+            preemptions > 0,
+            "no group ever took a driver from a younger one"
+        );
+    }
 }

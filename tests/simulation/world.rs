@@ -16,7 +16,7 @@ use ridelock::cluster::wire::NodeId;
 use ridelock::core::booking::{
     Booking, DriverEffect, DriverEvent, LockRequest, RedisOp, RedisReply, ReplyTo, LOCK_MARGIN,
 };
-use ridelock::core::lock::LockRefused;
+use ridelock::core::lock::{Ending, LockRefused};
 use ridelock::core::search::{
     Dispatch, LockAnswer, OfferOutcome, SearchEffect, SearchSettings, Searches, SettleTicket,
 };
@@ -67,6 +67,7 @@ pub enum MatcherIn {
         session: u64,
         request_id: RequestId,
         pickup: LatLon,
+        vehicles: u8,
     },
     Cancel {
         rider: usize,
@@ -83,6 +84,7 @@ pub enum MatcherIn {
     },
     Answer(LockAnswer),
     Ended(OfferOutcome),
+    Held(OfferOutcome, u64),
     Settled(SettleTicket, Option<Settled>),
     RemoteDriver {
         from: usize,
@@ -255,6 +257,8 @@ pub struct World {
     pub ledger: Ledger,
     pub events_run: u64,
     pub faults_injected: u64,
+    /// Drivers taken from a younger group by an older one.
+    pub preemptions: u64,
     pub next_session: u64,
     next_actor: u64,
     /// Last delivery time per (sender, receiver) lane, for FIFO lanes.
@@ -338,6 +342,7 @@ impl World {
             ledger: Ledger::default(),
             events_run: 0,
             faults_injected: 0,
+            preemptions: 0,
             next_session: 0,
             next_actor: 0,
             lanes: HashMap::new(),
@@ -519,14 +524,12 @@ impl World {
                 session,
                 request_id,
                 pickup,
-            } => s.request(
+                vehicles,
+            } => s.request_vehicles(
                 now,
                 (rider, session),
-                rider_name(rider),
-                session,
-                request_id,
-                pickup,
-                now,
+                (rider_name(rider), session, request_id, pickup, now),
+                vehicles,
             ),
             MatcherIn::Cancel {
                 rider,
@@ -539,6 +542,7 @@ impl World {
             MatcherIn::DriverChanged { driver, at } => s.driver_changed(now, driver, at),
             MatcherIn::Answer(answer) => s.lock_answered(now, answer),
             MatcherIn::Ended(outcome) => s.offer_ended(now, outcome),
+            MatcherIn::Held(outcome, token) => s.offer_held(now, outcome, token),
             MatcherIn::Settled(ticket, outcome) => s.settled(now, ticket, outcome),
             MatcherIn::RemoteDriver { from, driver, at } => {
                 let id = self.nodes[from].id.clone();
@@ -672,7 +676,9 @@ impl World {
                 node: None,
                 offer_id,
                 fencing_token,
+                why,
             } => {
+                self.preemptions += u64::from(why == Ending::Preempted);
                 let d = driver_index(&driver);
                 self.lane(
                     lane_matcher(node),
@@ -685,7 +691,36 @@ impl World {
                         event: DriverEvent::CancelOffer {
                             offer_id,
                             fencing_token,
+                            why,
                         },
+                    },
+                );
+            }
+            SearchEffect::GroupNews {
+                driver,
+                offer_id,
+                fencing_token,
+                accepted,
+                trip_id,
+            } => {
+                let d = driver_index(&driver);
+                let event = match trip_id {
+                    Some(trip_id) => DriverEvent::CommitHold {
+                        offer_id,
+                        fencing_token,
+                        trip_id,
+                    },
+                    None => DriverEvent::GroupProgress { offer_id, accepted },
+                };
+                self.lane(
+                    lane_matcher(node),
+                    lane_driver(node, d),
+                    200,
+                    Ev::ToDriver {
+                        node,
+                        inc,
+                        driver: d,
+                        event,
                     },
                 );
             }
@@ -694,6 +729,7 @@ impl World {
                 node: Some(to),
                 offer_id,
                 fencing_token,
+                why,
             } => {
                 let to = self.node_index(&to);
                 let d = driver_index(&driver);
@@ -705,6 +741,7 @@ impl World {
                         DriverEvent::CancelOffer {
                             offer_id,
                             fencing_token,
+                            why,
                         },
                     ),
                 );
@@ -924,6 +961,18 @@ impl World {
                         self.wire(node, to, Wire::Matcher(MatcherIn::Ended(outcome)));
                     }
                 }
+            }
+            DriverEffect::Held(outcome, token) => {
+                self.lane(
+                    lane_driver(node, driver),
+                    lane_matcher(node),
+                    200,
+                    Ev::ToMatcher {
+                        node,
+                        inc,
+                        input: MatcherIn::Held(outcome, token),
+                    },
+                );
             }
             DriverEffect::Indexed(at) => {
                 self.lane(

@@ -414,6 +414,9 @@ fn deliver(
                 first_offer_since: None,
                 node: Some(from.clone()),
                 incarnation,
+                // Group requests stay on one node (the matcher refuses them
+                // in cluster mode).
+                group: None,
             };
             let request = LockRequest {
                 offer_id,
@@ -474,6 +477,8 @@ fn deliver(
             let cancel = ToDriver::Cancel(CancelOffer {
                 offer_id,
                 fencing_token,
+                // Cluster mode has no groups: a cancel is the rider's.
+                why: crate::core::lock::Ending::RiderCancelled,
             });
             registry.send(&driver, cancel);
         }

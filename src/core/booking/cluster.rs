@@ -388,6 +388,7 @@ impl Booking {
                 first_offer_since: None,
                 node: rider_node,
                 incarnation: record.rider_incarnation,
+                group: None,
             },
         };
         let message = trip_assigned(&trip);

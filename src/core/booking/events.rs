@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::wire::NodeId;
-use crate::core::lock::{FencingToken, LockRefused, OfferId, TripId};
+use crate::core::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
 use crate::core::search::{LockAnswer, OfferOutcome};
 use crate::core::{Incarnation, OfferHolder, Settled};
 use crate::location::LatLon;
@@ -95,13 +95,34 @@ pub enum DriverEvent {
     },
     /// A matcher asks for the lock.
     TryLock(LockRequest),
-    /// A matcher withdraws an offer (its rider cancelled). Acts only while
+    /// A matcher withdraws an offer (or a group hold). Acts only while
     /// that exact lock (id and fencing token) is still held.
     CancelOffer {
         /// The offer.
         offer_id: OfferId,
         /// Its fencing token.
         fencing_token: FencingToken,
+        /// Why: the rider cancelled, the group failed, or an older group
+        /// took the driver.
+        why: Ending,
+    },
+    /// The matcher: the group of the held offer `offer_id` is complete; the
+    /// driver goes on trip `trip_id`.
+    CommitHold {
+        /// The offer held.
+        offer_id: OfferId,
+        /// Its fencing token.
+        fencing_token: FencingToken,
+        /// The trip.
+        trip_id: TripId,
+    },
+    /// The matcher: `accepted` members of the held offer's group have
+    /// accepted so far (told to the app as `waiting_for_group`).
+    GroupProgress {
+        /// The offer held.
+        offer_id: OfferId,
+        /// Members accepted so far.
+        accepted: u8,
     },
     /// Cluster mode: a node died or left; an offer held for one of its
     /// riders can no longer reach that rider and is withdrawn.
@@ -250,6 +271,9 @@ pub enum DriverEffect {
         /// The offer's pickup.
         pickup: LatLon,
     },
+    /// The app accepted an offer of a group: the driver is held for it
+    /// (`outcome.ending` is `Accepted`, with no trip yet); tell its search.
+    Held(OfferOutcome, FencingToken),
     /// The driver is offerable at this place, or (`None`) no longer: for
     /// the matcher's index (and, in cluster mode, the other nodes').
     Indexed(Option<LatLon>),

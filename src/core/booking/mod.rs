@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::lock::{
-    Availability, DriverLock, FencingToken, LockRefused, LockState, Offer, OfferId, Trip, TripId,
+    Availability, DriverLock, Ending, FencingToken, LockRefused, LockState, Offer, OfferId, Trip,
+    TripId,
 };
 use super::OfferHolder;
 use crate::cluster::wire::NodeId;
@@ -122,6 +123,9 @@ pub struct Booking {
     session: Option<u64>,
     /// When the held offer was granted (for the lock-hold histogram).
     granted_at: Option<Instant>,
+    /// Held for a group: how many of its members had accepted at the last
+    /// word from the matcher (told again on a reconnect).
+    group_accepted: u8,
     /// Where the matcher's index has this driver (`None`: not indexed), so
     /// that it hears of every change exactly once.
     indexed_at: Option<LatLon>,
@@ -176,6 +180,7 @@ impl Booking {
             lock: DriverLock::new(),
             session: None,
             granted_at: None,
+            group_accepted: 0,
             indexed_at: None,
             counted_as: None,
             retire_at: None,
@@ -364,9 +369,32 @@ impl Booking {
             DriverEvent::CancelOffer {
                 offer_id,
                 fencing_token,
+                why,
             } => {
-                if let Some(ended) = self.lock.cancel(offer_id, fencing_token) {
+                if let Some(ended) = self.lock.cancel(offer_id, fencing_token, why) {
                     self.report(now, ended);
+                }
+            }
+            DriverEvent::CommitHold {
+                offer_id,
+                fencing_token,
+                trip_id,
+            } => {
+                // A hold that lapsed or was let go is not committed; the
+                // matcher commits only before the hold's deadline, with
+                // room to spare, so that is a lost message or a bug.
+                match self.lock.commit(offer_id, fencing_token, trip_id) {
+                    Some(ended) => self.report(now, ended),
+                    None => {
+                        tracing::warn!(driver = %self.id, offer = offer_id, "a group commit found no hold")
+                    }
+                }
+            }
+            DriverEvent::GroupProgress { offer_id, accepted } => {
+                if let Some(offer) = self.lock.held_offer().filter(|o| o.offer_id == offer_id) {
+                    self.group_accepted = accepted;
+                    let message = waiting_for_group(offer, accepted);
+                    self.tell(message);
                 }
             }
             DriverEvent::HolderNodeGone { node, incarnation } => {
@@ -377,7 +405,7 @@ impl Booking {
                     && offer.holder.incarnation == incarnation
                 {
                     let (offer_id, token) = (offer.offer_id, offer.fencing_token);
-                    if let Some(ended) = self.lock.cancel(offer_id, token) {
+                    if let Some(ended) = self.lock.cancel(offer_id, token, Ending::RiderCancelled) {
                         self.report(now, ended);
                     }
                 }
@@ -398,6 +426,7 @@ impl Booking {
         // A reconnecting app learns what it is in the middle of.
         let resend = match (self.lock.state(), self.lock.location()) {
             (LockState::Offered(offer), Some(at)) => Some(offer_message(offer, at, now)),
+            (LockState::Held(offer), _) => Some(waiting_for_group(offer, self.group_accepted)),
             (LockState::OnTrip(trip), _) => Some(trip_assigned(trip)),
             _ => None,
         };
@@ -441,6 +470,28 @@ impl Booking {
             } => {
                 if let Some(stale) = self.stale_token(offer_id, fencing_token) {
                     return self.error(ErrorCode::OfferExpired, stale);
+                }
+                let group = self
+                    .lock
+                    .current_offer()
+                    .filter(|o| o.offer_id == offer_id)
+                    .and_then(|o| o.holder.group.clone());
+                if let Some(group) = group {
+                    // The matcher takes group requests on one node only.
+                    debug_assert!(
+                        self.node.is_none(),
+                        "group offers are not made in cluster mode"
+                    );
+                    return match self.lock.hold(offer_id, group.hold_until, now) {
+                        Ok(offer) => {
+                            let offer = offer.clone();
+                            let token = offer.fencing_token;
+                            let outcome = self.outcome_of(&offer, Ending::Accepted, None);
+                            self.group_accepted = 0;
+                            self.effects.push(DriverEffect::Held(outcome, token));
+                        }
+                        Err(e) => self.answer_failed(now, e),
+                    };
                 }
                 let trip_id = self.ids.next_trip();
                 match &self.node {
@@ -530,12 +581,24 @@ fn offer_message(offer: &Offer<OfferHolder>, at: LatLon, now: Instant) -> Server
     let expires_in_ms = offer.deadline.saturating_duration_since(now).as_millis() as u64;
     ServerMessage::Offer {
         offer_id: offer.offer_id,
-        request_id: offer.holder.request_id.clone(),
+        request_id: offer.holder.public_request_id().clone(),
         rider_id: offer.holder.rider_id.clone(),
         pickup: offer.holder.pickup,
         distance_m: at.distance_m(offer.holder.pickup),
         expires_in_ms,
         fencing_token: offer.fencing_token,
+        group_size: offer.holder.group_size(),
+    }
+}
+
+/// The message that tells the app it is held for the group of `offer`, of
+/// which `accepted` members have accepted.
+fn waiting_for_group(offer: &Offer<OfferHolder>, accepted: u8) -> ServerMessage {
+    ServerMessage::WaitingForGroup {
+        offer_id: offer.offer_id,
+        request_id: offer.holder.public_request_id().clone(),
+        accepted,
+        group_size: offer.holder.group_size(),
     }
 }
 
@@ -546,6 +609,7 @@ fn trip_assigned(trip: &Trip<OfferHolder>) -> ServerMessage {
         offer_id: trip.offer_id,
         rider_id: trip.holder.rider_id.clone(),
         pickup: trip.holder.pickup,
+        group_size: trip.holder.group_size(),
     }
 }
 

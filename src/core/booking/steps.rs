@@ -9,7 +9,7 @@ use super::{
     RETIRE_AFTER, TRIP_MAX_AGE,
 };
 use crate::core::lock::{
-    AnswerError, Availability, Ended, Ending, FencingToken, LockRefused, LockState, Offer,
+    AnswerError, Availability, Ended, Ending, FencingToken, LockRefused, LockState, Offer, TripId,
 };
 use crate::core::search::{LockAnswer, OfferOutcome};
 use crate::core::{Granted, OfferHolder};
@@ -100,6 +100,10 @@ impl Booking {
                 ErrorCode::OfferExpired,
                 format!("offer {offer_id} has already ended ({})", ending.as_str()),
             ),
+            AnswerError::AlreadyAccepted(offer_id) => self.error(
+                ErrorCode::AlreadyAccepted,
+                format!("offer {offer_id} is accepted already: you are held for its group until it is complete or fails"),
+            ),
             AnswerError::ExpiredNow(ended) => {
                 let offer_id = ended.offer.offer_id;
                 self.report(now, *ended);
@@ -127,6 +131,7 @@ impl Booking {
                 offer_id: offer.offer_id,
                 rider_id: offer.holder.rider_id.clone(),
                 pickup: offer.holder.pickup,
+                group_size: offer.holder.group_size(),
             });
         }
         let held_for = self
@@ -140,22 +145,32 @@ impl Booking {
             let owner = self.owner_of(&offer.holder, offer.offer_id);
             self.redis(RedisOp::Release { owner }, Some(Waiting::Free));
         }
-        let outcome = OfferOutcome {
-            driver_id: self.id.clone(),
-            driver_location: self.lock.location(),
-            offer_id: offer.offer_id,
-            search: offer.holder.search,
-            rider_id: offer.holder.rider_id.clone(),
-            request_id: offer.holder.request_id.clone(),
-            ending: ended.ending,
-            trip_id: ended.trip_id,
-        };
+        let outcome = self.outcome_of(offer, ended.ending, ended.trip_id);
         self.effects.push(DriverEffect::Ended {
             to: offer.holder.node.clone(),
             outcome,
             fencing_token: offer.fencing_token,
             pickup: offer.holder.pickup,
         });
+    }
+
+    /// What the search of `offer` is told of it.
+    pub(super) fn outcome_of(
+        &self,
+        offer: &Offer<OfferHolder>,
+        ending: Ending,
+        trip_id: Option<TripId>,
+    ) -> OfferOutcome {
+        OfferOutcome {
+            driver_id: self.id.clone(),
+            driver_location: self.lock.location(),
+            offer_id: offer.offer_id,
+            search: offer.holder.search,
+            rider_id: offer.holder.rider_id.clone(),
+            request_id: offer.holder.request_id.clone(),
+            ending,
+            trip_id,
+        }
     }
 
     /// Brings everything outside the lock in line with it: a dropped

@@ -104,7 +104,7 @@ pub enum SearchEffect<R> {
         /// it later.
         not_after: Instant,
     },
-    /// Withdraw the offer `offer_id` (the rider cancelled).
+    /// Withdraw the offer `offer_id` (or the group hold it became).
     Cancel {
         /// The driver.
         driver: DriverId,
@@ -114,6 +114,24 @@ pub enum SearchEffect<R> {
         offer_id: OfferId,
         /// Its lock's fencing token.
         fencing_token: FencingToken,
+        /// Why: the rider cancelled (also an offer withdrawn for want of
+        /// news), the group failed, or an older group took the driver.
+        why: Ending,
+    },
+    /// Tell `driver` (on this node), held for a group by `offer_id`: the
+    /// group is complete and it goes on trip `trip_id`, or (`None`)
+    /// `accepted` members have accepted so far.
+    GroupNews {
+        /// The driver.
+        driver: DriverId,
+        /// The held offer.
+        offer_id: OfferId,
+        /// Its lock's fencing token.
+        fencing_token: FencingToken,
+        /// Members accepted so far.
+        accepted: u8,
+        /// The driver's trip, once the group is complete.
+        trip_id: Option<TripId>,
     },
     /// Cluster mode: settle `owner`'s lock of `driver` in Redis and hand the
     /// outcome to [`Searches::settled`] with `ticket`.

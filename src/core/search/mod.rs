@@ -31,6 +31,7 @@ use crate::spatial::SpatialIndex;
 
 mod batch;
 mod events;
+mod group;
 mod remote;
 mod steps;
 
@@ -44,6 +45,10 @@ pub use events::{
 /// settled in Redis instead (see `settle_due`); also the slack on a remote
 /// offer's outcome beyond its deadline.
 pub const REMOTE_ANSWER_WAIT: Duration = Duration::from_secs(2);
+/// How much longer a driver is held for a group than its search lasts: the
+/// group commits only before its deadline, and the commit must reach the
+/// driver before its hold lapses.
+pub const HOLD_MARGIN: Duration = Duration::from_secs(2);
 /// Cluster mode: how often, and how many times, a settle that Redis could
 /// not decide is tried again before the rider is told `no_driver`.
 pub(super) const SETTLE_RETRY: Duration = Duration::from_millis(500);
@@ -94,9 +99,46 @@ struct Search<R> {
     offered_at: Option<LatLon>,
     /// While parked: when its radius next grows (it then looks again).
     widen_at: Option<Instant>,
+    /// Where the driver asked was, by the index (it leaves the index once
+    /// granted): for an older group weighing whether to take it.
+    driver_at: Option<LatLon>,
+    /// A member of a group request: the group's key (see `group.rs`).
+    group: Option<SearchKey>,
+    /// Why a withdrawal (`cancel_requested`) ends the offer: the rider
+    /// cancelled, or the group failed.
+    withdraw_why: Ending,
+    /// A group member's offer an older group is taking back: the cancel is
+    /// on its way, and the offer no longer counts for the group.
+    revoking: Option<OfferId>,
+    /// A group member waiting for a driver it took from a younger group.
+    preempting: bool,
 }
 
 impl<R> Search<R> {
+    fn new(seq: u64, rider: R, session: u64, pickup: LatLon, started: Instant) -> Self {
+        Search {
+            seq,
+            rider,
+            session,
+            pickup,
+            started,
+            phase: Phase::Looking,
+            excluded: Vec::new(),
+            cancel_requested: false,
+            deadline_passed: false,
+            candidates_tried: 0,
+            store_failures: 0,
+            settling: None,
+            offered_at: None,
+            widen_at: None,
+            driver_at: None,
+            group: None,
+            withdraw_why: Ending::RiderCancelled,
+            revoking: None,
+            preempting: false,
+        }
+    }
+
     fn current_offer(&self) -> Option<OfferId> {
         match &self.phase {
             Phase::Looking => None,
@@ -175,6 +217,12 @@ pub struct Searches<R> {
     batched: usize,
     /// Where requests are taken and drivers offered (`None`: everywhere).
     areas: Option<Arc<crate::areas::ServiceAreas>>,
+    /// Group requests in flight, by the rider's key; their members are
+    /// searches of their own.
+    groups: HashMap<SearchKey, group::Group<R>>,
+    /// Offers an older group is taking back, and the member of that group
+    /// to hand each driver to once it is free.
+    handovers: HashMap<OfferId, (SearchKey, Option<LatLon>)>,
     effects: Vec<SearchEffect<R>>,
     index_queries: u32,
 }
@@ -206,6 +254,8 @@ impl<R: Clone> Searches<R> {
             batch_due: None,
             batched: 0,
             areas: None,
+            groups: HashMap::new(),
+            handovers: HashMap::new(),
             effects: Vec::new(),
             index_queries: 0,
         }
@@ -273,7 +323,28 @@ impl<R: Clone> Searches<R> {
         pickup: LatLon,
         received_at: Instant,
     ) {
+        let request = (rider_id, session, request_id, pickup, received_at);
+        self.request_vehicles(now, rider, request, 1);
+    }
+
+    /// As [`Searches::request`], for `vehicles` vehicles (1 to 4) that all
+    /// come or none does: (rider id, session, request id, pickup, received
+    /// at).
+    pub fn request_vehicles(
+        &mut self,
+        now: Instant,
+        rider: R,
+        (rider_id, session, request_id, pickup, received_at): (
+            RiderId,
+            u64,
+            RequestId,
+            LatLon,
+            Instant,
+        ),
+        vehicles: u8,
+    ) {
         m::request_received();
+        m::request_vehicles(vehicles);
         let key = (rider_id.clone(), request_id.clone());
         let area = self.areas.as_ref().map(|areas| areas.area_of(pickup));
         let refusal = if area == Some(None) {
@@ -285,7 +356,7 @@ impl<R: Clone> Searches<R> {
                     pickup.lat, pickup.lon
                 ),
             ))
-        } else if self.searches.contains_key(&key) {
+        } else if self.searches.contains_key(&key) || self.groups.contains_key(&key) {
             Some((
                 ErrorCode::RequestInFlight,
                 format!("request {request_id} is already in flight"),
@@ -300,7 +371,12 @@ impl<R: Clone> Searches<R> {
                     self.settings.max_requests_per_rider
                 ),
             ))
-        } else if self.searches.len() >= self.settings.max_searches {
+        } else if vehicles > 1 && self.node.is_some() {
+            Some((
+                ErrorCode::Unsupported,
+                "requests for more than one vehicle are served by a single engine node, not in cluster mode yet".into(),
+            ))
+        } else if self.searches.len() + usize::from(vehicles) > self.settings.max_searches {
             // Parked searches hold memory and wake-up work for as long as
             // their deadline: the total is bounded like the queue before it.
             Some((
@@ -325,25 +401,25 @@ impl<R: Clone> Searches<R> {
             .or_default()
             .insert(request_id.clone());
         self.tell(&rider, ServerMessage::Searching { request_id });
-        self.searches.insert(
-            key.clone(),
-            Search {
-                seq,
-                rider,
-                session,
-                pickup,
-                started: received_at,
-                phase: Phase::Looking,
-                excluded: Vec::new(),
-                cancel_requested: false,
-                deadline_passed: false,
-                candidates_tried: 0,
-                store_failures: 0,
-                settling: None,
-                offered_at: None,
-                widen_at: None,
-            },
-        );
+        if vehicles > 1 {
+            let search = Search::new(seq, rider, session, pickup, received_at);
+            return self.start_group(now, key, search, vehicles);
+        }
+        let search = Search::new(seq, rider, session, pickup, received_at);
+        self.start(now, key, search);
+    }
+
+    /// Starts `search`: its deadline, and its first look (now, or with the
+    /// batch).
+    fn start(&mut self, now: Instant, key: SearchKey, search: Search<R>) {
+        let seq = search.seq;
+        self.searches.insert(key.clone(), search);
+        self.dispatch(now, key, seq);
+    }
+
+    /// A new search `key` (sequence `seq`) gets its deadline and its first
+    /// look: now, or with the batch.
+    fn dispatch(&mut self, now: Instant, key: SearchKey, seq: u64) {
         let deadline = now + self.settings.search_timeout;
         self.deadlines.push(Reverse((deadline, seq, key.clone())));
         match self.settings.dispatch {
@@ -363,7 +439,7 @@ impl<R: Clone> Searches<R> {
     /// (an accept that got there first still wins).
     pub fn cancel(&mut self, now: Instant, rider: R, rider_id: RiderId, request_id: RequestId) {
         let key = (rider_id, request_id);
-        if !self.searches.contains_key(&key) {
+        if !self.searches.contains_key(&key) && !self.groups.contains_key(&key) {
             m::protocol_error(ErrorCode::UnknownRequest);
             let why = format!("request {} is not in flight", key.1);
             return self.tell(
@@ -389,6 +465,9 @@ impl<R: Clone> Searches<R> {
     }
 
     fn withdraw(&mut self, now: Instant, key: &SearchKey) {
+        if self.groups.contains_key(key) {
+            return self.end_group(now, key, Ending::RiderCancelled);
+        }
         let Some(search) = self.searches.get_mut(key) else {
             return;
         };
@@ -396,6 +475,8 @@ impl<R: Clone> Searches<R> {
         match &search.phase {
             Phase::Looking => self.advance(now, key.clone()),
             Phase::Locking { .. } => {} // decided when the lock answer arrives
+            // Being taken back already: its ending brings the search here.
+            Phase::Offered { offer_id, .. } if search.revoking == Some(*offer_id) => {}
             Phase::Offered {
                 driver,
                 node,
@@ -406,6 +487,7 @@ impl<R: Clone> Searches<R> {
                 node: node.clone(),
                 offer_id: *offer_id,
                 fencing_token: *fencing_token,
+                why: search.withdraw_why,
             }),
         }
     }
@@ -473,6 +555,7 @@ impl<R: Clone> Searches<R> {
                     node: from,
                     offer_id,
                     fencing_token,
+                    why: Ending::RiderCancelled,
                 });
             }
             return;
@@ -565,6 +648,8 @@ impl<R: Clone> Searches<R> {
     pub fn offer_ended(&mut self, now: Instant, outcome: OfferOutcome) {
         let key = (outcome.rider_id, outcome.request_id);
         let driver_id = outcome.driver_id;
+        let taken_back = self.hand_over(now, outcome.offer_id, &driver_id);
+        self.unhold(&key, outcome.offer_id);
         let Some(search) = self
             .searches
             .get_mut(&key)
@@ -572,6 +657,9 @@ impl<R: Clone> Searches<R> {
         else {
             return;
         };
+        if taken_back {
+            search.revoking = None;
+        }
         if matches!(search.phase, Phase::Locking { .. }) {
             // The ending overtook the lock's answer; the answer will be stale.
             // The lock was granted all the same: the offer counts as made.
@@ -584,10 +672,10 @@ impl<R: Clone> Searches<R> {
                 self.finish_matched(now, &key, trip_id, driver_id, at);
             }
             (ending, _) => {
-                if matches!(ending, Ending::Declined | Ending::Expired) {
-                    search.excluded.push(driver_id);
-                }
                 search.phase = Phase::Looking;
+                if matches!(ending, Ending::Declined | Ending::Expired) {
+                    self.exclude(&key, driver_id);
+                }
                 self.advance(now, key);
             }
         }
@@ -630,9 +718,13 @@ impl<R: Clone> Searches<R> {
                 continue;
             };
             search.deadline_passed = true;
-            // A search with a driver deciding lets that offer play out.
+            // A search with a driver deciding lets that offer play out; a
+            // group can't wait for its members' offers: it is not complete
+            // (or it would be gone), so it fails.
             if matches!(search.phase, Phase::Looking) {
                 self.advance(now, key);
+            } else if let Some(group) = search.group.clone() {
+                self.end_group(now, &group, Ending::GroupIncomplete);
             }
         }
     }

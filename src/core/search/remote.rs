@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Awaited, Phase, SearchEffect, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY};
 use crate::cluster::wire::NodeId;
-use crate::core::lock::OfferId;
+use crate::core::lock::{Ending, OfferId};
 use crate::core::{owner, Settled};
 use crate::location::LatLon;
 use crate::metrics as m;
@@ -166,7 +166,7 @@ impl<R: Clone> Searches<R> {
             else {
                 break;
             };
-            let Some(search) = self.searches.get_mut(&key).filter(|s| {
+            let awaited_here = self.searches.get(&key).is_some_and(|s| {
                 let still_awaited = matches!(
                     (awaited, &s.phase),
                     (Awaited::Answer, Phase::Locking { .. })
@@ -177,7 +177,17 @@ impl<R: Clone> Searches<R> {
                     && s.current_offer() == Some(offer_id)
                     && s.settling != Some(offer_id)
                     && still_awaited
-            }) else {
+            });
+            if !awaited_here {
+                continue;
+            }
+            // A group member the driver accepted is held until its group
+            // completes or fails, which the group's deadline bounds; its
+            // news is not overdue (and the hold has its own deadline).
+            if self.is_held(&key, offer_id) {
+                continue;
+            }
+            let Some(search) = self.searches.get_mut(&key) else {
                 continue;
             };
             let Some(driver) = search.offered_driver() else {
@@ -200,6 +210,7 @@ impl<R: Clone> Searches<R> {
                     node: None,
                     offer_id,
                     fencing_token,
+                    why: Ending::RiderCancelled,
                 });
                 let due = now + super::REMOTE_ANSWER_WAIT;
                 self.remote_due
@@ -268,6 +279,7 @@ impl<R: Clone> Searches<R> {
                         node: node.clone(),
                         offer_id,
                         fencing_token: *fencing_token,
+                        why: Ending::RiderCancelled,
                     });
                 }
                 search.phase = Phase::Looking;

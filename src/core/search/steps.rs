@@ -4,13 +4,15 @@
 use std::cmp::Reverse;
 use std::sync::Arc;
 
-use super::{Awaited, Phase, Search, SearchEffect, SearchKey, Searches, REMOTE_ANSWER_WAIT};
+use super::{
+    Awaited, Phase, Search, SearchEffect, SearchKey, Searches, HOLD_MARGIN, REMOTE_ANSWER_WAIT,
+};
 use crate::areas::ServiceAreas;
 use crate::core::lock::TripId;
-use crate::core::OfferHolder;
+use crate::core::{GroupTag, OfferHolder};
 use crate::location::LatLon;
 use crate::metrics as m;
-use crate::protocol::{DriverId, NoDriverReason, ServerMessage};
+use crate::protocol::{DriverId, MatchedDriver, NoDriverReason, ServerMessage};
 use std::time::Instant;
 
 /// Parked searches looked at oldest-first before falling back to a spatial
@@ -55,6 +57,7 @@ impl<R: Clone> Searches<R> {
         // driver or the radius, so a search parks only when nobody in reach is
         // free for it, and then the next driver to free up wakes it.
         self.index_queries += 1;
+        let member = search.group.is_some();
         let radius = self.radius_of(search, now);
         let candidate = self
             .drivers
@@ -62,12 +65,14 @@ impl<R: Clone> Searches<R> {
             .find(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id));
         match candidate {
             Some((driver_id, _)) => self.ask_for_lock(now, key, driver_id),
+            // A group member may take a driver from a younger group.
+            None if member && self.preempt(now, &key) => {}
             None => self.park(now, &key),
         }
     }
 
     /// How far from its pickup `search` looks at `now`.
-    fn radius_of(&self, search: &Search<R>, now: Instant) -> f64 {
+    pub(super) fn radius_of(&self, search: &Search<R>, now: Instant) -> f64 {
         let age = now.saturating_duration_since(search.started);
         self.settings.radius_at(age)
     }
@@ -127,6 +132,9 @@ impl<R: Clone> Searches<R> {
         let node = match (self.local.contains(&driver_id), self.remote.get(&driver_id)) {
             (true, _) => None,
             (false, Some(node)) => Some(node.clone()),
+            // On one node every driver is here (one handed over from a
+            // younger group is not in the index).
+            (false, None) if self.node.is_none() => None,
             (false, None) => return self.park(now, &key),
         };
         // One driver at a time per search: asking a second would leave the
@@ -146,6 +154,14 @@ impl<R: Clone> Searches<R> {
             node: node.clone(),
             offer_id,
         };
+        search.driver_at = self.drivers.position(&driver_id);
+        search.preempting = false;
+        let not_after = search.started + self.settings.search_timeout;
+        let group = search.group.as_ref().map(|group| GroupTag {
+            request_id: group.1.clone(),
+            size: self.groups.get(group).map_or(1, |g| g.size),
+            hold_until: not_after + HOLD_MARGIN,
+        });
         let holder = OfferHolder {
             search: seq,
             rider_id: key.0.clone(),
@@ -154,8 +170,8 @@ impl<R: Clone> Searches<R> {
             first_offer_since: (search.candidates_tried == 0).then_some(search.started),
             node: None,
             incarnation: 0,
+            group,
         };
-        let not_after = search.started + self.settings.search_timeout;
         self.unpark(seq);
         self.locking.insert(driver_id.clone());
         if node.is_some() {
@@ -226,10 +242,24 @@ impl<R: Clone> Searches<R> {
             return;
         };
         self.unpark(search.seq);
-        if let Some(requests) = self.by_session.get_mut(&search.session) {
+        if let Some(group) = search.group {
+            let tried = search.candidates_tried;
+            return self.member_finished(now, &group, key, message, tried);
+        }
+        self.forget_request(search.session, key);
+        let age = now.saturating_duration_since(search.started);
+        m::search_finished(&message, age, search.candidates_tried);
+        self.tell(&search.rider, message);
+    }
+
+    /// Request `key` of connection `session` is over: it no longer counts
+    /// against the rider's limit, nor is cancelled when the connection
+    /// closes.
+    pub(super) fn forget_request(&mut self, session: u64, key: &SearchKey) {
+        if let Some(requests) = self.by_session.get_mut(&session) {
             requests.remove(&key.1);
             if requests.is_empty() {
-                self.by_session.remove(&search.session);
+                self.by_session.remove(&session);
             }
         }
         if let Some(count) = self.by_rider.get_mut(&key.0) {
@@ -238,9 +268,6 @@ impl<R: Clone> Searches<R> {
                 self.by_rider.remove(&key.0);
             }
         }
-        let age = now.saturating_duration_since(search.started);
-        m::search_finished(&message, age, search.candidates_tried);
-        self.tell(&search.rider, message);
     }
 
     /// Ends a search with `matched`: trip `trip_id` with `driver_id`, who is
@@ -261,9 +288,15 @@ impl<R: Clone> Searches<R> {
         let message = ServerMessage::Matched {
             request_id: key.1.clone(),
             trip_id,
-            driver_id,
+            driver_id: driver_id.clone(),
             driver_location,
             distance_m,
+            drivers: vec![MatchedDriver {
+                driver_id,
+                trip_id,
+                driver_location,
+                distance_m,
+            }],
         };
         self.finish(now, key, message);
     }
@@ -288,14 +321,20 @@ impl<R: Clone> Searches<R> {
 
     /// The offer of search `key` to `driver` is over without news of it.
     pub(super) fn offer_lost(&mut self, now: Instant, key: SearchKey, driver: DriverId) {
+        let Some(offer_id) = self.searches.get(&key).and_then(|s| s.current_offer()) else {
+            return;
+        };
+        self.hand_over(now, offer_id, &driver);
+        self.unhold(&key, offer_id);
         let Some(search) = self.searches.get_mut(&key) else {
             return;
         };
         if matches!(search.phase, Phase::Locking { .. }) {
             self.locking.remove(&driver);
         }
-        search.excluded.push(driver);
+        search.revoking = None;
         search.phase = Phase::Looking;
+        self.exclude(&key, driver);
         self.advance(now, key);
     }
 }

@@ -1,0 +1,493 @@
+//! Group requests: several vehicles for one request, all of them or none.
+//!
+//! A group of `n` is `n` member searches, each the usual search (nearest
+//! untried driver first, parking, a radius that grows) under one deadline,
+//! with three differences:
+//!
+//! - a member's driver who accepts is *held* for the group
+//!   ([`LockState::Held`](crate::core::lock::LockState::Held)) instead of
+//!   booked; once every member is held, the matcher commits them all at once
+//!   (each driver goes on its trip, the rider gets one `matched`). The
+//!   matcher is the one place that decides, and a held driver can't back out
+//!   (a disconnect or `unavailable` does not free it), so a group is never
+//!   half booked;
+//! - a member that loses its driver (a decline, an expiry, a disconnect
+//!   before accepting) looks for the next one while the others stay held; a
+//!   member that runs out of time or candidates fails the group, and every
+//!   other member's driver is let go at once (`group_incomplete`, or
+//!   `rider_cancelled` when the rider cancels);
+//! - no deadlock, no starvation: *wound-wait* by age. A member of an older
+//!   group that finds no free driver in reach takes one from the nearest
+//!   member of a younger group (offered or held: `preempted`), and the
+//!   driver is handed to it as soon as it is free. A younger group never
+//!   takes from an older one, it waits. So the oldest group is never
+//!   wounded, and with enough drivers in reach it completes; a cycle of
+//!   groups each waiting for the next can't form. Plain requests hold one
+//!   driver and never wait while holding, so they take no part.
+//!
+//! Groups are served on one node: the matcher refuses `vehicles` above 1 in
+//! cluster mode (`unsupported`).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::{Phase, Search, SearchEffect, SearchKey, Searches};
+use crate::core::lock::{Ending, FencingToken, OfferId};
+use crate::core::search::OfferOutcome;
+use crate::location::LatLon;
+use crate::metrics as m;
+use crate::protocol::{DriverId, MatchedDriver, RequestId, ServerMessage};
+
+/// Between a group's request id and a member's number in the member's
+/// search key: a control character, which request ids can't contain (see
+/// `protocol`), so a member's key is never a rider's own request.
+const MEMBER_SEPARATOR: char = '\u{1f}';
+
+/// One group request in flight.
+pub(super) struct Group<R> {
+    /// Its age: the first member's sequence number (older is smaller).
+    seq: u64,
+    /// How many vehicles.
+    pub(super) size: u8,
+    rider: R,
+    session: u64,
+    pickup: LatLon,
+    started: Instant,
+    /// Member searches not ended yet.
+    members: Vec<SearchKey>,
+    /// Members whose driver accepted and is held, by member.
+    held: BTreeMap<SearchKey, Holding>,
+    /// Set once the group fails: why its drivers are let go.
+    ending: Option<Ending>,
+    /// Drivers asked by members that ended (for the candidates metric).
+    tried: u32,
+}
+
+/// A driver held for a group.
+struct Holding {
+    driver: DriverId,
+    offer_id: OfferId,
+    fencing_token: FencingToken,
+    at: LatLon,
+}
+
+/// The search key of member `i` of the group request `request_id`.
+fn member_id(request_id: &RequestId, i: u8) -> RequestId {
+    format!("{request_id}{MEMBER_SEPARATOR}{i}").into()
+}
+
+impl<R: Clone> Searches<R> {
+    /// Starts group `key` of `vehicles` members, each a search like
+    /// `search` (which carries the rider, the pickup and the first
+    /// member's sequence number).
+    pub(super) fn start_group(
+        &mut self,
+        now: Instant,
+        key: SearchKey,
+        search: Search<R>,
+        vehicles: u8,
+    ) {
+        let group = Group {
+            seq: search.seq,
+            size: vehicles,
+            rider: search.rider.clone(),
+            session: search.session,
+            pickup: search.pickup,
+            started: search.started,
+            members: Vec::new(),
+            held: BTreeMap::new(),
+            ending: None,
+            tried: 0,
+        };
+        self.groups.insert(key.clone(), group);
+        // Every member exists before any looks: one that ends at once
+        // (no time left) fails a group whose members are all known.
+        let mut members = Vec::new();
+        for i in 0..vehicles {
+            let seq = if i == 0 {
+                search.seq
+            } else {
+                self.next_seq += 1;
+                self.next_seq
+            };
+            let mut member = Search::new(
+                seq,
+                search.rider.clone(),
+                search.session,
+                search.pickup,
+                search.started,
+            );
+            member.group = Some(key.clone());
+            let member_key = (key.0.clone(), member_id(&key.1, i));
+            self.searches.insert(member_key.clone(), member);
+            members.push((seq, member_key));
+        }
+        if let Some(group) = self.groups.get_mut(&key) {
+            group.members = members.iter().map(|(_, k)| k.clone()).collect();
+        }
+        for (seq, member_key) in members {
+            let looking = self
+                .searches
+                .get(&member_key)
+                .is_some_and(|s| matches!(s.phase, Phase::Looking));
+            if looking {
+                self.dispatch(now, member_key, seq);
+            }
+        }
+    }
+
+    /// A member's driver accepted and is held for the group: the group
+    /// completes when it is the last one, else the rider and the held
+    /// drivers hear how many have accepted.
+    pub fn offer_held(&mut self, now: Instant, outcome: OfferOutcome, fencing_token: FencingToken) {
+        let key = (outcome.rider_id, outcome.request_id);
+        let driver = outcome.driver_id;
+        let Some(search) = self
+            .searches
+            .get_mut(&key)
+            .filter(|s| s.seq == outcome.search && s.current_offer() == Some(outcome.offer_id))
+        else {
+            // The member ended or moved on: the cancel that made it (on its
+            // way to the driver, or sent now) ends the hold.
+            return;
+        };
+        if search.revoking == Some(outcome.offer_id) {
+            return; // taken back by an older group: the cancel ends the hold
+        }
+        let Some(group_key) = search.group.clone() else {
+            debug_assert!(false, "only group offers are held");
+            return;
+        };
+        let was_locking = matches!(search.phase, Phase::Locking { .. });
+        if was_locking {
+            // The hold overtook the lock's answer (which will be ignored).
+            self.locking.remove(&driver);
+            search.candidates_tried += 1;
+            search.phase = Phase::Offered {
+                driver: driver.clone(),
+                node: None,
+                offer_id: outcome.offer_id,
+                fencing_token,
+            };
+        }
+        if search.cancel_requested {
+            // Withdrawn while locking: the withdrawal goes out now (once
+            // offered, it went out already).
+            if was_locking {
+                self.withdraw(now, &key);
+            }
+            return;
+        }
+        let at = outcome.driver_location.unwrap_or(search.pickup);
+        let Some(group) = self.groups.get_mut(&group_key) else {
+            return;
+        };
+        if group.ending.is_some() {
+            return; // failing: every member's driver is being let go
+        }
+        let holding = Holding {
+            driver,
+            offer_id: outcome.offer_id,
+            fencing_token,
+            at,
+        };
+        group.held.insert(key, holding);
+        let accepted = group.held.len() as u8;
+        if accepted == group.size {
+            return self.complete_group(now, &group_key);
+        }
+        let progress = ServerMessage::GroupProgress {
+            request_id: group_key.1.clone(),
+            accepted,
+            group_size: group.size,
+        };
+        let rider = group.rider.clone();
+        for holding in group.held.values() {
+            self.effects.push(SearchEffect::GroupNews {
+                driver: holding.driver.clone(),
+                offer_id: holding.offer_id,
+                fencing_token: holding.fencing_token,
+                accepted,
+                trip_id: None,
+            });
+        }
+        self.tell(&rider, progress);
+    }
+
+    /// Every member is held: each driver goes on its trip and the rider
+    /// gets one `matched`, nearest driver first.
+    fn complete_group(&mut self, now: Instant, key: &SearchKey) {
+        let Some(group) = self.groups.remove(key) else {
+            return;
+        };
+        let mut held: Vec<Holding> = group.held.into_values().collect();
+        held.sort_by(|a, b| {
+            let (da, db) = (a.at.distance_m(group.pickup), b.at.distance_m(group.pickup));
+            da.total_cmp(&db).then_with(|| a.driver.cmp(&b.driver))
+        });
+        let mut drivers = Vec::with_capacity(held.len());
+        for holding in held {
+            let trip_id = self.ids.next_trip();
+            self.effects.push(SearchEffect::GroupNews {
+                driver: holding.driver.clone(),
+                offer_id: holding.offer_id,
+                fencing_token: holding.fencing_token,
+                accepted: group.size,
+                trip_id: Some(trip_id),
+            });
+            let distance_m = holding.at.distance_m(group.pickup);
+            m::pickup_distance(distance_m);
+            drivers.push(MatchedDriver {
+                driver_id: holding.driver,
+                trip_id,
+                driver_location: holding.at,
+                distance_m,
+            });
+        }
+        let mut tried = group.tried;
+        for member in &group.members {
+            if let Some(search) = self.searches.remove(member) {
+                self.unpark(search.seq);
+                tried += search.candidates_tried;
+            }
+        }
+        self.forget_request(group.session, key);
+        let first = drivers[0].clone();
+        let message = ServerMessage::Matched {
+            request_id: key.1.clone(),
+            trip_id: first.trip_id,
+            driver_id: first.driver_id,
+            driver_location: first.driver_location,
+            distance_m: first.distance_m,
+            drivers,
+        };
+        let age = now.saturating_duration_since(group.started);
+        m::group_completed(age);
+        m::search_finished(&message, age, tried);
+        self.tell(&group.rider, message);
+    }
+
+    /// Fails group `key` (`why`: the rider cancelled, or it can't be
+    /// completed): every member is withdrawn and its driver let go; the
+    /// rider hears once the last member has ended.
+    pub(super) fn end_group(&mut self, now: Instant, key: &SearchKey, why: Ending) {
+        let Some(group) = self.groups.get_mut(key) else {
+            return;
+        };
+        if group.ending.is_some() {
+            return;
+        }
+        group.ending = Some(why);
+        group.held.clear();
+        let members = group.members.clone();
+        for member in &members {
+            if let Some(search) = self.searches.get_mut(member) {
+                search.withdraw_why = why;
+            }
+        }
+        for member in &members {
+            self.withdraw(now, member);
+        }
+    }
+
+    /// Member `key` of group `group_key` ended with `message` (which only
+    /// the group's own final message reaches the rider as).
+    pub(super) fn member_finished(
+        &mut self,
+        now: Instant,
+        group_key: &SearchKey,
+        key: &SearchKey,
+        message: ServerMessage,
+        tried: u32,
+    ) {
+        let Some(group) = self.groups.get_mut(group_key) else {
+            return;
+        };
+        group.members.retain(|k| k != key);
+        group.held.remove(key);
+        group.tried += tried;
+        if group.ending.is_none() {
+            // Ended by itself: out of time or candidates.
+            let why = match message {
+                ServerMessage::Cancelled { .. } => Ending::RiderCancelled,
+                _ => Ending::GroupIncomplete,
+            };
+            self.end_group(now, group_key, why);
+        }
+        if self
+            .groups
+            .get(group_key)
+            .is_some_and(|g| g.members.is_empty())
+        {
+            self.close_group(now, group_key);
+        }
+    }
+
+    /// A failed group's last member ended: the rider's final message.
+    fn close_group(&mut self, now: Instant, key: &SearchKey) {
+        let Some(group) = self.groups.remove(key) else {
+            return;
+        };
+        self.forget_request(group.session, key);
+        let why = group.ending.unwrap_or(Ending::GroupIncomplete);
+        let request_id = key.1.clone();
+        let message = match why {
+            Ending::RiderCancelled => ServerMessage::Cancelled { request_id },
+            _ => ServerMessage::NoDriver {
+                request_id,
+                reason: None,
+            },
+        };
+        let age = now.saturating_duration_since(group.started);
+        m::group_failed(why);
+        m::search_finished(&message, age, group.tried);
+        self.tell(&group.rider, message);
+    }
+
+    /// Wound-wait: member `key`, finding no free driver in reach, takes the
+    /// nearest driver in reach from a member of a younger group. Whether it
+    /// did (it then parks until the driver is handed over).
+    pub(super) fn preempt(&mut self, now: Instant, key: &SearchKey) -> bool {
+        let Some(search) = self.searches.get(key) else {
+            return false;
+        };
+        let Some(group) = search.group.as_ref().and_then(|g| self.groups.get(g)) else {
+            return false;
+        };
+        if search.preempting || group.ending.is_some() {
+            return false;
+        }
+        let radius = self.radius_of(search, now);
+        let mut victim: Option<(f64, u64, SearchKey)> = None;
+        for younger in self.groups.values() {
+            if younger.seq <= group.seq || younger.ending.is_some() {
+                continue;
+            }
+            for member in &younger.members {
+                let Some(other) = self.searches.get(member) else {
+                    continue;
+                };
+                let Phase::Offered {
+                    driver, node: None, ..
+                } = &other.phase
+                else {
+                    continue;
+                };
+                let Some(at) = other.driver_at else {
+                    continue;
+                };
+                let metres = at.distance_m(search.pickup);
+                if other.revoking.is_some() || metres > radius || search.excluded.contains(driver) {
+                    continue;
+                }
+                let candidate = (metres, other.seq, member.clone());
+                if victim
+                    .as_ref()
+                    .is_none_or(|v| (candidate.0, candidate.1) < (v.0, v.1))
+                {
+                    victim = Some(candidate);
+                }
+            }
+        }
+        let Some((_, _, victim)) = victim else {
+            return false;
+        };
+        let Some(other) = self.searches.get_mut(&victim) else {
+            return false;
+        };
+        let Phase::Offered {
+            driver,
+            offer_id,
+            fencing_token,
+            ..
+        } = other.phase.clone()
+        else {
+            return false;
+        };
+        other.revoking = Some(offer_id);
+        let at = other.driver_at;
+        self.unhold(&victim, offer_id);
+        tracing::debug!(driver = %driver, offer_id, "an older group takes a driver from a younger one");
+        m::preemption();
+        self.effects.push(SearchEffect::Cancel {
+            driver,
+            node: None,
+            offer_id,
+            fencing_token,
+            why: Ending::Preempted,
+        });
+        self.handovers.insert(offer_id, (key.clone(), at));
+        if let Some(search) = self.searches.get_mut(key) {
+            search.preempting = true;
+        }
+        self.park(now, key);
+        true
+    }
+
+    /// Offer `offer_id` of `driver` ended: if an older group took it back,
+    /// the driver goes to the member that took it (if it still looks), and
+    /// whether it was taken back.
+    pub(super) fn hand_over(&mut self, now: Instant, offer_id: OfferId, driver: &DriverId) -> bool {
+        let Some((taker, at)) = self.handovers.remove(&offer_id) else {
+            return false;
+        };
+        let Some(search) = self.searches.get_mut(&taker) else {
+            return true;
+        };
+        search.preempting = false;
+        if !matches!(search.phase, Phase::Looking) || search.cancel_requested {
+            return true;
+        }
+        let seq = search.seq;
+        self.unpark(seq);
+        if self.locking.contains(driver) {
+            // Someone older took the freed driver first: look again (and
+            // perhaps take another).
+            self.advance(now, taker);
+        } else {
+            self.ask_for_lock(now, taker.clone(), driver.clone());
+            if let Some(search) = self.searches.get_mut(&taker) {
+                search.driver_at = search.driver_at.or(at);
+            }
+        }
+        true
+    }
+
+    /// Member `key`'s offer `offer_id` no longer counts as held.
+    pub(super) fn unhold(&mut self, key: &SearchKey, offer_id: OfferId) {
+        let Some(group) = self.group_of(key) else {
+            return;
+        };
+        if let Some(group) = self.groups.get_mut(&group) {
+            if group.held.get(key).is_some_and(|h| h.offer_id == offer_id) {
+                group.held.remove(key);
+            }
+        }
+    }
+
+    /// Whether member `key`'s offer `offer_id` is held for its group.
+    pub(super) fn is_held(&self, key: &SearchKey, offer_id: OfferId) -> bool {
+        self.group_of(key)
+            .and_then(|group| self.groups.get(&group))
+            .and_then(|group| group.held.get(key))
+            .is_some_and(|h| h.offer_id == offer_id)
+    }
+
+    /// `driver` turned search `key` down: it is not asked again for it, nor,
+    /// for a group member, for any member of the group.
+    pub(super) fn exclude(&mut self, key: &SearchKey, driver: DriverId) {
+        let members = self
+            .group_of(key)
+            .and_then(|group| self.groups.get(&group))
+            .map_or_else(|| vec![key.clone()], |group| group.members.clone());
+        for member in members {
+            if let Some(search) = self.searches.get_mut(&member) {
+                search.excluded.push(driver.clone());
+            }
+        }
+    }
+
+    fn group_of(&self, key: &SearchKey) -> Option<SearchKey> {
+        self.searches.get(key).and_then(|s| s.group.clone())
+    }
+}
