@@ -529,3 +529,78 @@ mod batches {
         }
     }
 }
+
+/// Wound-wait's second moment (see `core::search::wound`): an older group's
+/// member that parked while a younger member's lock was still on its way
+/// takes the driver as soon as the grant comes in, rather than waiting
+/// beside it for its deadline.
+#[test]
+fn an_older_group_parked_beside_a_lock_in_flight_takes_the_driver_once_granted() {
+    use ridelock::core::lock::Ending;
+    use ridelock::core::search::LockAnswer;
+    use ridelock::core::Granted;
+
+    let t0 = Instant::now();
+    let settings = SearchSettings {
+        radius_m: 1_000.0,
+        radius_step_m: 2_000.0,
+        radius_step: Duration::from_secs(2),
+        max_radius_m: 3_000.0,
+        ..settings()
+    };
+    let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+    let near = north(100.0);
+    searches.driver_changed(t0, "near".into(), Some(near));
+    // The older group waits 2.5 km south of the driver: out of reach.
+    let south = LatLon::new(52.52 - 2_500.0 / 111_195.0, 13.405).unwrap();
+    let older = ("old".into(), 1, "g".into(), south, t0);
+    searches.request_vehicles(t0, 1, older, 2);
+    assert!(locked(&searches.take_effects()).is_empty());
+    // The younger group, beside the driver, asks it for a lock...
+    let t1 = t0 + Duration::from_millis(100);
+    searches.request_vehicles(t1, 2, ("young".into(), 1, "g".into(), pickup(), t1), 2);
+    let effects = searches.take_effects();
+    let (offer_id, holder) = effects
+        .iter()
+        .find_map(|e| match e {
+            SearchEffect::Lock {
+                driver,
+                offer_id,
+                holder,
+                ..
+            } if &**driver == "near" => Some((*offer_id, holder.clone())),
+            _ => None,
+        })
+        .expect("the younger group asks the driver beside it");
+    // ...and while the answer is on its way the older group's radius grows
+    // to reach it: nobody free, nothing to take yet (the lock is in flight).
+    let t2 = t0 + Duration::from_secs(2);
+    searches.tick(t2);
+    let effects = searches.take_effects();
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, SearchEffect::Cancel { .. })),
+        "{effects:?}"
+    );
+    // The grant comes in: the older group takes the driver at once.
+    let answer = LockAnswer {
+        driver_id: "near".into(),
+        offer_id,
+        search: holder.search,
+        rider_id: holder.rider_id.clone(),
+        request_id: holder.request_id.clone(),
+        result: Ok(Granted { fencing_token: 9 }),
+        node: None,
+    };
+    searches.lock_answered(t2, answer);
+    let effects = searches.take_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            SearchEffect::Cancel { driver, offer_id: o, fencing_token: 9, why: Ending::Preempted, .. }
+                if &**driver == "near" && *o == offer_id
+        )),
+        "{effects:?}"
+    );
+}

@@ -14,6 +14,7 @@ mod common;
 mod model_check;
 mod redis;
 mod world;
+mod wound_wait;
 
 use std::io::Write;
 use std::time::Duration;

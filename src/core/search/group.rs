@@ -46,19 +46,19 @@ const MEMBER_SEPARATOR: char = '\u{1f}';
 /// One group request in flight.
 pub(super) struct Group<R> {
     /// Its age: the first member's sequence number (older is smaller).
-    seq: u64,
+    pub(super) seq: u64,
     /// How many vehicles.
     pub(super) size: u8,
     rider: R,
     session: u64,
     pickup: LatLon,
-    started: Instant,
+    pub(super) started: Instant,
     /// Member searches not ended yet.
-    members: Vec<SearchKey>,
+    pub(super) members: Vec<SearchKey>,
     /// Members whose driver accepted and is held, by member.
     held: BTreeMap<SearchKey, Holding>,
     /// Set once the group fails: why its drivers are let go.
-    ending: Option<Ending>,
+    pub(super) ending: Option<Ending>,
     /// Drivers asked by members that ended (for the candidates metric).
     tried: u32,
 }
@@ -179,11 +179,28 @@ impl<R: Clone> Searches<R> {
             return;
         }
         let at = outcome.driver_location.unwrap_or(search.pickup);
+        if was_locking {
+            // Granted just now, as far as the matcher knows: an older
+            // group waiting in reach takes it (see `wound.rs`).
+            self.older_group_takes(now, &key);
+            let taken = self.searches.get(&key).and_then(|s| s.revoking);
+            if taken == Some(outcome.offer_id) {
+                return;
+            }
+        }
+        let search_timeout = self.settings.search_timeout;
         let Some(group) = self.groups.get_mut(&group_key) else {
             return;
         };
         if group.ending.is_some() {
             return; // failing: every member's driver is being let go
+        }
+        // Holds last until the search's deadline and a little more: past
+        // the deadline the group is not completed, so that every commit
+        // reaches its driver before the hold lapses (the matcher may be
+        // running behind its timers).
+        if now >= group.started + search_timeout {
+            return self.end_group(now, &group_key, Ending::GroupIncomplete);
         }
         let holding = Holding {
             driver,
@@ -342,115 +359,6 @@ impl<R: Clone> Searches<R> {
         m::group_failed(why);
         m::search_finished(&message, age, group.tried);
         self.tell(&group.rider, message);
-    }
-
-    /// Wound-wait: member `key`, finding no free driver in reach, takes the
-    /// nearest driver in reach from a member of a younger group. Whether it
-    /// did (it then parks until the driver is handed over).
-    pub(super) fn preempt(&mut self, now: Instant, key: &SearchKey) -> bool {
-        let Some(search) = self.searches.get(key) else {
-            return false;
-        };
-        let Some(group) = search.group.as_ref().and_then(|g| self.groups.get(g)) else {
-            return false;
-        };
-        if search.preempting || group.ending.is_some() {
-            return false;
-        }
-        let radius = self.radius_of(search, now);
-        let mut victim: Option<(f64, u64, SearchKey)> = None;
-        for younger in self.groups.values() {
-            if younger.seq <= group.seq || younger.ending.is_some() {
-                continue;
-            }
-            for member in &younger.members {
-                let Some(other) = self.searches.get(member) else {
-                    continue;
-                };
-                let Phase::Offered {
-                    driver, node: None, ..
-                } = &other.phase
-                else {
-                    continue;
-                };
-                let Some(at) = other.driver_at else {
-                    continue;
-                };
-                let metres = at.distance_m(search.pickup);
-                if other.revoking.is_some() || metres > radius || search.excluded.contains(driver) {
-                    continue;
-                }
-                let candidate = (metres, other.seq, member.clone());
-                if victim
-                    .as_ref()
-                    .is_none_or(|v| (candidate.0, candidate.1) < (v.0, v.1))
-                {
-                    victim = Some(candidate);
-                }
-            }
-        }
-        let Some((_, _, victim)) = victim else {
-            return false;
-        };
-        let Some(other) = self.searches.get_mut(&victim) else {
-            return false;
-        };
-        let Phase::Offered {
-            driver,
-            offer_id,
-            fencing_token,
-            ..
-        } = other.phase.clone()
-        else {
-            return false;
-        };
-        other.revoking = Some(offer_id);
-        let at = other.driver_at;
-        self.unhold(&victim, offer_id);
-        tracing::debug!(driver = %driver, offer_id, "an older group takes a driver from a younger one");
-        m::preemption();
-        self.effects.push(SearchEffect::Cancel {
-            driver,
-            node: None,
-            offer_id,
-            fencing_token,
-            why: Ending::Preempted,
-        });
-        self.handovers.insert(offer_id, (key.clone(), at));
-        if let Some(search) = self.searches.get_mut(key) {
-            search.preempting = true;
-        }
-        self.park(now, key);
-        true
-    }
-
-    /// Offer `offer_id` of `driver` ended: if an older group took it back,
-    /// the driver goes to the member that took it (if it still looks), and
-    /// whether it was taken back.
-    pub(super) fn hand_over(&mut self, now: Instant, offer_id: OfferId, driver: &DriverId) -> bool {
-        let Some((taker, at)) = self.handovers.remove(&offer_id) else {
-            return false;
-        };
-        let Some(search) = self.searches.get_mut(&taker) else {
-            return true;
-        };
-        search.preempting = false;
-        if !matches!(search.phase, Phase::Looking) || search.cancel_requested {
-            return true;
-        }
-        let seq = search.seq;
-        self.unpark(seq);
-        if self.locking.contains(driver) {
-            // Someone older took the freed driver first: look again (and
-            // perhaps take another).
-            self.advance(now, taker);
-        } else {
-            self.ask_for_lock(now, taker.clone(), driver.clone());
-            if let Some(search) = self.searches.get_mut(&taker) {
-                search.driver_at = search.driver_at.or(at);
-            }
-        }
-        true
     }
 
     /// Member `key`'s offer `offer_id` no longer counts as held.

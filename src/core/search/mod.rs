@@ -34,6 +34,7 @@ mod events;
 mod group;
 mod remote;
 mod steps;
+mod wound;
 
 pub use batch::MAX_BATCH;
 pub use events::{
@@ -146,6 +147,20 @@ impl<R> Search<R> {
         }
     }
 
+    /// The driver (on this node) an older group may take from this search,
+    /// and its offer: offered, and not being taken already.
+    fn takeable(&self) -> Option<(&DriverId, OfferId)> {
+        match &self.phase {
+            Phase::Offered {
+                driver,
+                node: None,
+                offer_id,
+                ..
+            } if self.revoking.is_none() => Some((driver, *offer_id)),
+            _ => None,
+        }
+    }
+
     fn offered_driver(&self) -> Option<DriverId> {
         match &self.phase {
             Phase::Locking { driver, .. } | Phase::Offered { driver, .. } => Some(driver.clone()),
@@ -222,7 +237,7 @@ pub struct Searches<R> {
     groups: HashMap<SearchKey, group::Group<R>>,
     /// Offers an older group is taking back, and the member of that group
     /// to hand each driver to once it is free.
-    handovers: HashMap<OfferId, (SearchKey, Option<LatLon>)>,
+    handovers: HashMap<OfferId, (SearchKey, u64, Option<LatLon>)>,
     effects: Vec<SearchEffect<R>>,
     index_queries: u32,
 }
@@ -611,6 +626,11 @@ impl<R: Clone> Searches<R> {
                 self.drivers.remove(&driver_id);
                 self.local.remove(&driver_id);
                 self.remote.remove(&driver_id);
+                // A group member: an older group waiting in reach takes it.
+                let member = self.searches.get(&key);
+                if member.is_some_and(|s| s.group.is_some() && !s.cancel_requested) {
+                    self.older_group_takes(now, &key);
+                }
             }
             Err(LockRefused::StoreUnavailable) => {
                 // Redis could not decide. Once may be a slow reply: try again
@@ -648,7 +668,7 @@ impl<R: Clone> Searches<R> {
     pub fn offer_ended(&mut self, now: Instant, outcome: OfferOutcome) {
         let key = (outcome.rider_id, outcome.request_id);
         let driver_id = outcome.driver_id;
-        let taken_back = self.hand_over(now, outcome.offer_id, &driver_id);
+        self.hand_over(now, outcome.offer_id, &driver_id);
         self.unhold(&key, outcome.offer_id);
         let Some(search) = self
             .searches
@@ -657,9 +677,8 @@ impl<R: Clone> Searches<R> {
         else {
             return;
         };
-        if taken_back {
-            search.revoking = None;
-        }
+        // Its current offer is over, taken back or not.
+        search.revoking = None;
         if matches!(search.phase, Phase::Locking { .. }) {
             // The ending overtook the lock's answer; the answer will be stale.
             // The lock was granted all the same: the offer counts as made.

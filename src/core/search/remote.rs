@@ -205,6 +205,9 @@ impl<R: Clone> Searches<R> {
                     continue;
                 };
                 tracing::warn!(driver = %driver, offer_id, "no news of an offer past its deadline; withdrawing it");
+                // Withdrawn: a group hold of it that comes in after this
+                // must not count (the cancel ends it at the driver).
+                search.revoking = Some(offer_id);
                 self.effects.push(SearchEffect::Cancel {
                     driver,
                     node: None,
