@@ -108,6 +108,13 @@ pub struct Args {
     /// Probability that a rider cancels a request.
     #[arg(long)]
     pub cancel_prob: Option<f64>,
+    /// Share of requests asking for more than one vehicle (2 to
+    /// --max-vehicles, uniformly): all of them come or none does.
+    #[arg(long, default_value_t = 0.0)]
+    pub group_prob: f64,
+    /// Most vehicles a group request asks for (2 to 4).
+    #[arg(long, default_value_t = 4)]
+    pub max_vehicles: u8,
     /// Longest time a driver takes to answer (uniform from zero).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub answer_delay: Option<Duration>,
@@ -169,6 +176,8 @@ pub struct Plan {
     pub accept_prob: f64,
     pub no_answer_prob: f64,
     pub cancel_prob: f64,
+    pub group_prob: f64,
+    pub max_vehicles: u8,
     #[serde(with = "humantime_serde_secs")]
     pub answer_delay: Duration,
     #[serde(with = "humantime_serde_secs")]
@@ -319,6 +328,8 @@ impl Args {
             accept_prob: self.accept_prob.unwrap_or(p.accept_prob),
             no_answer_prob: self.no_answer_prob.unwrap_or(p.no_answer_prob),
             cancel_prob: self.cancel_prob.unwrap_or(p.cancel_prob),
+            group_prob: self.group_prob,
+            max_vehicles: self.max_vehicles,
             answer_delay: self.answer_delay.unwrap_or(p.answer_delay),
             trip_time: self.trip_time.unwrap_or(p.trip_time),
             break_prob: self.break_prob.unwrap_or(p.break_prob),
@@ -332,12 +343,18 @@ impl Args {
             ("no-answer-prob", plan.no_answer_prob),
             ("cancel-prob", plan.cancel_prob),
             ("break-prob", plan.break_prob),
+            ("group-prob", plan.group_prob),
         ] {
             anyhow::ensure!((0.0..=1.0).contains(&p), "--{name} must be within 0..=1");
         }
         anyhow::ensure!(
             plan.accept_prob + plan.no_answer_prob <= 1.0,
             "--accept-prob plus --no-answer-prob must not exceed 1"
+        );
+        anyhow::ensure!(
+            (2..=ridelock::protocol::MAX_VEHICLES).contains(&plan.max_vehicles),
+            "--max-vehicles must be 2 to {}",
+            ridelock::protocol::MAX_VEHICLES
         );
         anyhow::ensure!(
             plan.riders == RiderMode::Person || plan.rider_connections > 0,

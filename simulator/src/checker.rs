@@ -93,6 +93,18 @@ impl DriverWatch {
         self.holding == Holding::Offered(offer_id)
     }
 
+    /// A `waiting_for_group` arrived: the driver accepted `offer_id` and is
+    /// held for its group.
+    pub fn waiting_for_group(&mut self, offer_id: u64) -> Option<String> {
+        match self.holding {
+            Holding::Accepting(o) if o == offer_id => None,
+            _ => Some(format!(
+                "driver {} told it waits for the group of offer {offer_id}, which it did not accept",
+                self.id
+            )),
+        }
+    }
+
     /// An `offer_revoked` arrived.
     pub fn revoked(&mut self, offer_id: u64) -> Option<String> {
         match self.holding {
@@ -152,8 +164,8 @@ impl DriverWatch {
 /// How a request ended, as its rider heard it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Final {
-    /// `matched`, naming the driver.
-    Matched(String),
+    /// `matched`, naming every driver.
+    Matched(Vec<String>),
     /// `no_driver`.
     NoDriver,
     /// `cancelled`.
@@ -165,6 +177,8 @@ struct Entry {
     acknowledged: bool,
     finals: u8,
     accepted_by: Vec<String>,
+    /// Vehicles asked for (0: not recorded, taken as 1).
+    vehicles: u8,
 }
 
 /// Every request of the run: exactly one final each, and `matched` only
@@ -197,6 +211,14 @@ impl RequestLedger {
         }
     }
 
+    /// The rider asks for `vehicles` vehicles with `request_id`.
+    pub fn requested(&mut self, request_id: &str, vehicles: u8) {
+        self.requests
+            .entry(request_id.to_string())
+            .or_default()
+            .vehicles = vehicles;
+    }
+
     /// `driver` sent `accept` for an offer of `request_id` (recorded before
     /// sending, so it always precedes the rider's `matched`).
     pub fn accept_sent(&mut self, request_id: &str, driver: &str) {
@@ -219,12 +241,23 @@ impl RequestLedger {
                 "request {request_id} got a second final message ({how:?})"
             ));
         }
-        match how {
-            Final::Matched(driver) if !entry.accepted_by.contains(&driver) => Some(format!(
-                "request {request_id} matched to {driver}, who did not accept it"
-            )),
-            _ => None,
+        let Final::Matched(drivers) = how else {
+            return None;
+        };
+        // Every vehicle asked for, each a different driver who accepted.
+        let wanted = usize::from(entry.vehicles.max(1));
+        let mut distinct = drivers.clone();
+        distinct.sort();
+        distinct.dedup();
+        if drivers.len() != wanted || distinct.len() != wanted {
+            return Some(format!(
+                "request {request_id} for {wanted} vehicles matched to {drivers:?}"
+            ));
         }
+        drivers
+            .iter()
+            .find(|d| !entry.accepted_by.contains(d))
+            .map(|d| format!("request {request_id} matched to {d}, who did not accept it"))
     }
 
     /// At the end of the run (after the drain): requests still owed a final.
@@ -334,12 +367,54 @@ mod tests {
         ledger.acknowledged("a");
         ledger.accept_sent("a", "d1");
         assert!(ledger
-            .final_message("a", Final::Matched("d2".into()))
+            .final_message("a", Final::Matched(vec!["d2".into()]))
             .unwrap()
             .contains("did not accept"));
         ledger.acknowledged("b");
         ledger.accept_sent("b", "d1");
-        assert_eq!(ledger.final_message("b", Final::Matched("d1".into())), None);
+        assert_eq!(
+            ledger.final_message("b", Final::Matched(vec!["d1".into()])),
+            None
+        );
+    }
+
+    #[test]
+    fn a_group_is_matched_whole_with_drivers_who_all_accepted() {
+        let mut ledger = RequestLedger::new();
+        for id in ["g1", "g2", "g3"] {
+            ledger.requested(id, 2);
+            ledger.acknowledged(id);
+            ledger.accept_sent(id, "d1");
+            ledger.accept_sent(id, "d2");
+        }
+        let partial = ledger.final_message("g1", Final::Matched(vec!["d1".into()]));
+        assert!(partial.unwrap().contains("for 2 vehicles"));
+        let twice = ledger.final_message("g2", Final::Matched(vec!["d1".into(), "d1".into()]));
+        assert!(twice.unwrap().contains("for 2 vehicles"));
+        let whole = ledger.final_message("g3", Final::Matched(vec!["d2".into(), "d1".into()]));
+        assert_eq!(whole, None);
+        ledger.requested("g4", 2);
+        ledger.acknowledged("g4");
+        ledger.accept_sent("g4", "d1");
+        let unaccepted = ledger.final_message("g4", Final::Matched(vec!["d1".into(), "d3".into()]));
+        assert!(unaccepted.unwrap().contains("d3, who did not accept"));
+    }
+
+    #[test]
+    fn waiting_for_a_group_follows_an_accept_and_holds_the_driver() {
+        let mut d = DriverWatch::new("d");
+        assert!(d.waiting_for_group(1).is_some());
+        d.offer(1);
+        d.answered(1, true);
+        assert_eq!(d.waiting_for_group(1), None);
+        assert!(d.offer(2).unwrap().contains("while holding offer 1"));
+        let mut d = DriverWatch::new("d");
+        d.offer(1);
+        d.answered(1, true);
+        d.waiting_for_group(1);
+        // Let go (group incomplete, or taken by an older group): free again.
+        assert_eq!(d.revoked(1), None);
+        assert_eq!(d.offer(2), None);
     }
 
     #[test]

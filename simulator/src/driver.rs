@@ -184,6 +184,12 @@ impl Driver {
                     ))
                 };
             }
+            // Held for a group after accepting: nothing to do but wait.
+            ServerMessage::WaitingForGroup { offer_id, .. } => {
+                if let Some(v) = self.watch.waiting_for_group(offer_id) {
+                    shared.stats.violation(v);
+                }
+            }
             ServerMessage::OfferRevoked { offer_id, reason } => {
                 if let Some(v) = self.watch.revoked(offer_id) {
                     shared.stats.violation(v);

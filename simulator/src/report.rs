@@ -73,7 +73,19 @@ pub struct Offers {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Latencies {
     pub request_to_offer: Percentiles,
+    /// Single-vehicle requests.
     pub request_to_matched: Percentiles,
+    /// Group requests (`--group-prob`): request to the one `matched`.
+    pub group_request_to_matched: Percentiles,
+}
+
+/// Group requests (`--group-prob`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Groups {
+    /// Requests for more than one vehicle.
+    pub requests: u64,
+    /// Those matched (every vehicle).
+    pub matched: u64,
 }
 
 /// Everything a run found.
@@ -89,6 +101,7 @@ pub struct Report {
     pub matches: u64,
     pub no_driver: u64,
     pub cancelled: u64,
+    pub groups: Groups,
     pub offers: Offers,
     /// Over the steady phase.
     pub requests_per_s: f64,
@@ -209,6 +222,22 @@ impl Report {
                 format!(
                     "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (n={})",
                     l.p50, l.p90, l.p99, l.p999, l.max, l.count
+                ),
+            );
+        }
+        if p.group_prob > 0.0 {
+            let l = &self.latency_ms.group_request_to_matched;
+            row(
+                &mut out,
+                "group requests (matched)",
+                format!("{} ({})", self.groups.requests, self.groups.matched),
+            );
+            row(
+                &mut out,
+                "group request→matched ms",
+                format!(
+                    "p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  (n={})",
+                    l.p50, l.p90, l.p99, l.max, l.count
                 ),
             );
         }

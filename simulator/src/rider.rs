@@ -30,6 +30,8 @@ pub struct Order {
     pub request_id: String,
     /// Where to be picked up.
     pub pickup: LatLon,
+    /// How many vehicles (1 for a plain request).
+    pub vehicles: u8,
 }
 
 /// What the run tells rider connections.
@@ -70,6 +72,7 @@ pub async fn run(
                 let Some(order) = order else { continue };
                 let now = Instant::now();
                 shared.stats.request_sent(&order.request_id, now);
+                shared.stats.group_sent(&order.request_id, order.vehicles);
                 open.insert(order.request_id.clone(), now);
                 if rng.random_bool(shared.plan.cancel_prob) {
                     let delay = LONGEST_CANCEL_DELAY.mul_f64(rng.random::<f64>());
@@ -78,7 +81,7 @@ pub async fn run(
                 let command = RiderCommand::RequestRide {
                     request_id: order.request_id.into(),
                     pickup: order.pickup,
-                    vehicles: 1,
+                    vehicles: order.vehicles,
                 };
                 if send(&mut ws, &command).await.is_err() {
                     break;
@@ -144,6 +147,7 @@ pub async fn person(
     let mut rng = SmallRng::seed_from_u64(shared.plan.seed ^ (0x5A5A_0000_0000 + n));
     let sent = Instant::now();
     shared.stats.request_sent(&order.request_id, sent);
+    shared.stats.group_sent(&order.request_id, order.vehicles);
     let mut open = HashMap::from([(order.request_id.clone(), sent)]);
     let mut cancel_at = rng
         .random_bool(shared.plan.cancel_prob)
@@ -152,7 +156,7 @@ pub async fn person(
     let command = RiderCommand::RequestRide {
         request_id: request_id.clone(),
         pickup: order.pickup,
-        vehicles: 1,
+        vehicles: order.vehicles,
     };
     if send(&mut ws, &command).await.is_ok() {
         let cancel = RiderCommand::Cancel { request_id };
@@ -207,18 +211,29 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
                 .acknowledged(&request_id);
             return;
         }
+        ServerMessage::GroupProgress { .. } => return,
         ServerMessage::Matched {
             request_id,
-            driver_id,
-            distance_m,
+            drivers,
             ..
         } => {
             stats.matches.inc();
-            stats.pickup_distance.record(distance_m);
-            if let Some(sent) = open.get(&*request_id) {
-                stats.request_to_matched.record(sent.elapsed());
+            for driver in &drivers {
+                stats.pickup_distance.record(driver.distance_m);
             }
-            (request_id, Final::Matched(driver_id.to_string()))
+            if let Some(sent) = open.get(&*request_id) {
+                let latency = if drivers.len() > 1 {
+                    &stats.group_request_to_matched
+                } else {
+                    &stats.request_to_matched
+                };
+                latency.record(sent.elapsed());
+            }
+            if drivers.len() > 1 {
+                stats.group_matches.inc();
+            }
+            let drivers = drivers.iter().map(|d| d.driver_id.to_string()).collect();
+            (request_id, Final::Matched(drivers))
         }
         ServerMessage::NoDriver { request_id, .. } => {
             stats.no_driver.inc();
@@ -235,7 +250,7 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
                 // A cancel that crossed the request's final message finds nothing.
                 ("unknown_request", _) => {}
                 // Refused at the door: the engine owes it nothing.
-                ("overloaded" | "too_many_requests", Some(request_id)) => {
+                ("overloaded" | "too_many_requests" | "unsupported", Some(request_id)) => {
                     stats.rejected.inc();
                     open.remove(&*request_id);
                     stats.request_ended(&request_id);

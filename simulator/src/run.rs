@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::SmallRng;
+use rand::Rng;
 use rand::SeedableRng;
 use ridelock::auth::Role;
 use ridelock::location::LatLon;
@@ -20,7 +21,7 @@ use crate::city::City;
 use crate::driver;
 use crate::flood;
 use crate::net::{self, Target};
-use crate::report::{Distances, Latencies, Offers, Percentiles, Report};
+use crate::report::{Distances, Groups, Latencies, Offers, Percentiles, Report};
 use crate::rider::{self, Order, Phase};
 use crate::stats::Stats;
 
@@ -257,6 +258,10 @@ pub async fn run(
         matches: stats.matches.get(),
         no_driver: stats.no_driver.get(),
         cancelled: stats.cancelled.get(),
+        groups: Groups {
+            requests: stats.group_requests.get(),
+            matched: stats.group_matches.get(),
+        },
         offers: Offers {
             received: stats.offers_received.get(),
             accepted: stats.offers_accepted.get(),
@@ -280,6 +285,7 @@ pub async fn run(
         latency_ms: Latencies {
             request_to_offer: Percentiles::of(&stats.request_to_offer.snapshot()),
             request_to_matched: Percentiles::of(&stats.request_to_matched.snapshot()),
+            group_request_to_matched: Percentiles::of(&stats.group_request_to_matched.snapshot()),
         },
         pickup_distance_m: Distances::of(&stats.pickup_distance.snapshot()),
         violations: stats.violations(),
@@ -356,9 +362,15 @@ async fn send_arrivals(
         // Everything due since the last wake goes out now: a timer per
         // arrival would cap the rate at the timer's resolution.
         while next_at <= now {
+            let vehicles = if plan.group_prob > 0.0 && rng.random_bool(plan.group_prob) {
+                rng.random_range(2..=plan.max_vehicles)
+            } else {
+                1
+            };
             let order = Order {
                 request_id: format!("q{n}"),
                 pickup: shared.city.random_point(&mut rng),
+                vehicles,
             };
             match plan.riders {
                 RiderMode::Person => match shared.person_slots.clone().try_acquire_owned() {

@@ -82,12 +82,16 @@ impl Distance {
 #[derive(Default)]
 pub struct Stats {
     pub requests: Counter,
+    /// Requests for more than one vehicle, and those matched.
+    pub group_requests: Counter,
+    pub group_matches: Counter,
     pub acknowledged: Counter,
     pub matches: Counter,
     pub no_driver: Counter,
     pub cancelled: Counter,
     pub rider_errors: Counter,
-    /// Requests the engine refused (`overloaded`, `too_many_requests`).
+    /// Requests the engine refused (`overloaded`, `too_many_requests`,
+    /// `unsupported`: a group in cluster mode).
     pub rejected: Counter,
     pub driver_errors: Counter,
     pub offers_received: Counter,
@@ -105,6 +109,8 @@ pub struct Stats {
     connected_peak: AtomicU64,
     pub request_to_offer: Latency,
     pub request_to_matched: Latency,
+    /// The same for group requests (more than one vehicle).
+    pub group_request_to_matched: Latency,
     /// How far each matched driver was from the pickup (`matched`'s
     /// `distance_m`).
     pub pickup_distance: Distance,
@@ -117,6 +123,17 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Request `request_id` asks for `vehicles` vehicles.
+    pub fn group_sent(&self, request_id: &str, vehicles: u8) {
+        if vehicles > 1 {
+            self.group_requests.inc();
+        }
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requested(request_id, vehicles);
+    }
+
     /// A driver connection opened.
     pub fn driver_connected(&self) {
         let now = self.connected.fetch_add(1, Ordering::Relaxed) + 1;

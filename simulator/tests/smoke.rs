@@ -32,8 +32,8 @@ fn config() -> Config {
 }
 
 /// Runs the smoke scenario against `engines` (one, or a cluster's nodes) and
-/// checks its report; `extra` flags go to the simulator.
-async fn smoke(engines: &[&Engine], extra: &[&str]) {
+/// checks its report, which it returns; `extra` flags go to the simulator.
+async fn smoke(engines: &[&Engine], extra: &[&str]) -> Value {
     let _serial = SERIAL.lock().await;
     let report_path = std::env::temp_dir().join(format!(
         "ridelock-smoke-{}-{}.json",
@@ -96,7 +96,14 @@ async fn smoke(engines: &[&Engine], extra: &[&str]) {
         n("acknowledged"),
         "{report}"
     );
-    assert_eq!(report["offers"]["accepted"].as_u64(), Some(n("matches")));
+    // One accepted offer per match, and one more per extra vehicle of a
+    // group.
+    let accepted = report["offers"]["accepted"].as_u64().unwrap();
+    if report["groups"]["requests"].as_u64() == Some(0) {
+        assert_eq!(accepted, n("matches"), "{report}");
+    } else {
+        assert!(accepted >= n("matches") + report["groups"]["matched"].as_u64().unwrap());
+    }
     assert_eq!(n("connected_drivers_peak"), 60);
     assert_eq!(n("connect_errors"), 0, "{report}");
     // Nothing the engine said surprised a client: offer_expired for an answer
@@ -131,12 +138,31 @@ async fn smoke(engines: &[&Engine], extra: &[&str]) {
     }
     assert!(n("engine_rss_kib_peak") > 0);
     assert_eq!(report["plan"]["duration"], "3s");
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_scenario_finds_no_violations() {
     let engine = Engine::start(config()).await.expect("engine starts");
     smoke(&[&engine], &[]).await;
+    engine.shutdown().await;
+}
+
+/// A third of the requests ask for two or three vehicles: every `matched`
+/// names as many drivers as asked, each of whom accepted, and no driver is
+/// offered anything while held for a group (the live checker's rules).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_requests_find_no_violations() {
+    let engine = Engine::start(config()).await.expect("engine starts");
+    let report = smoke(&[&engine], &["--group-prob", "0.33", "--max-vehicles", "3"]).await;
+    let groups = &report["groups"];
+    assert!(groups["requests"].as_u64().unwrap() >= 3, "{report}");
+    assert!(groups["matched"].as_u64().unwrap() >= 1, "{report}");
+    let l = &report["latency_ms"]["group_request_to_matched"];
+    assert!(
+        l["count"].as_u64() == groups["matched"].as_u64(),
+        "{report}"
+    );
     engine.shutdown().await;
 }
 
