@@ -189,10 +189,11 @@ for name in repeats("matches-max") + ["matches-max-pooled"] + repeats("latency-5
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
 out.append("")
-# The cluster and dispatch sections are bench/cluster's and bench/dispatch's:
+# The cluster, dispatch and groups sections are bench/cluster's,
+# bench/dispatch's and bench/groups':
 # carried over as they are.
 previous = os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")
-for section in ("cluster", "dispatch"):
+for section in ("cluster", "dispatch", "groups"):
     begin, end = f"<!-- {section}: written by bench/{section} -->", f"<!-- /{section} -->"
     if os.path.exists(previous):
         text = open(previous).read()
