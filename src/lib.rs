@@ -37,6 +37,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod spatial;
+pub mod web;
 
 pub use self::actors::{driver, matcher};
 pub use self::core::lock;

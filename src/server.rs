@@ -289,7 +289,11 @@ fn respond(
                 }
                 Err(refusal) => refusal.into_response(),
             },
-            None => text(StatusCode::NOT_FOUND, "no such endpoint"),
+            // The pages and their assets, embedded in the binary.
+            None => match crate::web::page(&path) {
+                Some(page) => page.map(|bytes| Body::new(Bytes::from(bytes))),
+                None => text(StatusCode::NOT_FOUND, "no such endpoint"),
+            },
         },
         (Routes::Metrics, _) => text(
             StatusCode::NOT_FOUND,

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""The rider and driver pages in real headless Chromium, against a real
+engine process: booking end to end, a decline, an expiry, the rider
+cancelling, and the driver page reconnecting after the engine dropped it.
+
+Run by .ci/run after `cargo test` (which builds target/debug/ridelock):
+    python3 tests/browser/apps.py
+Needs Debian's chromium (/usr/bin/chromium, or $CHROMIUM) and Playwright
+from PyPI, which drives it; Playwright's own browser download is never
+used. Any JavaScript error on a page fails the run. Screenshots of every
+page land in target/screenshots/ (not committed) for a reviewer to look at.
+"""
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from playwright.async_api import async_playwright, expect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENGINE = os.environ.get("RIDELOCK_BIN", os.path.join(ROOT, "target", "debug", "ridelock"))
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+SHOTS = os.path.join(ROOT, "target", "screenshots")
+WAIT_MS = 10_000
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_engine():
+    port = free_port()
+    engine = subprocess.Popen(
+        [ENGINE, "--listen", f"127.0.0.1:{port}", "--offer-timeout-ms", "3000",
+         "--search-timeout-ms", "8000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return engine, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    engine.kill()
+    sys.exit(f"the engine did not listen on {port}: {engine.stderr.read().decode()}")
+
+
+class Pages:
+    """Opens pages, each in its own browser context, and records every
+    JavaScript error."""
+
+    def __init__(self, browser, base):
+        self.browser, self.base, self.errors = browser, base, []
+
+    async def open(self, path):
+        context = await self.browser.new_context(viewport={"width": 1100, "height": 760})
+        page = await context.new_page()
+        page.on("pageerror", lambda e: self.errors.append(f"{path}: {e}"))
+        page.on("console", lambda m: m.type == "error" and self.errors.append(f"{path}: {m.text}"))
+        await page.goto(self.base + path)
+        return page
+
+
+def raw_websocket(base, path):
+    """A WebSocket handshake by hand (the engine only needs the upgrade to
+    take the connection); the open socket."""
+    host = base.split("//", 1)[1]
+    sock = socket.create_connection(tuple(host.split(":")[:1]) + (int(host.split(":")[1]),))
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1024)
+        assert chunk, "the engine closed the handshake"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def click_map(page, fx, fy):
+    box = await page.locator("#map").bounding_box()
+    await page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+
+
+async def shot(page, name):
+    os.makedirs(SHOTS, exist_ok=True)
+    await page.screenshot(path=os.path.join(SHOTS, name + ".png"))
+
+
+async def driver_ready(pages, driver_id):
+    driver = await pages.open(f"/driver#id={driver_id}")
+    await expect(driver.locator("#conn")).to_have_text("connected", timeout=WAIT_MS)
+    await click_map(driver, 0.5, 0.45)
+    await driver.locator("#available").click()
+    await expect(driver.locator("#state")).to_have_text("available", timeout=WAIT_MS)
+    return driver
+
+
+async def rider_ready(pages, rider_id):
+    rider = await pages.open(f"/rider#id={rider_id}")
+    await expect(rider.locator("#conn")).to_have_text("connected", timeout=WAIT_MS)
+    await click_map(rider, 0.5, 0.5)
+    return rider
+
+
+async def request(rider):
+    await rider.locator("#request").click()
+    await expect(rider.locator("#status")).to_have_text("searching", timeout=WAIT_MS)
+
+
+async def book_end_to_end(pages):
+    driver = await driver_ready(pages, "d-book")
+    rider = await rider_ready(pages, "r-book")
+    await request(rider)
+    await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+    first = await driver.locator("#countdown").text_content()
+    await driver.wait_for_timeout(400)
+    second = await driver.locator("#countdown").text_content()
+    assert float(second.split()[0]) < float(first.split()[0]), (first, second)
+    await shot(driver, "driver-offer")
+    await driver.locator("#accept").click()
+    await expect(driver.locator("#trip")).to_be_visible(timeout=WAIT_MS)
+    await expect(rider.locator("#status")).to_have_text("matched", timeout=WAIT_MS)
+    await expect(rider.locator("#match")).to_contain_text("d-book")
+    await shot(rider, "rider-matched")
+    await shot(driver, "driver-trip")
+    await driver.locator("#complete").click()
+    await expect(driver.locator("#state")).to_have_text("available", timeout=WAIT_MS)
+    return driver, rider
+
+
+async def decline_expiry_and_cancel(pages, driver, rider):
+    # A decline: the only driver, so the rider ends with no driver.
+    await request(rider)
+    await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+    await driver.locator("#decline").click()
+    await expect(driver.locator("#offer")).to_be_hidden(timeout=WAIT_MS)
+    await expect(rider.locator("#status")).to_have_text("no driver found", timeout=15_000)
+    # An expiry: nobody answers for the offer's 3 s.
+    await request(rider)
+    await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+    await expect(driver.locator("#error")).to_contain_text("it expired", timeout=WAIT_MS)
+    await expect(driver.locator("#offer")).to_be_hidden()
+    await expect(rider.locator("#status")).to_have_text("no driver found", timeout=15_000)
+    # The rider cancelling while the driver decides.
+    await request(rider)
+    await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+    await rider.locator("#cancel").click()
+    await expect(rider.locator("#status")).to_have_text("cancelled", timeout=WAIT_MS)
+    await expect(driver.locator("#error")).to_contain_text("the rider cancelled", timeout=WAIT_MS)
+    await expect(driver.locator("#offer")).to_be_hidden()
+
+
+async def reconnect_gets_the_offer_again(pages, base):
+    driver = await driver_ready(pages, "d-drop")
+    rider = await rider_ready(pages, "r-drop")
+    await request(rider)
+    await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+    offer_text = await driver.locator("#offer-text").text_content()
+    # Another connection as the same driver makes the engine drop the
+    # page's (1008); the page reconnects, replaces it in turn, and the
+    # engine sends the offer it holds again.
+    intruder = raw_websocket(base, "/ws/driver?id=d-drop")
+    try:
+        await expect(driver.locator("#conn")).to_contain_text("reconnecting", timeout=WAIT_MS)
+        await expect(driver.locator("#conn")).to_have_text("connected", timeout=WAIT_MS)
+    finally:
+        intruder.close()
+    await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+    await expect(driver.locator("#offer-text")).to_have_text(offer_text)
+    await driver.locator("#accept").click()
+    await expect(rider.locator("#status")).to_have_text("matched", timeout=WAIT_MS)
+
+
+async def main():
+    engine, base = start_engine()
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True)
+            pages = Pages(browser, base)
+            home = await pages.open("/")
+            await expect(home.locator("a[href='/rider']")).to_be_visible()
+            await shot(home, "home")
+            driver, rider = await book_end_to_end(pages)
+            await decline_expiry_and_cancel(pages, driver, rider)
+            await reconnect_gets_the_offer_again(pages, base)
+            await browser.close()
+            assert not pages.errors, "JavaScript errors:\n" + "\n".join(pages.errors)
+    finally:
+        engine.terminate()
+        engine.wait(timeout=10)
+    print(f"browser tests passed; screenshots in {SHOTS}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,129 @@
+// A map drawn on a canvas, with no tiles and no network: a grid every
+// 500 m, a scale bar, and markers. Positions are WGS84 degrees; the view is
+// an equirectangular projection around its centre (fine for a city).
+
+const METRES_PER_DEGREE = 111_195;
+
+export class CityMap {
+  constructor(canvas, { centre = { lat: 52.52, lon: 13.405 }, widthM = 6000 } = {}) {
+    this.canvas = canvas;
+    this.centre = centre;
+    this.widthM = widthM;
+    this.markers = new Map();
+    this.lines = [];
+    this.onClick = null;
+    canvas.addEventListener("click", (e) => {
+      const r = canvas.getBoundingClientRect();
+      const at = this.toLatLon(e.clientX - r.left, e.clientY - r.top);
+      if (this.onClick) this.onClick(at);
+    });
+    new ResizeObserver(() => this.draw()).observe(canvas);
+  }
+
+  metresPerPixel() {
+    return this.widthM / Math.max(1, this.canvas.clientWidth);
+  }
+
+  toXY({ lat, lon }) {
+    const k = Math.cos((this.centre.lat * Math.PI) / 180);
+    const mpp = this.metresPerPixel();
+    const x = ((lon - this.centre.lon) * METRES_PER_DEGREE * k) / mpp + this.canvas.clientWidth / 2;
+    const y = -((lat - this.centre.lat) * METRES_PER_DEGREE) / mpp + this.canvas.clientHeight / 2;
+    return { x, y };
+  }
+
+  toLatLon(x, y) {
+    const k = Math.cos((this.centre.lat * Math.PI) / 180);
+    const mpp = this.metresPerPixel();
+    const lon = this.centre.lon + ((x - this.canvas.clientWidth / 2) * mpp) / (METRES_PER_DEGREE * k);
+    const lat = this.centre.lat - ((y - this.canvas.clientHeight / 2) * mpp) / METRES_PER_DEGREE;
+    return { lat: round(lat), lon: round(lon) };
+  }
+
+  /** Puts (or moves) marker `id` at `at`; `null` removes it. */
+  mark(id, at, { colour = "#333", label = "", size = 6 } = {}) {
+    if (at) this.markers.set(id, { at, colour, label, size });
+    else this.markers.delete(id);
+    this.draw();
+  }
+
+  /** Lines between pairs of positions (e.g. a driver and a pickup). */
+  setLines(lines) {
+    this.lines = lines;
+    this.draw();
+  }
+
+  draw() {
+    const c = this.canvas;
+    const ratio = window.devicePixelRatio || 1;
+    if (c.width !== c.clientWidth * ratio || c.height !== c.clientHeight * ratio) {
+      c.width = c.clientWidth * ratio;
+      c.height = c.clientHeight * ratio;
+    }
+    const g = c.getContext("2d");
+    g.setTransform(ratio, 0, 0, ratio, 0, 0);
+    g.fillStyle = "#f6f6f2";
+    g.fillRect(0, 0, c.clientWidth, c.clientHeight);
+    // A grid every 500 m from the centre.
+    const step = 500 / this.metresPerPixel();
+    g.strokeStyle = "#e0e0d8";
+    g.lineWidth = 1;
+    const cx = c.clientWidth / 2;
+    const cy = c.clientHeight / 2;
+    for (let x = cx % step; x < c.clientWidth; x += step) line(g, x, 0, x, c.clientHeight);
+    for (let y = cy % step; y < c.clientHeight; y += step) line(g, 0, y, c.clientWidth, y);
+    g.strokeStyle = "#c8c8bc";
+    line(g, cx, 0, cx, c.clientHeight);
+    line(g, 0, cy, c.clientWidth, cy);
+    g.strokeStyle = "#4a7";
+    g.lineWidth = 2;
+    for (const [a, b] of this.lines) {
+      const p = this.toXY(a);
+      const q = this.toXY(b);
+      line(g, p.x, p.y, q.x, q.y);
+    }
+    for (const { at, colour, label, size } of this.markers.values()) {
+      const { x, y } = this.toXY(at);
+      g.fillStyle = colour;
+      g.beginPath();
+      g.arc(x, y, size, 0, 2 * Math.PI);
+      g.fill();
+      if (label) {
+        g.fillStyle = "#222";
+        g.font = "12px system-ui, sans-serif";
+        g.fillText(label, x + size + 3, y + 4);
+      }
+    }
+    // Scale bar: 1 km.
+    const km = 1000 / this.metresPerPixel();
+    g.strokeStyle = "#222";
+    g.lineWidth = 2;
+    const y0 = c.clientHeight - 16;
+    line(g, 12, y0, 12 + km, y0);
+    line(g, 12, y0 - 4, 12, y0 + 4);
+    line(g, 12 + km, y0 - 4, 12 + km, y0 + 4);
+    g.fillStyle = "#222";
+    g.font = "12px system-ui, sans-serif";
+    g.fillText("1 km", 16, y0 - 6);
+  }
+}
+
+function line(g, x1, y1, x2, y2) {
+  g.beginPath();
+  g.moveTo(x1, y1);
+  g.lineTo(x2, y2);
+  g.stroke();
+}
+
+function round(x) {
+  return Math.round(x * 1e6) / 1e6;
+}
+
+/** Great-circle distance in metres. */
+export function distanceM(a, b) {
+  const rad = Math.PI / 180;
+  const dLat = (b.lat - a.lat) * rad;
+  const dLon = (b.lon - a.lon) * rad;
+  const h = Math.sin(dLat / 2) ** 2 + Math.cos(a.lat * rad) * Math.cos(b.lat * rad) * Math.sin(dLon / 2) ** 2;
+  return 2 * 6_371_008.8 * Math.asin(Math.sqrt(h));
+}
