@@ -33,11 +33,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_engine():
+SECRET = os.path.join(ROOT, "tests", "fixtures", "auth-secret")
+
+
+def start_engine(*extra):
     port = free_port()
     engine = subprocess.Popen(
         [ENGINE, "--listen", f"127.0.0.1:{port}", "--offer-timeout-ms", "3000",
-         "--search-timeout-ms", "8000"],
+         "--search-timeout-ms", "8000", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.time() + 20
@@ -94,17 +97,23 @@ async def shot(page, name):
     await page.screenshot(path=os.path.join(SHOTS, name + ".png"))
 
 
-async def driver_ready(pages, driver_id):
-    driver = await pages.open(f"/driver#id={driver_id}")
+def token(role, who):
+    return subprocess.check_output(
+        [ENGINE, "token", "--role", role, "--id", who, "--ttl", "10m", "--auth-secret-file", SECRET],
+        text=True).strip()
+
+
+async def driver_ready(pages, driver_id, fragment=None, at=(0.5, 0.45)):
+    driver = await pages.open(f"/driver#{fragment or 'id=' + driver_id}")
     await expect(driver.locator("#conn")).to_have_text("connected", timeout=WAIT_MS)
-    await click_map(driver, 0.5, 0.45)
+    await click_map(driver, *at)
     await driver.locator("#available").click()
     await expect(driver.locator("#state")).to_have_text("available", timeout=WAIT_MS)
     return driver
 
 
-async def rider_ready(pages, rider_id):
-    rider = await pages.open(f"/rider#id={rider_id}")
+async def rider_ready(pages, rider_id, fragment=None):
+    rider = await pages.open(f"/rider#{fragment or 'id=' + rider_id}")
     await expect(rider.locator("#conn")).to_have_text("connected", timeout=WAIT_MS)
     await click_map(rider, 0.5, 0.5)
     return rider
@@ -179,6 +188,48 @@ async def reconnect_gets_the_offer_again(pages, base):
     await expect(rider.locator("#status")).to_have_text("matched", timeout=WAIT_MS)
 
 
+async def group_of_two(pages):
+    """Two vehicles: the first driver to accept waits for the group, then
+    both get their trips and the rider one match listing both."""
+    d1 = await driver_ready(pages, "d-g1", at=(0.45, 0.45))
+    d2 = await driver_ready(pages, "d-g2", at=(0.55, 0.45))
+    rider = await rider_ready(pages, "r-group")
+    await rider.locator("#vehicles").select_option("2")
+    await rider.locator("#request").click()
+    await expect(rider.locator("#status")).to_have_text("searching for 2 vehicles", timeout=WAIT_MS)
+    for driver in (d1, d2):
+        await expect(driver.locator("#offer-text")).to_contain_text("one of 2 vehicles", timeout=WAIT_MS)
+    await d1.locator("#accept").click()
+    await expect(d1.locator("#state")).to_have_text("accepted: waiting for the group", timeout=WAIT_MS)
+    await expect(rider.locator("#status")).to_have_text("searching: 1 of 2 drivers accepted", timeout=WAIT_MS)
+    await shot(d1, "driver-waiting-for-group")
+    await d2.locator("#accept").click()
+    for driver in (d1, d2):
+        await expect(driver.locator("#trip-text")).to_contain_text("one of 2 vehicles", timeout=WAIT_MS)
+    await expect(rider.locator("#status")).to_have_text("matched", timeout=WAIT_MS)
+    await expect(rider.locator("#match")).to_contain_text("d-g1")
+    await expect(rider.locator("#match")).to_contain_text("d-g2")
+    await shot(rider, "rider-group-matched")
+
+
+async def with_tokens(browser):
+    """An engine that verifies tokens: the pages take theirs from the
+    address's fragment."""
+    engine, base = start_engine("--auth-secret-file", SECRET)
+    try:
+        pages = Pages(browser, base)
+        driver = await driver_ready(pages, None, fragment="token=" + token("driver", "d-token"))
+        rider = await rider_ready(pages, None, fragment="token=" + token("rider", "r-token"))
+        await request(rider)
+        await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+        await driver.locator("#accept").click()
+        await expect(rider.locator("#match")).to_contain_text("d-token", timeout=WAIT_MS)
+        return pages.errors
+    finally:
+        engine.terminate()
+        engine.wait(timeout=10)
+
+
 async def main():
     engine, base = start_engine()
     try:
@@ -191,8 +242,13 @@ async def main():
             driver, rider = await book_end_to_end(pages)
             await decline_expiry_and_cancel(pages, driver, rider)
             await reconnect_gets_the_offer_again(pages, base)
+            # The first driver stops working: the group's drivers are new.
+            await driver.locator("#unavailable").click()
+            await expect(driver.locator("#state")).to_have_text("offline", timeout=WAIT_MS)
+            await group_of_two(pages)
+            errors = pages.errors + await with_tokens(browser)
             await browser.close()
-            assert not pages.errors, "JavaScript errors:\n" + "\n".join(pages.errors)
+            assert not errors, "JavaScript errors:\n" + "\n".join(errors)
     finally:
         engine.terminate()
         engine.wait(timeout=10)
