@@ -558,7 +558,7 @@ fn a_trip_ends_at_its_maximum_age() {
             if let RedisOp::Renew { record, .. } = op {
                 let reply = RedisReply::Renewed {
                     owner: record.owner.clone(),
-                    kept: Some(true),
+                    verdict: Some(ridelock::cluster::redlock::Renewal::Kept),
                 };
                 driver.handle(now, DriverEvent::Redis(reply));
             }
@@ -569,6 +569,45 @@ fn a_trip_ends_at_its_maximum_age() {
     }
     assert_eq!(driver.trip_id(), None);
     assert!(now >= t0 + TRIP_MAX_AGE);
+}
+
+/// A renewal that hears the trip finished (the finish reached one server
+/// of three, and the node that finished it died) ends the trip and spreads
+/// the finish to every server, so the lock does not linger where the finish
+/// did not reach; a lock merely lost (perhaps taken over elsewhere under the
+/// same owner) is let go without a finish. Issue 9's known gap, closed.
+#[test]
+fn a_renewal_that_hears_the_trip_finished_spreads_the_finish() {
+    use ridelock::cluster::redlock::Renewal;
+    for (verdict, finishes) in [(Renewal::Finished, true), (Renewal::Lost, false)] {
+        let t0 = Instant::now();
+        let mut driver = offered_in_cluster(t0);
+        driver.handle(t0, accept(7, None));
+        driver.take_effects();
+        driver.handle(t0, DriverEvent::Redis(RedisReply::Confirmed(Some(true))));
+        let trip = driver.trip_id().expect("on a trip");
+        driver.take_effects();
+        let now = driver.next_timeout().expect("the first renewal");
+        driver.handle(now, DriverEvent::Tick);
+        let renewal = redis_ops(&driver.take_effects())
+            .into_iter()
+            .find_map(|op| match op {
+                RedisOp::Renew { record, .. } => Some(record.clone()),
+                _ => None,
+            })
+            .expect("a renewal");
+        let reply = RedisReply::Renewed {
+            owner: renewal.owner.clone(),
+            verdict: Some(verdict),
+        };
+        driver.handle(now, DriverEvent::Redis(reply));
+        assert_eq!(driver.trip_id(), None, "{verdict:?}: the trip ends here");
+        let effects = driver.take_effects();
+        let finished = redis_ops(&effects).into_iter().any(|op| {
+            matches!(op, RedisOp::Finish { owner, trip_id } if *owner == renewal.owner && *trip_id == trip)
+        });
+        assert_eq!(finished, finishes, "{verdict:?}: {effects:?}");
+    }
 }
 
 /// What the fencing token guards on the driver's side: an accept carrying

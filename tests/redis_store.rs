@@ -263,7 +263,10 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
     assert_eq!(grant.granted, 2);
     assert!(grant.fencing_token > first);
     assert_eq!(redlock.confirm("d", &trip("a:3", 5)).await, Some(true));
-    assert_eq!(redlock.renew("d", &trip("a:3", 5), true).await, Some(true));
+    assert_eq!(
+        redlock.renew("d", &trip("a:3", 5), true).await,
+        Some(Renewal::Kept)
+    );
     assert_eq!(
         redlock
             .current_trip("d")
@@ -275,7 +278,7 @@ async fn redlock_goes_on_by_majority_and_refuses_without_one() {
     assert_eq!(redlock.current_trip("d").await, Ok(None));
     assert_eq!(
         redlock.renew("d", &trip("a:3", 5), true).await,
-        Some(false),
+        Some(Renewal::Finished),
         "the trip is over"
     );
 
@@ -479,13 +482,16 @@ async fn a_finish_heard_by_one_server_ends_the_trip_for_its_holder() {
         .await
         .unwrap();
     assert_eq!(redlock.confirm("d", &trip("a:1", 7)).await, Some(true));
-    assert_eq!(redlock.renew("d", &trip("a:1", 7), true).await, Some(true));
+    assert_eq!(
+        redlock.renew("d", &trip("a:1", 7), true).await,
+        Some(Renewal::Kept)
+    );
 
     let one = LockServer::connect(&servers[0].url, TIMEOUT).await.unwrap();
     assert!(one.finish("d", "a:1", 7).await.unwrap());
     assert_eq!(
         redlock.renew("d", &trip("a:1", 7), true).await,
-        Some(false),
+        Some(Renewal::Finished),
         "the holder lets go"
     );
 }

@@ -25,12 +25,32 @@ function status(text) {
   $("status").textContent = text;
 }
 
-map.onClick = (at) => {
+function setPickup(at) {
   pickup = at;
   $("pickup").textContent = fmtPosition(at);
   map.mark("pickup", at, { colour: "#c33", label: "pickup", size: 7 });
   updateButtons();
-};
+}
+
+map.onClick = setPickup;
+
+$("locate").addEventListener("click", () => {
+  if (!navigator.geolocation) {
+    $("error").textContent = "this browser can't tell where you are";
+    return;
+  }
+  navigator.geolocation.getCurrentPosition(
+    (p) => {
+      const at = { lat: p.coords.latitude, lon: p.coords.longitude };
+      // The map follows the rider.
+      map.centre = at;
+      setPickup(at);
+    },
+    (e) => {
+      $("error").textContent = `no location: ${e.message}`;
+    },
+  );
+});
 
 $("request").addEventListener("click", () => {
   counter += 1;

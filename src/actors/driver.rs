@@ -23,6 +23,7 @@ use super::messages::{
     answer_wire, CancelOffer, DriverDirectory, GroupNews, LockAnswered, MatcherLink, OfferEnded,
     OfferHeld, ToDriver, TryLock,
 };
+use crate::cluster::redlock::Renewal;
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::Cluster;
 use crate::core::booking::{Booking, DriverEffect, DriverEvent, RedisOp, RedisReply, ReplyTo};
@@ -336,12 +337,12 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
             ("settle", settled.is_some(), RedisReply::Settled(settled))
         }
         RedisOp::Renew { record, repair } => {
-            let kept = locks.renew(driver, &record, repair).await;
+            let verdict = locks.renew(driver, &record, repair).await;
             let reply = RedisReply::Renewed {
                 owner: record.owner,
-                kept,
+                verdict,
             };
-            ("renew", kept != Some(false), reply)
+            ("renew", verdict != Some(Renewal::Lost), reply)
         }
         RedisOp::FinishTrip { trip_id, attempt } => {
             let done = locks.finish_trip(driver, trip_id).await;
@@ -433,17 +434,8 @@ impl Handler<GroupNews> for DriverActor {
     type Result = ();
 
     fn handle(&mut self, msg: GroupNews, ctx: &mut Context<Self>) {
-        let event = match msg.trip_id {
-            Some(trip_id) => DriverEvent::CommitHold {
-                offer_id: msg.offer_id,
-                fencing_token: msg.fencing_token,
-                trip_id,
-            },
-            None => DriverEvent::GroupProgress {
-                offer_id: msg.offer_id,
-                accepted: msg.accepted,
-            },
-        };
+        let event =
+            DriverEvent::group_news(msg.offer_id, msg.fencing_token, msg.accepted, msg.trip_id);
         self.feed(event, ctx);
     }
 }

@@ -111,23 +111,26 @@ pub enum Renewal {
 }
 
 /// The verdict on a renewal (`None` for a server that did not answer):
-/// `Some(true)` when a majority kept the lock, `Some(false)` when a majority
-/// answered that it is no longer the caller's or any server heard the trip
-/// finish, `None` otherwise.
+/// `Finished` when any server heard the trip finish, `Kept` when a majority
+/// kept the lock, `Lost` when a majority answered that it is no longer the
+/// caller's, `None` otherwise.
 ///
 /// One server's finish is enough because a finish is only ever sent for a
 /// trip that ended; without it, a holder whose finish reached a minority
-/// (and whose finishing node then died) would renew the trip forever.
-pub fn renewal_verdict(answers: &[Option<Renewal>]) -> Option<bool> {
+/// (and whose finishing node then died) would renew the trip forever. It is
+/// a verdict of its own because the holder then spreads the finish to every
+/// server (the trip under that owner is over, whoever holds it), which a
+/// `Lost` must not do: the owner's trip may have been taken over elsewhere.
+pub fn renewal_verdict(answers: &[Option<Renewal>]) -> Option<Renewal> {
     if answers.contains(&Some(Renewal::Finished)) {
-        return Some(false);
+        return Some(Renewal::Finished);
     }
     let needed = quorum(answers.len());
     let count = |want| answers.iter().filter(|a| **a == Some(want)).count();
     if count(Renewal::Kept) >= needed {
-        Some(true)
+        Some(Renewal::Kept)
     } else if count(Renewal::Lost) >= needed {
-        Some(false)
+        Some(Renewal::Lost)
     } else {
         None
     }

@@ -61,8 +61,9 @@ class Pages:
     def __init__(self, browser, base):
         self.browser, self.base, self.errors = browser, base, []
 
-    async def open(self, path):
-        context = await self.browser.new_context(viewport={"width": 1100, "height": 760})
+    async def open(self, path, **context_options):
+        context = await self.browser.new_context(
+            viewport={"width": 1100, "height": 760}, **context_options)
         page = await context.new_page()
         page.on("pageerror", lambda e: self.errors.append(f"{path}: {e}"))
         page.on("console", lambda m: m.type == "error" and self.errors.append(f"{path}: {m.text}"))
@@ -212,6 +213,15 @@ async def group_of_two(pages):
     await shot(rider, "rider-group-matched")
 
 
+async def pickup_from_the_browsers_location(pages):
+    rider = await pages.open("/rider#id=r-located", permissions=["geolocation"],
+                             geolocation={"latitude": 48.8566, "longitude": 2.3522})
+    await expect(rider.locator("#conn")).to_have_text("connected", timeout=WAIT_MS)
+    await rider.locator("#locate").click()
+    await expect(rider.locator("#pickup")).to_have_text("48.85660, 2.35220", timeout=WAIT_MS)
+    await expect(rider.locator("#request")).to_be_enabled()
+
+
 async def with_tokens(browser):
     """An engine that verifies tokens: the pages take theirs from the
     address's fragment."""
@@ -246,6 +256,7 @@ async def main():
             await driver.locator("#unavailable").click()
             await expect(driver.locator("#state")).to_have_text("offline", timeout=WAIT_MS)
             await group_of_two(pages)
+            await pickup_from_the_browsers_location(pages)
             errors = pages.errors + await with_tokens(browser)
             await browser.close()
             assert not errors, "JavaScript errors:\n" + "\n".join(errors)

@@ -704,14 +704,7 @@ impl World {
                 trip_id,
             } => {
                 let d = driver_index(&driver);
-                let event = match trip_id {
-                    Some(trip_id) => DriverEvent::CommitHold {
-                        offer_id,
-                        fencing_token,
-                        trip_id,
-                    },
-                    None => DriverEvent::GroupProgress { offer_id, accepted },
-                };
+                let event = DriverEvent::group_news(offer_id, fencing_token, accepted, trip_id);
                 self.lane(
                     lane_matcher(node),
                     lane_driver(node, d),
@@ -1382,7 +1375,7 @@ impl World {
             RedisOp::Confirm { .. } => RedisReply::Confirmed(majority_did(&bools(&call.answers))),
             RedisOp::Renew { record, .. } => RedisReply::Renewed {
                 owner: record.owner.clone(),
-                kept: renewal_verdict(&renewals(&call.answers)),
+                verdict: renewal_verdict(&renewals(&call.answers)),
             },
             RedisOp::Settle { .. } => {
                 let trips: Vec<Option<Option<u64>>> = call

@@ -176,14 +176,7 @@ impl Run {
                     accepted,
                     trip_id,
                 } => {
-                    let event = match trip_id {
-                        Some(trip_id) => DriverEvent::CommitHold {
-                            offer_id,
-                            fencing_token,
-                            trip_id,
-                        },
-                        None => DriverEvent::GroupProgress { offer_id, accepted },
-                    };
+                    let event = DriverEvent::group_news(offer_id, fencing_token, accepted, trip_id);
                     self.tell_driver(index(&driver), event);
                 }
                 SearchEffect::Settle { .. } => panic!("no settles on one node"),

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use super::{Grant, LockError, LockServer, StoreError, TripRecord};
 use crate::cluster::redlock::{
     current_trip_verdict, judge, majority_did, quorum, renewal_verdict, retry_delay,
-    settle_verdict, AttemptFailed,
+    settle_verdict, AttemptFailed, Renewal,
 };
 use crate::core::lock::{FencingToken, TripId};
 use crate::core::Settled;
@@ -188,10 +188,9 @@ impl Redlock {
     }
 
     /// Keeps `owner`'s lock of a driver on a trip for another [`TRIP_HOLD`]
-    /// wherever it still holds it. `Some(true)` when a majority did,
-    /// `Some(false)` when a majority answered that it is no longer
-    /// `owner`'s, `None` when too few servers answered.
-    pub async fn renew(&self, driver: &str, trip: &TripRecord, repair: bool) -> Option<bool> {
+    /// wherever it still holds it: the verdict of [`renewal_verdict`]
+    /// (`None` when too few servers answered).
+    pub async fn renew(&self, driver: &str, trip: &TripRecord, repair: bool) -> Option<Renewal> {
         let answers = join_all(self.servers.iter().map(|s| s.renew(driver, trip, repair))).await;
         let answers: Vec<_> = answers.into_iter().map(Result::ok).collect();
         renewal_verdict(&answers)

@@ -13,6 +13,7 @@ use super::{
     trip_assigned, Booking, LockRequest, RedisOp, RedisReply, TripRecord, Waiting, LOCK_MARGIN,
     TRIP_HOLD,
 };
+use crate::cluster::redlock::Renewal;
 use crate::core::lock::{FencingToken, LockRefused, LockState, OfferId, Trip, TripId};
 use crate::core::{OfferHolder, Settled};
 use crate::protocol::ErrorCode;
@@ -65,8 +66,8 @@ impl Booking {
     }
 
     pub(super) fn redis_replied(&mut self, now: Instant, reply: RedisReply) {
-        if let RedisReply::Renewed { owner, kept } = reply {
-            return self.renewed(now, owner, kept);
+        if let RedisReply::Renewed { owner, verdict } = reply {
+            return self.renewed(now, owner, verdict);
         }
         let Some(waiting) = self.waiting.take() else {
             debug_assert!(false, "a Redis reply nobody waits for: {reply:?}");
@@ -308,13 +309,13 @@ impl Booking {
     /// this driver's ends the trip here: it was completed on the node the
     /// driver moved to, or the lock was lost, and a trip without its lock
     /// would let another node lock the driver meanwhile.
-    fn renewed(&mut self, now: Instant, owner: String, kept: Option<bool>) {
+    fn renewed(&mut self, now: Instant, owner: String, verdict: Option<Renewal>) {
         if let Some(renewal) = &mut self.renewal {
             if renewal.record.owner == owner {
-                renewal.kept = kept == Some(true);
+                renewal.kept = verdict == Some(Renewal::Kept);
             }
         }
-        if kept != Some(false) {
+        if !matches!(verdict, Some(Renewal::Lost | Renewal::Finished)) {
             return;
         }
         let LockState::OnTrip(trip) = self.lock.state() else {
@@ -330,6 +331,12 @@ impl Booking {
         self.renewal = None;
         if let Ok(trip) = self.lock.complete_trip(trip_id) {
             self.remember_completed(trip.trip_id);
+        }
+        if verdict == Some(Renewal::Finished) {
+            // Finished where the finish reached: the trip under this owner
+            // is over whoever holds it, so the lock goes everywhere now
+            // rather than lingering where the finish did not reach.
+            self.finish(owner, trip_id, 1);
         }
         // The app, if here, may have been booked elsewhere meanwhile.
         self.lookup_trip(now, 1);

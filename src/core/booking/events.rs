@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::redlock::Renewal;
 use crate::cluster::wire::NodeId;
 use crate::core::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
 use crate::core::search::{LockAnswer, OfferOutcome};
@@ -141,6 +142,26 @@ pub enum DriverEvent {
     Redis(RedisReply),
 }
 
+impl DriverEvent {
+    /// The matcher's news of the group the driver is held for by `offer_id`:
+    /// its commit (with the driver's trip) or how many have accepted.
+    pub fn group_news(
+        offer_id: OfferId,
+        fencing_token: FencingToken,
+        accepted: u8,
+        trip_id: Option<TripId>,
+    ) -> Self {
+        match trip_id {
+            Some(trip_id) => DriverEvent::CommitHold {
+                offer_id,
+                fencing_token,
+                trip_id,
+            },
+            None => DriverEvent::GroupProgress { offer_id, accepted },
+        }
+    }
+}
+
 /// A question for Redis (cluster mode).
 #[derive(Clone, Debug, PartialEq)]
 pub enum RedisOp {
@@ -226,8 +247,8 @@ pub enum RedisReply {
     Renewed {
         /// The owner value renewed.
         owner: String,
-        /// Whether a majority kept it.
-        kept: Option<bool>,
+        /// Kept, lost or finished (`None`: Redis could not tell).
+        verdict: Option<Renewal>,
     },
     /// To `CurrentTrip`.
     CurrentTrip(Result<Option<TripRecord>, ()>),
