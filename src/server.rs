@@ -290,7 +290,7 @@ fn respond(
                 Err(refusal) => refusal.into_response(),
             },
             // The pages and their assets, embedded in the binary.
-            None => match crate::web::page(&path) {
+            None => match crate::web::page(&path, header_str(&request, header::IF_NONE_MATCH)) {
                 Some(page) => page.map(|bytes| Body::new(Bytes::from(bytes))),
                 None => text(StatusCode::NOT_FOUND, "no such endpoint"),
             },

@@ -13,8 +13,11 @@ use rust_embed::RustEmbed;
 struct Files;
 
 /// The page or asset at `path`, if it is one: its bytes, content type and
-/// cache headers (pages are revalidated every time, assets by their hash).
-pub fn page(path: &str) -> Option<Response<Vec<u8>>> {
+/// cache headers. Everything is revalidated on every use (`no-cache`) by
+/// its ETag, the file's hash: asset names carry no version, so a page must
+/// never run an older script after an upgrade. A request whose
+/// `If-None-Match` names the current ETag gets 304 with no body.
+pub fn page(path: &str, if_none_match: Option<&str>) -> Option<Response<Vec<u8>>> {
     let file = match path {
         "/" => "index.html",
         "/rider" => "rider.html",
@@ -28,7 +31,21 @@ pub fn page(path: &str) -> Option<Response<Vec<u8>>> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let mut response = Response::new(embedded.data.into_owned());
+    let etag = format!("\"{hash}\"");
+    let unchanged = if_none_match.is_some_and(|tags| {
+        tags.split(',')
+            .any(|t| t.trim().trim_start_matches("W/") == etag || t.trim() == "*")
+    });
+    let mut response = Response::new(if unchanged {
+        Vec::new()
+    } else {
+        embedded.data.into_owned()
+    });
+    *response.status_mut() = if unchanged {
+        StatusCode::NOT_MODIFIED
+    } else {
+        StatusCode::OK
+    };
     let headers = response.headers_mut();
     let mime = embedded.metadata.mimetype();
     // Text is UTF-8; say so, so that no browser guesses.
@@ -40,13 +57,8 @@ pub fn page(path: &str) -> Option<Response<Vec<u8>>> {
     if let Ok(value) = HeaderValue::from_str(&content_type) {
         headers.insert(header::CONTENT_TYPE, value);
     }
-    let cache = if file.ends_with(".html") {
-        "no-cache"
-    } else {
-        "public, max-age=3600, must-revalidate"
-    };
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
-    if let Ok(etag) = HeaderValue::from_str(&format!("\"{hash}\"")) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(etag) = HeaderValue::from_str(&etag) {
         headers.insert(header::ETAG, etag);
     }
     headers.insert(
@@ -60,7 +72,6 @@ pub fn page(path: &str) -> Option<Response<Vec<u8>>> {
             "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
         ),
     );
-    *response.status_mut() = StatusCode::OK;
     Some(response)
 }
 

@@ -610,6 +610,64 @@ fn a_renewal_that_hears_the_trip_finished_spreads_the_finish() {
     }
 }
 
+/// Cluster mode: an app that reconnects to a node holding an offer for it
+/// gets the offer again only once Redis has said the driver is not on a
+/// newer trip. Found by the fault simulation (seed 3922 of a long run): the
+/// app had moved to another node and been booked there under a newer lock,
+/// came back, and was sent the old offer, with an older fencing token than
+/// one it had seen. A newer trip ends the stale offer (expired) and is
+/// taken over; no trip, and the offer comes again.
+#[test]
+fn a_reconnecting_app_is_not_sent_an_offer_older_than_its_trip() {
+    for newer_trip in [true, false] {
+        let t0 = Instant::now();
+        let mut driver = offered_in_cluster(t0);
+        // The app's old connection here was never seen to close (it moved
+        // to another node meanwhile): its new one replaces it.
+        driver.handle(t0 + MS(100), DriverEvent::Attach { session: 2 });
+        let effects = driver.take_effects();
+        assert!(
+            told(&effects).is_empty(),
+            "nothing before Redis answers: {effects:?}"
+        );
+        assert!(
+            matches!(redis_ops(&effects)[..], [RedisOp::CurrentTrip]),
+            "{effects:?}"
+        );
+        let found = newer_trip.then(|| TripRecord {
+            fencing_token: 200,
+            offer_id: 9,
+            ..record("c/9", 42)
+        });
+        driver.handle(
+            t0 + MS(110),
+            DriverEvent::Redis(RedisReply::CurrentTrip(Ok(found))),
+        );
+        let effects = driver.take_effects();
+        let messages = told(&effects);
+        if newer_trip {
+            assert!(
+                !messages
+                    .iter()
+                    .any(|m| matches!(m, ServerMessage::Offer { .. })),
+                "{messages:?}"
+            );
+            assert!(messages
+                .iter()
+                .any(|m| matches!(m, ServerMessage::OfferRevoked { offer_id: 7, .. })));
+            assert!(messages
+                .iter()
+                .any(|m| matches!(m, ServerMessage::TripAssigned { trip_id: 42, .. })));
+            assert_eq!(driver.trip_id(), Some(42));
+        } else {
+            assert!(
+                matches!(messages[..], [ServerMessage::Offer { offer_id: 7, .. }]),
+                "{messages:?}"
+            );
+        }
+    }
+}
+
 /// What the fencing token guards on the driver's side: an accept carrying
 /// a token other than the offer's is refused with `offer_expired`, and the
 /// offer stays; the right one books (one node, no Redis).

@@ -61,15 +61,24 @@ async fn every_page_and_asset_is_served_from_the_binary_with_its_type() {
             other => panic!("an asset of an unexpected kind: {other:?}"),
         };
         assert_eq!(kind, expected, "{file}");
-        assert!(
-            header(&response, "etag").is_some_and(|e| e.starts_with('"')),
-            "{file}"
-        );
-        assert!(
-            header(&response, "cache-control").is_some_and(|c| c.contains("max-age")),
+        let etag = header(&response, "etag").expect("an ETag").to_string();
+        assert!(etag.starts_with('"'), "{file}");
+        assert_eq!(
+            header(&response, "cache-control"),
+            Some("no-cache"),
             "{file}"
         );
         assert_eq!(header(&response, "x-content-type-options"), Some("nosniff"));
+        // Revalidated by its ETag: unchanged, 304 and no body; another tag
+        // (an older version), the whole file again.
+        let ask = |tag: &str| {
+            format!("GET /assets/{file} HTTP/1.1\r\nHost: x\r\nIf-None-Match: {tag}\r\n\r\n")
+        };
+        let again = common::http_raw(addr, &ask(&etag)).await;
+        assert!(again.starts_with("HTTP/1.1 304"), "{file}: {again}");
+        assert!(body(&again).is_empty(), "{file}");
+        let other = common::http_raw(addr, &ask("\"0123\"")).await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{file}: {other}");
     }
     // Nothing else is served from there: not the pages twice, not files
     // outside the folder.

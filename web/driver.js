@@ -17,7 +17,14 @@ const conn = new Connection("driver", {
   },
   onOpen: () => {
     // A new connection starts offline: say where we are, and that we want
-    // work if we did. An offer or a trip held is sent again by the engine.
+    // work if we did. What the engine still holds for us (an offer, a
+    // place in a group, a trip) it sends again; anything else ended with
+    // the old connection.
+    offer = null;
+    trip = null;
+    $("offer").hidden = true;
+    $("trip").hidden = true;
+    $("countdown").textContent = "";
     if (position) conn.send({ type: "location", ...position });
     if (wantsWork) conn.send({ type: "available" });
   },
@@ -83,6 +90,7 @@ $("complete").addEventListener("click", () => {
 function showOffer() {
   $("offer").hidden = !offer;
   if (!offer) return;
+  tickCountdown();
   const group = offer.group_size > 1 ? `, one of ${offer.group_size} vehicles` : "";
   $("offer-text").textContent = offer.held
     ? `Accepted: ${offer.accepted} of ${offer.group_size} drivers so far. Waiting for the group.`
@@ -156,12 +164,20 @@ function handle(m) {
 
 // The countdown, and driving: a step every half second towards a point,
 // then a new point.
-setInterval(() => {
+function tickCountdown() {
   if (offer && !offer.held && offer.deadline) {
     const left = Math.max(0, offer.deadline - Date.now());
     $("countdown").textContent = `${(left / 1000).toFixed(1)} s`;
   }
-}, 100);
+}
+
+setInterval(tickCountdown, 100);
+
+// A driver standing still still says where it is: the engine stops
+// offering a driver whose last location is older than a minute.
+setInterval(() => {
+  if (position) conn.send({ type: "location", lat: position.lat, lon: position.lon });
+}, 20_000);
 
 setInterval(() => {
   if (!$("drive").checked || !position) return;
@@ -176,4 +192,4 @@ setInterval(() => {
   });
 }, 500);
 
-identify("driver-1", (who) => conn.start(who));
+identify("driver", "driver-1", (who) => conn.start(who));

@@ -18,8 +18,8 @@ export function showError(message) {
 
 /** Fills the id and token boxes; calls `start(who)` on Connect (at once if
  * the address carried a token or an id). */
-export function identify(defaultId, start) {
-  const who = credentials();
+export function identify(role, defaultId, start) {
+  const who = credentials(role);
   $("token").value = who.token;
   $("id").value = who.id || defaultId;
   const go = () => {
@@ -28,7 +28,7 @@ export function identify(defaultId, start) {
       $("error").textContent = "give an id (open mode) or paste a token";
       return;
     }
-    remember(chosen);
+    remember(role, chosen);
     $("connect").disabled = true;
     start(chosen);
   };

@@ -12,6 +12,14 @@ const conn = new Connection("rider", {
     $("conn").textContent = text;
     updateButtons();
   },
+  onOpen: () => {
+    // The engine cancels a rider's requests when its connection closes.
+    if (current) {
+      status("the connection dropped: the request was cancelled");
+      current = null;
+    }
+    updateButtons();
+  },
   onMessage: handle,
 });
 
@@ -55,7 +63,7 @@ $("locate").addEventListener("click", () => {
 $("request").addEventListener("click", () => {
   counter += 1;
   const vehicles = Number($("vehicles").value);
-  current = { id: `ride-${Date.now().toString(36)}-${counter}`, vehicles };
+  current = { id: `ride-${Date.now().toString(36)}-${counter}`, vehicles, pickup };
   showError(null);
   $("match").textContent = "";
   map.setLines([]);
@@ -89,7 +97,7 @@ function handle(m) {
       for (const d of drivers) {
         map.mark(`driver:${d.driver_id}`, d.driver_location, { colour: "#27a", label: d.driver_id });
       }
-      map.setLines(drivers.map((d) => [d.driver_location, pickup]));
+      map.setLines(drivers.map((d) => [d.driver_location, current.pickup]));
       current = null;
       break;
     }
@@ -116,4 +124,4 @@ function handle(m) {
   updateButtons();
 }
 
-identify("rider-1", (who) => conn.start(who));
+identify("rider", "rider-1", (who) => conn.start(who));

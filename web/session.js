@@ -2,16 +2,18 @@
 // backoff. With a token (from the URL fragment, `#token=…`, or pasted), the
 // engine takes the id from it; in open mode the page asks for an id.
 
-export function credentials() {
+// Kept per role: the rider page must not pick up the driver's token (the
+// engine would refuse it) or, in open mode, its id.
+export function credentials(role) {
   const fragment = new URLSearchParams(location.hash.slice(1));
-  const token = fragment.get("token") || sessionStorage.getItem("ridelock-token") || "";
-  const id = fragment.get("id") || sessionStorage.getItem("ridelock-id") || "";
+  const token = fragment.get("token") || sessionStorage.getItem(`ridelock-${role}-token`) || "";
+  const id = fragment.get("id") || sessionStorage.getItem(`ridelock-${role}-id`) || "";
   return { token, id };
 }
 
-export function remember({ token, id }) {
-  if (token) sessionStorage.setItem("ridelock-token", token);
-  if (id) sessionStorage.setItem("ridelock-id", id);
+export function remember(role, { token, id }) {
+  if (token) sessionStorage.setItem(`ridelock-${role}-token`, token);
+  if (id) sessionStorage.setItem(`ridelock-${role}-id`, id);
 }
 
 /** Describes an engine `error` in words. */
@@ -49,6 +51,7 @@ export class Connection {
     this.backoffMs = 250;
     this.ws = null;
     this.wanted = false;
+    this.opens = 0;
   }
 
   start({ token, id }) {
@@ -65,8 +68,11 @@ export class Connection {
     const ws = new WebSocket(`${scheme}://${location.host}/ws/${this.role}?${query}`);
     this.ws = ws;
     this.onState("connecting…");
+    let openedAt = 0;
     ws.onopen = () => {
-      this.backoffMs = 250;
+      openedAt = Date.now();
+      this.opens += 1;
+      document.body.dataset.opens = String(this.opens);
       this.onState("connected");
       this.onOpen();
     };
@@ -75,9 +81,14 @@ export class Connection {
       if (this.ws !== ws) return;
       this.ws = null;
       if (!this.wanted) return;
+      // The wait grows until a connection has lasted a while: two pages
+      // with the same id replace each other ever more slowly, not in a
+      // tight loop.
+      if (openedAt && Date.now() - openedAt > 10_000) this.backoffMs = 250;
       const wait = this.backoffMs;
       this.backoffMs = Math.min(this.backoffMs * 2, 8000);
-      this.onState(`disconnected (${e.code || "no code"}); reconnecting in ${(wait / 1000).toFixed(1)} s`);
+      const why = e.reason ? `: ${e.reason}` : "";
+      this.onState(`disconnected (${e.code || "no code"}${why}); reconnecting in ${(wait / 1000).toFixed(1)} s`);
       setTimeout(() => this.wanted && !this.ws && this.open(), wait);
     };
   }

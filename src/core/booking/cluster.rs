@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    trip_assigned, Booking, LockRequest, RedisOp, RedisReply, TripRecord, Waiting, LOCK_MARGIN,
-    TRIP_HOLD,
+    offer_message, trip_assigned, Booking, LockRequest, RedisOp, RedisReply, TripRecord, Waiting,
+    LOCK_MARGIN, TRIP_HOLD,
 };
 use crate::cluster::redlock::Renewal;
 use crate::core::lock::{FencingToken, LockRefused, LockState, OfferId, Trip, TripId};
@@ -348,8 +348,11 @@ impl Booking {
     /// over from its record in Redis, with its lock, so that the trip can be
     /// completed here.
     pub(super) fn lookup_trip(&mut self, now: Instant, attempt: u32) {
-        if !matches!(self.lock.state(), LockState::Free) || self.session.is_none() {
-            return;
+        // Free, or offered (a newer trip found means the offer's lock was
+        // lost: see `found_trip`).
+        let free_or_offered = matches!(self.lock.state(), LockState::Free | LockState::Offered(_));
+        if !free_or_offered || self.session.is_none() {
+            return self.resend_held_offer(now);
         }
         if self.waiting.is_some() {
             self.lookup_retry = Some((now, attempt));
@@ -359,6 +362,23 @@ impl Booking {
     }
 
     fn found_trip(&mut self, now: Instant, attempt: u32, found: Result<Option<TripRecord>, ()>) {
+        self.take_over(now, attempt, found);
+        self.resend_held_offer(now);
+    }
+
+    /// The offer held here, to an app that reconnected, once Redis has had
+    /// its say (see `attach`).
+    fn resend_held_offer(&mut self, now: Instant) {
+        if !std::mem::take(&mut self.resend_offer) {
+            return;
+        }
+        if let (LockState::Offered(offer), Some(at)) = (self.lock.state(), self.lock.location()) {
+            let message = offer_message(offer, at, now);
+            self.tell(message);
+        }
+    }
+
+    fn take_over(&mut self, now: Instant, attempt: u32, found: Result<Option<TripRecord>, ()>) {
         let record = match found {
             Ok(Some(record)) => record,
             Ok(None) => return,
@@ -379,6 +399,19 @@ impl Booking {
             // The app completed that trip already (before the look-up
             // answered, or its finish has not reached every server yet).
             return self.finish(record.owner, record.trip_id, 1);
+        }
+        // A trip under a newer lock than the offer held here: that offer's
+        // lock is gone (the driver's lock took a newer token since), so the
+        // offer is over; the trip is taken over as usual.
+        let stale = self
+            .lock
+            .current_offer()
+            .filter(|offer| offer.fencing_token < record.fencing_token)
+            .map(|offer| offer.offer_id);
+        if let Some(offer_id) = stale {
+            if let Some(ended) = self.lock.lose(offer_id) {
+                self.report(now, ended);
+            }
         }
         let node = self.node.as_ref().expect("cluster mode");
         let kept = record.clone();

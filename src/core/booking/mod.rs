@@ -127,6 +127,9 @@ pub struct Booking {
     /// Held for a group: how many of its members had accepted at the last
     /// word from the matcher (told again on a reconnect).
     group_accepted: u8,
+    /// Cluster mode: the app reconnected while an offer is held here; it is
+    /// sent again once the trip look-up has answered.
+    resend_offer: bool,
     /// Where the matcher's index has this driver (`None`: not indexed), so
     /// that it hears of every change exactly once.
     indexed_at: Option<LatLon>,
@@ -182,6 +185,7 @@ impl Booking {
             session: None,
             granted_at: None,
             group_accepted: 0,
+            resend_offer: false,
             indexed_at: None,
             counted_as: None,
             retire_at: None,
@@ -424,8 +428,16 @@ impl Booking {
         self.session = Some(session);
         self.effects.push(DriverEffect::UseSession(session));
         self.lock.connect();
-        // A reconnecting app learns what it is in the middle of.
+        // A reconnecting app learns what it is in the middle of. In cluster
+        // mode an offer held here is sent again only once Redis has said
+        // the driver's current trip is not newer (see `found_trip`): the
+        // app may have moved to another node meanwhile and been booked
+        // there under a newer lock, and must not see an older one after it.
         let resend = match (self.lock.state(), self.lock.location()) {
+            (LockState::Offered(_), Some(_)) if self.node.is_some() => {
+                self.resend_offer = true;
+                None
+            }
             (LockState::Offered(offer), Some(at)) => Some(offer_message(offer, at, now)),
             (LockState::Held(offer), _) => Some(waiting_for_group(offer, self.group_accepted)),
             (LockState::OnTrip(trip), _) => Some(trip_assigned(trip)),
