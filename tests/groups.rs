@@ -122,6 +122,21 @@ async fn expect_group_matched(rider: &mut Client, request_id: &str) -> Vec<Match
     }
 }
 
+/// `N` available drivers d1, d2, … 111 m apart north of the pickup, d1
+/// nearest, all in the index.
+async fn drivers_north<const N: usize>(engine: &ridelock::Engine) -> [Client; N] {
+    let mut drivers = Vec::new();
+    for i in 1..=N {
+        let lat = LAT + 0.001 * i as f64;
+        drivers.push(Client::available_driver(engine, &format!("d{i}"), lat, LON).await);
+    }
+    wait_for_available(engine, N).await;
+    match drivers.try_into() {
+        Ok(drivers) => drivers,
+        Err(_) => unreachable!("N drivers were made"),
+    }
+}
+
 fn ids(drivers: &[MatchedDriver]) -> Vec<&str> {
     drivers.iter().map(|d| &*d.driver_id).collect()
 }
@@ -129,9 +144,7 @@ fn ids(drivers: &[MatchedDriver]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_two_is_matched_once_both_accept() {
     let engine = common::engine(|_| {}).await;
-    let mut d1 = Client::available_driver(&engine, "d1", LAT + 0.001, LON).await;
-    let mut d2 = Client::available_driver(&engine, "d2", LAT + 0.002, LON).await;
-    wait_for_available(&engine, 2).await;
+    let [mut d1, mut d2] = drivers_north(&engine).await;
     let mut rider = Client::rider(&engine, "r1").await;
     request_group(&mut rider, "g1", LAT, LON, 2).await;
 
@@ -178,10 +191,7 @@ async fn a_single_vehicle_keeps_its_fields_and_lists_one_driver() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_who_declines_is_replaced_while_the_others_stay_held() {
     let engine = common::engine(|_| {}).await;
-    let mut d1 = Client::available_driver(&engine, "d1", LAT + 0.001, LON).await;
-    let mut d2 = Client::available_driver(&engine, "d2", LAT + 0.002, LON).await;
-    let mut d3 = Client::available_driver(&engine, "d3", LAT + 0.003, LON).await;
-    wait_for_available(&engine, 3).await;
+    let [mut d1, mut d2, mut d3] = drivers_north(&engine).await;
     let mut rider = Client::rider(&engine, "r1").await;
     request_group(&mut rider, "g", LAT, LON, 2).await;
     let (o1, _) = expect_group_offer(&mut d1, 2).await;
@@ -214,9 +224,7 @@ async fn a_member_who_declines_is_replaced_while_the_others_stay_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rider_cancelling_frees_every_held_member_at_once() {
     let engine = common::engine(|_| {}).await;
-    let mut d1 = Client::available_driver(&engine, "d1", LAT + 0.001, LON).await;
-    let mut d2 = Client::available_driver(&engine, "d2", LAT + 0.002, LON).await;
-    wait_for_available(&engine, 2).await;
+    let [mut d1, mut d2] = drivers_north(&engine).await;
     let mut rider = Client::rider(&engine, "r1").await;
     // Three vehicles, two drivers: never complete.
     request_group(&mut rider, "g", LAT, LON, 3).await;
@@ -279,10 +287,7 @@ async fn a_group_incomplete_at_its_deadline_lets_every_member_go() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_member_who_disconnects_stays_held_and_one_who_had_not_accepted_is_replaced() {
     let engine = common::engine(|_| {}).await;
-    let mut d1 = Client::available_driver(&engine, "d1", LAT + 0.001, LON).await;
-    let mut d2 = Client::available_driver(&engine, "d2", LAT + 0.002, LON).await;
-    let mut d3 = Client::available_driver(&engine, "d3", LAT + 0.003, LON).await;
-    wait_for_available(&engine, 3).await;
+    let [mut d1, mut d2, mut d3] = drivers_north(&engine).await;
     let mut rider = Client::rider(&engine, "r1").await;
     request_group(&mut rider, "g", LAT, LON, 2).await;
     let (o1, _) = expect_group_offer(&mut d1, 2).await;
