@@ -235,8 +235,10 @@ pub struct Searches<R> {
     /// Group requests in flight, by the rider's key; their members are
     /// searches of their own.
     groups: HashMap<SearchKey, group::Group<R>>,
-    /// Offers an older group is taking back, and the member of that group
-    /// to hand each driver to once it is free.
+    /// Offers an older group is taking back: the member of that group to
+    /// hand each driver to once it is free (its key and sequence number, so
+    /// that a later search under the same request id does not get it), and
+    /// where the driver was.
     handovers: HashMap<OfferId, (SearchKey, u64, Option<LatLon>)>,
     effects: Vec<SearchEffect<R>>,
     index_queries: u32,
