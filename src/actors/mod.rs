@@ -5,3 +5,4 @@
 pub mod driver;
 pub mod matcher;
 pub mod messages;
+pub mod registry;
