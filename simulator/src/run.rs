@@ -220,7 +220,20 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     sampler.abort();
-    let last = engine_locations(&shared.targets).await;
+    // Updates sent just before the end may still be on their way in: the
+    // engine gets up to a second to count them, so that a backlog shown is
+    // one that lasts, not one caught in flight.
+    let sent = shared.stats.locations_sent.get() as f64;
+    let mut last = engine_locations(&shared.targets).await;
+    for _ in 0..20 {
+        match (first, last) {
+            (Some(a), Some(b)) if b - a < sent => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                last = engine_locations(&shared.targets).await;
+            }
+            _ => break,
+        }
+    }
 
     let stats = &shared.stats;
     for missing in stats
