@@ -30,7 +30,8 @@ pub enum Role {
     Driver,
     /// A rider app, on `/ws/rider`.
     Rider,
-    /// An operator: `/metrics` on the public port.
+    /// An operator: `/metrics` on the public port and the ops map
+    /// (`/ws/ops`).
     Ops,
 }
 
@@ -76,6 +77,9 @@ pub enum Identity {
     Driver(Arc<str>),
     /// A rider app.
     Rider(Arc<str>),
+    /// An operator watching the ops map (the token's subject; in open mode
+    /// anyone, and unnamed).
+    Ops(Arc<str>),
 }
 
 /// A verified identity and until when it holds (`None` in open mode).
@@ -270,6 +274,7 @@ pub fn endpoint_role(path: &str) -> Option<Role> {
     match path {
         "/ws/driver" => Some(Role::Driver),
         "/ws/rider" => Some(Role::Rider),
+        "/ws/ops" => Some(Role::Ops),
         _ => None,
     }
 }
@@ -309,6 +314,9 @@ pub fn authenticate(
             let claims = verifier.verify(&token, role)?;
             (claims.sub, Some(claims.exp))
         }
+        // The ops feed is read-only and names nobody: in open mode it needs
+        // no id, as `/metrics` needs none.
+        None if role == Role::Ops => (String::new(), None),
         None => {
             let id = query_param(query, "id").unwrap_or_default();
             check_id(&id)?;
@@ -318,7 +326,7 @@ pub fn authenticate(
     let identity = match role {
         Role::Driver => Identity::Driver(id.into()),
         Role::Rider => Identity::Rider(id.into()),
-        Role::Ops => return Err(AuthError::Invalid("no WebSocket endpoint for ops".into())),
+        Role::Ops => Identity::Ops(id.into()),
     };
     Ok(Verified {
         identity,

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::actors::driver::DriverRegistry;
-use crate::actors::matcher::{Admission, GetStats, Matcher, MatcherStats};
+use crate::actors::matcher::{Admission, GetStats, Matcher, MatcherStats, OpenRequests};
 use crate::actors::messages::{DriverChanges, MatcherLink};
 use crate::areas::ServiceAreas;
 use crate::auth::{self, Verifier};
@@ -24,6 +24,7 @@ use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connections::ConnectionLimits;
 use crate::ids::Ids;
+use crate::ops::OpsFeed;
 use crate::server::{self, Routes, Shared};
 
 /// How long shutdown waits for connections to say goodbye.
@@ -192,13 +193,15 @@ impl Engine {
             None => Ids::for_node(),
         });
         let admission = Arc::new(Admission::new(config.max_queued_requests));
+        let ops = OpsFeed::new();
 
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let (actor_config, actor_ids, actor_admission, actor_cluster) = (
+        let (actor_config, actor_ids, actor_admission, actor_cluster, actor_ops) = (
             config.clone(),
             ids.clone(),
             admission.clone(),
             cluster.clone(),
+            ops.clone(),
         );
         let actors = std::thread::Builder::new()
             .name("ridelock-matcher".into())
@@ -226,6 +229,7 @@ impl Engine {
                         actor_ids.clone(),
                         actor_cluster.clone(),
                         actor_config.location_max_age(),
+                        actor_ops,
                     );
                     let matcher = context.run(Matcher::new(
                         &actor_config,
@@ -257,8 +261,17 @@ impl Engine {
             metrics,
             verifier,
             connections,
+            ops: ops.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let matcher = shared.matcher.clone();
+        tokio::spawn(ops.publish(
+            move || {
+                let matcher = matcher.clone();
+                async move { matcher.send(OpenRequests).await.ok() }
+            },
+            shutdown_rx.clone(),
+        ));
         let (drain, drained) = mpsc::channel(1);
         if let Some(listener) = metrics_listener {
             tokio::spawn(server::serve(

@@ -32,6 +32,7 @@ pub mod ids;
 pub mod limits;
 pub mod location;
 pub mod metrics;
+pub mod ops;
 pub mod peers;
 pub mod protocol;
 pub mod server;

@@ -105,6 +105,13 @@ pub const GROUP_COMPLETION: &str = "ridelock_group_completion_seconds";
 pub const GROUPS_FAILED: &str = "ridelock_groups_failed_total";
 /// Drivers an older group took back from a younger one.
 pub const PREEMPTIONS: &str = "ridelock_preemptions_total";
+/// Batches sent on the ops feed (one per interval with changes, however
+/// many watchers).
+pub const OPS_BATCHES: &str = "ridelock_ops_batches_total";
+/// Bytes of those batches (each serialised once for every watcher).
+pub const OPS_BATCH_BYTES: &str = "ridelock_ops_batch_bytes_total";
+/// Ops watchers sent a fresh snapshot because they fell behind the batches.
+pub const OPS_RESYNCS: &str = "ridelock_ops_resyncs_total";
 /// WebSocket messages by `direction` (in, out).
 pub const WS_MESSAGES: &str = "ridelock_ws_messages_total";
 /// Errors sent to clients by `code`.
@@ -268,6 +275,12 @@ fn describe() {
         PREEMPTIONS,
         "Drivers an older group took back from a younger one"
     );
+    describe_counter!(OPS_BATCHES, "Batches of changes sent on the ops feed");
+    describe_counter!(OPS_BATCH_BYTES, "Bytes of the ops feed's batches");
+    describe_counter!(
+        OPS_RESYNCS,
+        "Ops watchers sent a snapshot after falling behind"
+    );
     describe_counter!(WS_MESSAGES, "WebSocket messages by direction");
     describe_counter!(PROTOCOL_ERRORS, "Errors sent to clients by code");
     describe_counter!(
@@ -308,6 +321,9 @@ fn preregister() {
         FRAMES_DELAYED,
         FLOOD_CLOSES,
         PREEMPTIONS,
+        OPS_BATCHES,
+        OPS_BATCH_BYTES,
+        OPS_RESYNCS,
     ] {
         counter!(counter).increment(0);
     }
@@ -354,7 +370,7 @@ fn preregister() {
     ] {
         gauge!(DRIVERS, "state" => state.as_str()).increment(0.0);
     }
-    for role in ["driver", "rider"] {
+    for role in ["driver", "rider", "ops"] {
         gauge!(CONNECTIONS, "role" => role).increment(0.0);
     }
     matcher_gauges(0, 0, 0);
@@ -397,6 +413,15 @@ pub(crate) fn group_failed(why: Ending) {
 
 pub(crate) fn preemption() {
     counter!(PREEMPTIONS).increment(1);
+}
+
+pub(crate) fn ops_batch(bytes: usize) {
+    counter!(OPS_BATCHES).increment(1);
+    counter!(OPS_BATCH_BYTES).increment(bytes as u64);
+}
+
+pub(crate) fn ops_resynced() {
+    counter!(OPS_RESYNCS).increment(1);
 }
 
 pub(crate) fn search_finished(message: &ServerMessage, age: Duration, candidates: u32) {

@@ -43,6 +43,9 @@ pub(crate) async fn run_session(
             };
             session::run(ws, peer, inbox, settings, expires, shutdown).await;
         }
+        Identity::Ops(_) => {
+            crate::ops::session::run(ws, &shared.ops, settings, expires, shutdown).await;
+        }
     }
 }
 

@@ -61,6 +61,8 @@ pub struct Shared {
     pub verifier: Option<Verifier>,
     /// Connection caps.
     pub connections: Arc<ConnectionLimits>,
+    /// The ops map's board and watchers.
+    pub ops: Arc<crate::ops::OpsFeed>,
 }
 
 /// Which paths a listener serves.
@@ -218,7 +220,10 @@ where
     let pending = upgrade.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(pending) = pending {
         let upgraded = pending.on_upgrade.await?;
-        let config = session::websocket_config(shared.config.max_message_bytes);
+        let config = match pending.identity {
+            Identity::Ops(_) => crate::ops::session::websocket_config(),
+            _ => session::websocket_config(shared.config.max_message_bytes),
+        };
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config))
                 .await;

@@ -228,11 +228,11 @@ impl RateLimit {
 
 /// Every close code the engine sends (docs/protocol.md lists each, and a
 /// test holds the two lists equal): going away, protocol error, invalid
-/// data, policy, too big.
-pub const CLOSE_CODES: [u16; 5] = [1001, 1002, 1007, 1008, 1009];
+/// data, policy, too big, try again later.
+pub const CLOSE_CODES: [u16; 6] = [1001, 1002, 1007, 1008, 1009, 1013];
 
 /// How a session ended, and what the client is told.
-fn close_frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
+pub(crate) fn close_frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
     debug_assert!(
         CLOSE_CODES.contains(&u16::from(code)),
         "{code:?} is not in CLOSE_CODES"
@@ -244,7 +244,7 @@ fn close_frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
 }
 
 /// Waits until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
@@ -365,6 +365,11 @@ pub async fn run<P: Peer>(
     // counting on this client at once, not after a slow close handshake.
     peer.closed();
     m::connection_closed(P::ROLE);
+    finish(ws, close).await;
+}
+
+/// Ends a session's socket as `close` says.
+pub(crate) async fn finish(mut ws: Socket, close: Closing) {
     match close {
         // tungstenite queued the reply to the client's close frame; a flush
         // writes it, so the client sees its own code echoed, not 1006.
@@ -429,7 +434,7 @@ async fn on_frame<P: Peer>(
 }
 
 /// Why the session loop ended.
-enum Closing {
+pub(crate) enum Closing {
     /// The client sent a close frame (or its stream ended).
     ByPeer,
     /// The engine closes, with this frame.
@@ -442,7 +447,7 @@ impl Closing {
     /// The close that follows a read error: too large a message is 1009, a
     /// broken frame 1002, text that is not UTF-8 1007; an I/O error leaves
     /// nothing to close.
-    fn after_error(role: &'static str, e: WsError) -> Closing {
+    pub(crate) fn after_error(role: &'static str, e: WsError) -> Closing {
         tracing::debug!(role, "connection error: {e}");
         match e {
             WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
@@ -475,7 +480,7 @@ async fn write_error(
 }
 
 /// Runs a write, failing it if the client hasn't taken it within `limit`.
-async fn within(
+pub(crate) async fn within(
     limit: Duration,
     write: impl std::future::Future<Output = Result<(), WsError>>,
 ) -> Result<(), WsError> {

@@ -26,8 +26,10 @@ use crate::cluster::redlock::Renewal;
 use crate::cluster::wire::{NodeId, Wire};
 use crate::cluster::Cluster;
 use crate::core::booking::{Booking, DriverEffect, DriverEvent, RedisOp, RedisReply, ReplyTo};
-use crate::core::Incarnation;
+use crate::core::lock::{DriverLock, LockState};
+use crate::core::{Incarnation, OfferHolder};
 use crate::metrics as m;
+use crate::ops::{DriverDot, DriverShow};
 use crate::protocol::{DriverCommand, DriverId};
 use crate::session::Outbox;
 
@@ -116,6 +118,8 @@ pub struct DriverActor {
     /// The armed timer and the instant it fires at.
     timer: Option<(Instant, SpawnHandle)>,
     retired: bool,
+    /// What the ops map was last told of this driver.
+    shown: Option<DriverDot>,
 }
 
 impl Actor for DriverActor {
@@ -150,6 +154,19 @@ impl DriverActor {
             registry,
             timer: None,
             retired: false,
+            shown: None,
+        }
+    }
+
+    /// Tells the ops map what this driver now looks like, if that changed.
+    fn show(&mut self) {
+        if self.retired {
+            return;
+        }
+        let dot = dot_of(self.booking.lock());
+        if self.shown != Some(dot) {
+            self.shown = Some(dot);
+            self.registry.ops.driver_changed(self.booking.id(), dot);
         }
     }
 
@@ -176,6 +193,7 @@ impl DriverActor {
             }
         }
         self.arm_timer(now, ctx);
+        self.show();
     }
 
     /// Carries out one effect; the connection that turned out full (its app
@@ -255,6 +273,9 @@ impl DriverActor {
             DriverEffect::Redis(op) => self.ask_redis(id, op, ctx),
             DriverEffect::Retire => {
                 self.retired = true;
+                // Off the map before the registry forgets it: a new actor
+                // for the same driver shows itself only after that.
+                self.registry.ops.driver_gone(&id);
                 self.registry.forget(&id, &ctx.address());
                 ctx.stop();
             }
@@ -300,6 +321,24 @@ impl DriverActor {
             });
             self.timer = Some((at, handle));
         }
+    }
+}
+
+/// How the ops map shows a driver whose lock is `lock`.
+fn dot_of(lock: &DriverLock<OfferHolder>) -> DriverDot {
+    let (show, pickup) = match lock.state() {
+        _ if !lock.is_connected() => (DriverShow::Offline, None),
+        LockState::Free if lock.is_offerable() => (DriverShow::Available, None),
+        LockState::Free => (DriverShow::Unavailable, None),
+        LockState::Offered(offer) | LockState::Held(offer) => {
+            (DriverShow::Offered, Some(offer.holder.pickup))
+        }
+        LockState::OnTrip(trip) => (DriverShow::OnTrip, Some(trip.holder.pickup)),
+    };
+    DriverDot {
+        at: lock.location(),
+        show,
+        pickup,
     }
 }
 

@@ -22,7 +22,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::core::booking::{LockRequest, ReplyTo, LOCK_MARGIN};
 use crate::core::lock::OfferId;
-use crate::core::search::{SearchEffect, SearchSettings, Searches, SettleTicket};
+use crate::core::search::{OpenRequest, SearchEffect, SearchSettings, Searches, SettleTicket};
 use crate::core::Settled;
 use crate::ids::Ids;
 use crate::location::LatLon;
@@ -140,6 +140,11 @@ pub struct MatcherStats {
 #[derive(Message)]
 #[rtype(result = "MatcherStats")]
 pub struct GetStats;
+
+/// Asks the matcher for its open requests (for the ops map).
+#[derive(Message)]
+#[rtype(result = "Vec<OpenRequest>")]
+pub struct OpenRequests;
 
 /// Cluster mode: a driver on another node is offerable at `at`, or (`None`)
 /// no longer.
@@ -570,5 +575,13 @@ impl Handler<GetStats> for Matcher {
             searches: counts.searches,
             waiting: counts.waiting,
         }
+    }
+}
+
+impl Handler<OpenRequests> for Matcher {
+    type Result = Vec<OpenRequest>;
+
+    fn handle(&mut self, _msg: OpenRequests, _ctx: &mut Context<Self>) -> Vec<OpenRequest> {
+        self.searches.open_requests()
     }
 }

@@ -16,6 +16,7 @@ use crate::cluster::wire::NodeId;
 use crate::cluster::Cluster;
 use crate::core::Incarnation;
 use crate::ids::Ids;
+use crate::ops::OpsFeed;
 use crate::protocol::DriverId;
 use crate::session::Outbox;
 
@@ -35,6 +36,8 @@ pub struct DriverRegistry {
     pub(super) ids: Arc<Ids>,
     pub(super) cluster: Option<Arc<Cluster>>,
     pub(super) location_max_age: Duration,
+    /// Where the actors show themselves on the ops map.
+    pub(super) ops: Arc<OpsFeed>,
 }
 
 impl DriverRegistry {
@@ -47,6 +50,7 @@ impl DriverRegistry {
         ids: Arc<Ids>,
         cluster: Option<Arc<Cluster>>,
         location_max_age: Duration,
+        ops: Arc<OpsFeed>,
     ) -> Arc<Self> {
         assert!(
             !arbiters.is_empty(),
@@ -60,6 +64,7 @@ impl DriverRegistry {
             ids,
             cluster,
             location_max_age,
+            ops,
         })
     }
 

@@ -51,7 +51,7 @@ pub(super) struct Group<R> {
     pub(super) size: u8,
     rider: R,
     session: u64,
-    pickup: LatLon,
+    pub(super) pickup: LatLon,
     pub(super) started: Instant,
     /// Member searches not ended yet.
     pub(super) members: Vec<SearchKey>,

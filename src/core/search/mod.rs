@@ -34,6 +34,7 @@ mod group;
 mod news;
 mod remote;
 mod steps;
+mod view;
 mod wound;
 
 pub use batch::MAX_BATCH;
@@ -41,6 +42,7 @@ pub use events::{
     Dispatch, LockAnswer, OfferOutcome, SearchCounts, SearchEffect, SearchKey, SearchSettings,
     SettleTicket,
 };
+pub use view::{OpenRequest, Stage};
 
 /// Cluster mode: how long a remote lock's answer may take before the lock is
 /// settled in Redis instead (see `settle_due`); also the slack on a remote
