@@ -1,5 +1,5 @@
 //! The pages the engine serves itself: `/` (what ridelock is), `/rider` and
-//! `/driver` (reference apps), and their assets under `/assets/`. The files
+//! `/driver` (reference apps), `/ops` (the operations map), and their assets under `/assets/`. The files
 //! live in `web/` and are embedded in the binary (rust-embed, in debug
 //! builds too), so the engine serves them with no other file or service and
 //! nothing is fetched from elsewhere at run time.
@@ -22,6 +22,7 @@ pub fn page(path: &str, if_none_match: Option<&str>) -> Option<Response<Vec<u8>>
         "/" => "index.html",
         "/rider" => "rider.html",
         "/driver" => "driver.html",
+        "/ops" => "ops.html",
         _ => path
             .strip_prefix("/assets/")
             .filter(|f| !f.ends_with(".html"))?,

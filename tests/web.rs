@@ -27,6 +27,8 @@ async fn every_page_and_asset_is_served_from_the_binary_with_its_type() {
         "index.html",
         "rider.html",
         "driver.html",
+        "ops.html",
+        "ops.js",
         "rider.js",
         "map.js",
         "style.css",
@@ -40,6 +42,7 @@ async fn every_page_and_asset_is_served_from_the_binary_with_its_type() {
         ("/", "text/html; charset=utf-8"),
         ("/rider", "text/html; charset=utf-8"),
         ("/driver", "text/html; charset=utf-8"),
+        ("/ops", "text/html; charset=utf-8"),
     ] {
         let response = http_get(addr, path).await;
         assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
@@ -98,7 +101,12 @@ async fn every_page_and_asset_is_served_from_the_binary_with_its_type() {
 async fn no_page_refers_to_an_outside_address() {
     let engine = common::engine(|_| {}).await;
     let addr = engine.local_addr();
-    let mut paths = vec!["/".to_string(), "/rider".into(), "/driver".into()];
+    let mut paths = vec![
+        "/".to_string(),
+        "/rider".into(),
+        "/driver".into(),
+        "/ops".into(),
+    ];
     paths.extend(
         ridelock::web::files()
             .into_iter()

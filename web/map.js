@@ -1,23 +1,91 @@
 // A map drawn on a canvas, with no tiles and no network: a grid every
 // 500 m, a scale bar, and markers. Positions are WGS84 degrees; the view is
 // an equirectangular projection around its centre (fine for a city).
+// With `interactive`, the wheel zooms and a drag pans (a click without a drag
+// is still a click).
 
 const METRES_PER_DEGREE = 111_195;
 
 export class CityMap {
-  constructor(canvas, { centre = { lat: 52.52, lon: 13.405 }, widthM = 6000 } = {}) {
+  constructor(canvas, { centre = { lat: 52.52, lon: 13.405 }, widthM = 6000, interactive = false } = {}) {
     this.canvas = canvas;
     this.centre = centre;
     this.widthM = widthM;
     this.markers = new Map();
     this.lines = [];
+    // Extra drawing, between the grid and the markers: functions (g, map).
+    this.layers = [];
     this.onClick = null;
+    this.dragged = false;
+    this.pending = false;
     canvas.addEventListener("click", (e) => {
+      if (this.dragged) return;
       const r = canvas.getBoundingClientRect();
       const at = this.toLatLon(e.clientX - r.left, e.clientY - r.top);
       if (this.onClick) this.onClick(at);
     });
+    if (interactive) this.interact();
     new ResizeObserver(() => this.draw()).observe(canvas);
+  }
+
+  interact() {
+    const c = this.canvas;
+    c.addEventListener("wheel", (e) => {
+      e.preventDefault();
+      const r = c.getBoundingClientRect();
+      const under = this.toLatLon(e.clientX - r.left, e.clientY - r.top);
+      const factor = Math.exp(e.deltaY * 0.001);
+      this.widthM = Math.min(200_000, Math.max(200, this.widthM * factor));
+      // Keep the point under the cursor where it is.
+      const moved = this.toLatLon(e.clientX - r.left, e.clientY - r.top);
+      this.centre = { lat: this.centre.lat + under.lat - moved.lat, lon: this.centre.lon + under.lon - moved.lon };
+      this.redraw();
+    }, { passive: false });
+    let from = null;
+    c.addEventListener("pointerdown", (e) => {
+      from = { x: e.clientX, y: e.clientY, centre: { ...this.centre } };
+      this.dragged = false;
+    });
+    c.addEventListener("pointermove", (e) => {
+      if (!from || !(e.buttons & 1)) return;
+      const dx = e.clientX - from.x;
+      const dy = e.clientY - from.y;
+      if (Math.abs(dx) + Math.abs(dy) > 4) this.dragged = true;
+      if (!this.dragged) return;
+      const k = Math.cos((from.centre.lat * Math.PI) / 180);
+      const mpp = this.metresPerPixel();
+      this.centre = {
+        lat: from.centre.lat + (dy * mpp) / METRES_PER_DEGREE,
+        lon: from.centre.lon - (dx * mpp) / (METRES_PER_DEGREE * k),
+      };
+      this.redraw();
+    });
+    c.addEventListener("pointerup", () => { from = null; });
+  }
+
+  /** Centres the view on positions `points` (with a margin). */
+  fit(points) {
+    if (!points.length) return;
+    let [s, n, w, e] = [90, -90, 180, -180];
+    for (const p of points) {
+      s = Math.min(s, p.lat); n = Math.max(n, p.lat);
+      w = Math.min(w, p.lon); e = Math.max(e, p.lon);
+    }
+    this.centre = { lat: (s + n) / 2, lon: (w + e) / 2 };
+    const k = Math.cos((this.centre.lat * Math.PI) / 180);
+    const spanM = Math.max((e - w) * METRES_PER_DEGREE * k, ((n - s) * METRES_PER_DEGREE * this.canvas.clientWidth) / Math.max(1, this.canvas.clientHeight));
+    this.widthM = Math.min(200_000, Math.max(2000, spanM * 1.15));
+    this.redraw();
+  }
+
+  /** Draws on the next animation frame, once however often it is asked. */
+  redraw() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      this.draw();
+    });
   }
 
   metresPerPixel() {
@@ -64,8 +132,8 @@ export class CityMap {
     g.setTransform(ratio, 0, 0, ratio, 0, 0);
     g.fillStyle = "#f6f6f2";
     g.fillRect(0, 0, c.clientWidth, c.clientHeight);
-    // A grid every 500 m from the centre.
-    const step = 500 / this.metresPerPixel();
+    // A grid every 500 m (every 5 km when zoomed out), through the centre.
+    const step = (this.widthM > 40_000 ? 5000 : 500) / this.metresPerPixel();
     g.strokeStyle = "#e0e0d8";
     g.lineWidth = 1;
     const cx = c.clientWidth / 2;
@@ -82,6 +150,7 @@ export class CityMap {
       const q = this.toXY(b);
       line(g, p.x, p.y, q.x, q.y);
     }
+    for (const layer of this.layers) layer(g, this);
     for (const { at, colour, label, size } of this.markers.values()) {
       const { x, y } = this.toXY(at);
       g.fillStyle = colour;
@@ -94,8 +163,9 @@ export class CityMap {
         g.fillText(label, x + size + 3, y + 4);
       }
     }
-    // Scale bar: 1 km.
-    const km = 1000 / this.metresPerPixel();
+    // Scale bar: 1 km (10 km when zoomed out).
+    const barM = this.widthM > 40_000 ? 10_000 : 1000;
+    const km = barM / this.metresPerPixel();
     g.strokeStyle = "#222";
     g.lineWidth = 2;
     const y0 = c.clientHeight - 16;
@@ -104,7 +174,7 @@ export class CityMap {
     line(g, 12 + km, y0 - 4, 12 + km, y0 + 4);
     g.fillStyle = "#222";
     g.font = "12px system-ui, sans-serif";
-    g.fillText("1 km", 16, y0 - 6);
+    g.fillText(`${barM / 1000} km`, 16, y0 - 6);
   }
 }
 

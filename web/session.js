@@ -62,10 +62,11 @@ export class Connection {
 
   open() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
+    // The ops feed names nobody: in open mode it goes without either.
     const query = this.who.token
-      ? `token=${encodeURIComponent(this.who.token)}`
-      : `id=${encodeURIComponent(this.who.id)}`;
-    const ws = new WebSocket(`${scheme}://${location.host}/ws/${this.role}?${query}`);
+      ? `?token=${encodeURIComponent(this.who.token)}`
+      : this.who.id ? `?id=${encodeURIComponent(this.who.id)}` : "";
+    const ws = new WebSocket(`${scheme}://${location.host}/ws/${this.role}${query}`);
     this.ws = ws;
     this.onState("connecting…");
     let openedAt = 0;

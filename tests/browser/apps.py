@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The rider and driver pages in real headless Chromium, against a real
 engine process: booking end to end, a decline, an expiry, the rider
-cancelling, and the driver page reconnecting after the engine dropped it.
+cancelling, the driver page reconnecting after the engine dropped it, and
+the ops map following a driver.
 
 Run by .ci/run after `cargo test` (which builds target/debug/ridelock):
     python3 tests/browser/apps.py
@@ -215,6 +216,38 @@ async def group_of_two(pages):
     await shot(rider, "rider-group-matched")
 
 
+async def ops_map_follows_a_driver(pages):
+    """The ops page shows a driver appear, change state and move."""
+    ops = await pages.open("/ops")
+    await expect(ops.locator("#conn")).to_have_text("connected", timeout=WAIT_MS)
+    await ops.locator("#find").fill("d-ops")
+    await expect(ops.locator("#found")).to_have_text("d-ops: not on this node")
+    driver = await driver_ready(pages, "d-ops", at=(0.5, 0.45))
+    await expect(ops.locator("#found")).to_contain_text("d-ops: available at", timeout=WAIT_MS)
+    first_place = await ops.locator("#found").text_content()
+    available = int(await ops.locator("#n-available").text_content())
+    assert available >= 1, available
+    rider = await rider_ready(pages, "r-ops")
+    await request(rider)
+    await expect(ops.locator("#found")).to_contain_text("d-ops: offered at", timeout=WAIT_MS)
+    await expect(ops.locator("#found")).to_contain_text("pickup")
+    await expect(ops.locator("#n-requests")).to_have_text("1", timeout=WAIT_MS)
+    await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
+    await driver.locator("#accept").click()
+    await expect(ops.locator("#found")).to_contain_text("d-ops: on trip at", timeout=WAIT_MS)
+    await expect(ops.locator("#n-requests")).to_have_text("0", timeout=WAIT_MS)
+    await expect(ops.locator("#n-minute")).not_to_have_text("0", timeout=WAIT_MS)
+    await shot(ops, "ops-trip")
+    await click_map(driver, 0.3, 0.3)
+    await expect(ops.locator("#found")).not_to_have_text(first_place, timeout=WAIT_MS)
+    await expect(ops.locator("#found")).to_contain_text("d-ops: on trip at")
+    await driver.locator("#complete").click()
+    await expect(ops.locator("#found")).to_contain_text("d-ops: available at", timeout=WAIT_MS)
+    await driver.close()
+    await expect(ops.locator("#found")).to_contain_text("d-ops: offline", timeout=WAIT_MS)
+    await shot(ops, "ops")
+
+
 async def pickup_from_the_browsers_location(pages):
     rider = await pages.open("/rider#id=r-located", permissions=["geolocation"],
                              geolocation={"latitude": 48.8566, "longitude": 2.3522})
@@ -222,6 +255,12 @@ async def pickup_from_the_browsers_location(pages):
     await rider.locator("#locate").click()
     await expect(rider.locator("#pickup")).to_have_text("48.85660, 2.35220", timeout=WAIT_MS)
     await expect(rider.locator("#request")).to_be_enabled()
+
+
+def refused_feed(error):
+    """Chromium logs a refused WebSocket handshake as a console error; the
+    refusal is what that check expects."""
+    return error.startswith("/ops:") and "/ws/ops" in error and "Authentication failed" in error
 
 
 async def with_tokens(browser):
@@ -236,7 +275,13 @@ async def with_tokens(browser):
         await expect(driver.locator("#offer")).to_be_visible(timeout=WAIT_MS)
         await driver.locator("#accept").click()
         await expect(rider.locator("#match")).to_contain_text("d-token", timeout=WAIT_MS)
-        return pages.errors
+        # The ops page: refused without a token, fed with an ops token.
+        refused = await pages.open("/ops")
+        await expect(refused.locator("#error")).to_contain_text("ops token", timeout=WAIT_MS)
+        ops = await pages.open("/ops#token=" + token("ops", "operator"))
+        await ops.locator("#find").fill("d-token")
+        await expect(ops.locator("#found")).to_contain_text("d-token: on trip", timeout=WAIT_MS)
+        return [e for e in pages.errors if not refused_feed(e)]
     finally:
         engine.terminate()
         engine.wait(timeout=10)
@@ -258,6 +303,7 @@ async def main():
             await expect(driver.locator("#state")).to_have_text("offline", timeout=WAIT_MS)
             await reconnect_gets_the_offer_again(pages, base)
             await group_of_two(pages)
+            await ops_map_follows_a_driver(pages)
             await pickup_from_the_browsers_location(pages)
             errors = pages.errors + await with_tokens(browser)
             await browser.close()
