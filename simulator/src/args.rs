@@ -85,6 +85,10 @@ pub struct Args {
     /// What the flooding connections send.
     #[arg(long, value_enum, default_value_t = FloodKind::Text)]
     pub flood_kind: FloodKind,
+    /// Connections watching the ops feed (`/ws/ops`) through the run, as
+    /// the ops map does: to measure what the feed costs the engine.
+    #[arg(long, default_value_t = 0)]
+    pub ops_watchers: usize,
     /// Length of the steady phase that the rates are measured over (`20s`, `5m`).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
@@ -165,6 +169,7 @@ pub struct Plan {
     pub authenticated: bool,
     pub flood: usize,
     pub flood_kind: FloodKind,
+    pub ops_watchers: usize,
     #[serde(with = "humantime_serde_secs")]
     pub duration: Duration,
     #[serde(with = "humantime_serde_secs")]
@@ -321,6 +326,7 @@ impl Args {
             authenticated: self.auth_secret_file.is_some(),
             flood: self.flood,
             flood_kind: self.flood_kind,
+            ops_watchers: self.ops_watchers,
             duration: self.duration.unwrap_or(p.duration),
             ramp: self.ramp.unwrap_or(p.ramp),
             drain: self.drain.unwrap_or(p.drain),

@@ -14,6 +14,7 @@ pub mod city;
 mod driver;
 mod flood;
 pub mod net;
+mod ops_watch;
 pub mod report;
 mod rider;
 pub mod run;

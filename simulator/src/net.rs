@@ -75,6 +75,18 @@ impl Target {
         token: Option<&str>,
         source: Option<IpAddr>,
     ) -> anyhow::Result<Ws> {
+        self.connect_with(path, token, source, client_config())
+            .await
+    }
+
+    /// [`Target::connect`] with WebSocket settings of its own.
+    pub async fn connect_with(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        source: Option<IpAddr>,
+        config: WebSocketConfig,
+    ) -> anyhow::Result<Ws> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
@@ -97,10 +109,9 @@ impl Target {
                 .headers_mut()
                 .insert("Authorization", format!("Bearer {token}").parse()?);
         }
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(client_config()))
-                .await
-                .context("WebSocket handshake")?;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            .await
+            .context("WebSocket handshake")?;
         Ok(ws)
     }
 

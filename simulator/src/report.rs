@@ -140,6 +140,18 @@ pub struct Report {
     /// Flooding connections the engine closed (a close frame, a reset, or a
     /// write that failed).
     pub flood_closes: u64,
+    /// What the ops watchers received (`--ops-watchers`).
+    pub ops_feed: Option<OpsFeed>,
+}
+
+/// What the ops watchers received, over all of them.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpsFeed {
+    pub messages: u64,
+    pub bytes: u64,
+    pub snapshot_bytes_max: u64,
+    /// Over the steady phase.
+    pub bytes_per_s: f64,
 }
 
 impl Report {
@@ -257,6 +269,19 @@ impl Report {
                 format!(
                     "{} frames written, {} connections closed by the engine",
                     self.flood_frames, self.flood_closes
+                ),
+            );
+        }
+        if let Some(feed) = &self.ops_feed {
+            row(
+                &mut out,
+                &format!("ops feed ({} watchers)", p.ops_watchers),
+                format!(
+                    "{} messages, {:.1} MB ({:.0} kB/s steady), largest snapshot {:.0} kB",
+                    feed.messages,
+                    feed.bytes as f64 / 1e6,
+                    feed.bytes_per_s / 1e3,
+                    feed.snapshot_bytes_max as f64 / 1e3
                 ),
             );
         }

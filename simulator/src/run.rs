@@ -21,7 +21,8 @@ use crate::city::City;
 use crate::driver;
 use crate::flood;
 use crate::net::{self, Target};
-use crate::report::{Distances, Groups, Latencies, Offers, Percentiles, Report};
+use crate::ops_watch;
+use crate::report::{Distances, Groups, Latencies, Offers, OpsFeed, Percentiles, Report};
 use crate::rider::{self, Order, Phase};
 use crate::stats::Stats;
 
@@ -62,6 +63,7 @@ struct Snapshot {
     locations: u64,
     engine_locations: Option<f64>,
     engine_cpu_s: Option<f64>,
+    ops_bytes: u64,
 }
 
 impl Shared {
@@ -75,7 +77,8 @@ impl Shared {
     pub fn credentials(&self, role: Role, id: &str) -> (String, Option<String>) {
         let endpoint = match role {
             Role::Driver => "/ws/driver",
-            _ => "/ws/rider",
+            Role::Ops => "/ws/ops",
+            Role::Rider => "/ws/rider",
         };
         match &self.secret {
             Some(secret) => (
@@ -119,6 +122,7 @@ async fn snapshot(shared: &Shared, engine_pids: &[u32]) -> Snapshot {
         locations: shared.stats.locations_sent.get(),
         engine_locations,
         engine_cpu_s: over_pids(engine_pids, net::cpu_seconds),
+        ops_bytes: shared.stats.ops_bytes.get(),
     }
 }
 
@@ -137,7 +141,7 @@ pub async fn run(
             .clamp(1, MAX_PERSONS),
         RiderMode::Pooled => 0,
     };
-    let needed = plan.drivers + plan.rider_connections + plan.flood + 64;
+    let needed = plan.drivers + plan.rider_connections + plan.flood + plan.ops_watchers + 64;
     if (open_files as usize) < needed {
         eprintln!(
             "warning: open-file limit {open_files} is below the {needed} sockets this run needs; raise it (ulimit -n)"
@@ -156,7 +160,10 @@ pub async fn run(
     let centre = LatLon::new(plan.centre.0, plan.centre.1).context("city centre")?;
     let shared = Arc::new(Shared {
         city: City::new(centre, plan.radius_m),
-        total_connections: plan.drivers + plan.rider_connections.max(person_slots) + plan.flood,
+        total_connections: plan.drivers
+            + plan.rider_connections.max(person_slots)
+            + plan.flood
+            + plan.ops_watchers,
         plan,
         targets,
         stats: Stats::default(),
@@ -192,6 +199,9 @@ pub async fn run(
         )));
     }
 
+    let watchers: Vec<_> = (0..plan.ops_watchers)
+        .map(|n| tokio::spawn(ops_watch::run(n, shared.clone(), stopped.clone())))
+        .collect();
     let rss_peak = Arc::new(AtomicU64::new(0));
     let sampler = tokio::spawn(sample(
         shared.clone(),
@@ -216,7 +226,7 @@ pub async fn run(
     drain(&shared, plan.drain).await;
     let _ = stop.send(true);
     let _ = phase.send(Phase::Stopped);
-    for task in drivers.into_iter().chain(riders) {
+    for task in drivers.into_iter().chain(riders).chain(watchers) {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     sampler.abort();
@@ -314,6 +324,12 @@ pub async fn run(
         flood_frames: stats.flood_frames.get(),
         flood_frames_per_s: stats.flood_frames.get() as f64 / window,
         flood_closes: stats.flood_closes.get(),
+        ops_feed: (shared.plan.ops_watchers > 0).then(|| OpsFeed {
+            messages: stats.ops_messages.get(),
+            bytes: stats.ops_bytes.get(),
+            snapshot_bytes_max: stats.ops_snapshot_bytes.get(),
+            bytes_per_s: (steady_end.ops_bytes - steady_start.ops_bytes) as f64 / window,
+        }),
     })
 }
 

@@ -26,6 +26,14 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Raises the value to `n` if it is lower.
+    pub fn raise_to(&self, n: u64) {
+        self.0.fetch_max(n, Ordering::Relaxed);
+    }
 }
 
 /// A latency histogram in microseconds, 1 µs to 10 min, 3 significant digits.
@@ -105,6 +113,11 @@ pub struct Stats {
     pub flood_frames: Counter,
     /// Flooding connections the engine closed.
     pub flood_closes: Counter,
+    /// Ops feed messages and bytes received by the watchers.
+    pub ops_messages: Counter,
+    pub ops_bytes: Counter,
+    /// The largest snapshot a watcher received.
+    pub ops_snapshot_bytes: Counter,
     connected: AtomicU64,
     connected_peak: AtomicU64,
     pub request_to_offer: Latency,

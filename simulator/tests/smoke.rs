@@ -141,10 +141,17 @@ async fn smoke(engines: &[&Engine], extra: &[&str]) -> Value {
     report
 }
 
+/// With two ops watchers beside the load: each gets a snapshot and then
+/// batches, and the run is as clean as without them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_scenario_finds_no_violations() {
     let engine = Engine::start(config()).await.expect("engine starts");
-    smoke(&[&engine], &[]).await;
+    let report = smoke(&[&engine], &["--ops-watchers", "2"]).await;
+    let feed = &report["ops_feed"];
+    assert!(feed["snapshot_bytes_max"].as_u64().unwrap() > 0, "{report}");
+    // Two snapshots, and batches while drivers moved and rides were booked.
+    assert!(feed["messages"].as_u64().unwrap() > 4, "{report}");
+    assert!(feed["bytes_per_s"].as_f64().unwrap() > 0.0, "{report}");
     engine.shutdown().await;
 }
 
