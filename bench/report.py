@@ -189,11 +189,11 @@ for name in repeats("matches-max") + ["matches-max-pooled"] + repeats("latency-5
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
 out.append("")
-# The cluster, dispatch and groups sections are bench/cluster's,
-# bench/dispatch's and bench/groups':
+# The cluster, dispatch, groups and ops sections are bench/cluster's,
+# bench/dispatch's, bench/groups' and bench/ops':
 # carried over as they are.
 previous = os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")
-for section in ("cluster", "dispatch", "groups"):
+for section in ("cluster", "dispatch", "groups", "ops"):
     begin, end = f"<!-- {section}: written by bench/{section} -->", f"<!-- /{section} -->"
     if os.path.exists(previous):
         text = open(previous).read()

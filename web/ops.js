@@ -14,6 +14,14 @@ const MATCH_SHOWN_MS = 10_000;
 const STAGE_COLOURS = { waiting: "#c0392b", searching: "#e74c3c", offered: "#e8a317" };
 
 const map = new CityMap($("map"), { interactive: true, widthM: 20_000 });
+// How long the last frame's drawing and the last message's handling took,
+// in ms, on the page's body (bench/ops reads them at 20k drivers).
+const draw = map.draw.bind(map);
+map.draw = () => {
+  const started = performance.now();
+  draw();
+  document.body.dataset.drawMs = (performance.now() - started).toFixed(1);
+};
 let states = [];
 let seq = 0;
 const drivers = new Map(); // id -> [id, lat, lon, state, pickup_lat, pickup_lon]
@@ -81,6 +89,11 @@ function drawFound(g, m) {
 
 function apply(message) {
   const now = performance.now();
+  handle(message, now);
+  document.body.dataset.applyMs = (performance.now() - now).toFixed(1);
+}
+
+function handle(message, now) {
   if (message.type === "snapshot") {
     states = message.states;
     seq = message.seq;
