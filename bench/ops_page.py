@@ -38,6 +38,26 @@ SAMPLE = """async (ms) => {
 }"""
 
 
+# A second connection from the page: how big a snapshot of the whole city
+# is, how long it takes to arrive, and to parse.
+SNAPSHOT = """async () => {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token") || "";
+  const started = performance.now();
+  const ws = new WebSocket(`ws://${location.host}/ws/ops?token=${encodeURIComponent(token)}`);
+  return await new Promise((done, fail) => {
+    ws.onmessage = (e) => {
+      const received = performance.now() - started;
+      const before = performance.now();
+      const drivers = JSON.parse(e.data).drivers.length;
+      const parse = performance.now() - before;
+      ws.close();
+      done({ bytes: e.data.length, drivers, received_ms: received, parse_ms: parse });
+    };
+    ws.onerror = () => fail(new Error("no snapshot"));
+  });
+}"""
+
+
 def quantile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
@@ -63,6 +83,7 @@ async def main(url, drivers, out, screenshot):
         # Into the steady phase: requests and trips under way.
         await asyncio.sleep(15)
         sample = await page.evaluate(SAMPLE, SAMPLE_MS)
+        snapshot = await page.evaluate(SNAPSHOT)
         os.makedirs(os.path.dirname(screenshot), exist_ok=True)
         await page.screenshot(path=screenshot)
         counts = await page.evaluate("""() => Object.fromEntries(
@@ -80,6 +101,7 @@ async def main(url, drivers, out, screenshot):
         "draw_ms_max": max(sample["draws"]) if sample["draws"] else 0,
         "apply_ms_p50": quantile(sample["applies"], 0.5),
         "apply_ms_max": max(sample["applies"]) if sample["applies"] else 0,
+        "snapshot": snapshot,
         "counts": counts,
         "errors": errors,
     }

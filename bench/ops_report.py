@@ -78,6 +78,11 @@ if page:
                f"batch {page['apply_ms_p50']:.1f} ms (max {page['apply_ms_max']:.1f}). "
                f"0 JavaScript errors." if not page["errors"] else
                f"- The page reported JavaScript errors: {page['errors']}")
+    s = page.get("snapshot")
+    if s:
+        out.append(f"- A snapshot of {s['drivers']:,} drivers is {s['bytes'] / 1e3:,.0f} kB: it reached "
+                   f"the page {s['received_ms']:.0f} ms after the connection was opened, and parsed in "
+                   f"{s['parse_ms']:.0f} ms.")
     p = runs["ops-page"]
     if p:
         out.append(f"- The run with the page: engine CPU {p['engine_cpu_cores']:.3f} cores, "

@@ -1,5 +1,5 @@
-// A map drawn on a canvas, with no tiles and no network: a grid every
-// 500 m, a scale bar, and markers. Positions are WGS84 degrees; the view is
+// A map drawn on a canvas, with no tiles and no network: a grid at a round
+// distance (500 m at the apps' default zoom), a scale bar, and markers. Positions are WGS84 degrees; the view is
 // an equirectangular projection around its centre (fine for a city).
 // With `interactive`, the wheel zooms and a drag pans (a click without a drag
 // is still a click).
@@ -92,6 +92,25 @@ export class CityMap {
     return this.widthM / Math.max(1, this.canvas.clientWidth);
   }
 
+  /** The projection as numbers, for drawing many points without an object
+   * each: x = (lon - lon0) * ax + x0, y = (lat - lat0) * ay + y0. */
+  projection() {
+    const k = Math.cos((this.centre.lat * Math.PI) / 180);
+    const mpp = this.metresPerPixel();
+    return {
+      lon0: this.centre.lon, lat0: this.centre.lat,
+      ax: (METRES_PER_DEGREE * k) / mpp, ay: -METRES_PER_DEGREE / mpp,
+      x0: this.canvas.clientWidth / 2, y0: this.canvas.clientHeight / 2,
+    };
+  }
+
+  /** A round distance in metres that is at least `px` pixels long. */
+  niceStep(px) {
+    const want = px * this.metresPerPixel();
+    for (const m of [100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000]) if (m >= want) return m;
+    return 100_000;
+  }
+
   toXY({ lat, lon }) {
     const k = Math.cos((this.centre.lat * Math.PI) / 180);
     const mpp = this.metresPerPixel();
@@ -132,8 +151,8 @@ export class CityMap {
     g.setTransform(ratio, 0, 0, ratio, 0, 0);
     g.fillStyle = "#f6f6f2";
     g.fillRect(0, 0, c.clientWidth, c.clientHeight);
-    // A grid every 500 m (every 5 km when zoomed out), through the centre.
-    const step = (this.widthM > 40_000 ? 5000 : 500) / this.metresPerPixel();
+    // A grid through the centre, at a round distance at least 60 px apart.
+    const step = this.niceStep(60) / this.metresPerPixel();
     g.strokeStyle = "#e0e0d8";
     g.lineWidth = 1;
     const cx = c.clientWidth / 2;
@@ -163,8 +182,8 @@ export class CityMap {
         g.fillText(label, x + size + 3, y + 4);
       }
     }
-    // Scale bar: 1 km (10 km when zoomed out).
-    const barM = this.widthM > 40_000 ? 10_000 : 1000;
+    // Scale bar: a round distance of 100 px or more.
+    const barM = this.niceStep(100);
     const km = barM / this.metresPerPixel();
     g.strokeStyle = "#222";
     g.lineWidth = 2;
@@ -174,7 +193,7 @@ export class CityMap {
     line(g, 12 + km, y0 - 4, 12 + km, y0 + 4);
     g.fillStyle = "#222";
     g.font = "12px system-ui, sans-serif";
-    g.fillText(`${barM / 1000} km`, 16, y0 - 6);
+    g.fillText(barM >= 1000 ? `${barM / 1000} km` : `${barM} m`, 16, y0 - 6);
   }
 }
 

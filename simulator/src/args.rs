@@ -85,8 +85,8 @@ pub struct Args {
     /// What the flooding connections send.
     #[arg(long, value_enum, default_value_t = FloodKind::Text)]
     pub flood_kind: FloodKind,
-    /// Connections watching the ops feed (`/ws/ops`) through the run, as
-    /// the ops map does: to measure what the feed costs the engine.
+    /// Connections watching the ops feed (`/ws/ops`) from the end of the
+    /// ramp, as the ops map does: to measure what the feed costs the engine.
     #[arg(long, default_value_t = 0)]
     pub ops_watchers: usize,
     /// Length of the steady phase that the rates are measured over (`20s`, `5m`).

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use ridelock::auth::Role;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::run::Shared;
@@ -16,8 +17,15 @@ use crate::run::Shared;
 /// Largest feed message taken: a snapshot of a whole node.
 const MAX_FEED_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// Watches from connection `n` until `stopped` turns true.
-pub async fn run(n: usize, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+/// Watches from connection `n`, from `start_at` (the end of the ramp, so
+/// that its snapshot holds the whole city) until `stopped` turns true.
+pub async fn run(
+    n: usize,
+    shared: Arc<Shared>,
+    start_at: Instant,
+    mut stopped: watch::Receiver<bool>,
+) {
+    tokio::time::sleep_until(start_at).await;
     let id = format!("sim-ops{n}");
     // The last connections of the run's budget (before the floods').
     let index = shared.total_connections - 1 - shared.plan.flood - n;

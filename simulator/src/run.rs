@@ -200,7 +200,12 @@ pub async fn run(
     }
 
     let watchers: Vec<_> = (0..plan.ops_watchers)
-        .map(|n| tokio::spawn(ops_watch::run(n, shared.clone(), stopped.clone())))
+        .map(|n| tokio::spawn(ops_watch::run(
+            n,
+            shared.clone(),
+            t0 + plan.ramp,
+            stopped.clone(),
+        )))
         .collect();
     let rss_peak = Arc::new(AtomicU64::new(0));
     let sampler = tokio::spawn(sample(
