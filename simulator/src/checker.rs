@@ -177,6 +177,10 @@ struct Entry {
     acknowledged: bool,
     finals: u8,
     accepted_by: Vec<String>,
+    /// Drivers a `matched` named whose accept has not been seen yet (only
+    /// across processes, where the driver's accept and the rider's
+    /// `matched` come down different pipes).
+    unconfirmed: Vec<String>,
     /// Vehicles asked for (0: not recorded, taken as 1).
     vehicles: u8,
 }
@@ -189,12 +193,27 @@ pub struct RequestLedger {
     /// Acknowledged requests whose (first) final message has arrived.
     finished: usize,
     acknowledged: usize,
+    /// Accepts may arrive after the `matched` naming them (see
+    /// [`RequestLedger::across_processes`]).
+    accepts_may_lag: bool,
 }
 
 impl RequestLedger {
     /// An empty ledger.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty ledger fed by several worker processes: a driver's accept
+    /// (recorded by the driver's worker before it is sent) may still reach
+    /// the ledger after the rider's `matched` from another worker, so a
+    /// `matched` naming a driver not yet seen accepting is a violation only
+    /// if that accept never arrives by [`RequestLedger::finish`].
+    pub fn across_processes() -> Self {
+        RequestLedger {
+            accepts_may_lag: true,
+            ..Self::default()
+        }
     }
 
     /// The engine answered `searching`: it now owes this request one final.
@@ -222,11 +241,9 @@ impl RequestLedger {
     /// `driver` sent `accept` for an offer of `request_id` (recorded before
     /// sending, so it always precedes the rider's `matched`).
     pub fn accept_sent(&mut self, request_id: &str, driver: &str) {
-        self.requests
-            .entry(request_id.to_string())
-            .or_default()
-            .accepted_by
-            .push(driver.to_string());
+        let entry = self.requests.entry(request_id.to_string()).or_default();
+        entry.unconfirmed.retain(|d| d != driver);
+        entry.accepted_by.push(driver.to_string());
     }
 
     /// A final message arrived for `request_id`.
@@ -254,10 +271,14 @@ impl RequestLedger {
                 "request {request_id} for {wanted} vehicles matched to {drivers:?}"
             ));
         }
-        drivers
-            .iter()
-            .find(|d| !entry.accepted_by.contains(d))
+        let unaccepted = drivers.iter().filter(|d| !entry.accepted_by.contains(d));
+        if self.accepts_may_lag {
+            entry.unconfirmed = unaccepted.cloned().collect();
+            return None;
+        }
+        unaccepted
             .map(|d| format!("request {request_id} matched to {d}, who did not accept it"))
+            .next()
     }
 
     /// At the end of the run (after the drain): requests still owed a final.
@@ -268,6 +289,13 @@ impl RequestLedger {
             .filter(|(_, e)| e.acknowledged && e.finals == 0)
             .map(|(id, _)| format!("request {id} never got a final message"))
             .collect();
+        for (id, entry) in &self.requests {
+            for driver in &entry.unconfirmed {
+                missing.push(format!(
+                    "request {id} matched to {driver}, who did not accept it"
+                ));
+            }
+        }
         missing.sort();
         missing
     }
@@ -415,6 +443,26 @@ mod tests {
         // Let go (group incomplete, or taken by an older group): free again.
         assert_eq!(d.revoked(1), None);
         assert_eq!(d.offer(2), None);
+    }
+
+    #[test]
+    fn across_processes_an_accept_may_come_after_its_matched_but_must_come() {
+        let mut ledger = RequestLedger::across_processes();
+        ledger.acknowledged("a");
+        assert_eq!(
+            ledger.final_message("a", Final::Matched(vec!["d1".into()])),
+            None
+        );
+        ledger.accept_sent("a", "d1");
+        ledger.acknowledged("b");
+        assert_eq!(
+            ledger.final_message("b", Final::Matched(vec!["d2".into()])),
+            None
+        );
+        assert_eq!(
+            ledger.finish(),
+            vec!["request b matched to d2, who did not accept it"]
+        );
     }
 
     #[test]

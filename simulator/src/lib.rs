@@ -19,3 +19,4 @@ pub mod report;
 mod rider;
 pub mod run;
 pub mod stats;
+pub mod totals;

@@ -6,6 +6,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::args::Plan;
+use crate::totals::{add_buckets, Buckets, Totals};
 
 /// Latency percentiles in milliseconds.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -154,7 +155,90 @@ pub struct OpsFeed {
     pub bytes_per_s: f64,
 }
 
+/// What was measured of the engine itself (with `--engine-pid` and its
+/// `/metrics`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineFigures {
+    pub cpu_cores: Option<f64>,
+    pub location_updates_per_s: Option<f64>,
+    pub location_backlog: Option<i64>,
+    pub rss_kib_peak: Option<u64>,
+}
+
 impl Report {
+    /// The report of a run that counted `t` (one process's, or every
+    /// worker's added up).
+    pub fn from_totals(plan: Plan, elapsed_s: f64, t: Totals, engine: EngineFigures) -> Report {
+        let latency = |b: &Buckets| {
+            let mut h = crate::stats::Latency::empty();
+            add_buckets(&mut h, b);
+            Percentiles::of(&h)
+        };
+        let mut distances = crate::stats::Distance::empty();
+        add_buckets(&mut distances, &t.pickup_distance);
+        let finals = t.matches + t.no_driver + t.cancelled;
+        let peak = t.connected_peak;
+        Report {
+            elapsed_s,
+            requests: t.requests,
+            acknowledged: t.acknowledged,
+            rejected: t.rejected,
+            matches: t.matches,
+            no_driver: t.no_driver,
+            cancelled: t.cancelled,
+            groups: Groups {
+                requests: t.group_requests,
+                matched: t.group_matches,
+            },
+            offers: Offers {
+                received: t.offers_received,
+                accepted: t.offers_accepted,
+                declined: t.offers_declined,
+                expired: t.offers_expired,
+            },
+            requests_per_s: t.requests_per_s,
+            matches_per_s: t.matches_per_s,
+            location_updates_per_s: t.location_updates_per_s,
+            engine_location_updates_per_s: engine.location_updates_per_s,
+            engine_cpu_cores: engine.cpu_cores,
+            location_backlog: engine.location_backlog,
+            no_driver_rate: if finals == 0 {
+                0.0
+            } else {
+                t.no_driver as f64 / finals as f64
+            },
+            latency_ms: Latencies {
+                request_to_offer: latency(&t.request_to_offer),
+                request_to_matched: latency(&t.request_to_matched),
+                group_request_to_matched: latency(&t.group_request_to_matched),
+            },
+            pickup_distance_m: Distances::of(&distances),
+            violations: t.violations,
+            violation_examples: t.violation_examples,
+            connected_drivers_peak: peak,
+            connect_errors: t.connect_errors,
+            first_connect_error: t.first_connect_error,
+            engine_rss_kib_peak: engine.rss_kib_peak,
+            engine_rss_kib_per_driver: engine
+                .rss_kib_peak
+                .filter(|_| peak > 0)
+                .map(|r| r as f64 / peak as f64),
+            driver_errors: t.driver_errors,
+            rider_errors: t.rider_errors,
+            dropped_arrivals: t.dropped_arrivals,
+            flood_frames: t.flood_frames,
+            flood_frames_per_s: t.flood_frames_per_s,
+            flood_closes: t.flood_closes,
+            ops_feed: (plan.ops_watchers > 0).then_some(OpsFeed {
+                messages: t.ops_messages,
+                bytes: t.ops_bytes,
+                snapshot_bytes_max: t.ops_snapshot_bytes_max,
+                bytes_per_s: t.ops_bytes_per_s,
+            }),
+            plan,
+        }
+    }
+
     /// The final table.
     pub fn table(&self) -> String {
         let mut out = String::new();

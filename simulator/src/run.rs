@@ -22,9 +22,10 @@ use crate::driver;
 use crate::flood;
 use crate::net::{self, Target};
 use crate::ops_watch;
-use crate::report::{Distances, Groups, Latencies, Offers, OpsFeed, Percentiles, Report};
+use crate::report::{EngineFigures, Report};
 use crate::rider::{self, Order, Phase};
 use crate::stats::Stats;
+use crate::totals::{SteadyRates, Totals};
 
 /// The engine's counter of location updates it took in.
 const ENGINE_LOCATION_COUNTER: &str = "ridelock_location_updates_total";
@@ -200,12 +201,14 @@ pub async fn run(
     }
 
     let watchers: Vec<_> = (0..plan.ops_watchers)
-        .map(|n| tokio::spawn(ops_watch::run(
-            n,
-            shared.clone(),
-            t0 + plan.ramp,
-            stopped.clone(),
-        )))
+        .map(|n| {
+            tokio::spawn(ops_watch::run(
+                n,
+                shared.clone(),
+                t0 + plan.ramp,
+                stopped.clone(),
+            ))
+        })
         .collect();
     let rss_peak = Arc::new(AtomicU64::new(0));
     let sampler = tokio::spawn(sample(
@@ -273,69 +276,31 @@ pub async fn run(
         (Some(a), Some(b)) => Some(stats.locations_sent.get() as i64 - (b - a) as i64),
         _ => None,
     };
-    let finals = stats.matches.get() + stats.no_driver.get() + stats.cancelled.get();
-    let peak = stats.connected_peak();
     let rss = rss_peak.load(Ordering::Relaxed);
     let rss = (!engine_pids.is_empty() && rss > 0).then_some(rss);
-    Ok(Report {
-        plan: shared.plan.clone(),
-        elapsed_s: t0.elapsed().as_secs_f64(),
-        requests: stats.requests.get(),
-        acknowledged: stats.acknowledged.get(),
-        rejected: stats.rejected.get(),
-        matches: stats.matches.get(),
-        no_driver: stats.no_driver.get(),
-        cancelled: stats.cancelled.get(),
-        groups: Groups {
-            requests: stats.group_requests.get(),
-            matched: stats.group_matches.get(),
-        },
-        offers: Offers {
-            received: stats.offers_received.get(),
-            accepted: stats.offers_accepted.get(),
-            declined: stats.offers_declined.get(),
-            expired: stats.offers_expired.get(),
-        },
+    let rates = SteadyRates {
         requests_per_s: rate(steady_end.requests, steady_start.requests),
         matches_per_s: rate(steady_end.matches, steady_start.matches),
         location_updates_per_s: rate(steady_end.locations, steady_start.locations),
-        engine_location_updates_per_s: engine_rate,
-        engine_cpu_cores: match (steady_start.engine_cpu_s, steady_end.engine_cpu_s) {
+        ops_bytes_per_s: rate(steady_end.ops_bytes, steady_start.ops_bytes),
+        window_s: window,
+    };
+    let engine = EngineFigures {
+        cpu_cores: match (steady_start.engine_cpu_s, steady_end.engine_cpu_s) {
             (Some(a), Some(b)) => Some((b - a) / window),
             _ => None,
         },
+        location_updates_per_s: engine_rate,
         location_backlog: backlog,
-        no_driver_rate: if finals == 0 {
-            0.0
-        } else {
-            stats.no_driver.get() as f64 / finals as f64
-        },
-        latency_ms: Latencies {
-            request_to_offer: Percentiles::of(&stats.request_to_offer.snapshot()),
-            request_to_matched: Percentiles::of(&stats.request_to_matched.snapshot()),
-            group_request_to_matched: Percentiles::of(&stats.group_request_to_matched.snapshot()),
-        },
-        pickup_distance_m: Distances::of(&stats.pickup_distance.snapshot()),
-        violations: stats.violations(),
-        violation_examples: stats.violation_examples(),
-        connected_drivers_peak: peak,
-        connect_errors: stats.connect_errors.get(),
-        first_connect_error: stats.first_connect_error(),
-        engine_rss_kib_peak: rss,
-        engine_rss_kib_per_driver: rss.filter(|_| peak > 0).map(|r| r as f64 / peak as f64),
-        driver_errors: stats.driver_errors.get(),
-        rider_errors: stats.rider_errors.get(),
-        dropped_arrivals: stats.dropped_arrivals.get(),
-        flood_frames: stats.flood_frames.get(),
-        flood_frames_per_s: stats.flood_frames.get() as f64 / window,
-        flood_closes: stats.flood_closes.get(),
-        ops_feed: (shared.plan.ops_watchers > 0).then(|| OpsFeed {
-            messages: stats.ops_messages.get(),
-            bytes: stats.ops_bytes.get(),
-            snapshot_bytes_max: stats.ops_snapshot_bytes.get(),
-            bytes_per_s: (steady_end.ops_bytes - steady_start.ops_bytes) as f64 / window,
-        }),
-    })
+        rss_kib_peak: rss,
+    };
+    let totals = Totals::of(stats, rates);
+    Ok(Report::from_totals(
+        shared.plan.clone(),
+        t0.elapsed().as_secs_f64(),
+        totals,
+        engine,
+    ))
 }
 
 /// Waits, up to `longest`, until every acknowledged request has its final

@@ -41,13 +41,16 @@ pub struct Latency(Mutex<Histogram<u64>>);
 
 impl Default for Latency {
     fn default() -> Self {
-        Latency(Mutex::new(
-            Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
-        ))
+        Latency(Mutex::new(Latency::empty()))
     }
 }
 
 impl Latency {
+    /// An empty histogram with the bounds every latency has.
+    pub fn empty() -> Histogram<u64> {
+        Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+    }
+
     /// Records one sample.
     pub fn record(&self, elapsed: Duration) {
         let micros = (elapsed.as_micros() as u64).clamp(1, 600_000_000);
@@ -66,13 +69,16 @@ pub struct Distance(Mutex<Histogram<u64>>);
 
 impl Default for Distance {
     fn default() -> Self {
-        Distance(Mutex::new(
-            Histogram::new_with_bounds(1, 1_000_000_000, 3).expect("valid histogram bounds"),
-        ))
+        Distance(Mutex::new(Distance::empty()))
     }
 }
 
 impl Distance {
+    /// An empty histogram with the bounds every distance has.
+    pub fn empty() -> Histogram<u64> {
+        Histogram::new_with_bounds(1, 1_000_000_000, 3).expect("valid histogram bounds")
+    }
+
     /// Records one distance.
     pub fn record(&self, metres: f64) {
         let whole = (metres.round() as u64).clamp(1, 1_000_000_000);
