@@ -49,7 +49,10 @@ pub enum Scenario {
 #[command(
     name = "simulator",
     version,
-    about = "Drives a ridelock engine like a city does"
+    about = "Drives a ridelock engine like a city does",
+    // A flag given twice takes its last value: the coordinator of
+    // `--workers` appends each worker's share to the user's flags.
+    args_override_self = true
 )]
 pub struct Args {
     /// The engine, as ws://HOST:PORT; for a cluster, its nodes
@@ -154,6 +157,28 @@ pub struct Args {
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Worker processes the load runs from, each with its own open-file
+    /// budget and its own slice of the driver and rider ids; this process
+    /// coordinates them (one progress line, one report, one invariant
+    /// checker over every worker's events). Default: as many as
+    /// `--drivers` needs given the open-file limit (18,000 drivers each
+    /// under a 20,000 limit), at least one.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// (Set by the coordinator for each worker.) This worker's number.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub worker_index: usize,
+    /// (Set by the coordinator.) The first driver number of this worker.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub driver_offset: usize,
+    /// (Set by the coordinator.) Prefix of this worker's rider and request
+    /// ids, so that no two workers use one.
+    #[arg(long, hide = true, default_value = "")]
+    pub id_prefix: String,
+    /// (Set by the coordinator.) Run as a worker: events and the totals
+    /// go to stdout as JSON lines, for the coordinator.
+    #[arg(long, hide = true)]
+    pub emit_events: bool,
 }
 
 /// The run's settings with the preset applied.
@@ -170,6 +195,16 @@ pub struct Plan {
     pub flood: usize,
     pub flood_kind: FloodKind,
     pub ops_watchers: usize,
+    /// Worker processes (1: this process runs the load itself).
+    pub workers: usize,
+    #[serde(skip)]
+    pub worker_index: usize,
+    #[serde(skip)]
+    pub driver_offset: usize,
+    #[serde(skip)]
+    pub id_prefix: String,
+    #[serde(skip)]
+    pub emit_events: bool,
     #[serde(with = "humantime_serde_secs")]
     pub duration: Duration,
     #[serde(with = "humantime_serde_secs")]
@@ -192,6 +227,19 @@ pub struct Plan {
     pub radius_m: f64,
     pub speed_mps: f64,
     pub seed: u64,
+}
+
+/// Descriptors a worker keeps for its riders and everything else beside
+/// its drivers.
+const WORKER_SPARE_FILES: usize = 2_000;
+
+/// Workers `drivers` need: each holds one descriptor per driver and keeps
+/// [`WORKER_SPARE_FILES`] for riders, under the open-file limit this process
+/// can raise itself to.
+fn default_workers(drivers: usize) -> usize {
+    let limit = crate::net::raise_open_file_limit() as usize;
+    let per_worker = limit.saturating_sub(WORKER_SPARE_FILES).max(1_000);
+    drivers.div_ceil(per_worker).max(1)
 }
 
 /// Durations in the report are written the way they are given (`20s`, `5m`).
@@ -327,6 +375,15 @@ impl Args {
             flood: self.flood,
             flood_kind: self.flood_kind,
             ops_watchers: self.ops_watchers,
+            workers: match (self.emit_events, self.workers) {
+                (true, _) => 1,
+                (false, Some(n)) => n.max(1),
+                (false, None) => default_workers(self.drivers.unwrap_or(p.drivers)),
+            },
+            worker_index: self.worker_index,
+            driver_offset: self.driver_offset,
+            id_prefix: self.id_prefix.clone(),
+            emit_events: self.emit_events,
             duration: self.duration.unwrap_or(p.duration),
             ramp: self.ramp.unwrap_or(p.ramp),
             drain: self.drain.unwrap_or(p.drain),

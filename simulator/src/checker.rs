@@ -162,7 +162,7 @@ impl DriverWatch {
 }
 
 /// How a request ended, as its rider heard it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Final {
     /// `matched`, naming every driver.
     Matched(Vec<String>),

@@ -52,9 +52,14 @@ pub async fn run(
     if *stop.borrow() {
         return;
     }
+    // Drivers are numbered over every worker: the same number is the same
+    // driver (its id, its node, where it starts) however the load is split;
+    // source addresses are spread over this process's own connections.
+    let local = n;
+    let n = shared.plan.driver_offset + n;
     let id = format!("sim-d{n}");
     let target = shared.target_for(n);
-    let source = target.source_for(n, shared.total_connections);
+    let source = target.source_for(local, shared.total_connections);
     let (path, token) = shared.credentials(Role::Driver, &id);
     let ws = match target.connect(&path, token.as_deref(), source).await {
         Ok(ws) => ws,
@@ -255,12 +260,7 @@ impl Driver {
                 self.watch.answered(offer_id, accept);
                 if accept {
                     // Recorded before sending, so it precedes the rider's `matched`.
-                    shared
-                        .stats
-                        .ledger
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .accept_sent(&request, &self.id);
+                    shared.stats.accept_sent(&request, &self.id);
                     self.send(&DriverCommand::Accept {
                         offer_id,
                         fencing_token: None,

@@ -20,7 +20,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Floods from connection `n` until `until`.
 pub async fn run(n: usize, shared: Arc<Shared>, until: Instant) {
-    let id = format!("sim-flood{n}");
+    let id = format!("sim-{}flood{n}", shared.plan.id_prefix);
     let frame = match shared.plan.flood_kind {
         FloodKind::Text => Message::text(r#"{"type":"cancel","request_id":"flood"}"#),
         FloodKind::Binary => Message::binary(vec![0u8; 51]),

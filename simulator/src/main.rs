@@ -26,12 +26,29 @@ fn run() -> anyhow::Result<u64> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let report = runtime.block_on(simulator::run::run(
-        plan,
-        secret,
-        &args.engine_pid,
-        !args.quiet,
-    ))?;
+    let worker = plan.emit_events;
+    let report = if plan.workers > 1 {
+        let user_args: Vec<String> = std::env::args().skip(1).collect();
+        runtime.block_on(simulator::workers::run(
+            plan,
+            secret,
+            &user_args,
+            &args.engine_pid,
+            !args.quiet,
+        ))?
+    } else {
+        runtime.block_on(simulator::run::run(
+            plan,
+            secret,
+            &args.engine_pid,
+            !args.quiet,
+        ))?
+    };
+    if worker {
+        // Its stdout carried the events; the coordinator reports.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        return Ok(report.violations);
+    }
     print!("{}", report.table());
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)?;

@@ -26,7 +26,7 @@ pub async fn run(
     mut stopped: watch::Receiver<bool>,
 ) {
     tokio::time::sleep_until(start_at).await;
-    let id = format!("sim-ops{n}");
+    let id = format!("sim-{}ops{n}", shared.plan.id_prefix);
     // The last connections of the run's budget (before the floods').
     let index = shared.total_connections - 1 - shared.plan.flood - n;
     let target = shared.target_for(index);

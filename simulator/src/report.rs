@@ -245,7 +245,7 @@ impl Report {
         let p = &self.plan;
         let _ = writeln!(
             out,
-            "scenario {} against {}: {} drivers, riders {}, {:.0} requests/s offered, {:.1} s",
+            "scenario {} against {}: {} drivers, riders {}, {:.0} requests/s offered, {:.1} s{}",
             p.scenario,
             p.url,
             p.drivers,
@@ -255,7 +255,12 @@ impl Report {
                     format!("pooled over {} connections", p.rider_connections),
             },
             p.riders_per_s,
-            self.elapsed_s
+            self.elapsed_s,
+            if p.workers > 1 {
+                format!(", from {} worker processes", p.workers)
+            } else {
+                String::new()
+            }
         );
         let row = |out: &mut String, k: &str, v: String| {
             let _ = writeln!(out, "  {k:<38} {v}");

@@ -52,7 +52,7 @@ pub async fn run(
     mut orders: mpsc::Receiver<Order>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let id = format!("sim-r{n}");
+    let id = format!("sim-{}r{n}", shared.plan.id_prefix);
     let target = shared.target_for(shared.plan.drivers + n);
     let source = target.source_for(shared.plan.drivers + n, shared.total_connections);
     let (path, token) = shared.credentials(Role::Rider, &id);
@@ -71,8 +71,9 @@ pub async fn run(
             order = orders.recv(), if *phase.borrow() == Phase::Running => {
                 let Some(order) = order else { continue };
                 let now = Instant::now();
-                shared.stats.request_sent(&order.request_id, now);
-                shared.stats.group_sent(&order.request_id, order.vehicles);
+                shared
+                    .stats
+                    .request_sent(&order.request_id, order.vehicles, now);
                 open.insert(order.request_id.clone(), now);
                 if rng.random_bool(shared.plan.cancel_prob) {
                     let delay = LONGEST_CANCEL_DELAY.mul_f64(rng.random::<f64>());
@@ -134,7 +135,7 @@ pub async fn person(
     mut phase: watch::Receiver<Phase>,
     _slot: OwnedSemaphorePermit,
 ) {
-    let id = format!("sim-p{n}");
+    let id = format!("sim-{}p{n}", shared.plan.id_prefix);
     let slot = n as usize % shared.person_slots_total.max(1);
     let index = shared.plan.drivers + slot;
     let target = shared.target_for(index);
@@ -146,8 +147,9 @@ pub async fn person(
     };
     let mut rng = SmallRng::seed_from_u64(shared.plan.seed ^ (0x5A5A_0000_0000 + n));
     let sent = Instant::now();
-    shared.stats.request_sent(&order.request_id, sent);
-    shared.stats.group_sent(&order.request_id, order.vehicles);
+    shared
+        .stats
+        .request_sent(&order.request_id, order.vehicles, sent);
     let mut open = HashMap::from([(order.request_id.clone(), sent)]);
     let mut cancel_at = rng
         .random_bool(shared.plan.cancel_prob)
@@ -204,11 +206,7 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
     let (request_id, how) = match message {
         ServerMessage::Searching { request_id } => {
             stats.acknowledged.inc();
-            stats
-                .ledger
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .acknowledged(&request_id);
+            stats.acknowledged_request(&request_id);
             return;
         }
         ServerMessage::GroupProgress { .. } => return,
@@ -265,12 +263,7 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
     };
     open.remove(&*request_id);
     stats.request_ended(&request_id);
-    let verdict = stats
-        .ledger
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .final_message(&request_id, how);
-    if let Some(v) = verdict {
+    if let Some(v) = stats.final_message(&request_id, how) {
         stats.violation(v);
     }
 }

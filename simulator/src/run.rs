@@ -19,6 +19,7 @@ use crate::args::{Plan, RiderMode};
 use crate::arrivals::Poisson;
 use crate::city::City;
 use crate::driver;
+use crate::events::{Event, EventSink};
 use crate::flood;
 use crate::net::{self, Target};
 use crate::ops_watch;
@@ -97,7 +98,7 @@ impl Shared {
 }
 
 /// Sums `f` over the engine's processes; `None` if any is unknown.
-fn over_pids(pids: &[u32], f: impl Fn(u32) -> Option<f64>) -> Option<f64> {
+pub(crate) fn over_pids(pids: &[u32], f: impl Fn(u32) -> Option<f64>) -> Option<f64> {
     if pids.is_empty() {
         return None;
     }
@@ -105,7 +106,7 @@ fn over_pids(pids: &[u32], f: impl Fn(u32) -> Option<f64>) -> Option<f64> {
 }
 
 /// The engine's location counter summed over its nodes.
-async fn engine_locations(targets: &[Target]) -> Option<f64> {
+pub(crate) async fn engine_locations(targets: &[Target]) -> Option<f64> {
     let mut total = 0.0;
     for target in targets {
         let body = target.http_get("/metrics").await.ok()?;
@@ -159,6 +160,11 @@ pub async fn run(
     }
     let first = engine_locations(&targets).await;
     let centre = LatLon::new(plan.centre.0, plan.centre.1).context("city centre")?;
+    let stats = if plan.emit_events {
+        Stats::for_worker(EventSink::to_stdout())
+    } else {
+        Stats::default()
+    };
     let shared = Arc::new(Shared {
         city: City::new(centre, plan.radius_m),
         total_connections: plan.drivers
@@ -167,7 +173,7 @@ pub async fn run(
             + plan.ops_watchers,
         plan,
         targets,
-        stats: Stats::default(),
+        stats,
         secret,
         person_slots: Arc::new(Semaphore::new(person_slots)),
         person_slots_total: person_slots,
@@ -254,13 +260,12 @@ pub async fn run(
     }
 
     let stats = &shared.stats;
-    for missing in stats
-        .ledger
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .finish()
-    {
-        stats.violation(missing);
+    // A worker's ledger is judged by its coordinator, which sees every
+    // worker's.
+    if stats.events().is_none() {
+        for missing in stats.unfinished() {
+            stats.violation(missing);
+        }
     }
     let window = steady_end
         .at
@@ -295,6 +300,10 @@ pub async fn run(
         rss_kib_peak: rss,
     };
     let totals = Totals::of(stats, rates);
+    if let Some(events) = stats.events() {
+        // The last line a worker writes: its coordinator adds it up.
+        events.close(Event::Done(Box::new(totals.clone())));
+    }
     Ok(Report::from_totals(
         shared.plan.clone(),
         t0.elapsed().as_secs_f64(),
@@ -310,12 +319,7 @@ async fn drain(shared: &Shared, longest: Duration) {
     const GRACE: Duration = Duration::from_millis(250);
     let until = Instant::now() + longest;
     loop {
-        let open = shared
-            .stats
-            .ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .open_count();
+        let open = shared.stats.open_requests();
         let now = Instant::now();
         if open == 0 || now >= until {
             tokio::time::sleep_until((now + GRACE).min(until.max(now))).await;
@@ -326,7 +330,7 @@ async fn drain(shared: &Shared, longest: Duration) {
 }
 
 /// Proves an engine node is there.
-async fn check_engine(target: &Target) -> anyhow::Result<()> {
+pub(crate) async fn check_engine(target: &Target) -> anyhow::Result<()> {
     target.http_get("/metrics").await.with_context(|| {
         format!(
             "the engine at {} does not answer GET /metrics",
@@ -346,7 +350,10 @@ async fn send_arrivals(
 ) {
     let plan = &shared.plan;
     let process = Poisson::new(plan.riders_per_s);
-    let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5EED);
+    // Each worker its own arrivals (the same seed would send every worker's
+    // riders to the same places at the same times).
+    let worker = (plan.worker_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5EED ^ worker);
     let Some(first_gap) = process.next_gap(&mut rng) else {
         tokio::time::sleep_until(until).await;
         return;
@@ -367,7 +374,7 @@ async fn send_arrivals(
                 1
             };
             let order = Order {
-                request_id: format!("q{n}"),
+                request_id: format!("{}q{n}", plan.id_prefix),
                 pickup: shared.city.random_point(&mut rng),
                 vehicles,
             };
@@ -393,17 +400,8 @@ async fn send_arrivals(
 
 /// Samples the engine's RSS and draws the progress line twice a second.
 async fn sample(shared: Arc<Shared>, pids: Vec<u32>, rss_peak: Arc<AtomicU64>, show: bool) {
-    let bar = ProgressBar::new_spinner();
-    if show {
-        bar.set_draw_target(ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
-        );
-    } else {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
+    let mut line = ProgressLine::new(show);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut last = (Instant::now(), 0u64, 0u64);
     loop {
         tick.tick().await;
         let rss =
@@ -412,23 +410,67 @@ async fn sample(shared: Arc<Shared>, pids: Vec<u32>, rss_peak: Arc<AtomicU64>, s
             rss_peak.fetch_max(rss, Ordering::Relaxed);
         }
         let stats = &shared.stats;
-        let (now, matches, locations) = (
-            Instant::now(),
-            stats.matches.get(),
-            stats.locations_sent.get(),
-        );
-        let dt = now.duration_since(last.0).as_secs_f64().max(1e-9);
-        bar.set_message(format!(
-            "drivers {} | matches/s {:.0} | locations/s {:.0} | requests {} | violations {}{}",
-            stats.connected(),
-            (matches - last.1) as f64 / dt,
-            (locations - last.2) as f64 / dt,
-            stats.requests.get(),
-            stats.violations(),
-            rss.map(|r| format!(" | engine RSS {} MiB", r / 1024))
+        let progress = Event::Progress {
+            connected: stats.connected(),
+            requests: stats.requests.get(),
+            matches: stats.matches.get(),
+            locations: stats.locations_sent.get(),
+            violations: stats.violations(),
+        };
+        match stats.events() {
+            Some(events) => events.send(progress),
+            None => line.show(&progress, rss),
+        }
+    }
+}
+
+/// The live progress line (on stderr), from counts that only grow.
+pub(crate) struct ProgressLine {
+    bar: ProgressBar,
+    last: (Instant, u64, u64),
+}
+
+impl ProgressLine {
+    /// A line drawn if `show`, else nowhere.
+    pub(crate) fn new(show: bool) -> Self {
+        let bar = ProgressBar::new_spinner();
+        if show {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+            );
+        } else {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        ProgressLine {
+            bar,
+            last: (Instant::now(), 0, 0),
+        }
+    }
+
+    /// Redraws from `progress` (an [`Event::Progress`]).
+    pub(crate) fn show(&mut self, progress: &Event, rss_kib: Option<u64>) {
+        let Event::Progress {
+            connected,
+            requests,
+            matches,
+            locations,
+            violations,
+        } = *progress
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let dt = now.duration_since(self.last.0).as_secs_f64().max(1e-9);
+        self.bar.set_message(format!(
+            "drivers {connected} | matches/s {:.0} | locations/s {:.0} | requests {requests} | violations {violations}{}",
+            matches.saturating_sub(self.last.1) as f64 / dt,
+            locations.saturating_sub(self.last.2) as f64 / dt,
+            rss_kib
+                .map(|r| format!(" | engine RSS {} MiB", r / 1024))
                 .unwrap_or_default(),
         ));
-        bar.tick();
-        last = (now, matches, locations);
+        self.bar.tick();
+        self.last = (now, matches, locations);
     }
 }

@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use crate::checker::RequestLedger;
+use crate::checker::{Final, RequestLedger};
+use crate::events::{unix_ns, Event, EventSink};
 
 /// Violation examples kept (and printed); the count goes on past it.
 const EXAMPLES_KEPT: usize = 20;
@@ -135,22 +136,79 @@ pub struct Stats {
     pub pickup_distance: Distance,
     /// When each request was sent, until its first offer is seen.
     awaiting_offer: Mutex<HashMap<String, Instant>>,
-    pub ledger: Mutex<RequestLedger>,
+    ledger: Mutex<RequestLedger>,
+    /// A worker's way to its coordinator (`--workers`).
+    events: OnceLock<EventSink>,
     violations: AtomicU64,
     examples: Mutex<Vec<String>>,
     first_connect_error: Mutex<Option<String>>,
 }
 
 impl Stats {
-    /// Request `request_id` asks for `vehicles` vehicles.
-    pub fn group_sent(&self, request_id: &str, vehicles: u8) {
-        if vehicles > 1 {
-            self.group_requests.inc();
+    /// Stats of a worker process: what ties its clients to other workers'
+    /// goes to `sink` (see [`crate::events`]).
+    pub fn for_worker(sink: EventSink) -> Stats {
+        let stats = Stats::default();
+        let _ = stats.events.set(sink);
+        stats
+    }
+
+    /// The worker's event sink, if this is a worker.
+    pub fn events(&self) -> Option<&EventSink> {
+        self.events.get()
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, RequestLedger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The engine answered `searching` for `request_id`.
+    pub fn acknowledged_request(&self, request_id: &str) {
+        self.ledger().acknowledged(request_id);
+        if let Some(events) = self.events() {
+            events.send(Event::Acknowledged {
+                id: request_id.into(),
+            });
         }
-        self.ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .requested(request_id, vehicles);
+    }
+
+    /// `driver` is about to accept an offer of `request_id`.
+    pub fn accept_sent(&self, request_id: &str, driver: &str) {
+        self.ledger().accept_sent(request_id, driver);
+        if let Some(events) = self.events() {
+            events.send(Event::Accept {
+                id: request_id.into(),
+                driver: driver.into(),
+            });
+        }
+    }
+
+    /// A final message for `request_id`; the rule it breaks, if any. A
+    /// worker leaves the judging to its coordinator (the accepts may be
+    /// another worker's).
+    pub fn final_message(&self, request_id: &str, how: Final) -> Option<String> {
+        match self.events() {
+            Some(events) => {
+                self.ledger().final_message(request_id, how.clone());
+                events.send(Event::Final {
+                    id: request_id.into(),
+                    how,
+                });
+                None
+            }
+            None => self.ledger().final_message(request_id, how),
+        }
+    }
+
+    /// Requests the engine acknowledged that are still owed a final message.
+    pub fn open_requests(&self) -> usize {
+        self.ledger().open_count()
+    }
+
+    /// At the end of the run: the requests never ended and, across
+    /// processes, `matched` naming a driver whose accept never came.
+    pub fn unfinished(&self) -> Vec<String> {
+        self.ledger().finish()
     }
 
     /// A driver connection opened.
@@ -192,9 +250,20 @@ impl Stats {
             .clone()
     }
 
-    /// A request went out at `at`.
-    pub fn request_sent(&self, request_id: &str, at: Instant) {
+    /// A request for `vehicles` vehicles went out at `at`.
+    pub fn request_sent(&self, request_id: &str, vehicles: u8, at: Instant) {
         self.requests.inc();
+        if vehicles > 1 {
+            self.group_requests.inc();
+        }
+        self.ledger().requested(request_id, vehicles);
+        if let Some(events) = self.events() {
+            return events.send(Event::Sent {
+                id: request_id.into(),
+                vehicles,
+                t: unix_ns(at),
+            });
+        }
         self.awaiting_offer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -205,6 +274,12 @@ impl Stats {
     /// request→offer interval.
     pub fn offer_seen(&self, request_id: &str, at: Instant) {
         self.offers_received.inc();
+        if let Some(events) = self.events() {
+            return events.send(Event::Offer {
+                id: request_id.into(),
+                t: unix_ns(at),
+            });
+        }
         let sent = self
             .awaiting_offer
             .lock()
@@ -218,6 +293,11 @@ impl Stats {
 
     /// A request ended; its first-offer clock (if never offered) is dropped.
     pub fn request_ended(&self, request_id: &str) {
+        if let Some(events) = self.events() {
+            return events.send(Event::Ended {
+                id: request_id.into(),
+            });
+        }
         self.awaiting_offer
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -208,6 +208,80 @@ async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
     b.shutdown().await;
 }
 
+/// Two worker processes against two cluster nodes: no violations over
+/// both workers' events (a rider's `matched` and the accept it names often
+/// come from different workers), and while they run, the nodes hold every
+/// driver of both workers' slices, each id once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_against_two_nodes_find_no_violations() {
+    let redis = redis::RedisServer::start();
+    let node = |id: &str| Config {
+        redis: vec![redis.url.clone()],
+        node_id: Some(id.into()),
+        ..config()
+    };
+    let a = Engine::start(node("a")).await.expect("node a starts");
+    let b = Engine::start(node("b")).await.expect("node b starts");
+    let watch = async {
+        // Into the steady phase (the ramp is 1 s; the run starts once
+        // `smoke` has the lock, within a moment here).
+        tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+        let mut ids = Vec::new();
+        for engine in [&a, &b] {
+            ids.extend(drivers_on(engine).await);
+        }
+        ids
+    };
+    let nodes = [&a, &b];
+    let (report, ids) = tokio::join!(smoke(&nodes, &["--workers", "2"]), watch);
+    assert_eq!(report["plan"]["workers"], 2, "{report}");
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        ids.len(),
+        "a driver id on both nodes: {ids:?}"
+    );
+    let expected: Vec<String> = (0..60).map(|n| format!("sim-d{n}")).collect();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(
+        sorted, expected_sorted,
+        "both workers' drivers (sim-d0..29 and sim-d30..59) are in the engine"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The driver ids in `engine`'s ops snapshot.
+async fn drivers_on(engine: &Engine) -> Vec<String> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let secret = ridelock::auth::read_secret(std::path::Path::new(&secret_file())).unwrap();
+    let token = ridelock::auth::mint(
+        &secret,
+        ridelock::auth::Role::Ops,
+        "test",
+        std::time::Duration::from_secs(60),
+    );
+    let mut request = format!("ws://{}/ws/ops", engine.local_addr())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let first = ws.next().await.expect("a snapshot").expect("a frame");
+    let snapshot: Value = serde_json::from_str(first.to_text().unwrap()).unwrap();
+    snapshot["drivers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row[0].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn an_unreachable_engine_is_a_clear_error() {
     // A port bound but not listening: nothing answers there, and nobody else
