@@ -193,7 +193,7 @@ out.append("")
 # bench/dispatch's, bench/groups' and bench/ops':
 # carried over as they are.
 previous = os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")
-for section in ("cluster", "dispatch", "groups", "ops"):
+for section in ("cluster", "dispatch", "groups", "ops", "scale"):
     begin, end = f"<!-- {section}: written by bench/{section} -->", f"<!-- /{section} -->"
     if os.path.exists(previous):
         text = open(previous).read()

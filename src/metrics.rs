@@ -147,6 +147,10 @@ pub const REDIS_QUORUM_FAILURES: &str = "ridelock_redis_quorum_failures_total";
 /// Cluster mode: messages to other nodes (availability and offers) by
 /// `result` (ok, failed), counted per server written to.
 pub const CLUSTER_MESSAGES: &str = "ridelock_cluster_messages_total";
+/// Cluster mode: what this node read from the others, by `kind`:
+/// `message` (pub/sub messages), `announcement` (other nodes' drivers'
+/// availability changes, however many a message carries).
+pub const CLUSTER_RECEIVED: &str = "ridelock_cluster_received_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -302,6 +306,10 @@ fn describe() {
         CLUSTER_MESSAGES,
         "Messages published to other nodes by result"
     );
+    describe_counter!(
+        CLUSTER_RECEIVED,
+        "Messages and driver announcements read from other nodes"
+    );
 }
 
 /// Creates every counter and gauge at zero, with every label value it can
@@ -341,6 +349,9 @@ fn preregister() {
     }
     for result in ["ok", "failed"] {
         counter!(CLUSTER_MESSAGES, "result" => result).increment(0);
+    }
+    for kind in ["message", "announcement"] {
+        counter!(CLUSTER_RECEIVED, "kind" => kind).increment(0);
     }
     for kind in ["request", "driver"] {
         counter!(OUTSIDE_SERVICE_AREA, "kind" => kind).increment(0);
@@ -532,6 +543,11 @@ pub(crate) fn redis_lock_refused(error: &crate::cluster::store::LockError) {
 
 pub(crate) fn redis_settle_undecided() {
     counter!(REDIS_LOCK_ERRORS, "kind" => "undecided").increment(1);
+}
+
+pub(crate) fn cluster_received(messages: u64, announcements: u64) {
+    counter!(CLUSTER_RECEIVED, "kind" => "message").increment(messages);
+    counter!(CLUSTER_RECEIVED, "kind" => "announcement").increment(announcements);
 }
 
 pub(crate) fn cluster_published(messages: usize, ok: bool) {

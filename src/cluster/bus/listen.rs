@@ -106,6 +106,7 @@ async fn listen_on(
         tokio::select! {
             message = messages.next() => {
                 let Some(message) = message else { return Ok(()) };
+                crate::metrics::cluster_received(1, 0);
                 match serde_json::from_slice::<Wire>(message.get_payload_bytes()) {
                     Ok(wire) => deliver(cluster, wire, matcher, registry),
                     Err(e) => tracing::warn!("unreadable cluster message: {e}"),
@@ -376,6 +377,7 @@ fn deliver(
     match wire {
         Wire::Driver { node, driver, at } => {
             if node != cluster.node {
+                crate::metrics::cluster_received(0, 1);
                 matcher.do_send(RemoteDriver { node, driver, at });
             }
         }
