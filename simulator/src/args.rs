@@ -168,6 +168,9 @@ pub struct Args {
     /// (Set by the coordinator for each worker.) This worker's number.
     #[arg(long, hide = true, default_value_t = 0)]
     pub worker_index: usize,
+    /// (Set by the coordinator.) How many workers there are.
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub worker_count: usize,
     /// (Set by the coordinator.) The first driver number of this worker.
     #[arg(long, hide = true, default_value_t = 0)]
     pub driver_offset: usize,
@@ -199,6 +202,8 @@ pub struct Plan {
     pub workers: usize,
     #[serde(skip)]
     pub worker_index: usize,
+    #[serde(skip)]
+    pub worker_count: usize,
     #[serde(skip)]
     pub driver_offset: usize,
     #[serde(skip)]
@@ -381,6 +386,7 @@ impl Args {
                 (false, None) => default_workers(self.drivers.unwrap_or(p.drivers)),
             },
             worker_index: self.worker_index,
+            worker_count: self.worker_count,
             driver_offset: self.driver_offset,
             id_prefix: self.id_prefix.clone(),
             emit_events: self.emit_events,

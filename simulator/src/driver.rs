@@ -59,7 +59,7 @@ pub async fn run(
     let n = shared.plan.driver_offset + n;
     let id = format!("sim-d{n}");
     let target = shared.target_for(n);
-    let source = target.source_for(local, shared.total_connections);
+    let source = shared.source_for(target, local);
     let (path, token) = shared.credentials(Role::Driver, &id);
     let ws = match target.connect(&path, token.as_deref(), source).await {
         Ok(ws) => ws,

@@ -28,7 +28,7 @@ pub async fn run(n: usize, shared: Arc<Shared>, until: Instant) {
     };
     let index = shared.total_connections - 1 - n;
     let target = shared.target_for(index);
-    let source = target.source_for(index, shared.total_connections);
+    let source = shared.source_for(target, index);
     while Instant::now() < until {
         let (path, token) = shared.credentials(Role::Rider, &id);
         let mut ws = match target.connect(&path, token.as_deref(), source).await {

@@ -30,7 +30,7 @@ pub async fn run(
     // The last connections of the run's budget (before the floods').
     let index = shared.total_connections - 1 - shared.plan.flood - n;
     let target = shared.target_for(index);
-    let source = target.source_for(index, shared.total_connections);
+    let source = shared.source_for(target, index);
     let (path, token) = shared.credentials(Role::Ops, &id);
     let config = crate::net::client_config()
         .max_message_size(Some(MAX_FEED_MESSAGE))

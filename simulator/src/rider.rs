@@ -54,7 +54,7 @@ pub async fn run(
 ) {
     let id = format!("sim-{}r{n}", shared.plan.id_prefix);
     let target = shared.target_for(shared.plan.drivers + n);
-    let source = target.source_for(shared.plan.drivers + n, shared.total_connections);
+    let source = shared.source_for(target, shared.plan.drivers + n);
     let (path, token) = shared.credentials(Role::Rider, &id);
     let mut ws = match target.connect(&path, token.as_deref(), source).await {
         Ok(ws) => ws,
@@ -139,7 +139,7 @@ pub async fn person(
     let slot = n as usize % shared.person_slots_total.max(1);
     let index = shared.plan.drivers + slot;
     let target = shared.target_for(index);
-    let source = target.source_for(index, shared.total_connections);
+    let source = shared.source_for(target, index);
     let (path, token) = shared.credentials(Role::Rider, &id);
     let mut ws = match target.connect(&path, token.as_deref(), source).await {
         Ok(ws) => ws,

@@ -91,6 +91,16 @@ impl Shared {
         }
     }
 
+    /// The source address of this process's connection number `local`:
+    /// numbered after the workers before this one, so that the workers'
+    /// connections spread over the loopback addresses together as one
+    /// process's would (each node takes at most so many from one address).
+    pub fn source_for(&self, target: &Target, local: usize) -> Option<std::net::IpAddr> {
+        let base = self.plan.worker_index * self.total_connections;
+        let total = self.total_connections * self.plan.worker_count.max(1);
+        target.source_for(base + local, total)
+    }
+
     /// Tokens outlive the whole run.
     fn token_ttl(&self) -> Duration {
         self.plan.ramp + self.plan.duration + self.plan.drain + Duration::from_secs(600)

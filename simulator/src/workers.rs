@@ -60,6 +60,7 @@ fn worker_args(user_args: &[String], plan: &Plan, i: usize) -> Vec<String> {
             "--emit-events".to_string(),
             "--quiet".into(),
             format!("--worker-index={i}"),
+            format!("--worker-count={n}"),
             format!("--id-prefix=w{i}-"),
             format!("--drivers={}", share(plan.drivers)),
             format!("--driver-offset={first_driver}"),
@@ -381,6 +382,7 @@ mod tests {
                 .plan()
                 .unwrap();
             assert_eq!(worker.workers, 1);
+            assert_eq!(worker.worker_count, 3);
             assert!(worker.emit_events);
             assert_eq!(worker.driver_offset, drivers, "worker {i} follows the last");
             drivers += worker.drivers;
