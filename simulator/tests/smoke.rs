@@ -223,14 +223,19 @@ async fn two_workers_against_two_nodes_find_no_violations() {
     let a = Engine::start(node("a")).await.expect("node a starts");
     let b = Engine::start(node("b")).await.expect("node b starts");
     let watch = async {
-        // Into the steady phase (the ramp is 1 s; the run starts once
-        // `smoke` has the lock, within a moment here).
-        tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
-        let mut ids = Vec::new();
-        for engine in [&a, &b] {
-            ids.extend(drivers_on(engine).await);
+        // The run starts once `smoke` has the lock (other tests may hold it
+        // first); its drivers connect over a 1 s ramp.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let mut ids = Vec::new();
+            for engine in [&a, &b] {
+                ids.extend(drivers_on(engine).await);
+            }
+            if ids.len() >= 60 || tokio::time::Instant::now() > deadline {
+                return ids;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        ids
     };
     let nodes = [&a, &b];
     let (report, ids) = tokio::join!(smoke(&nodes, &["--workers", "2"]), watch);

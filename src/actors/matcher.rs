@@ -159,6 +159,17 @@ pub struct RemoteDriver {
     pub at: Option<LatLon>,
 }
 
+/// Cluster mode: several drivers of another node changed, in order (one
+/// batch of announcements).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteDrivers {
+    /// The drivers' node.
+    pub node: NodeId,
+    /// Each driver and where it is offerable (`None`: not any more).
+    pub changes: Vec<(DriverId, Option<LatLon>)>,
+}
+
 /// Cluster mode: every offerable driver of another node, replacing what this
 /// node had for it (sent when the subscription to Redis starts).
 #[derive(Message)]
@@ -535,6 +546,19 @@ impl Handler<RemoteDriver> for Matcher {
     fn handle(&mut self, msg: RemoteDriver, ctx: &mut Context<Self>) {
         self.decide(ctx, |searches, now| {
             searches.remote_driver(now, msg.node, msg.driver, msg.at)
+        });
+    }
+}
+
+impl Handler<RemoteDrivers> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteDrivers, ctx: &mut Context<Self>) {
+        let RemoteDrivers { node, changes } = msg;
+        self.decide(ctx, |searches, now| {
+            for (driver, at) in changes {
+                searches.remote_driver(now, node.clone(), driver, at);
+            }
         });
     }
 }

@@ -43,6 +43,16 @@ pub enum Wire {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         at: Option<LatLon>,
     },
+    /// On [`DRIVERS_CHANNEL`]: several of `node`'s drivers changed, in
+    /// order: each offerable at its place, or (`null`) no longer. What a
+    /// node publishes: one message per batch of changes, not per driver, so
+    /// that every other node pays one message's overhead for many.
+    Drivers {
+        /// The drivers' node.
+        node: NodeId,
+        /// Each driver and where it is offerable (`null`: not any more).
+        changes: Vec<(DriverId, Option<LatLon>)>,
+    },
     /// On [`DRIVERS_CHANNEL`]: `driver`'s app connected to `node`. Any other
     /// node with a connection of that driver closes it, so a driver is
     /// connected (and offered) through one node at a time.
@@ -167,6 +177,20 @@ mod tests {
         let json = serde_json::to_string(&answer).unwrap();
         assert!(json.starts_with(r#"{"t":"answer""#), "{json}");
         assert_eq!(serde_json::from_str::<Wire>(&json).unwrap(), answer);
+
+        let batch = Wire::Drivers {
+            node: "a".into(),
+            changes: vec![
+                ("d1".into(), Some(LatLon::new(52.5, 13.4).unwrap())),
+                ("d2".into(), None),
+            ],
+        };
+        let json = serde_json::to_string(&batch).unwrap();
+        assert_eq!(
+            json,
+            r#"{"t":"drivers","node":"a","changes":[["d1",{"lat":52.5,"lon":13.4}],["d2",null]]}"#
+        );
+        assert_eq!(serde_json::from_str::<Wire>(&json).unwrap(), batch);
 
         let gone = Wire::Driver {
             node: "a".into(),

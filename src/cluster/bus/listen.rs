@@ -16,7 +16,9 @@ use super::{
     FORGET_DEAD_SCRIPT, NODES_KEY, RESUBSCRIBE_DELAY, RESUBSCRIBE_DELAY_MAX, RESYNC_EVERY,
 };
 use crate::actors::driver::{ConnectedElsewhere, DriverRegistry, LookUpTrip};
-use crate::actors::matcher::{LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteSnapshot};
+use crate::actors::matcher::{
+    LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteDrivers, RemoteSnapshot,
+};
 use crate::actors::messages::{
     CancelOffer, DriverDirectory, LockAnswered, OfferEnded, ReplyRoute, ToDriver, TryLock,
 };
@@ -379,6 +381,12 @@ fn deliver(
             if node != cluster.node {
                 crate::metrics::cluster_received(0, 1);
                 matcher.do_send(RemoteDriver { node, driver, at });
+            }
+        }
+        Wire::Drivers { node, changes } => {
+            if node != cluster.node {
+                crate::metrics::cluster_received(0, changes.len() as u64);
+                matcher.do_send(RemoteDrivers { node, changes });
             }
         }
         Wire::Attached { node, driver } => {

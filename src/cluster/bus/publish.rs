@@ -3,16 +3,27 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{drivers_key, encode_at, run_pipe, ALIVE_REFRESH, ALIVE_TTL, NODES_KEY};
 use crate::cluster::store::alive_key;
-use crate::cluster::wire::{node_channel, Wire, DRIVERS_CHANNEL};
+use crate::cluster::wire::{node_channel, NodeId, Wire, DRIVERS_CHANNEL};
 use crate::cluster::{Cluster, Outgoing};
 use crate::location::LatLon;
 use crate::protocol::DriverId;
+
+/// How long drivers' changes wait to be published together. A node's
+/// announcements are read by every other node, and a message costs each of
+/// them far more than one more change in it does; 50 ms is little beside a
+/// driver's 4 s between locations, and offers, answers and outcomes never
+/// wait for it (they go at once, taking the changes waiting with them).
+const ANNOUNCE_BATCH: Duration = Duration::from_millis(50);
+/// Most changes in one message (a few tens of kilobytes).
+const CHANGES_PER_MESSAGE: usize = 500;
 
 /// The publisher task.
 pub(super) async fn publish(
@@ -23,6 +34,8 @@ pub(super) async fn publish(
     let mut own: HashMap<DriverId, LatLon> = HashMap::new();
     let mut alive = tokio::time::interval(ALIVE_REFRESH);
     alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the changes waiting are published, unless a message goes first.
+    let mut flush_at: Option<Instant> = None;
     loop {
         let mut messages = Vec::new();
         tokio::select! {
@@ -30,46 +43,33 @@ pub(super) async fn publish(
                 Some(message) => messages.push(message),
                 None => return,
             },
-            _ = cluster.announced.notified() => {}
+            _ = cluster.announced.notified(), if flush_at.is_none() => {
+                flush_at = Some(Instant::now() + ANNOUNCE_BATCH);
+                continue;
+            }
+            _ = sleep_until_some(flush_at), if flush_at.is_some() => {}
             _ = alive.tick() => {
                 tracing::trace!("refreshing liveness");
                 refresh_alive(&cluster, &own).await;
                 continue;
             }
         }
+        flush_at = None;
         while let Ok(message) = directed.try_recv() {
             messages.push(message);
         }
         let changes = cluster.take_pending();
+        if changes.is_empty() && messages.is_empty() {
+            continue;
+        }
         for (driver, at) in &changes {
             match at {
                 Some(at) => own.insert(driver.clone(), *at),
                 None => own.remove(driver),
             };
         }
-        let node = &cluster.node;
         let mut pipe = redis::pipe();
-        for (driver, at) in &changes {
-            match at {
-                Some(at) => pipe
-                    .cmd("HSET")
-                    .arg(drivers_key(node))
-                    .arg(&**driver)
-                    .arg(encode_at(*at))
-                    .ignore(),
-                None => pipe
-                    .cmd("HDEL")
-                    .arg(drivers_key(node))
-                    .arg(&**driver)
-                    .ignore(),
-            };
-            let wire = Wire::Driver {
-                node: node.clone(),
-                driver: driver.clone(),
-                at: *at,
-            };
-            publish_cmd(&mut pipe, DRIVERS_CHANNEL, &wire);
-        }
+        announce(&mut pipe, &cluster.node, &changes);
         for (to, wire) in &messages {
             match to {
                 Some(node) => publish_cmd(&mut pipe, &node_channel(node), wire),
@@ -87,6 +87,43 @@ pub(super) async fn publish(
         for ok in sent {
             crate::metrics::cluster_published(changes.len() + messages.len(), ok);
         }
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Adds `changes` of `node`'s drivers to `pipe`, in order: the node's
+/// drivers hash (for nodes that join later) and one message per
+/// [`CHANGES_PER_MESSAGE`] on the drivers channel.
+fn announce(pipe: &mut redis::Pipeline, node: &NodeId, changes: &[(DriverId, Option<LatLon>)]) {
+    for chunk in changes.chunks(CHANGES_PER_MESSAGE) {
+        let (placed, gone): (Vec<_>, Vec<_>) = chunk.iter().partition(|(_, at)| at.is_some());
+        if !placed.is_empty() {
+            let hset = pipe.cmd("HSET").arg(drivers_key(node));
+            for (driver, at) in &placed {
+                if let Some(at) = at {
+                    hset.arg(&**driver).arg(encode_at(*at));
+                }
+            }
+            hset.ignore();
+        }
+        if !gone.is_empty() {
+            let hdel = pipe.cmd("HDEL").arg(drivers_key(node));
+            for (driver, _) in &gone {
+                hdel.arg(&**driver);
+            }
+            hdel.ignore();
+        }
+        let wire = Wire::Drivers {
+            node: node.clone(),
+            changes: chunk.to_vec(),
+        };
+        publish_cmd(pipe, DRIVERS_CHANNEL, &wire);
     }
 }
 
@@ -138,19 +175,8 @@ async fn refresh_alive(cluster: &Cluster, own: &HashMap<DriverId, LatLon>) {
             }
             let mut pipe = redis::pipe();
             pipe.cmd("DEL").arg(drivers_key(node)).ignore();
-            for (driver, at) in own {
-                pipe.cmd("HSET")
-                    .arg(drivers_key(node))
-                    .arg(&**driver)
-                    .arg(encode_at(*at))
-                    .ignore();
-                let wire = Wire::Driver {
-                    node: node.clone(),
-                    driver: driver.clone(),
-                    at: Some(*at),
-                };
-                publish_cmd(&mut pipe, DRIVERS_CHANNEL, &wire);
-            }
+            let all: Vec<_> = own.iter().map(|(d, at)| (d.clone(), Some(*at))).collect();
+            announce(&mut pipe, node, &all);
             if run_pipe(server, pipe).await {
                 tracing::info!(
                     server = server.url(),
