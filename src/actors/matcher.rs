@@ -17,7 +17,7 @@ use super::messages::{
     OfferEnded, OfferHeld, ReplyRoute, ToDriver, TryLock,
 };
 use crate::areas::ServiceAreas;
-use crate::cluster::wire::{NodeId, Wire};
+use crate::cluster::wire::Wire;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::core::booking::{LockRequest, ReplyTo, LOCK_MARGIN};
@@ -29,6 +29,8 @@ use crate::location::LatLon;
 use crate::metrics as m;
 use crate::protocol::{DriverId, RequestId, RiderId};
 use crate::session::Outbox;
+
+pub use super::remote::{LiveNodes, NodeGone, RemoteDriver, RemoteDrivers, RemoteSnapshot};
 
 /// How often search deadlines are checked. One timer for all searches: actix
 /// polls every future an actor has spawned each time it wakes, so a timer per
@@ -146,59 +148,6 @@ pub struct GetStats;
 #[rtype(result = "Vec<OpenRequest>")]
 pub struct OpenRequests;
 
-/// Cluster mode: a driver on another node is offerable at `at`, or (`None`)
-/// no longer.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RemoteDriver {
-    /// The driver's node.
-    pub node: NodeId,
-    /// The driver.
-    pub driver: DriverId,
-    /// Where, while offerable.
-    pub at: Option<LatLon>,
-}
-
-/// Cluster mode: several drivers of another node changed, in order (one
-/// batch of announcements).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RemoteDrivers {
-    /// The drivers' node.
-    pub node: NodeId,
-    /// Each driver and where it is offerable (`None`: not any more).
-    pub changes: Vec<(DriverId, Option<LatLon>)>,
-}
-
-/// Cluster mode: every offerable driver of another node, replacing what this
-/// node had for it (sent when the subscription to Redis starts).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RemoteSnapshot {
-    /// The node.
-    pub node: NodeId,
-    /// Its offerable drivers.
-    pub drivers: Vec<(DriverId, LatLon)>,
-}
-
-/// Cluster mode: a node left or died; its drivers are not offerable here
-/// until they reconnect somewhere.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct NodeGone {
-    /// The node.
-    pub node: NodeId,
-}
-
-/// Cluster mode: the nodes alive as a (re)subscription found them; remote
-/// drivers of any other node are forgotten.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct LiveNodes {
-    /// The live nodes, this one aside.
-    pub nodes: Vec<NodeId>,
-}
-
 /// Cluster mode: what settling an overdue remote lock found out.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -282,7 +231,7 @@ impl Matcher {
 
     /// Runs one decision of the core at the current time and carries out
     /// what it decided.
-    fn decide(
+    pub(super) fn decide(
         &mut self,
         ctx: &mut Context<Self>,
         decision: impl FnOnce(&mut Searches<Outbox>, Instant),
@@ -537,55 +486,6 @@ impl Handler<SettleOutcome> for Matcher {
         self.decide(ctx, |searches, now| {
             searches.settled(now, msg.ticket, msg.outcome)
         });
-    }
-}
-
-impl Handler<RemoteDriver> for Matcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: RemoteDriver, ctx: &mut Context<Self>) {
-        self.decide(ctx, |searches, now| {
-            searches.remote_driver(now, msg.node, msg.driver, msg.at)
-        });
-    }
-}
-
-impl Handler<RemoteDrivers> for Matcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: RemoteDrivers, ctx: &mut Context<Self>) {
-        let RemoteDrivers { node, changes } = msg;
-        self.decide(ctx, |searches, now| {
-            for (driver, at) in changes {
-                searches.remote_driver(now, node.clone(), driver, at);
-            }
-        });
-    }
-}
-
-impl Handler<RemoteSnapshot> for Matcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: RemoteSnapshot, ctx: &mut Context<Self>) {
-        self.decide(ctx, |searches, now| {
-            searches.remote_snapshot(now, msg.node, msg.drivers)
-        });
-    }
-}
-
-impl Handler<NodeGone> for Matcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: NodeGone, ctx: &mut Context<Self>) {
-        self.decide(ctx, |searches, now| searches.node_gone(now, msg.node));
-    }
-}
-
-impl Handler<LiveNodes> for Matcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: LiveNodes, ctx: &mut Context<Self>) {
-        self.decide(ctx, |searches, now| searches.live_nodes(now, msg.nodes));
     }
 }
 

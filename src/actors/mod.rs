@@ -6,3 +6,4 @@ pub mod driver;
 pub mod matcher;
 pub mod messages;
 pub mod registry;
+pub mod remote;
