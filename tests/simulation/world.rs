@@ -86,10 +86,11 @@ pub enum MatcherIn {
     Ended(OfferOutcome),
     Held(OfferOutcome, u64),
     Settled(SettleTicket, Option<Settled>),
-    RemoteDriver {
+    /// A batch of another node's announcements, in order (what the
+    /// publisher sends: see `Node::announcements`).
+    RemoteDrivers {
         from: usize,
-        driver: DriverId,
-        at: Option<LatLon>,
+        changes: Vec<(DriverId, Option<LatLon>)>,
     },
     NodeGone(usize),
     Undeliverable {
@@ -193,6 +194,11 @@ pub enum Ev {
         node: usize,
         inc: u32,
     },
+    /// The node's publisher sends the announcements waiting.
+    Announce {
+        node: usize,
+        inc: u32,
+    },
     Fault(Fault),
 }
 
@@ -235,7 +241,15 @@ pub struct Node {
     pub ids: Arc<Ids>,
     pub tick_at: Option<Instant>,
     pub driver_tick_at: HashMap<usize, Instant>,
+    /// Its drivers' availability changes waiting to be published together
+    /// (newest per driver), as the engine's publisher batches them; sent
+    /// after `ANNOUNCE_BATCH`, or at once ahead of any other message from
+    /// this node.
+    pub announcements: Vec<(DriverId, Option<LatLon>)>,
 }
+
+/// How long announcements wait to go out together (the publisher's window).
+const ANNOUNCE_BATCH: Duration = Duration::from_millis(50);
 
 pub struct World {
     pub rng: StdRng,
@@ -493,6 +507,11 @@ impl World {
             Ev::DriverApp { driver, input } => self.driver_app(driver, input)?,
             Ev::RiderApp { rider, input } => self.rider_app(rider, input)?,
             Ev::Liveness { node, inc } => self.liveness(node, inc),
+            Ev::Announce { node, inc } => {
+                if self.node_takes(node, inc, || Ev::Announce { node, inc }) {
+                    self.announce(node);
+                }
+            }
             Ev::Fault(fault) => self.fault(fault),
         }
         Ok(())
@@ -544,9 +563,13 @@ impl World {
             MatcherIn::Ended(outcome) => s.offer_ended(now, outcome),
             MatcherIn::Held(outcome, token) => s.offer_held(now, outcome, token),
             MatcherIn::Settled(ticket, outcome) => s.settled(now, ticket, outcome),
-            MatcherIn::RemoteDriver { from, driver, at } => {
+            MatcherIn::RemoteDrivers { from, changes } => {
                 let id = self.nodes[from].id.clone();
-                self.nodes[node].searches.remote_driver(now, id, driver, at)
+                for (driver, at) in changes {
+                    self.nodes[node]
+                        .searches
+                        .remote_driver(now, id.clone(), driver, at)
+                }
             }
             MatcherIn::NodeGone(gone) => {
                 let id = self.nodes[gone].id.clone();
@@ -981,18 +1004,16 @@ impl World {
                         },
                     },
                 );
-                for to in 0..self.nodes.len() {
-                    if to != node {
-                        self.wire(
-                            node,
-                            to,
-                            Wire::Matcher(MatcherIn::RemoteDriver {
-                                from: node,
-                                driver: driver_name(driver),
-                                at,
-                            }),
-                        );
+                if self.nodes.len() > 1 {
+                    let name = driver_name(driver);
+                    let waiting = &mut self.nodes[node].announcements;
+                    if waiting.is_empty() {
+                        let inc = self.nodes[node].inc;
+                        self.at(ANNOUNCE_BATCH, Ev::Announce { node, inc });
                     }
+                    let waiting = &mut self.nodes[node].announcements;
+                    waiting.retain(|(d, _)| *d != name);
+                    waiting.push((name, at));
                 }
             }
             DriverEffect::LeftOnTrip => {
@@ -1048,9 +1069,32 @@ impl World {
 
     // ----- the network between nodes -----
 
+    /// `node`'s publisher sends its waiting announcements to every other
+    /// node, as one message each.
+    fn announce(&mut self, node: usize) {
+        let changes = std::mem::take(&mut self.nodes[node].announcements);
+        if changes.is_empty() {
+            return;
+        }
+        for to in 0..self.nodes.len() {
+            if to != node {
+                let input = MatcherIn::RemoteDrivers {
+                    from: node,
+                    changes: changes.clone(),
+                };
+                self.wire(node, to, Wire::Matcher(input));
+            }
+        }
+    }
+
     /// A message between nodes over pub/sub: at most once, and with faults
     /// lost, late or twice.
-    pub fn wire(&mut self, _from: usize, to: usize, message: Wire) {
+    pub fn wire(&mut self, from: usize, to: usize, message: Wire) {
+        // Announcements waiting go first, as the publisher sends them ahead
+        // of any other message.
+        if !matches!(message, Wire::Matcher(MatcherIn::RemoteDrivers { .. })) {
+            self.announce(from);
+        }
         let inc = self.nodes[to].inc;
         let ev = |message: Wire| match message {
             Wire::Matcher(input) => Ev::ToMatcher {
@@ -1622,6 +1666,7 @@ pub fn new_node(
         live: vec![Some(1); nodes],
         ids,
         tick_at: None,
+        announcements: Vec::new(),
         driver_tick_at: HashMap::new(),
     }
 }
