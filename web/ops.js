@@ -119,6 +119,9 @@ function handle(message, now) {
     for (const row of message.requests) requests.set(`${row[0]}\u001f${row[1]}`, row);
     for (const [rider, request] of message.ended) requests.delete(`${rider}\u001f${request}`);
     for (const row of message.matches) matches.push({ row, since: now - row[5] });
+    // Pruned here too, not only when drawn: a hidden tab draws nothing
+    // and would keep every match it is sent.
+    matches = matches.filter((x) => now - x.since < MATCH_SHOWN_MS);
   } else {
     return;
   }

@@ -234,6 +234,16 @@ pub struct Plan {
     pub seed: u64,
 }
 
+impl Plan {
+    /// The seed of this process's riders and arrivals: the run's seed, made
+    /// different per worker (each worker numbers its riders from 0, and the
+    /// same seed would send every worker's riders to the same places at the
+    /// same times). Worker 0, and a run without workers, use the seed as is.
+    pub fn rider_seed(&self) -> u64 {
+        self.seed ^ (self.worker_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
 /// Descriptors a worker keeps for its riders and everything else beside
 /// its drivers.
 const WORKER_SPARE_FILES: usize = 2_000;

@@ -31,9 +31,6 @@ pub enum Event {
     Accept { id: String, driver: String },
     /// A final message for request `id`.
     Final { id: String, how: Final },
-    /// The request ended without an offer being needed any more (its
-    /// request→offer clock stops).
-    Ended { id: String },
     /// The worker's live counts, twice a second.
     Progress {
         connected: u64,
@@ -42,8 +39,25 @@ pub enum Event {
         locations: u64,
         violations: u64,
     },
+    /// Every request of the worker's riders has ended; its drivers stay
+    /// connected (other workers' riders may still be offered them) until
+    /// the coordinator closes the worker's stdin, once every worker is
+    /// drained.
+    Drained,
     /// The worker's run is over: what it counted.
     Done(Box<Totals>),
+}
+
+/// Waits (a worker) until the coordinator closes this process's stdin, which
+/// it does once every worker has drained, or dies; at most `longest`.
+pub async fn released_by_coordinator(longest: Duration) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        // Nothing is written to a worker's stdin: reading ends at its close.
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let _ = tokio::time::timeout(longest, rx).await;
 }
 
 /// The one clock every process on the machine shares, in nanoseconds since
@@ -129,5 +143,46 @@ impl EventSink {
         if let Some(writer) = writer {
             let _ = writer.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_read_back_as_written() {
+        let events = [
+            Event::Sent {
+                id: "w1-r7".into(),
+                vehicles: 2,
+                t: 1_700_000_000_123_456_789,
+            },
+            Event::Offer {
+                id: "w1-r7".into(),
+                t: 1_700_000_000_223_456_789,
+            },
+            Event::Accept {
+                id: "w1-r7".into(),
+                driver: "w0-d3".into(),
+            },
+            Event::Drained,
+            Event::Done(Box::new(Totals {
+                requests: 5,
+                request_to_offer: vec![(120, 3), (900, 1)],
+                ..Totals::default()
+            })),
+        ];
+        for event in events {
+            let line = serde_json::to_string(&event).unwrap();
+            assert!(!line.contains('\n'), "one event, one line: {line}");
+            let back: Event = serde_json::from_str(&line).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), line);
+        }
+        // Times survive the trip between processes to the microsecond.
+        let now = Instant::now();
+        let back = instant_at(unix_ns(now));
+        let gap = if back > now { back - now } else { now - back };
+        assert!(gap < Duration::from_micros(1), "{gap:?}");
     }
 }

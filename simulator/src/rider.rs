@@ -60,7 +60,7 @@ pub async fn run(
         Ok(ws) => ws,
         Err(e) => return shared.stats.connect_failed(&e),
     };
-    let mut rng = SmallRng::seed_from_u64(shared.plan.seed ^ (0xA5A5_0000 + n as u64));
+    let mut rng = SmallRng::seed_from_u64(shared.plan.rider_seed() ^ (0xA5A5_0000 + n as u64));
     // Requests in flight on this connection: when each was sent.
     let mut open: HashMap<String, Instant> = HashMap::new();
     let mut cancels: Vec<(Instant, String)> = Vec::new();
@@ -145,7 +145,7 @@ pub async fn person(
         Ok(ws) => ws,
         Err(e) => return shared.stats.connect_failed(&e),
     };
-    let mut rng = SmallRng::seed_from_u64(shared.plan.seed ^ (0x5A5A_0000_0000 + n));
+    let mut rng = SmallRng::seed_from_u64(shared.plan.rider_seed() ^ (0x5A5A_0000_0000 + n));
     let sent = Instant::now();
     shared
         .stats

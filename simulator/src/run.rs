@@ -248,6 +248,12 @@ pub async fn run(
 
     let _ = phase.send(Phase::Draining);
     drain(&shared, plan.drain).await;
+    if let Some(events) = shared.stats.events() {
+        // A worker's drivers may still be offered to other workers' riders:
+        // they leave when every worker has drained, not when this one has.
+        events.send(Event::Drained);
+        crate::events::released_by_coordinator(plan.drain + Duration::from_secs(30)).await;
+    }
     let _ = stop.send(true);
     let _ = phase.send(Phase::Stopped);
     for task in drivers.into_iter().chain(riders).chain(watchers) {
@@ -360,10 +366,7 @@ async fn send_arrivals(
 ) {
     let plan = &shared.plan;
     let process = Poisson::new(plan.riders_per_s);
-    // Each worker its own arrivals (the same seed would send every worker's
-    // riders to the same places at the same times).
-    let worker = (plan.worker_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5EED ^ worker);
+    let mut rng = SmallRng::seed_from_u64(plan.rider_seed() ^ 0x5EED);
     let Some(first_gap) = process.next_gap(&mut rng) else {
         tokio::time::sleep_until(until).await;
         return;

@@ -293,10 +293,11 @@ impl Stats {
 
     /// A request ended; its first-offer clock (if never offered) is dropped.
     pub fn request_ended(&self, request_id: &str) {
-        if let Some(events) = self.events() {
-            return events.send(Event::Ended {
-                id: request_id.into(),
-            });
+        // A worker's coordinator keeps the clock (and forgets requests
+        // never offered by age: their first offer, from another worker, may
+        // come in after their end).
+        if self.events().is_some() {
+            return;
         }
         self.awaiting_offer
             .lock()

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -116,13 +116,12 @@ impl OfferClock {
         }
     }
 
-    fn ended(&mut self, id: &str) {
-        self.sent.remove(id);
-    }
-
-    /// Drops offers whose request never showed up (later offers of
-    /// requests already timed) once they are old.
+    /// Drops requests and offers that found no partner (requests that
+    /// ended without an offer, later offers of requests already timed) once
+    /// they are old. A request's end does not drop it at once: its first
+    /// offer, from another worker, may arrive after its end does.
     fn forget_before(&mut self, cutoff: Instant) {
+        self.sent.retain(|_, at| *at >= cutoff);
         self.early.retain(|_, at| *at >= cutoff);
     }
 }
@@ -130,8 +129,23 @@ impl OfferClock {
 /// One worker process and whether its totals came in.
 struct Worker {
     child: Child,
+    /// Closed (dropped) once every worker has drained: the signal to end.
+    stdin: Option<ChildStdin>,
+    drained: bool,
+    /// Its stdout closed: it has ended, or died.
+    gone: bool,
     totals: Option<Totals>,
     progress: Option<Event>,
+}
+
+impl Drop for Worker {
+    /// A run that fails part way leaves no worker behind.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Runs the plan from `plan.workers` worker processes of this binary and
@@ -160,17 +174,19 @@ pub async fn run(
     }
     let first = engine_locations(&targets).await;
     let exe = std::env::current_exe().context("finding the simulator binary")?;
-    let (events_tx, mut events) = mpsc::unbounded_channel::<(usize, Event)>();
+    // `None`: that worker's stdout closed.
+    let (events_tx, mut events) = mpsc::unbounded_channel::<(usize, Option<Event>)>();
     let mut workers = Vec::new();
     let t0 = Instant::now();
     for i in 0..plan.workers {
         let mut child = Command::new(&exe)
             .args(worker_args(user_args, &plan, i))
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("starting worker {i}"))?;
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take().context("a worker's stdout")?;
         let tx = events_tx.clone();
         std::thread::spawn(move || {
@@ -178,16 +194,20 @@ pub async fn run(
                 let Ok(line) = line else { break };
                 match serde_json::from_str::<Event>(&line) {
                     Ok(event) => {
-                        if tx.send((i, event)).is_err() {
+                        if tx.send((i, Some(event))).is_err() {
                             break;
                         }
                     }
                     Err(e) => eprintln!("worker {i}: unreadable line ({e}): {line}"),
                 }
             }
+            let _ = tx.send((i, None));
         });
         workers.push(Worker {
             child,
+            stdin,
+            drained: false,
+            gone: false,
             totals: None,
             progress: None,
         });
@@ -210,6 +230,19 @@ pub async fn run(
         tokio::select! {
             event = events.recv() => {
                 let Some((i, event)) = event else { break };
+                let Some(event) = event else {
+                    workers[i].gone = true;
+                    if workers[i].totals.is_none() {
+                        // A worker died: the run is over (its share of the
+                        // city is gone, and its riders' requests with it).
+                        let status = workers[i].child.wait().context("waiting for a worker")?;
+                        anyhow::bail!("worker {i} ended ({status}) without its totals");
+                    }
+                    if workers.iter().all(|w| w.gone) {
+                        break;
+                    }
+                    continue;
+                };
                 match event {
                     Event::Sent { id, vehicles, t } => {
                         ledger.requested(&id, vehicles);
@@ -219,12 +252,18 @@ pub async fn run(
                     Event::Offer { id, t } => clock.offered(id, instant_at(t)),
                     Event::Accept { id, driver } => ledger.accept_sent(&id, &driver),
                     Event::Final { id, how } => {
-                        clock.ended(&id);
                         if let Some(v) = ledger.final_message(&id, how) {
                             violations.push(v);
                         }
                     }
-                    Event::Ended { id } => clock.ended(&id),
+                    Event::Drained => {
+                        workers[i].drained = true;
+                        if workers.iter().all(|w| w.drained) {
+                            for worker in &mut workers {
+                                worker.stdin = None;
+                            }
+                        }
+                    }
                     progress @ Event::Progress { .. } => workers[i].progress = Some(progress),
                     Event::Done(totals) => workers[i].totals = Some(*totals),
                 }
@@ -340,7 +379,7 @@ mod tests {
         let args = crate::args::Args::try_parse_from([
             "simulator",
             "--drivers",
-            "10",
+            "90000",
             "--riders-per-s",
             "30",
             "--workers",
@@ -355,7 +394,7 @@ mod tests {
         let plan = args.plan().unwrap();
         let user: Vec<String> = [
             "--drivers",
-            "10",
+            "90000",
             "--riders-per-s",
             "30",
             "--workers",
@@ -369,6 +408,7 @@ mod tests {
         .map(String::from)
         .to_vec();
         let mut drivers = 0;
+        let mut seeds = std::collections::HashSet::new();
         for i in 0..3 {
             let worker_args = worker_args(&user, &plan, i);
             assert!(!worker_args.iter().any(|a| a.starts_with("--json")
@@ -381,7 +421,11 @@ mod tests {
                 .unwrap()
                 .plan()
                 .unwrap();
-            assert_eq!(worker.workers, 1);
+            // 30,000 drivers are more than one process holds here, so a
+            // plain run would split them; a worker never does.
+            assert_eq!(worker.workers, 1, "a worker runs its share itself");
+            assert_eq!(worker.seed, plan.seed);
+            seeds.insert(worker.rider_seed());
             assert_eq!(worker.worker_count, 3);
             assert!(worker.emit_events);
             assert_eq!(worker.driver_offset, drivers, "worker {i} follows the last");
@@ -390,6 +434,76 @@ mod tests {
             assert_eq!(worker.id_prefix, format!("w{i}-"));
             assert_eq!(worker.ops_watchers, usize::from(i == 0));
         }
-        assert_eq!(drivers, 10, "every driver in exactly one worker");
+        assert_eq!(drivers, 90000, "every driver in exactly one worker");
+        assert_eq!(seeds.len(), 3, "each worker's riders go their own ways");
+    }
+
+    fn percentile(h: &Option<hdrhistogram::Histogram<u64>>, q: f64) -> u64 {
+        h.as_ref().expect("something recorded").value_at_quantile(q)
+    }
+
+    #[test]
+    fn a_first_offer_is_timed_whichever_of_the_two_events_comes_first() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut clock = OfferClock::default();
+        // In order.
+        clock.sent("a".into(), ms(0));
+        clock.offered("a".into(), ms(5));
+        // The offer's worker wrote first.
+        clock.offered("b".into(), ms(27));
+        clock.sent("b".into(), ms(7));
+        // A second offer of a request already timed is not a first offer.
+        clock.offered("a".into(), ms(900));
+        let h = &clock.latency;
+        assert_eq!(h.as_ref().unwrap().len(), 2);
+        assert_eq!(percentile(h, 0.0), 5_000 / 1_000 * 1_000);
+        assert!((19_900..=20_100).contains(&percentile(h, 1.0)));
+        // A request that ended before its offer came in is still timed
+        // when the offer does, within the memory's minute.
+        clock.sent("c".into(), ms(1_000));
+        clock.forget_before(ms(500));
+        clock.offered("c".into(), ms(1_040));
+        assert_eq!(clock.latency.as_ref().unwrap().len(), 3);
+        // And forgotten after it.
+        clock.sent("d".into(), ms(1_000));
+        clock.forget_before(ms(2_000));
+        clock.offered("d".into(), ms(2_100));
+        assert_eq!(clock.latency.as_ref().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn merged_totals_give_the_percentiles_of_all_the_values() {
+        let mut one = Latency::empty();
+        let mut two = Latency::empty();
+        let mut all = Latency::empty();
+        for v in 1..=1_000u64 {
+            let value = v * v % 9_973 + 1;
+            let h = if v % 3 == 0 { &mut one } else { &mut two };
+            h.record(value).unwrap();
+            all.record(value).unwrap();
+        }
+        let mut sum = Totals {
+            requests: 2,
+            request_to_offer: buckets(&one),
+            ..Totals::default()
+        };
+        sum.add(&Totals {
+            requests: 3,
+            request_to_offer: buckets(&two),
+            ..Totals::default()
+        });
+        assert_eq!(sum.requests, 5);
+        let mut merged = Latency::empty();
+        crate::totals::add_buckets(&mut merged, &sum.request_to_offer);
+        for q in [0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(
+                merged.value_at_quantile(q),
+                all.value_at_quantile(q),
+                "q {q}"
+            );
+        }
+        // Averaging the two percentiles would not give this.
+        assert_eq!(merged.len(), 1_000);
     }
 }

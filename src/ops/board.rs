@@ -22,9 +22,11 @@ use crate::protocol::{DriverId, RequestId, RiderId};
 pub const MATCH_SHOWN: Duration = Duration::from_secs(10);
 /// The window of the "matched in the last minute" counter.
 const MATCH_COUNTED: Duration = Duration::from_secs(60);
-/// At most this many recent matches are kept (a burst past it only loses
-/// the oldest lines, never a count: the total is a number of its own).
+/// At most this many recent match lines are kept (a burst past it only
+/// loses the oldest lines; the counts are kept apart, per second).
 const MAX_RECENT_MATCHES: usize = 10_000;
+/// The width of one bucket of the last-minute count.
+const MATCH_BUCKET: Duration = Duration::from_secs(1);
 
 /// What a driver is doing, as coloured on the map. Sent as its index in
 /// [`DriverShow::NAMES`], which every snapshot carries.
@@ -152,6 +154,13 @@ pub struct Board {
     /// Matches at the back of `matches` not sent in a batch yet.
     unsent_matches: usize,
     matched_total: u64,
+    /// Matches counted per [`MATCH_BUCKET`] (the bucket's start, its
+    /// count), over the last [`MATCH_COUNTED`]: a count that no cap on
+    /// the lines can cut short.
+    match_buckets: VecDeque<(Instant, usize)>,
+    /// The counts the last batch carried: a batch goes out when they change
+    /// even if nothing else did (the last-minute count falls by itself).
+    counters_sent: Option<Counters>,
     seq: u64,
 }
 
@@ -198,6 +207,10 @@ impl Board {
             at: now,
         });
         self.unsent_matches += 1;
+        match self.match_buckets.back_mut() {
+            Some((start, n)) if now.saturating_duration_since(*start) < MATCH_BUCKET => *n += 1,
+            _ => self.match_buckets.push_back((now, 1)),
+        }
         if self.matches.len() > MAX_RECENT_MATCHES {
             self.matches.pop_front();
             self.unsent_matches = self.unsent_matches.min(self.matches.len());
@@ -225,13 +238,17 @@ impl Board {
     }
 
     /// Nobody watches: stop recording what changed (the next watcher starts
-    /// from a snapshot).
+    /// from a snapshot). The open requests are forgotten too: nobody reads
+    /// them from the matcher while nobody watches, so by the next snapshot
+    /// they would be stale; the first batch after it brings them.
     pub fn unwatched(&mut self) {
         self.watched = false;
         self.changed = HashSet::new();
+        self.requests.clear();
         self.new_requests.clear();
         self.ended_requests.clear();
         self.unsent_matches = 0;
+        self.counters_sent = None;
     }
 
     /// The whole picture, for a new watcher; from here on changes are
@@ -239,6 +256,13 @@ impl Board {
     pub fn snapshot(&mut self, now: Instant) -> Snapshot {
         self.watched = true;
         self.forget_old_matches(now);
+        let counters = self.counters(now);
+        // The first watcher holds these counts now; watchers already there
+        // hold what the last batch sent, and the next batch brings theirs
+        // up to date.
+        if self.counters_sent.is_none() {
+            self.counters_sent = Some(counters.clone());
+        }
         Snapshot {
             seq: self.seq,
             states: DriverShow::NAMES,
@@ -248,26 +272,37 @@ impl Board {
                 .values()
                 .map(|r| request_row(now, r))
                 .collect(),
+            // Unsent matches are left to the next batch, which this watcher
+            // gets too (its number is past the snapshot's): in both, they
+            // would be drawn twice.
             matches: self
                 .matches
                 .iter()
+                .take(self.matches.len() - self.unsent_matches)
                 .filter(|m| now.saturating_duration_since(m.at) < MATCH_SHOWN)
                 .map(|m| match_row(now, m))
                 .collect(),
-            counters: self.counters(now),
+            counters,
         }
     }
 
     /// What changed since the last batch, or `None` if nothing did.
     pub fn take_batch(&mut self, now: Instant) -> Option<Batch> {
         self.forget_old_matches(now);
+        if !self.watched {
+            // Nobody holds a snapshot to apply a batch to.
+            return None;
+        }
+        let counters = self.counters(now);
         let nothing = self.changed.is_empty()
             && self.new_requests.is_empty()
             && self.ended_requests.is_empty()
-            && self.unsent_matches == 0;
+            && self.unsent_matches == 0
+            && self.counters_sent.as_ref() == Some(&counters);
         if nothing {
             return None;
         }
+        self.counters_sent = Some(counters.clone());
         let mut drivers = Vec::new();
         let mut gone = Vec::new();
         for id in std::mem::take(&mut self.changed) {
@@ -297,7 +332,7 @@ impl Board {
             requests,
             ended: std::mem::take(&mut self.ended_requests),
             matches,
-            counters: self.counters(now),
+            counters,
         })
     }
 
@@ -314,11 +349,11 @@ impl Board {
             .filter(|r| r.stage == Stage::Waiting)
             .count();
         let matched_last_minute = self
-            .matches
+            .match_buckets
             .iter()
-            .rev()
-            .take_while(|m| now.saturating_duration_since(m.at) < MATCH_COUNTED)
-            .count();
+            .filter(|(start, _)| now.saturating_duration_since(*start) < MATCH_COUNTED)
+            .map(|(_, n)| n)
+            .sum();
         Counters {
             drivers,
             requests: self.requests.len(),
@@ -330,6 +365,13 @@ impl Board {
 
     /// Matches too old to count; unsent ones stay (a batch sends them).
     fn forget_old_matches(&mut self, now: Instant) {
+        while self
+            .match_buckets
+            .front()
+            .is_some_and(|(start, _)| now.saturating_duration_since(*start) >= MATCH_COUNTED)
+        {
+            self.match_buckets.pop_front();
+        }
         while self.matches.len() > self.unsent_matches
             && self
                 .matches
@@ -522,5 +564,84 @@ mod tests {
         let batch = board.take_batch(now).expect("a batch");
         assert_eq!(batch.ended, vec![("r1".into(), "q1".into())]);
         assert_eq!(batch.counters.requests, 0);
+    }
+
+    fn matched_at(board: &mut Board, now: Instant, driver: &str) {
+        let d: DriverId = driver.into();
+        let pickup = at(52.1, 13.5);
+        for show in [DriverShow::Offered, DriverShow::OnTrip] {
+            board.driver_changed(
+                now,
+                &d,
+                DriverDot {
+                    pickup,
+                    ..dot(show, 52.0)
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn the_last_minute_count_is_not_cut_by_the_cap_on_lines_and_falls_by_itself() {
+        let now = Instant::now();
+        let mut board = Board::new();
+        board.snapshot(now);
+        for i in 0..MAX_RECENT_MATCHES + 500 {
+            matched_at(&mut board, now, &format!("d{i}"));
+        }
+        let batch = board.take_batch(now).expect("a batch");
+        assert_eq!(batch.matches.len(), MAX_RECENT_MATCHES);
+        assert_eq!(batch.counters.matched_last_minute, MAX_RECENT_MATCHES + 500);
+        let later = now + Duration::from_secs(30);
+        matched_at(&mut board, later, "late");
+        assert!(board.take_batch(later).is_some());
+        // Nothing changes from here on, but the minute passes: the count
+        // falls, and a batch says so.
+        let after = now + MATCH_COUNTED + Duration::from_secs(1);
+        let batch = board.take_batch(after).expect("the count fell");
+        assert_eq!(batch.counters.matched_last_minute, 1);
+        assert!(batch.drivers.is_empty() && batch.matches.is_empty());
+        assert!(board.take_batch(after).is_none(), "and then nothing");
+    }
+
+    #[test]
+    fn a_match_not_yet_batched_reaches_a_new_watcher_once() {
+        let now = Instant::now();
+        let mut board = Board::new();
+        board.snapshot(now);
+        matched_at(&mut board, now, "d1");
+        board.take_batch(now).expect("a batch");
+        matched_at(&mut board, now, "d2");
+        // A second watcher arrives between two batches.
+        let snapshot = board.snapshot(now);
+        let batch = board.take_batch(now).expect("a batch");
+        assert!(batch.seq > snapshot.seq, "the new watcher gets the batch");
+        let in_snapshot: Vec<_> = snapshot.matches.iter().map(|m| m.0.clone()).collect();
+        let in_batch: Vec<_> = batch.matches.iter().map(|m| m.0.clone()).collect();
+        assert_eq!(in_snapshot, vec![DriverId::from("d1")]);
+        assert_eq!(in_batch, vec![DriverId::from("d2")]);
+    }
+
+    #[test]
+    fn requests_seen_before_an_unwatched_gap_are_not_in_the_next_snapshot() {
+        let now = Instant::now();
+        let mut board = Board::new();
+        board.snapshot(now);
+        board.requests_are(vec![OpenRequest {
+            rider_id: "r1".into(),
+            request_id: "q1".into(),
+            pickup: LatLon {
+                lat: 52.0,
+                lon: 13.0,
+            },
+            vehicles: 1,
+            started: now,
+            stage: Stage::Searching,
+        }]);
+        assert_eq!(board.snapshot(now).requests.len(), 1);
+        board.unwatched();
+        let snapshot = board.snapshot(now);
+        assert!(snapshot.requests.is_empty());
+        assert_eq!(snapshot.counters.requests, 0);
     }
 }

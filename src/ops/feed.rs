@@ -21,6 +21,11 @@ pub const BATCH_INTERVAL: Duration = Duration::from_millis(250);
 pub const MAX_WATCHERS: usize = 16;
 /// Batches a watcher may fall behind before it is sent a snapshot instead.
 const BACKLOG: usize = 16;
+/// Snapshots are taken at most this often, across all watchers: each holds
+/// the board (and so every driver actor that changes) for about 20 ms at
+/// 20,000 drivers, and a watcher reconnecting in a loop must not turn that
+/// into a lock held most of the time.
+const SNAPSHOT_SPACING: Duration = Duration::from_millis(200);
 
 /// A message of the feed.
 #[derive(Serialize)]
@@ -42,6 +47,8 @@ pub struct OpsFeed {
     board: Mutex<Board>,
     batches: broadcast::Sender<(u64, Utf8Bytes)>,
     watchers: AtomicUsize,
+    /// When the next snapshot may be taken.
+    next_snapshot: Mutex<tokio::time::Instant>,
 }
 
 impl OpsFeed {
@@ -51,7 +58,16 @@ impl OpsFeed {
             board: Mutex::new(Board::new()),
             batches: broadcast::channel(BACKLOG).0,
             watchers: AtomicUsize::new(0),
+            next_snapshot: Mutex::new(tokio::time::Instant::now()),
         })
+    }
+
+    /// Reserves the next snapshot's turn and returns when it is.
+    fn snapshot_turn(&self) -> tokio::time::Instant {
+        let mut next = self.next_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = (*next).max(tokio::time::Instant::now());
+        *next = turn + SNAPSHOT_SPACING;
+        turn
     }
 
     fn board(&self) -> MutexGuard<'_, Board> {
@@ -103,9 +119,15 @@ impl OpsFeed {
                 _ = interval.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            if self.watchers.load(Ordering::Acquire) == 0 {
-                self.board().unwatched();
-                continue;
+            {
+                // Checked under the board's lock: a watcher counted after
+                // this takes its snapshot (under the same lock) after
+                // `unwatched`, so it is never left unrecorded.
+                let mut board = self.board();
+                if self.watchers.load(Ordering::Acquire) == 0 {
+                    board.unwatched();
+                    continue;
+                }
             }
             let open = open_requests().await;
             let batch = {
@@ -142,8 +164,10 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// The whole picture; the batches after it follow.
-    pub fn snapshot(&mut self) -> Utf8Bytes {
+    /// The whole picture, in its turn (see [`SNAPSHOT_SPACING`]); the
+    /// batches after it follow.
+    pub async fn snapshot(&mut self) -> Utf8Bytes {
+        tokio::time::sleep_until(self.feed.snapshot_turn()).await;
         let snapshot = {
             let mut board = self.feed.board();
             // Subscribing under the board's lock: every batch taken after
@@ -169,7 +193,7 @@ impl Watch {
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     crate::metrics::ops_resynced();
-                    return Next::Send(self.snapshot());
+                    return Next::Send(self.snapshot().await);
                 }
                 Err(broadcast::error::RecvError::Closed) => return Next::Closed,
             }

@@ -51,7 +51,15 @@ pub async fn run(
     let mut last_heard = Instant::now();
     let token_expiry = session::sleep_until_some(expires);
     tokio::pin!(token_expiry);
-    let mut next = Some(watch.snapshot());
+    let mut next = tokio::select! {
+        snapshot = watch.snapshot() => Some(snapshot),
+        _ = shutdown.changed() => {
+            drop(watch);
+            m::connection_closed("ops");
+            session::finish(ws, Closing::Engine(close_frame(CloseCode::Away, "server shutting down"))).await;
+            return;
+        }
+    };
     let close = loop {
         if let Some(text) = next.take() {
             // A watcher that can't take a batch within the write timeout is

@@ -89,6 +89,11 @@ def raw_websocket(base, path):
     return sock
 
 
+def place(found):
+    """The driver's position in the ops page's `#found` text."""
+    return found.split(" at ")[1].split(", pickup")[0]
+
+
 async def click_map(page, fx, fy):
     box = await page.locator("#map").bounding_box()
     await page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
@@ -238,9 +243,15 @@ async def ops_map_follows_a_driver(pages):
     await expect(ops.locator("#n-requests")).to_have_text("0", timeout=WAIT_MS)
     await expect(ops.locator("#n-minute")).not_to_have_text("0", timeout=WAIT_MS)
     await shot(ops, "ops-trip")
+    # The text while on trip, before the move: it must change with the move
+    # alone (comparing with the text from before the trip would pass on the
+    # state change).
+    on_trip_place = await ops.locator("#found").text_content()
     await click_map(driver, 0.3, 0.3)
-    await expect(ops.locator("#found")).not_to_have_text(first_place, timeout=WAIT_MS)
+    await expect(ops.locator("#found")).not_to_have_text(on_trip_place, timeout=WAIT_MS)
     await expect(ops.locator("#found")).to_contain_text("d-ops: on trip at")
+    moved_place = await ops.locator("#found").text_content()
+    assert place(moved_place) != place(on_trip_place), (on_trip_place, moved_place)
     await driver.locator("#complete").click()
     await expect(ops.locator("#found")).to_contain_text("d-ops: available at", timeout=WAIT_MS)
     await driver.close()
