@@ -153,6 +153,21 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch_window_ms: u64,
 
+    /// With `--dispatch batch`: a request whose best driver in its batch is
+    /// farther than this many metres waits for the next window instead
+    /// (drivers free up all the time; one may come nearer), at most
+    /// --batch-max-waits windows. 0 serves every request it can at once.
+    #[arg(long, env = "RIDELOCK_BATCH_WAIT_M", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub batch_wait_m: u32,
+
+    /// With `--dispatch batch` and --batch-wait-m: how many windows a
+    /// request may wait for a nearer driver before it takes the best one
+    /// it can get.
+    #[arg(long, env = "RIDELOCK_BATCH_MAX_WAITS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub batch_max_waits: u32,
+
     /// GeoJSON file of the areas served: a FeatureCollection of Polygons or
     /// MultiPolygons, each with a string `name` property. Requests whose
     /// pickup is outside every area get `outside_service_area`; drivers
@@ -299,6 +314,8 @@ impl Config {
             DispatchMode::Greedy => Dispatch::Greedy,
             DispatchMode::Batch => Dispatch::Batch {
                 window: Duration::from_millis(self.batch_window_ms),
+                wait_m: self.batch_wait_m,
+                max_waits: self.batch_max_waits,
             },
         }
     }

@@ -166,6 +166,7 @@ async fn crossing(dispatch: ridelock::config::DispatchMode) -> (String, String) 
     let engine = common::engine(|c| {
         c.dispatch = dispatch;
         c.batch_window_ms = 400;
+        c.batch_wait_m = 0;
     })
     .await;
     let mut a = Client::available_driver(&engine, "a", north(300.0), LON).await;
@@ -204,4 +205,32 @@ async fn batch_dispatch_does_not_cross_two_riders_that_greedy_crosses() {
         crossing(DispatchMode::Batch).await,
         ("B".to_string(), "A".to_string())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_request_waits_for_a_nearer_driver_to_come_free() {
+    use ridelock::config::DispatchMode;
+    let engine = common::engine(|c| {
+        c.dispatch = DispatchMode::Batch;
+        c.batch_window_ms = 300;
+        c.batch_wait_m = 200;
+        // Three seconds of waiting at most: room for the second driver to
+        // connect, however slow the machine.
+        c.batch_max_waits = 10;
+    })
+    .await;
+    let mut far = Client::available_driver(&engine, "far", north(1_000.0), LON).await;
+    wait_for_available(&engine, 1).await;
+    let mut rider = Client::rider(&engine, "r1").await;
+    rider.request_ride("q", north(0.0), LON).await;
+    rider.expect_searching("q").await;
+    // The first window closes with only "far" in reach: the request waits.
+    far.expect_silence(Duration::from_millis(400)).await;
+    let mut near = Client::available_driver(&engine, "near", north(50.0), LON).await;
+    let (offer_id, request) = near.expect_offer().await;
+    assert_eq!(request, "q");
+    near.accept(offer_id).await;
+    assert_eq!(rider.expect_matched().await, "near");
+    far.expect_silence(Duration::from_millis(300)).await;
+    engine.shutdown().await;
 }

@@ -157,6 +157,8 @@ fn a_full_batch_is_assigned_before_its_window_closes() {
     let settings = SearchSettings {
         dispatch: Dispatch::Batch {
             window: Duration::from_millis(500),
+            wait_m: 0,
+            max_waits: 0,
         },
         max_searches: 10_000,
         ..settings()
@@ -194,6 +196,8 @@ fn a_request_cancelled_and_asked_again_in_one_window_asks_one_driver() {
     let settings = SearchSettings {
         dispatch: Dispatch::Batch {
             window: Duration::from_millis(500),
+            wait_m: 0,
+            max_waits: 0,
         },
         ..settings()
     };
@@ -206,6 +210,71 @@ fn a_request_cancelled_and_asked_again_in_one_window_asks_one_driver() {
     searches.take_effects();
     searches.tick(t0 + Duration::from_millis(500));
     assert_eq!(locked(&searches.take_effects()), ["d1"]);
+}
+
+fn waiting_batch() -> SearchSettings {
+    SearchSettings {
+        dispatch: Dispatch::Batch {
+            window: Duration::from_millis(500),
+            wait_m: 200,
+            max_waits: 2,
+        },
+        ..settings()
+    }
+}
+
+#[test]
+fn a_batched_request_waits_for_a_nearer_driver() {
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let mut searches: Searches<u32> =
+        Searches::new(waiting_batch(), Arc::new(Ids::default()), None);
+    searches.driver_changed(t0, "far".into(), Some(north(1_000.0)));
+    searches.request(t0, 1, "r1".into(), 1, "q".into(), north(0.0), t0);
+    searches.tick(ms(500));
+    assert_eq!(
+        locked(&searches.take_effects()),
+        Vec::<String>::new(),
+        "1 km is worse than waiting 200 m' worth"
+    );
+    assert_eq!(searches.next_timeout(), Some(ms(1_000)), "the next window");
+    // A driver frees up 50 m away meanwhile: not handed out on its own
+    // (the request is not parked), but by the next window.
+    searches.driver_changed(ms(700), "near".into(), Some(north(50.0)));
+    assert_eq!(locked(&searches.take_effects()), Vec::<String>::new());
+    searches.tick(ms(1_000));
+    assert_eq!(locked(&searches.take_effects()), ["near"]);
+}
+
+#[test]
+fn a_batched_request_takes_the_best_it_can_get_after_its_last_wait() {
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let mut searches: Searches<u32> =
+        Searches::new(waiting_batch(), Arc::new(Ids::default()), None);
+    searches.driver_changed(t0, "far".into(), Some(north(1_000.0)));
+    searches.driver_changed(t0, "near".into(), Some(north(150.0)));
+    searches.request(t0, 1, "r1".into(), 1, "q".into(), north(0.0), t0);
+    searches.request(t0, 2, "r2".into(), 1, "q".into(), north(20.0), t0);
+    // Two riders, one driver within 200 m: one takes it, the other waits.
+    searches.tick(ms(500));
+    assert_eq!(locked(&searches.take_effects()), ["near"]);
+    searches.tick(ms(1_000));
+    assert_eq!(
+        locked(&searches.take_effects()),
+        Vec::<String>::new(),
+        "waited once"
+    );
+    searches.tick(ms(1_500));
+    assert_eq!(
+        locked(&searches.take_effects()),
+        ["far"],
+        "after two waits, the nearest there is"
+    );
+    assert_eq!(
+        searches.next_timeout(),
+        Some(t0 + settings().search_timeout)
+    );
 }
 
 fn indexed(effects: &[DriverEffect]) -> Vec<Option<LatLon>> {
@@ -426,7 +495,13 @@ mod batches {
         ) {
             let areas = Arc::new(ServiceAreas::from_geojson(AREA).unwrap());
             let mut settings = settings();
-            settings.dispatch = Dispatch::Batch { window: Duration::from_millis(300) };
+            // Waiting for a nearer driver too: a request may sit out up
+            // to two windows.
+            settings.dispatch = Dispatch::Batch {
+                window: Duration::from_millis(300),
+                wait_m: 150,
+                max_waits: 2,
+            };
             settings.search_timeout = Duration::from_secs(5);
             let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
             searches.serve_only(areas.clone());

@@ -315,11 +315,19 @@ impl World {
             max_requests_per_rider: 2,
             max_searches: 10_000,
             lock_margin: LOCK_MARGIN,
-            // Every other seed assigns new requests in batches.
-            dispatch: match seed % 2 {
-                0 => Dispatch::Greedy,
+            // Every other seed assigns new requests in batches, one in
+            // two of those waiting up to two windows for a nearer driver.
+            dispatch: match seed % 4 {
+                0 | 2 => Dispatch::Greedy,
+                1 => Dispatch::Batch {
+                    window: Duration::from_millis(300),
+                    wait_m: 0,
+                    max_waits: 0,
+                },
                 _ => Dispatch::Batch {
                     window: Duration::from_millis(300),
+                    wait_m: 300,
+                    max_waits: 2,
                 },
             },
         };

@@ -23,7 +23,7 @@ use std::time::Instant;
 use pathfinding::kuhn_munkres::kuhn_munkres_min;
 use pathfinding::matrix::Matrix;
 
-use super::{Phase, Searches};
+use super::{Dispatch, Phase, Searches};
 use crate::protocol::DriverId;
 
 /// Requests a batch holds at most: it closes at its window or at this many
@@ -45,8 +45,18 @@ impl<R: Clone> Searches<R> {
     /// The batch window closed: its requests still looking get their first
     /// drivers together; those left without one (or that can't be assigned:
     /// cancelled, out of time) go the greedy way, which asks the nearest
-    /// free driver left or parks.
+    /// free driver left or parks. With `wait_m`, a request whose best
+    /// driver is farther than that waits for the next window instead, up to
+    /// `max_waits` windows.
     pub(super) fn assign_batch(&mut self, now: Instant) {
+        let Dispatch::Batch {
+            window,
+            wait_m,
+            max_waits,
+        } = self.settings.dispatch
+        else {
+            return;
+        };
         self.batch_due = None;
         let keys = std::mem::take(&mut self.batch);
         let mut open = Vec::new();
@@ -81,18 +91,31 @@ impl<R: Clone> Searches<R> {
                 .filter(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id))
                 .take(CANDIDATES_PER_REQUEST)
                 .collect();
-            open.push(key);
-            wanted.push(candidates);
+            // Group members take what they can get: a group holds drivers
+            // while it waits for the rest.
+            let may_wait = wait_m > 0 && search.batch_waits < max_waits && search.group.is_none();
+            wanted.push(Wanted {
+                candidates,
+                wait_m: may_wait.then_some(f64::from(wait_m)),
+            });
+            open.push((seq, key));
         }
         self.batched += open.len();
         let chosen = assign(&wanted);
         // Assigned first, so that the greedy fallbacks see those drivers as
         // being locked.
         let mut unassigned = Vec::new();
-        for (key, driver) in open.into_iter().zip(chosen) {
-            match driver {
-                Some(driver) => self.ask_for_lock(now, key, driver),
-                None => unassigned.push(key),
+        for ((seq, key), choice) in open.into_iter().zip(chosen) {
+            match choice {
+                Choice::Driver(driver) => self.ask_for_lock(now, key, driver),
+                Choice::Wait => {
+                    if let Some(search) = self.searches.get_mut(&key) {
+                        search.batch_waits += 1;
+                    }
+                    self.batch.push((seq, key));
+                    self.batch_due.get_or_insert(now + window);
+                }
+                Choice::Nobody => unassigned.push(key),
             }
         }
         for key in unassigned {
@@ -107,10 +130,30 @@ impl<R: Clone> Searches<R> {
     }
 }
 
-/// For each request (its candidates with their distance in metres, nearest
-/// first), the driver it gets, if any. No driver is given twice.
-pub fn assign(requests: &[Vec<(DriverId, f64)>]) -> Vec<Option<DriverId>> {
-    let mut chosen = vec![None; requests.len()];
+/// One request of a batch.
+#[derive(Clone, Debug, Default)]
+pub struct Wanted {
+    /// Its candidates with their distance in metres, nearest first.
+    pub candidates: Vec<(DriverId, f64)>,
+    /// If it may wait for the next window: what waiting costs, in metres
+    /// (a driver farther than this is worse than waiting).
+    pub wait_m: Option<f64>,
+}
+
+/// What a request of a batch gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Driver(DriverId),
+    /// Its best driver is farther than waiting costs: the next window.
+    Wait,
+    /// No driver for it in this batch.
+    Nobody,
+}
+
+/// For each request, the driver it gets, or whether it waits. No driver is
+/// given twice.
+pub fn assign(requests: &[Wanted]) -> Vec<Choice> {
+    let mut chosen = vec![Choice::Nobody; requests.len()];
     let mut taken: HashSet<DriverId> = HashSet::new();
     for component in components(requests) {
         for slice in component.chunks(MAX_ROWS) {
@@ -122,7 +165,7 @@ pub fn assign(requests: &[Vec<(DriverId, f64)>]) -> Vec<Option<DriverId>> {
 
 /// Requests grouped by the drivers they share, each group in request order,
 /// groups in order of their first request.
-fn components(requests: &[Vec<(DriverId, f64)>]) -> Vec<Vec<usize>> {
+fn components(requests: &[Wanted]) -> Vec<Vec<usize>> {
     let mut parent: Vec<usize> = (0..requests.len()).collect();
     fn root(parent: &mut [usize], mut i: usize) -> usize {
         while parent[i] != i {
@@ -132,8 +175,8 @@ fn components(requests: &[Vec<(DriverId, f64)>]) -> Vec<Vec<usize>> {
         i
     }
     let mut first_with: HashMap<&DriverId, usize> = HashMap::new();
-    for (i, candidates) in requests.iter().enumerate() {
-        for (driver, _) in candidates {
+    for (i, wanted) in requests.iter().enumerate() {
+        for (driver, _) in &wanted.candidates {
             let other = *first_with.entry(driver).or_insert(i);
             let (a, b) = (root(&mut parent, i), root(&mut parent, other));
             // The older request's root wins, so roots are first members.
@@ -153,44 +196,55 @@ fn components(requests: &[Vec<(DriverId, f64)>]) -> Vec<Vec<usize>> {
     groups
 }
 
+/// Decimetres: fine enough to tell drivers apart, whole numbers so that the
+/// solver's sums are exact.
+fn cost_of(metres: f64) -> i64 {
+    (metres * 10.0).round() as i64
+}
+
 fn solve(
-    requests: &[Vec<(DriverId, f64)>],
+    requests: &[Wanted],
     slice: &[usize],
     taken: &mut HashSet<DriverId>,
-    chosen: &mut [Option<DriverId>],
+    chosen: &mut [Choice],
 ) {
     let mut columns: Vec<&DriverId> = Vec::new();
     let mut column_of: HashMap<&DriverId, usize> = HashMap::new();
     for &i in slice {
-        for (driver, _) in &requests[i] {
+        for (driver, _) in &requests[i].candidates {
             if !taken.contains(driver) && !column_of.contains_key(driver) {
                 column_of.insert(driver, columns.len());
                 columns.push(driver);
             }
         }
     }
-    if columns.is_empty() {
-        return;
-    }
-    // The solver needs at least as many columns as rows: requests left
-    // without a real driver take a padding column.
-    let width = columns.len().max(slice.len());
-    let mut costs = Matrix::new(slice.len(), width, NOT_A_CANDIDATE);
+    // Beside the drivers, each request has a column of its own: waiting,
+    // for one that may, and otherwise nothing (which also gives the solver
+    // the columns it needs, at least as many as rows).
+    let drivers = columns.len();
+    let mut costs = Matrix::new(slice.len(), drivers + slice.len(), NOT_A_CANDIDATE);
     for (row, &i) in slice.iter().enumerate() {
-        for (driver, metres) in &requests[i] {
+        for (driver, metres) in &requests[i].candidates {
             if let Some(&column) = column_of.get(driver) {
-                // Decimetres: fine enough to tell drivers apart, whole
-                // numbers so that the solver's sums are exact.
-                costs[(row, column)] = (metres * 10.0).round() as i64;
+                costs[(row, column)] = cost_of(*metres);
             }
+        }
+        if let Some(wait_m) = requests[i].wait_m {
+            costs[(row, drivers + row)] = cost_of(wait_m);
         }
     }
     let (_, assignment) = kuhn_munkres_min(&costs);
     for (row, &column) in assignment.iter().enumerate() {
-        if column < columns.len() && costs[(row, column)] < NOT_A_CANDIDATE {
+        let i = slice[row];
+        if costs[(row, column)] >= NOT_A_CANDIDATE {
+            continue;
+        }
+        if column < drivers {
             let driver = columns[column].clone();
             taken.insert(driver.clone());
-            chosen[slice[row]] = Some(driver);
+            chosen[i] = Choice::Driver(driver);
+        } else {
+            chosen[i] = Choice::Wait;
         }
     }
 }
@@ -203,6 +257,25 @@ mod tests {
         name.into()
     }
 
+    /// `assign` of requests that may not wait, as the driver each gets.
+    fn assign_now(requests: &[Vec<(DriverId, f64)>]) -> Vec<Option<DriverId>> {
+        let wanted: Vec<Wanted> = requests
+            .iter()
+            .map(|candidates| Wanted {
+                candidates: candidates.clone(),
+                wait_m: None,
+            })
+            .collect();
+        assign(&wanted)
+            .into_iter()
+            .map(|choice| match choice {
+                Choice::Driver(driver) => Some(driver),
+                Choice::Nobody => None,
+                Choice::Wait => panic!("waited without the choice to"),
+            })
+            .collect()
+    }
+
     #[test]
     fn where_greedy_crosses_batch_finds_the_optimum() {
         // Greedy gives rider 0 its nearest (a, 100 m), leaving rider 1 with
@@ -212,7 +285,7 @@ mod tests {
             vec![(d("a"), 100.0), (d("b"), 300.0)],
             vec![(d("a"), 400.0), (d("b"), 2_000.0)],
         ];
-        assert_eq!(assign(&requests), [Some(d("b")), Some(d("a"))]);
+        assert_eq!(assign_now(&requests), [Some(d("b")), Some(d("a"))]);
     }
 
     #[test]
@@ -222,43 +295,88 @@ mod tests {
             vec![(d("a"), 10.0), (d("b"), 4_000.0)],
             vec![(d("a"), 4_000.0)],
         ];
-        assert_eq!(assign(&requests), [Some(d("b")), Some(d("a"))]);
+        assert_eq!(assign_now(&requests), [Some(d("b")), Some(d("a"))]);
     }
 
     #[test]
     fn more_requests_than_drivers_leaves_the_rest_unassigned() {
         let requests = vec![vec![(d("a"), 500.0)], vec![(d("a"), 100.0)], vec![]];
-        assert_eq!(assign(&requests), [None, Some(d("a")), None]);
+        assert_eq!(assign_now(&requests), [None, Some(d("a")), None]);
     }
 
-    /// Every assignment of a small case, tried one by one.
-    fn best_by_brute_force(requests: &[Vec<(DriverId, f64)>]) -> (usize, i64) {
-        fn go(
-            requests: &[Vec<(DriverId, f64)>],
-            i: usize,
-            used: &mut Vec<DriverId>,
-            served: usize,
-            cost: i64,
-            best: &mut (usize, i64),
-        ) {
+    #[test]
+    fn a_request_waits_when_every_driver_is_farther_than_waiting_costs() {
+        let wanted = [Wanted {
+            candidates: vec![(d("a"), 900.0), (d("b"), 1_200.0)],
+            wait_m: Some(200.0),
+        }];
+        assert_eq!(assign(&wanted), [Choice::Wait]);
+    }
+
+    #[test]
+    fn a_request_that_may_wait_leaves_a_far_driver_to_one_that_may_not() {
+        // Rider 0 has waited its last window; rider 1 may still wait, and
+        // the only driver is nearer to rider 1.
+        let wanted = [
+            Wanted {
+                candidates: vec![(d("a"), 800.0)],
+                wait_m: None,
+            },
+            Wanted {
+                candidates: vec![(d("a"), 500.0), (d("b"), 150.0)],
+                wait_m: Some(200.0),
+            },
+        ];
+        assert_eq!(
+            assign(&wanted),
+            [Choice::Driver(d("a")), Choice::Driver(d("b"))]
+        );
+        let wanted = [
+            wanted[0].clone(),
+            Wanted {
+                candidates: vec![(d("a"), 500.0)],
+                wait_m: Some(200.0),
+            },
+        ];
+        assert_eq!(assign(&wanted), [Choice::Driver(d("a")), Choice::Wait]);
+    }
+
+    #[test]
+    fn a_request_with_no_candidate_waits_if_it_may() {
+        let wanted = [
+            Wanted {
+                candidates: vec![],
+                wait_m: Some(200.0),
+            },
+            Wanted {
+                candidates: vec![],
+                wait_m: None,
+            },
+        ];
+        assert_eq!(assign(&wanted), [Choice::Wait, Choice::Nobody]);
+    }
+
+    /// The least total cost of a small case, every choice tried: each
+    /// request takes a candidate nobody else has, waits (if it may), or is
+    /// left without (which costs more than anything else).
+    fn best_by_brute_force(requests: &[Wanted]) -> i64 {
+        fn go(requests: &[Wanted], i: usize, used: &mut Vec<DriverId>, cost: i64, best: &mut i64) {
             if i == requests.len() {
-                if served > best.0 || (served == best.0 && cost < best.1) {
-                    *best = (served, cost);
-                }
+                *best = (*best).min(cost);
                 return;
             }
-            go(requests, i + 1, used, served, cost, best);
-            for (driver, metres) in &requests[i] {
+            let idle = requests[i].wait_m.map_or(NOT_A_CANDIDATE, cost_of);
+            go(requests, i + 1, used, cost + idle, best);
+            for (driver, metres) in &requests[i].candidates {
                 if !used.contains(driver) {
                     used.push(driver.clone());
-                    let c = (metres * 10.0).round() as i64;
-                    go(requests, i + 1, used, served + 1, cost + c, best);
+                    go(requests, i + 1, used, cost + cost_of(*metres), best);
                     used.pop();
                 }
             }
         }
-        let mut best = (0, i64::MAX);
-        go(requests, 0, &mut Vec::new(), 0, 0, &mut best);
+        let mut best = i64::MAX;
+        go(requests, 0, &mut Vec::new(), 0, &mut best);
         best
     }
 
@@ -266,30 +384,35 @@ mod tests {
         #[test]
         fn small_batches_are_solved_optimally(
             raw in proptest::collection::vec(
-                proptest::collection::btree_map(0u8..7, 1u32..5_000, 0..4),
+                (
+                    proptest::collection::btree_map(0u8..7, 1u32..5_000, 0..4),
+                    proptest::option::of(1u32..3_000),
+                ),
                 0..7,
             )
         ) {
-            let requests: Vec<Vec<(DriverId, f64)>> = raw
+            let requests: Vec<Wanted> = raw
                 .iter()
-                .map(|m| m.iter().map(|(k, v)| (d(&format!("d{k}")), *v as f64)).collect())
+                .map(|(m, wait)| Wanted {
+                    candidates: m.iter().map(|(k, v)| (d(&format!("d{k}")), *v as f64)).collect(),
+                    wait_m: wait.map(f64::from),
+                })
                 .collect();
             let chosen = assign(&requests);
             let mut used = HashSet::new();
-            let (mut served, mut cost) = (0, 0);
-            for (i, driver) in chosen.iter().enumerate() {
-                if let Some(driver) = driver {
-                    proptest::prop_assert!(used.insert(driver.clone()), "{driver} twice");
-                    let metres = requests[i].iter().find(|(c, _)| c == driver).expect("a candidate").1;
-                    served += 1;
-                    cost += (metres * 10.0).round() as i64;
-                }
+            let mut cost = 0;
+            for (i, choice) in chosen.iter().enumerate() {
+                cost += match choice {
+                    Choice::Driver(driver) => {
+                        proptest::prop_assert!(used.insert(driver.clone()), "{driver} twice");
+                        let metres = requests[i].candidates.iter().find(|(c, _)| c == driver).expect("a candidate").1;
+                        cost_of(metres)
+                    }
+                    Choice::Wait => cost_of(requests[i].wait_m.expect("waited without the choice to")),
+                    Choice::Nobody => NOT_A_CANDIDATE,
+                };
             }
-            let (best_served, best_cost) = best_by_brute_force(&requests);
-            proptest::prop_assert_eq!(served, best_served);
-            if served > 0 {
-                proptest::prop_assert_eq!(cost, best_cost);
-            }
+            proptest::prop_assert_eq!(cost, best_by_brute_force(&requests));
         }
     }
 
@@ -302,7 +425,7 @@ mod tests {
             .collect();
         let mut requests = vec![shared; 200];
         requests.extend((0..300).map(|i| vec![(d(&format!("own{i}")), 50.0)]));
-        let chosen = assign(&requests);
+        let chosen = assign_now(&requests);
         let served: Vec<&DriverId> = chosen.iter().flatten().collect();
         assert_eq!(served.len(), 306);
         assert_eq!(served.iter().collect::<HashSet<_>>().len(), 306);

@@ -47,6 +47,11 @@ pub enum Dispatch {
     Batch {
         /// How long a request waits for others to be assigned with.
         window: Duration,
+        /// A request whose best driver is farther than this (metres) waits
+        /// for the next window instead; 0: never.
+        wait_m: u32,
+        /// Windows a request waits so at most.
+        max_waits: u32,
     },
 }
 

@@ -115,6 +115,8 @@ struct Search<R> {
     revoking: Option<OfferId>,
     /// A group member waiting for a driver it took from a younger group.
     preempting: bool,
+    /// Batch windows this request has waited for a nearer driver.
+    batch_waits: u32,
 }
 
 impl<R> Search<R> {
@@ -138,6 +140,7 @@ impl<R> Search<R> {
             group: None,
             withdraw_why: Ending::RiderCancelled,
             revoking: None,
+            batch_waits: 0,
             preempting: false,
         }
     }
@@ -443,7 +446,7 @@ impl<R: Clone> Searches<R> {
         self.deadlines.push(Reverse((deadline, seq, key.clone())));
         match self.settings.dispatch {
             Dispatch::Greedy => self.advance(now, key),
-            Dispatch::Batch { window } => {
+            Dispatch::Batch { window, .. } => {
                 self.batch.push((seq, key));
                 self.batch_due.get_or_insert(now + window);
                 if self.batch.len() >= batch::MAX_BATCH {
