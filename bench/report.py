@@ -135,7 +135,10 @@ out.append(f"Measured by `bench/run` on {measured_at.strftime('%Y-%m-%d %H:%M UT
            "with roughly half the machine. Absolute numbers drift on a shared machine; the loopback "
            "column relates each one to a plain tokio-tungstenite echo server measured in the same run. "
            f"The two figures with targets under load are measured in {runs} runs each and given as their "
-           "spread (worst – best, then each run).\n")
+           "spread (worst – best, then each run). Every section but \"Dispatch\" runs the engine "
+           "with `--dispatch greedy` (the scripts set it), so that a request's first offer is "
+           "measured, not a batch's window; \"Dispatch\" compares the dispatchers, and the "
+           "default, batch with waiting.\n")
 out.append(f"**Machine:** {machine()}.\n")
 out.append("## Loopback limit (same run)\n")
 out.append(f"`loopback serve` + `loopback bench`: {lb['connections']} connections, {lb['message_bytes']}-byte "

@@ -229,6 +229,7 @@ impl Engine {
                         actor_ids.clone(),
                         actor_cluster.clone(),
                         actor_config.location_max_age(),
+                        areas.clone(),
                         actor_ops,
                     );
                     let matcher = context.run(Matcher::new(

@@ -81,6 +81,9 @@ pub const LOCATION_UPDATES: &str = "ridelock_location_updates_total";
 pub const STALE_DRIVERS: &str = "ridelock_stale_drivers_total";
 /// Batch dispatch: requests assigned per batch.
 pub const BATCH_REQUESTS: &str = "ridelock_batch_requests";
+/// Batch dispatch: requests that sat out a window for a nearer driver
+/// (`--batch-wait-m`), once per window waited.
+pub const BATCH_WAITS: &str = "ridelock_batch_waits_total";
 /// Batch dispatch: the time one batch took to assign (candidate look-ups
 /// and solving), on the matcher thread.
 pub const BATCH_ASSIGNMENT: &str = "ridelock_batch_assignment_seconds";
@@ -256,6 +259,10 @@ fn describe() {
         BATCH_REQUESTS,
         "Requests assigned per batch (--dispatch batch)"
     );
+    describe_counter!(
+        BATCH_WAITS,
+        "Requests that waited a batch window for a nearer driver, once per window (--batch-wait-m)"
+    );
     describe_histogram!(
         BATCH_ASSIGNMENT,
         Unit::Seconds,
@@ -332,6 +339,7 @@ fn preregister() {
         OPS_BATCHES,
         OPS_BATCH_BYTES,
         OPS_RESYNCS,
+        BATCH_WAITS,
     ] {
         counter!(counter).increment(0);
     }
@@ -492,6 +500,10 @@ pub(crate) fn pickup_distance(metres: f64) {
 pub(crate) fn batch_assigned(requests: usize, took: Duration) {
     histogram!(BATCH_REQUESTS).record(requests as f64);
     histogram!(BATCH_ASSIGNMENT).record(took.as_secs_f64());
+}
+
+pub(crate) fn batch_waited(requests: usize) {
+    counter!(BATCH_WAITS).increment(requests as u64);
 }
 
 pub(crate) fn area_request(area: &str) {

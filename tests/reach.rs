@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ridelock::areas::ServiceAreas;
 use ridelock::core::booking::{Booking, DriverEffect, DriverEvent};
 use ridelock::core::search::{Dispatch, SearchEffect, SearchSettings, Searches};
 use ridelock::ids::Ids;
@@ -281,7 +282,7 @@ fn indexed(effects: &[DriverEffect]) -> Vec<Option<LatLon>> {
     effects
         .iter()
         .filter_map(|e| match e {
-            DriverEffect::Indexed(at) => Some(*at),
+            DriverEffect::Indexed { at, .. } => Some(*at),
             _ => None,
         })
         .collect()
@@ -330,6 +331,75 @@ fn a_driver_whose_location_went_stale_leaves_the_index_until_its_next_one() {
     driver.handle(t0 + Duration::from_secs(100), location());
     assert_eq!(indexed(&driver.take_effects()), [Some(at)]);
     assert!(driver.lock().is_offerable());
+}
+
+fn indexed_and_announced(effects: &[DriverEffect]) -> Vec<(Option<LatLon>, bool)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            DriverEffect::Indexed { at, announce } => Some((*at, *announce)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn other_nodes_hear_of_moves_past_50_m_across_a_border_and_every_change_of_offerability() {
+    let areas = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/service-area.geojson"
+    ))
+    .unwrap();
+    let t0 = Instant::now();
+    let mut driver = Booking::new(
+        "d1".into(),
+        Arc::new(Ids::default()),
+        // The flag is the core's either way; one node's actor ignores it
+        // (and a cluster node's first asks Redis for a current trip).
+        None,
+        Duration::from_secs(60),
+    );
+    driver.serve_only(Arc::new(ServiceAreas::from_geojson(&areas).unwrap()));
+    let command = |command| DriverEvent::Command {
+        session: 1,
+        command,
+    };
+    let location = |at: LatLon| {
+        command(DriverCommand::Location {
+            lat: at.lat,
+            lon: at.lon,
+        })
+    };
+    driver.handle(t0, DriverEvent::Attach { session: 1 });
+    driver.handle(t0, location(north(0.0)));
+    driver.handle(t0, command(DriverCommand::Available));
+    assert_eq!(
+        indexed_and_announced(&driver.take_effects()),
+        [(Some(north(0.0)), true)]
+    );
+    let mut at = |metres: f64| {
+        driver.handle(t0, location(north(metres)));
+        (north(metres), indexed_and_announced(&driver.take_effects()))
+    };
+    // The matcher's own index follows every 5 m; other nodes every 50 m.
+    let (p, seen) = at(10.0);
+    assert_eq!(seen, [(Some(p), false)]);
+    let (p, seen) = at(40.0);
+    assert_eq!(seen, [(Some(p), false)]);
+    let (_, seen) = at(42.0);
+    assert!(seen.is_empty(), "2 m: not even the index");
+    let (p, seen) = at(60.0);
+    assert_eq!(seen, [(Some(p), true)], "60 m from the last announcement");
+    // The area's northern edge is at 52.55°, about 3,336 m north.
+    let (p, seen) = at(3_300.0);
+    assert_eq!(seen, [(Some(p), true)]);
+    let (p, seen) = at(3_320.0);
+    assert_eq!(seen, [(Some(p), false)]);
+    let (p, seen) = at(3_345.0);
+    assert_eq!(seen, [(Some(p), true)], "45 m, but out of the area");
+    driver.handle(t0, command(DriverCommand::Unavailable));
+    assert_eq!(indexed_and_announced(&driver.take_effects()), [(None, true)]);
+    assert_eq!(driver.announced_at(), None);
 }
 
 mod batches {

@@ -27,6 +27,9 @@ fn config() -> Config {
         offer_timeout_ms: 300,
         search_timeout_ms: 2_000,
         auth_secret_file: Some(secret_file().into()),
+        // Offers at once: the smoke runs are short, and batching is
+        // tested on the engine's side.
+        dispatch: ridelock::config::DispatchMode::Greedy,
         ..Config::default()
     }
 }

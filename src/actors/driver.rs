@@ -146,7 +146,14 @@ impl DriverActor {
     pub(super) fn new(id: DriverId, registry: Arc<DriverRegistry>) -> Self {
         let node = registry.cluster.as_ref().map(|c| c.node().clone());
         DriverActor {
-            booking: Booking::new(id, registry.ids.clone(), node, registry.location_max_age),
+            booking: {
+                let mut booking =
+                    Booking::new(id, registry.ids.clone(), node, registry.location_max_age);
+                if let Some(areas) = &registry.areas {
+                    booking.serve_only(areas.clone());
+                }
+                booking
+            },
             outboxes: HashMap::new(),
             current: None,
             link: registry.link.clone(),
@@ -248,8 +255,8 @@ impl DriverActor {
                 _ => self.link.ended.do_send(OfferEnded(outcome)),
             },
             DriverEffect::Held(outcome, token) => self.link.held.do_send(OfferHeld(outcome, token)),
-            DriverEffect::Indexed(at) => {
-                if let Some(cluster) = &self.cluster {
+            DriverEffect::Indexed { at, announce } => {
+                if let (Some(cluster), true) = (&self.cluster, announce) {
                     cluster.announce(&id, at);
                 }
                 self.link.driver_changed(id, at);

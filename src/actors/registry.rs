@@ -12,6 +12,7 @@ use actix::ArbiterHandle;
 
 use super::driver::{Attach, DriverActor, HolderNodeGone, Retired};
 use super::messages::{DriverDirectory, MatcherLink, ToDriver};
+use crate::areas::ServiceAreas;
 use crate::cluster::wire::NodeId;
 use crate::cluster::Cluster;
 use crate::core::Incarnation;
@@ -36,6 +37,8 @@ pub struct DriverRegistry {
     pub(super) ids: Arc<Ids>,
     pub(super) cluster: Option<Arc<Cluster>>,
     pub(super) location_max_age: Duration,
+    /// The areas served, if not everywhere.
+    pub(super) areas: Option<Arc<ServiceAreas>>,
     /// Where the actors show themselves on the ops map.
     pub(super) ops: Arc<OpsFeed>,
 }
@@ -43,13 +46,15 @@ pub struct DriverRegistry {
 impl DriverRegistry {
     /// A registry that starts driver actors round the given arbiters; with
     /// `cluster`, their locks are taken in Redis. Drivers are offered only
-    /// while their last location is at most `location_max_age` old.
+    /// while their last location is at most `location_max_age` old, and
+    /// (with `areas`) inside the areas served.
     pub fn new(
         arbiters: Vec<ArbiterHandle>,
         link: MatcherLink,
         ids: Arc<Ids>,
         cluster: Option<Arc<Cluster>>,
         location_max_age: Duration,
+        areas: Option<Arc<ServiceAreas>>,
         ops: Arc<OpsFeed>,
     ) -> Arc<Self> {
         assert!(
@@ -64,6 +69,7 @@ impl DriverRegistry {
             ids,
             cluster,
             location_max_age,
+            areas,
             ops,
         })
     }

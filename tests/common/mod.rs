@@ -41,12 +41,17 @@ pub fn token(role: Role, id: &str) -> String {
 }
 
 /// A config for tests: ephemeral port, tokens verified with the test
-/// secret and no leeway, everything else default unless changed.
+/// secret and no leeway, greedy dispatch, everything else default unless
+/// changed. Greedy, not the default batch: these tests are about locks,
+/// offers and who gets which driver, and want each request's first offer
+/// at once rather than after a window and its waits; batching is tested
+/// in `tests/dispatch.rs`, `tests/reach.rs` and the fault simulation.
 pub fn config(adjust: impl FnOnce(&mut Config)) -> Config {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         auth_secret_file: Some(secret_file()),
         token_leeway_s: 0,
+        dispatch: ridelock::config::DispatchMode::Greedy,
         ..Config::default()
     };
     adjust(&mut config);
@@ -180,6 +185,8 @@ pub fn spawn_engine(args: &[&str]) -> (EngineProcess, String) {
             std::env::var("RIDELOCK_TEST_CHILD_LOG").unwrap_or_else(|_| "info".into()),
         )
         .env("NO_COLOR", "1")
+        // Greedy, as in `config` (an explicit `--dispatch` wins).
+        .env("RIDELOCK_DISPATCH", "greedy")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -588,7 +588,7 @@ impl World {
                 let mut drivers: Vec<(DriverId, LatLon)> = self.nodes[back]
                     .drivers
                     .iter()
-                    .filter_map(|(d, b)| b.indexed_at().map(|at| (driver_name(*d), at)))
+                    .filter_map(|(d, b)| b.announced_at().map(|at| (driver_name(*d), at)))
                     .collect();
                 drivers.sort_by(|a, b| a.0.cmp(&b.0));
                 self.nodes[node].searches.remote_snapshot(now, id, drivers)
@@ -834,12 +834,15 @@ impl World {
                 }
                 DriverEvent::Attach { .. } => {
                     let ids = self.nodes[node].ids.clone();
-                    let b = Booking::new(
+                    let mut b = Booking::new(
                         driver_name(driver),
                         ids,
                         cluster.then(|| id.clone()),
                         LOCATION_MAX_AGE,
                     );
+                    if let Some(areas) = &self.areas {
+                        b.serve_only(areas.clone());
+                    }
                     self.next_actor += 1;
                     self.nodes[node].actors.insert(driver, self.next_actor);
                     self.nodes[node].drivers.entry(driver).or_insert(b)
@@ -998,7 +1001,7 @@ impl World {
                     },
                 );
             }
-            DriverEffect::Indexed(at) => {
+            DriverEffect::Indexed { at, announce } => {
                 self.lane(
                     lane_driver(node, driver),
                     lane_matcher(node),
@@ -1012,7 +1015,7 @@ impl World {
                         },
                     },
                 );
-                if self.nodes.len() > 1 {
+                if self.nodes.len() > 1 && announce {
                     let name = driver_name(driver);
                     let waiting = &mut self.nodes[node].announcements;
                     if waiting.is_empty() {

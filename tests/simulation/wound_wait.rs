@@ -205,7 +205,7 @@ impl Run {
                     Duration::ZERO,
                     Msg::Held(outcome, token),
                 ),
-                DriverEffect::Indexed(at) => {
+                DriverEffect::Indexed { at, .. } => {
                     self.send(Channel::Changes(d), Duration::ZERO, Msg::Changed(d, at))
                 }
                 _ => {}

@@ -296,8 +296,14 @@ pub enum DriverEffect {
     /// (`outcome.ending` is `Accepted`, with no trip yet); tell its search.
     Held(OfferOutcome, FencingToken),
     /// The driver is offerable at this place, or (`None`) no longer: for
-    /// the matcher's index (and, in cluster mode, the other nodes').
-    Indexed(Option<LatLon>),
+    /// the matcher's index, and, in cluster mode and with `announce`, the
+    /// other nodes' (see [`MIN_ANNOUNCE_MOVE_M`](super::MIN_ANNOUNCE_MOVE_M)).
+    Indexed {
+        /// Where, or `None`: not offerable.
+        at: Option<LatLon>,
+        /// Whether other nodes are to hear of it.
+        announce: bool,
+    },
     /// Cluster mode: tell the other nodes the app connected here.
     Attached,
     /// Cluster mode: the driver is on a trip here and its app has left,

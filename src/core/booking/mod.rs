@@ -31,6 +31,7 @@ use super::lock::{
     Availability, DriverLock, Ending, LockRefused, LockState, OfferId, Trip, TripId,
 };
 use super::OfferHolder;
+use crate::areas::ServiceAreas;
 use crate::cluster::wire::NodeId;
 use crate::ids::Ids;
 use crate::location::LatLon;
@@ -47,6 +48,18 @@ pub const RETIRE_AFTER: Duration = Duration::from_secs(60);
 /// index update and a matcher message each. The exact position is kept for
 /// distances in offers and matches; ranking is off by at most this much.
 pub const MIN_INDEX_MOVE_M: f64 = 5.0;
+
+/// Cluster mode: other nodes' copies of a driver move only past this. Every
+/// node reads every announcement of every other node's drivers, so their
+/// number is what a node pays for the rest of the city (BENCHMARKS.md,
+/// "What a node pays for other nodes' drivers"); a driver cruising at
+/// street speed with a location every 4 s moves about 33 m between them,
+/// so this halves them. Other nodes rank a driver by a position up to this
+/// far off; its own node keeps it to [`MIN_INDEX_MOVE_M`], and offers and
+/// matches carry the exact distance. A change of offerability, or a move
+/// into or out of the service areas, is announced at once whatever the
+/// distance.
+pub const MIN_ANNOUNCE_MOVE_M: f64 = 50.0;
 
 /// The longest a trip lasts: one not completed by then ends by itself
 /// (its lock freed), so that a driver whose app vanished mid-trip is not
@@ -133,6 +146,12 @@ pub struct Booking {
     /// Where the matcher's index has this driver (`None`: not indexed), so
     /// that it hears of every change exactly once.
     indexed_at: Option<LatLon>,
+    /// Where other nodes were last told this driver is offerable (`None`:
+    /// not offerable), moved only past [`MIN_ANNOUNCE_MOVE_M`].
+    announced_at: Option<LatLon>,
+    /// The areas served, if not everywhere: a move across their border is
+    /// announced whatever its distance.
+    areas: Option<Arc<ServiceAreas>>,
     /// The state last counted in the gauges.
     counted_as: Option<Availability>,
     retire_at: Option<Instant>,
@@ -187,6 +206,8 @@ impl Booking {
             group_accepted: 0,
             resend_offer: false,
             indexed_at: None,
+            announced_at: None,
+            areas: None,
             counted_as: None,
             retire_at: None,
             waiting: None,
@@ -218,6 +239,18 @@ impl Booking {
     /// Where the matcher's index has this driver (`None`: not offerable).
     pub fn indexed_at(&self) -> Option<LatLon> {
         self.indexed_at
+    }
+
+    /// Where other nodes were last told this driver is (`None`: not
+    /// offerable).
+    pub fn announced_at(&self) -> Option<LatLon> {
+        self.announced_at
+    }
+
+    /// Serves only `areas`: a move across their border is announced to
+    /// other nodes at once (they don't offer drivers outside).
+    pub fn serve_only(&mut self, areas: Arc<ServiceAreas>) {
+        self.areas = Some(areas);
     }
 
     /// Whether a Redis answer is awaited before anything else is handled.

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    offer_message, Booking, DriverEffect, LockRequest, RedisOp, Waiting, MIN_INDEX_MOVE_M,
+    offer_message, Booking, DriverEffect, LockRequest, RedisOp, Waiting, MIN_ANNOUNCE_MOVE_M,
+    MIN_INDEX_MOVE_M,
     RETIRE_AFTER, TRIP_MAX_AGE,
 };
 use crate::core::lock::{
@@ -13,6 +14,7 @@ use crate::core::lock::{
 };
 use crate::core::search::{LockAnswer, OfferOutcome};
 use crate::core::{Granted, OfferHolder};
+use crate::location::LatLon;
 use crate::metrics as m;
 use crate::protocol::{ErrorCode, RevokeReason, ServerMessage};
 
@@ -198,7 +200,20 @@ impl Booking {
             (now, indexed) => now.is_some() != indexed.is_some(),
         };
         if moved {
-            self.effects.push(DriverEffect::Indexed(location));
+            let announce = match (location, self.announced_at) {
+                (Some(now), Some(before)) => {
+                    now.distance_m(before) >= MIN_ANNOUNCE_MOVE_M
+                        || self.served(now) != self.served(before)
+                }
+                (now, before) => now.is_some() != before.is_some(),
+            };
+            if announce {
+                self.announced_at = location;
+            }
+            self.effects.push(DriverEffect::Indexed {
+                at: location,
+                announce,
+            });
             self.indexed_at = location;
         }
         let on_trip = matches!(self.lock.state(), LockState::OnTrip(_));
@@ -216,6 +231,11 @@ impl Booking {
     }
 
     /// Whatever is due at `now` among the driver's own timers.
+    /// Whether `at` is in a served area (everywhere is, without areas).
+    fn served(&self, at: LatLon) -> bool {
+        self.areas.as_ref().is_none_or(|a| a.area_of(at).is_some())
+    }
+
     pub(super) fn timers(&mut self, now: Instant) {
         if self
             .lock

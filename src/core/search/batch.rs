@@ -24,6 +24,7 @@ use pathfinding::kuhn_munkres::kuhn_munkres_min;
 use pathfinding::matrix::Matrix;
 
 use super::{Dispatch, Phase, Searches};
+use crate::metrics as m;
 use crate::protocol::DriverId;
 
 /// Requests a batch holds at most: it closes at its window or at this many
@@ -105,6 +106,10 @@ impl<R: Clone> Searches<R> {
         // Assigned first, so that the greedy fallbacks see those drivers as
         // being locked.
         let mut unassigned = Vec::new();
+        let waited = chosen.iter().filter(|c| **c == Choice::Wait).count();
+        if waited > 0 {
+            m::batch_waited(waited);
+        }
         for ((seq, key), choice) in open.into_iter().zip(chosen) {
             match choice {
                 Choice::Driver(driver) => self.ask_for_lock(now, key, driver),
