@@ -398,7 +398,10 @@ fn other_nodes_hear_of_moves_past_50_m_across_a_border_and_every_change_of_offer
     let (p, seen) = at(3_345.0);
     assert_eq!(seen, [(Some(p), true)], "45 m, but out of the area");
     driver.handle(t0, command(DriverCommand::Unavailable));
-    assert_eq!(indexed_and_announced(&driver.take_effects()), [(None, true)]);
+    assert_eq!(
+        indexed_and_announced(&driver.take_effects()),
+        [(None, true)]
+    );
     assert_eq!(driver.announced_at(), None);
 }
 

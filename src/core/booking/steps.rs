@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     offer_message, Booking, DriverEffect, LockRequest, RedisOp, Waiting, MIN_ANNOUNCE_MOVE_M,
-    MIN_INDEX_MOVE_M,
-    RETIRE_AFTER, TRIP_MAX_AGE,
+    MIN_INDEX_MOVE_M, RETIRE_AFTER, TRIP_MAX_AGE,
 };
 use crate::core::lock::{
     AnswerError, Availability, Ended, Ending, FencingToken, LockRefused, LockState, Offer, TripId,
