@@ -132,11 +132,12 @@ elif winners:
                "waiting is the default (`--dispatch batch --batch-window-ms 500 --batch-wait-m 200 "
                "--batch-max-waits 4`). What it costs is time before the first offer: a window, "
                "and up to four more for a request with no driver within 200 m; the table states "
-               "it. " + ("That time is paid back at the pickup: the driver arrives sooner by more "
-                         "than the search waited at the median, at both utilisations. "
+               "it. " + ("On average it is paid back at the pickup: the mean pickup saving, at "
+                         "street speed, is larger than the median extra wait for `matched`, at "
+                         "both utilisations. "
                          if all(paid for *_, paid in gains[winners[-1]].values()) else
-                         "At the median it is not paid back at the pickup at every utilisation "
-                         "(the lines above). ") +
+                         "The mean pickup saving, at street speed, is not larger than the median "
+                         "extra wait for `matched` at every utilisation (the lines above). ") +
                "`--dispatch greedy` remains for a city that wants offers at once.")
 else:
     out.append("**Conclusion:** no batch dispatcher met the goal (at least 10% shorter mean pickup "

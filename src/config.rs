@@ -156,10 +156,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub batch_window_ms: u64,
 
-    /// With `--dispatch batch`: a request whose best driver in its batch is
-    /// farther than this many metres waits for the next window instead
-    /// (drivers free up all the time; one may come nearer), at most
-    /// --batch-max-waits windows. 0 serves every request it can at once.
+    /// With `--dispatch batch`: what waiting one more window costs, in
+    /// metres of pickup: a request waits for the next window rather than
+    /// take a driver farther than this (drivers free up all the time; one
+    /// may come nearer), as the assignment weighs it against the batch's
+    /// other requests; at most --batch-max-waits windows. 0 serves every
+    /// request it can at once.
     #[arg(long, env = "RIDELOCK_BATCH_WAIT_M", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub batch_wait_m: u32,

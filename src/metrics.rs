@@ -79,10 +79,11 @@ pub const LOCATION_UPDATES: &str = "ridelock_location_updates_total";
 /// Drivers taken out of the index because their last location grew older
 /// than `--location-max-age-s`.
 pub const STALE_DRIVERS: &str = "ridelock_stale_drivers_total";
-/// Batch dispatch: requests assigned per batch.
+/// Batch dispatch: requests in each batch's assignment (those waiting for
+/// a nearer driver again in each assignment they sit out).
 pub const BATCH_REQUESTS: &str = "ridelock_batch_requests";
-/// Batch dispatch: requests that sat out a window for a nearer driver
-/// (`--batch-wait-m`), once per window waited.
+/// Batch dispatch: requests that sat out an assignment for a nearer driver
+/// (`--batch-wait-m`), once per assignment.
 pub const BATCH_WAITS: &str = "ridelock_batch_waits_total";
 /// Batch dispatch: the time one batch took to assign (candidate look-ups
 /// and solving), on the matcher thread.
@@ -257,11 +258,11 @@ fn describe() {
     describe_counter!(AREA_REQUESTS, "Ride requests by service area");
     describe_histogram!(
         BATCH_REQUESTS,
-        "Requests assigned per batch (--dispatch batch)"
+        "Requests in each batch's assignment, waiting ones included (--dispatch batch)"
     );
     describe_counter!(
         BATCH_WAITS,
-        "Requests that waited a batch window for a nearer driver, once per window (--batch-wait-m)"
+        "Requests that sat out a batch's assignment for a nearer driver, once per assignment (--batch-wait-m)"
     );
     describe_histogram!(
         BATCH_ASSIGNMENT,

@@ -278,6 +278,108 @@ fn a_batched_request_takes_the_best_it_can_get_after_its_last_wait() {
     );
 }
 
+#[test]
+fn a_batch_closing_early_when_full_does_not_use_up_a_requests_wait() {
+    // The review found it: waiting requests counted towards a batch's 256,
+    // and each early close counted as a window waited, so a burst of
+    // requests made a waiting rider take a far driver within milliseconds.
+    use ridelock::core::search::MAX_BATCH;
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let settings = SearchSettings {
+        max_searches: 10_000,
+        ..waiting_batch()
+    };
+    let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+    searches.driver_changed(t0, "far".into(), Some(north(1_000.0)));
+    searches.request(t0, 1, "r1".into(), 1, "q".into(), north(0.0), t0);
+    searches.tick(ms(500));
+    assert_eq!(locked(&searches.take_effects()), Vec::<String>::new());
+    // A burst, 100 km away from every driver: batches close when full.
+    for i in 0..MAX_BATCH + 10 {
+        let rider = format!("burst{i}");
+        searches.request(
+            ms(600),
+            2,
+            rider.as_str().into(),
+            1,
+            "q".into(),
+            north(100_000.0),
+            ms(600),
+        );
+    }
+    assert_eq!(
+        locked(&searches.take_effects()),
+        Vec::<String>::new(),
+        "still waiting: its two windows are not over"
+    );
+    searches.tick(ms(1_000));
+    assert_eq!(locked(&searches.take_effects()), Vec::<String>::new());
+    searches.tick(ms(1_500));
+    assert_eq!(locked(&searches.take_effects()), ["far"]);
+}
+
+#[test]
+fn requests_held_for_a_nearer_driver_are_bounded() {
+    // The review's note: held requests did not count towards a batch's
+    // 256, so a burst with nobody near would make one assignment as large
+    // as the burst. Past MAX_HELD, a request takes what it can get.
+    use ridelock::core::search::{MAX_BATCH, MAX_HELD};
+    let t0 = Instant::now();
+    let settings = SearchSettings {
+        max_searches: 10_000,
+        ..waiting_batch()
+    };
+    let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+    searches.driver_changed(t0, "far".into(), Some(north(1_000.0)));
+    let burst = MAX_HELD + MAX_BATCH;
+    for i in 0..burst {
+        let rider = format!("r{i}");
+        searches.request(t0, 1, rider.as_str().into(), 1, "q".into(), north(0.0), t0);
+    }
+    assert_eq!(
+        locked(&searches.take_effects()),
+        ["far"],
+        "past the held ones, a request takes the far driver"
+    );
+    assert_eq!(
+        searches.counts().waiting,
+        MAX_BATCH - 1,
+        "and the rest park"
+    );
+}
+
+#[test]
+fn a_batched_request_does_not_wait_past_its_deadline() {
+    // The review found it: with a short search timeout a request waited
+    // for a nearer driver until its deadline ended it with no_driver,
+    // although a driver was free all along.
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let settings = SearchSettings {
+        search_timeout: Duration::from_secs(2),
+        dispatch: Dispatch::Batch {
+            window: Duration::from_millis(500),
+            wait_m: 200,
+            max_waits: 4,
+        },
+        ..settings()
+    };
+    let mut searches: Searches<u32> = Searches::new(settings, Arc::new(Ids::default()), None);
+    searches.driver_changed(t0, "far".into(), Some(north(1_000.0)));
+    searches.request(t0, 1, "r1".into(), 1, "q".into(), north(0.0), t0);
+    for at in [500, 1_000] {
+        searches.tick(ms(at));
+        assert_eq!(locked(&searches.take_effects()), Vec::<String>::new());
+    }
+    searches.tick(ms(1_500));
+    assert_eq!(
+        locked(&searches.take_effects()),
+        ["far"],
+        "the last window before the deadline"
+    );
+}
+
 fn indexed(effects: &[DriverEffect]) -> Vec<Option<LatLon>> {
     effects
         .iter()

@@ -229,12 +229,12 @@ impl Booking {
         }
     }
 
-    /// Whatever is due at `now` among the driver's own timers.
     /// Whether `at` is in a served area (everywhere is, without areas).
     fn served(&self, at: LatLon) -> bool {
         self.areas.as_ref().is_none_or(|a| a.area_of(at).is_some())
     }
 
+    /// Whatever is due at `now` among the driver's own timers.
     pub(super) fn timers(&mut self, now: Instant) {
         if self
             .lock

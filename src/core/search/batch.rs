@@ -13,7 +13,9 @@
 //! [`CANDIDATES_PER_REQUEST`] drivers, requests that share no driver are
 //! solved apart (connected components), and a component larger than
 //! [`MAX_ROWS`] requests is solved in slices, oldest requests first, each
-//! slice leaving out the drivers the earlier ones took. Kuhn–Munkres is
+//! slice leaving out the drivers the earlier ones took. Requests waiting
+//! for a nearer driver (`--batch-wait-m`) join the next assignment beside
+//! the batch's own, at most [`MAX_HELD`] of them. Kuhn–Munkres is
 //! cubic in a slice's size, so a slice costs at most about
 //! `MAX_ROWS² × MAX_ROWS × CANDIDATES_PER_REQUEST` steps.
 
@@ -33,6 +35,10 @@ use crate::protocol::DriverId;
 /// gathered 2,300 requests and took up to 94 ms to assign; see
 /// BENCHMARKS.md).
 pub const MAX_BATCH: usize = 256;
+/// Requests held over for a nearer driver at most, beside a batch's own:
+/// past this, a request takes what it can get (or parks), so that however
+/// many requests find nobody near, an assignment stays bounded.
+pub const MAX_HELD: usize = 4 * MAX_BATCH;
 /// Drivers considered per request: its nearest free ones in reach.
 pub const CANDIDATES_PER_REQUEST: usize = 6;
 /// Requests solved together at most (see the module docs).
@@ -47,8 +53,8 @@ impl<R: Clone> Searches<R> {
     /// drivers together; those left without one (or that can't be assigned:
     /// cancelled, out of time) go the greedy way, which asks the nearest
     /// free driver left or parks. With `wait_m`, a request whose best
-    /// driver is farther than that waits for the next window instead, up to
-    /// `max_waits` windows.
+    /// driver is farther than that waits for the next window instead, for
+    /// up to `max_waits` windows.
     pub(super) fn assign_batch(&mut self, now: Instant) {
         let Dispatch::Batch {
             window,
@@ -59,9 +65,12 @@ impl<R: Clone> Searches<R> {
             return;
         };
         self.batch_due = None;
-        let keys = std::mem::take(&mut self.batch);
+        let mut keys = std::mem::take(&mut self.batch_held);
+        keys.append(&mut self.batch);
         let mut open = Vec::new();
         let mut wanted = Vec::new();
+        // Requests given the choice to wait, oldest first.
+        let mut may_hold = MAX_HELD;
         for (seq, key) in keys {
             // A request that ended in the window (and perhaps was asked
             // again under the same id: a new search) is not this entry's.
@@ -92,9 +101,19 @@ impl<R: Clone> Searches<R> {
                 .filter(|(id, _)| !search.excluded.contains(id) && !self.locking.contains(id))
                 .take(CANDIDATES_PER_REQUEST)
                 .collect();
-            // Group members take what they can get: a group holds drivers
-            // while it waits for the rest.
-            let may_wait = wait_m > 0 && search.batch_waits < max_waits && search.group.is_none();
+            // Group members never wait: a group holds the drivers who
+            // accepted while it looks for the rest. Waiting is bounded in
+            // time, not in assignments (a batch can close early, when
+            // full): at most `max_waits` windows past the first assignment,
+            // and never into the last window before the deadline.
+            let age = now.saturating_duration_since(search.started);
+            let deadline = search.started + self.settings.search_timeout;
+            let may_wait = wait_m > 0
+                && search.group.is_none()
+                && age <= window * max_waits
+                && now + window < deadline
+                && may_hold > 0;
+            may_hold -= usize::from(may_wait);
             wanted.push(Wanted {
                 candidates,
                 wait_m: may_wait.then_some(f64::from(wait_m)),
@@ -114,10 +133,7 @@ impl<R: Clone> Searches<R> {
             match choice {
                 Choice::Driver(driver) => self.ask_for_lock(now, key, driver),
                 Choice::Wait => {
-                    if let Some(search) = self.searches.get_mut(&key) {
-                        search.batch_waits += 1;
-                    }
-                    self.batch.push((seq, key));
+                    self.batch_held.push((seq, key));
                     self.batch_due.get_or_insert(now + window);
                 }
                 Choice::Nobody => unassigned.push(key),

@@ -50,7 +50,7 @@ pub enum Dispatch {
         /// A request whose best driver is farther than this (metres) waits
         /// for the next window instead; 0: never.
         wait_m: u32,
-        /// Windows a request waits so at most.
+        /// How long a request may wait so, in windows from its arrival.
         max_waits: u32,
     },
 }

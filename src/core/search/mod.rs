@@ -37,7 +37,7 @@ mod steps;
 mod view;
 mod wound;
 
-pub use batch::MAX_BATCH;
+pub use batch::{MAX_BATCH, MAX_HELD};
 pub use events::{
     Dispatch, LockAnswer, OfferOutcome, SearchCounts, SearchEffect, SearchKey, SearchSettings,
     SettleTicket,
@@ -115,8 +115,6 @@ struct Search<R> {
     revoking: Option<OfferId>,
     /// A group member waiting for a driver it took from a younger group.
     preempting: bool,
-    /// Batch windows this request has waited for a nearer driver.
-    batch_waits: u32,
 }
 
 impl<R> Search<R> {
@@ -140,7 +138,6 @@ impl<R> Search<R> {
             group: None,
             withdraw_why: Ending::RiderCancelled,
             revoking: None,
-            batch_waits: 0,
             preempting: false,
         }
     }
@@ -232,6 +229,10 @@ pub struct Searches<R> {
     /// Batch dispatch: new requests waiting for the window to close, and
     /// when it does.
     batch: Vec<(u64, SearchKey)>,
+    /// Requests of earlier batches waiting for a nearer driver: in the next
+    /// assignment, but not counted towards [`batch::MAX_BATCH`] (or a batch
+    /// of waiting requests would close at every new one).
+    batch_held: Vec<(u64, SearchKey)>,
     batch_due: Option<Instant>,
     /// Requests assigned by batches since the last `take_batched`.
     batched: usize,
@@ -273,6 +274,7 @@ impl<R: Clone> Searches<R> {
             shadowed: HashMap::new(),
             remote_due: BinaryHeap::new(),
             batch: Vec::new(),
+            batch_held: Vec::new(),
             batch_due: None,
             batched: 0,
             areas: None,
