@@ -46,7 +46,10 @@ text.append(f"Written by `bench/scale` on {time.strftime('%Y-%m-%d %H:%M UTC', t
             "(each at most ~19,500 connections: one process's open-file budget), and the simulator's "
             "worker processes (`--workers`, by default one per 18,000 drivers), all on this 2-core "
             "machine. Drivers send a location every 4 s and move at street speed; 200 requests/s; "
-            "trips of 20 s. CPU and reads are over the middle 20 s of the 30 s steady phase.\n")
+            "trips of 20 s. CPU and reads are over the middle 20 s of the 30 s steady phase."
+            + (" Rows marked *(before)* are the same grid run with an older engine (`SCALE_ENGINE`: "
+               + ", ".join(sorted({os.path.basename(m.get("engine", "?")) for m, _ in before.values()}))
+               + "; results in bench/results-scale-before)." if before else "") + "\n")
 text.append("| drivers | nodes | node CPU (mean, cores) | node RSS (mean) | Redis CPU | Redis commands/s | PUBLISH/s | "
             "messages read per node/s | announcements read per node/s | request→offer p50 / p99 ms | "
             "request→matched p50 / p99 ms | violations |")
