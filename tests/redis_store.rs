@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use common::redis::RedisServer;
 use ridelock::cluster::redlock::AttemptFailed;
-use ridelock::cluster::store::{LockError, LockServer, Redlock, Renewal, Settled, TripRecord};
+use ridelock::cluster::store::{
+    GroupMember, LockError, LockServer, Redlock, Renewal, Settled, TripRecord,
+};
 use ridelock::location::LatLon;
 
 const TIMEOUT: Duration = Duration::from_millis(200);
@@ -493,5 +495,155 @@ async fn a_finish_heard_by_one_server_ends_the_trip_for_its_holder() {
         redlock.renew("d", &trip("a:1", 7), true).await,
         Some(Renewal::Finished),
         "the holder lets go"
+    );
+}
+
+/// A lock's time to live on `server`, in milliseconds (-2: no such key).
+async fn lock_pttl(url: &str, driver: &str) -> i64 {
+    let mut raw = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("PTTL")
+        .arg(format!("ridelock:driver:{driver}:lock"))
+        .query_async(&mut raw)
+        .await
+        .unwrap()
+}
+
+/// Member `driver` of a group, under `owner` with `token`, on trip `trip_id`.
+fn member(driver: &str, owner: &str, token: u64, trip_id: u64) -> GroupMember {
+    GroupMember {
+        driver: driver.into(),
+        trip: TripRecord {
+            fencing_token: token,
+            rider_is_remote: false,
+            ..trip(owner, trip_id)
+        },
+    }
+}
+
+#[tokio::test]
+async fn a_hold_keeps_only_its_owners_lock_for_the_group() {
+    let redis = RedisServer::start();
+    let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    let offer = Duration::from_secs(2);
+    let hold = Duration::from_secs(40);
+    let token = server
+        .try_acquire("d", "a/1", offer, 0)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Another owner, or an older token than the driver's fence: refused,
+    // and the lock keeps its short life.
+    assert!(!server.hold("d", "b/1", hold, token).await.unwrap());
+    assert!(lock_pttl(&redis.url, "d").await <= 2_000);
+    assert!(server.hold("d", "a/1", hold, token).await.unwrap());
+    let left = lock_pttl(&redis.url, "d").await;
+    assert!(left > 30_000, "held for the group: {left} ms left");
+
+    // Once its requester has settled it, the owner can't hold it again.
+    assert_eq!(server.settle("d", "a/1").await.unwrap(), None);
+    assert!(!server.hold("d", "a/1", hold, token).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_group_is_booked_whole_or_not_at_all() {
+    let redis = RedisServer::start();
+    let server = LockServer::connect(&redis.url, TIMEOUT).await.unwrap();
+    let ttl = Duration::from_secs(15);
+    let t1 = server
+        .try_acquire("d1", "a/1", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let t2 = server
+        .try_acquire("d2", "a/2", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let group = [member("d1", "a/1", t1, 11), member("d2", "a/2", t2, 12)];
+
+    // One member's lock is gone (its hold ran out and was settled): nothing
+    // is booked, not even the member whose lock still holds.
+    assert_eq!(server.settle("d2", "a/2").await.unwrap(), None);
+    assert!(!server.confirm_group(&group).await.unwrap());
+    assert_eq!(server.current_trip("d1").await.unwrap(), None);
+    assert_eq!(server.settle("d1", "a/1").await.unwrap(), None, "no trip");
+
+    // Every lock holds: every trip is booked, and asking again says so.
+    let t3 = server
+        .try_acquire("d1", "a/3", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let t4 = server
+        .try_acquire("d2", "a/4", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let group = [member("d1", "a/3", t3, 13), member("d2", "a/4", t4, 14)];
+    assert!(server.confirm_group(&group).await.unwrap());
+    assert!(server.confirm_group(&group).await.unwrap(), "idempotent");
+    let current = server.current_trip("d2").await.unwrap().unwrap();
+    assert_eq!((current.trip_id, current.owner.as_str()), (14, "a/4"));
+    // A member's hold running out after the booking finds its trip.
+    assert_eq!(server.settle("d1", "a/3").await.unwrap(), Some(13));
+    // The trips hold the drivers: nobody else locks them.
+    assert_eq!(server.try_acquire("d2", "b/1", ttl, 0).await.unwrap(), None);
+
+    // A member whose token is older than its driver's fence (a newer lock
+    // booked it since) fails the whole group.
+    server.finish("d1", "a/3", 13).await.unwrap();
+    server.finish("d2", "a/4", 14).await.unwrap();
+    let t5 = server
+        .try_acquire("d1", "a/5", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    server
+        .try_acquire("d2", "a/6", ttl, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    // Token 1: older than the fence the booking above set (t4).
+    let stale = [member("d1", "a/5", t5, 15), member("d2", "a/6", 1, 16)];
+    assert!(!server.confirm_group(&stale).await.unwrap());
+    assert_eq!(server.current_trip("d1").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn redlock_books_a_group_by_majority() {
+    let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let redlock = Redlock::connect(&urls, TIMEOUT).await.unwrap();
+    let ttl = Duration::from_secs(15);
+    let g1 = redlock.acquire("d1", "a/1", ttl, 0).await.unwrap();
+    let g2 = redlock.acquire("d2", "a/2", ttl, 0).await.unwrap();
+    let hold = Duration::from_secs(40);
+    assert_eq!(
+        redlock.hold("d1", "a/1", hold, g1.fencing_token).await,
+        Some(true)
+    );
+    assert_eq!(
+        redlock.hold("d2", "a/2", hold, g2.fencing_token).await,
+        Some(true)
+    );
+    let group = [
+        member("d1", "a/1", g1.fencing_token, 21),
+        member("d2", "a/2", g2.fencing_token, 22),
+    ];
+    servers[2].kill();
+    assert_eq!(redlock.confirm_group(&group).await, Some(true));
+    assert_eq!(redlock.settle("d2", "a/2").await, Some(Settled::Trip(22)));
+
+    // A second server down: one alone can't tell either way.
+    servers[1].kill();
+    assert_eq!(redlock.confirm_group(&group).await, None);
+    assert_eq!(
+        redlock.hold("d1", "a/1", hold, g1.fencing_token).await,
+        None
     );
 }

@@ -26,7 +26,7 @@ mod scripts;
 pub use quorum::Redlock;
 use scripts::*;
 
-pub use crate::core::booking::{TripRecord, TRIP_HOLD};
+pub use crate::core::booking::{GroupMember, TripRecord, TRIP_HOLD};
 pub use crate::core::Settled;
 
 /// How long trip records and settled marks are kept: far longer than any
@@ -289,6 +289,56 @@ impl LockServer {
                 ],
             )
             .await?;
+        Ok(kept == 1)
+    }
+
+    /// `driver` accepted a group's offer: keeps `owner`'s lock for `ttl`
+    /// while it still holds it (see [`HOLD`]); whether it did.
+    pub async fn hold(
+        &self,
+        driver: &str,
+        owner: &str,
+        ttl: Duration,
+        token: FencingToken,
+    ) -> Result<bool, StoreError> {
+        let kept: i64 = self
+            .run(
+                &HOLD_SCRIPT,
+                &[lock_key(driver), settled_key(owner), fence_key(driver)],
+                &[
+                    owner.to_string(),
+                    ttl.as_millis().max(1).to_string(),
+                    token.to_string(),
+                ],
+            )
+            .await?;
+        Ok(kept == 1)
+    }
+
+    /// Every member of a group is held: books every member's trip, or none
+    /// (see [`CONFIRM_GROUP`]); whether it did.
+    pub async fn confirm_group(&self, members: &[GroupMember]) -> Result<bool, StoreError> {
+        let mut keys = Vec::with_capacity(members.len() * 5);
+        let mut args = vec![
+            RECORD_TTL.as_millis().to_string(),
+            TRIP_HOLD.as_millis().to_string(),
+        ];
+        for GroupMember { driver, trip } in members {
+            keys.extend([
+                lock_key(driver),
+                trip_key(&trip.owner),
+                settled_key(&trip.owner),
+                current_trip_key(driver),
+                fence_key(driver),
+            ]);
+            args.extend([
+                trip.owner.clone(),
+                trip.trip_id.to_string(),
+                serde_json::to_string(trip).expect("trip records serialize"),
+                trip.fencing_token.to_string(),
+            ]);
+        }
+        let kept: i64 = self.run(&CONFIRM_GROUP_SCRIPT, &keys, &args).await?;
         Ok(kept == 1)
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use super::{Grant, LockError, LockServer, StoreError, TripRecord};
+use super::{Grant, GroupMember, LockError, LockServer, StoreError, TripRecord};
 use crate::cluster::redlock::{
     current_trip_verdict, judge, majority_did, quorum, renewal_verdict, retry_delay,
     settle_verdict, AttemptFailed, Renewal,
@@ -183,6 +183,40 @@ impl Redlock {
     /// held, and fails for good once it was settled).
     pub async fn confirm(&self, driver: &str, trip: &TripRecord) -> Option<bool> {
         let answers = join_all(self.servers.iter().map(|s| s.confirm(driver, trip))).await;
+        let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
+        majority_did(&answers)
+    }
+
+    /// `driver` accepted a group's offer: keeps `owner`'s lock for `ttl`
+    /// where it still holds it. `Some(true)` when a majority did, and then
+    /// the lock can be relied on until `ttl` after the call was made, less
+    /// the clock drift allowance (see `judge`); `Some(false)` when a
+    /// majority certainly did not; `None` when too few servers answered.
+    pub async fn hold(
+        &self,
+        driver: &str,
+        owner: &str,
+        ttl: Duration,
+        token: FencingToken,
+    ) -> Option<bool> {
+        let answers = join_all(
+            self.servers
+                .iter()
+                .map(|s| s.hold(driver, owner, ttl, token)),
+        )
+        .await;
+        let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
+        majority_did(&answers)
+    }
+
+    /// Every member of a group is held: books all their trips where every
+    /// member's lock still holds, atomically on each server. `Some(true)`
+    /// when a majority did (every member's trip stands), `Some(false)` when
+    /// a majority certainly did not (no member's does), `None` when too few
+    /// answered (ask again: it is idempotent, and once a member's hold has
+    /// been settled it fails for good where the settle came first).
+    pub async fn confirm_group(&self, members: &[GroupMember]) -> Option<bool> {
+        let answers = join_all(self.servers.iter().map(|s| s.confirm_group(members))).await;
         let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
         majority_did(&answers)
     }

@@ -163,9 +163,72 @@ end
 return false
 "#;
 
+/// A driver accepted an offer of a group: its lock is kept until the
+/// group's hold ends (`ttl`), only while the caller still owns it, its
+/// requester has not given up on it, and its fencing token is not older
+/// than the driver's fence. The lock is what keeps every other node off the
+/// driver while the rest of the group is found.
+/// KEYS: lock, the owner's settled mark, the driver's fence. ARGV: owner,
+/// ttl ms, the lock's fencing token. Returns 1 when kept, else 0.
+pub(super) const HOLD: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 0
+    and redis.call('GET', KEYS[1]) == ARGV[1]
+    and tonumber(redis.call('GET', KEYS[3]) or '0') <= tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Every member of a group is held: books all of their trips in one step,
+/// or none. For each member it checks what [`CONFIRM`] checks for one
+/// driver (the lock still the owner's, the owner not settled, the token
+/// not older than the fence); only if every member passes are all the trips
+/// recorded (under the owner, as the driver's current trip, the fence
+/// moved) and every lock kept for the trip. So on each server the group is
+/// booked whole or not at all, and a member's settle (its hold ran out)
+/// fixes that server's answer either way: after it, a group confirm fails
+/// there, and the settle reports the trip if the confirm came first.
+/// Asked again after its answer was lost, it says 1 where it landed.
+/// KEYS, five per member: lock, the owner's trip record, the owner's
+/// settled mark, the driver's current trip, the driver's fence. ARGV:
+/// record ttl ms, hold ms, then four per member: owner, trip id, the trip
+/// (JSON), the lock's fencing token.
+pub(super) const CONFIRM_GROUP: &str = r#"
+local n = #KEYS / 5
+local landed = 0
+for i = 0, n - 1 do
+  if redis.call('GET', KEYS[i * 5 + 2]) == ARGV[i * 4 + 4] then
+    landed = landed + 1
+  end
+end
+if landed == n then
+  return 1
+end
+for i = 0, n - 1 do
+  local k, a = i * 5, i * 4 + 2
+  if redis.call('EXISTS', KEYS[k + 3]) == 1
+      or redis.call('GET', KEYS[k + 1]) ~= ARGV[a + 1]
+      or tonumber(redis.call('GET', KEYS[k + 5]) or '0') > tonumber(ARGV[a + 4]) then
+    return 0
+  end
+end
+for i = 0, n - 1 do
+  local k, a = i * 5, i * 4 + 2
+  redis.call('SET', KEYS[k + 2], ARGV[a + 2], 'PX', ARGV[1])
+  redis.call('PEXPIRE', KEYS[k + 1], ARGV[2])
+  redis.call('SET', KEYS[k + 4], ARGV[a + 1] .. '|' .. ARGV[a + 3], 'PX', ARGV[2])
+  redis.call('SET', KEYS[k + 5], ARGV[a + 4])
+end
+return 1
+"#;
+
 pub(super) static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE));
 pub(super) static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 pub(super) static CONFIRM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CONFIRM));
+pub(super) static HOLD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(HOLD));
+pub(super) static CONFIRM_GROUP_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(CONFIRM_GROUP));
 pub(super) static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
 pub(super) static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
 pub(super) static FINISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FINISH));

@@ -11,7 +11,7 @@ use crate::core::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
 use crate::core::search::{LockAnswer, OfferOutcome};
 use crate::core::{Incarnation, OfferHolder, Settled};
 use crate::location::LatLon;
-use crate::protocol::{DriverCommand, RequestId, RiderId, ServerMessage};
+use crate::protocol::{DriverCommand, DriverId, RequestId, RiderId, ServerMessage};
 
 /// A driver's trip as kept in Redis while it lasts, so that the driver's
 /// actor on whichever node the app reconnects to can take it over.
@@ -39,6 +39,16 @@ pub struct TripRecord {
     /// only while that process is alive).
     #[serde(default)]
     pub rider_incarnation: Incarnation,
+}
+
+/// One member of a group whose trips are booked together (see
+/// `store::CONFIRM_GROUP`): the driver, and its trip under its lock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupMember {
+    /// The driver.
+    pub driver: DriverId,
+    /// Its trip, under the owner value of its held lock.
+    pub trip: TripRecord,
 }
 
 /// Where a lock request's answer goes.

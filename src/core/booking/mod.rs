@@ -20,7 +20,7 @@ mod events;
 mod steps;
 
 pub use events::{
-    DriverEffect, DriverEvent, LockRequest, RedisOp, RedisReply, ReplyTo, TripRecord,
+    DriverEffect, DriverEvent, GroupMember, LockRequest, RedisOp, RedisReply, ReplyTo, TripRecord,
 };
 
 use std::collections::VecDeque;
