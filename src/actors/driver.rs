@@ -254,7 +254,21 @@ impl DriverActor {
                 ),
                 _ => self.link.ended.do_send(OfferEnded(outcome)),
             },
-            DriverEffect::Held(outcome, token) => self.link.held.do_send(OfferHeld(outcome, token)),
+            DriverEffect::Held(outcome, fencing_token, to) => match (to, &self.cluster) {
+                (Some(node), Some(cluster)) => cluster.send(
+                    &node,
+                    Wire::Held {
+                        driver: id,
+                        at: outcome.driver_location,
+                        offer_id: outcome.offer_id,
+                        fencing_token,
+                        search: outcome.search,
+                        rider_id: outcome.rider_id,
+                        request_id: outcome.request_id,
+                    },
+                ),
+                _ => self.link.held.do_send(OfferHeld(outcome, fencing_token)),
+            },
             DriverEffect::Indexed { at, announce } => {
                 if let (Some(cluster), true) = (&self.cluster, announce) {
                     cluster.announce(&id, at);
@@ -375,6 +389,10 @@ async fn run_op(cluster: &Cluster, driver: &str, op: RedisOp) -> RedisReply {
         RedisOp::Confirm { record } => {
             let kept = locks.confirm(driver, &record).await;
             ("confirm", kept == Some(true), RedisReply::Confirmed(kept))
+        }
+        RedisOp::Hold { owner, ttl, token } => {
+            let kept = locks.hold(driver, &owner, ttl, token).await;
+            ("hold", kept == Some(true), RedisReply::HoldKept(kept))
         }
         RedisOp::Settle { owner } => {
             let settled = locks.settle(driver, &owner).await;

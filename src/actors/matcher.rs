@@ -17,12 +17,14 @@ use super::messages::{
     OfferEnded, OfferHeld, ReplyRoute, ToDriver, TryLock,
 };
 use crate::areas::ServiceAreas;
-use crate::cluster::wire::Wire;
+use crate::cluster::wire::{Wire, WireGroup};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::core::booking::{LockRequest, ReplyTo, LOCK_MARGIN};
 use crate::core::lock::OfferId;
-use crate::core::search::{OpenRequest, SearchEffect, SearchSettings, Searches, SettleTicket};
+use crate::core::search::{
+    OpenRequest, SearchEffect, SearchKey, SearchSettings, Searches, SettleTicket,
+};
 use crate::core::Settled;
 use crate::ids::Ids;
 use crate::location::LatLon;
@@ -154,6 +156,15 @@ pub struct OpenRequests;
 struct SettleOutcome {
     ticket: SettleTicket,
     outcome: Option<Settled>,
+}
+
+/// Cluster mode: Redis's verdict on booking a group.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct GroupConfirmed {
+    group: SearchKey,
+    attempt: u32,
+    verdict: Option<bool>,
 }
 
 /// The matcher actor.
@@ -304,9 +315,15 @@ impl Matcher {
                     .as_ref()
                     .expect("remote drivers in cluster mode");
                 let search_left = not_after.saturating_duration_since(now);
+                let group = holder.group.as_ref().map(|g| WireGroup {
+                    request_id: g.request_id.clone(),
+                    size: g.size,
+                    hold_ms: g.hold_until.saturating_duration_since(now).as_millis() as u64,
+                });
                 cluster.send(
                     &node,
                     Wire::Lock {
+                        group,
                         from: cluster.node().clone(),
                         incarnation: cluster.incarnation(),
                         driver,
@@ -347,12 +364,34 @@ impl Matcher {
                             driver,
                             offer_id,
                             fencing_token,
+                            why: Some(why),
                         },
                     );
                 }
             },
             SearchEffect::GroupNews {
                 driver,
+                node: Some(node),
+                offer_id,
+                fencing_token,
+                accepted,
+                trip_id,
+            } => {
+                let cluster = self.cluster.as_ref().expect("cluster mode");
+                cluster.send(
+                    &node,
+                    Wire::GroupNews {
+                        driver,
+                        offer_id,
+                        fencing_token,
+                        accepted,
+                        trip_id,
+                    },
+                );
+            }
+            SearchEffect::GroupNews {
+                driver,
+                node: None,
                 offer_id,
                 fencing_token,
                 accepted,
@@ -369,6 +408,27 @@ impl Matcher {
                     // it): its trip is lost with it, as any trip is.
                     tracing::error!(driver = %driver, offer_id, "a group's driver is gone at its commit");
                 }
+            }
+            SearchEffect::ConfirmGroup {
+                group,
+                attempt,
+                members,
+            } => {
+                let cluster = self
+                    .cluster
+                    .clone()
+                    .expect("group bookings in cluster mode");
+                let matcher = ctx.address();
+                cluster.clone().spawn(async move {
+                    let started = Instant::now();
+                    let verdict = cluster.locks().confirm_group(&members).await;
+                    m::redis_op("confirm_group", started.elapsed(), verdict.is_some());
+                    matcher.do_send(GroupConfirmed {
+                        group,
+                        attempt,
+                        verdict,
+                    });
+                });
             }
             SearchEffect::Settle {
                 driver,
@@ -485,6 +545,16 @@ impl Handler<SettleOutcome> for Matcher {
     fn handle(&mut self, msg: SettleOutcome, ctx: &mut Context<Self>) {
         self.decide(ctx, |searches, now| {
             searches.settled(now, msg.ticket, msg.outcome)
+        });
+    }
+}
+
+impl Handler<GroupConfirmed> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: GroupConfirmed, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| {
+            searches.group_confirmed(now, msg.group, msg.attempt, msg.verdict)
         });
     }
 }

@@ -100,6 +100,9 @@ pub enum Wire {
         /// of the two counts.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         search_deadline_unix_ms: Option<u64>,
+        /// For a member of a group request: the group.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<WireGroup>,
     },
     /// To the requesting node: the driver's node granted or refused a lock.
     Answer {
@@ -153,7 +156,57 @@ pub enum Wire {
         offer_id: OfferId,
         /// Its fencing token.
         fencing_token: FencingToken,
+        /// Why (absent: the rider cancelled).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        why: Option<Ending>,
     },
+    /// To the requesting node: the driver accepted a group's offer and is
+    /// held for the group (its lock kept in Redis for the group's hold).
+    Held {
+        /// The driver.
+        driver: DriverId,
+        /// The driver's location as it accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<LatLon>,
+        /// The offer.
+        offer_id: OfferId,
+        /// Its fencing token.
+        fencing_token: FencingToken,
+        /// The search (the group's member).
+        search: u64,
+        /// The rider.
+        rider_id: RiderId,
+        /// The member's request key.
+        request_id: RequestId,
+    },
+    /// To a driver's node, held for a group by `offer_id`: how many members
+    /// have accepted, or (with `trip_id`) the group is booked in Redis and
+    /// the driver goes on that trip.
+    GroupNews {
+        /// The driver.
+        driver: DriverId,
+        /// The held offer.
+        offer_id: OfferId,
+        /// Its fencing token.
+        fencing_token: FencingToken,
+        /// Members accepted so far.
+        accepted: u8,
+        /// The driver's trip, once the group is booked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trip_id: Option<TripId>,
+    },
+}
+
+/// A group request, as a lock request for one of its members carries it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireGroup {
+    /// The request id the rider chose.
+    pub request_id: RequestId,
+    /// How many vehicles.
+    pub size: u8,
+    /// How long a driver who accepts is held for the group, ms from
+    /// sending.
+    pub hold_ms: u64,
 }
 
 #[cfg(test)]

@@ -379,18 +379,11 @@ impl World {
                 let request_id: RequestId = format!("q{}", app.next).into();
                 app.pending.push(request_id.clone());
                 let pickup = app.at;
-                // One node serves groups (a cluster refuses them: that
-                // refusal is tried too, now and then).
                 let vehicles = match self.rng.random_range(0..100) {
                     0..70 => 1,
                     70..88 => 2,
                     88..96 => 3,
                     _ => 4,
-                };
-                let vehicles = if self.is_cluster() && self.rng.random_bool(0.8) {
-                    1
-                } else {
-                    vehicles
                 };
                 self.ledger.requested(rider, &request_id, vehicles);
                 self.send_to_matcher(

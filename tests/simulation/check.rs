@@ -200,7 +200,7 @@ impl Ledger {
             return Ok(());
         }
         let rider: usize = record.rider_id[1..].parse().expect("r<n>");
-        let request = (rider, record.request_id.clone());
+        let request = (rider, public(&record.request_id));
         let node = world.node_index(&record.owner[..record.owner.find('/').expect("node/offer")]);
         self.booked(
             world,

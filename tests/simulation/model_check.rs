@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ridelock::cluster::store::LockServer;
-use ridelock::core::booking::TripRecord;
+use ridelock::core::booking::{GroupMember, TripRecord};
 use ridelock::location::LatLon;
 
 use super::common::redis::RedisServer;
@@ -69,6 +69,15 @@ async fn real(server: &LockServer, op: &ServerOp) -> ServerReply {
         ServerOp::CurrentTrip { driver } => {
             ServerReply::Record(server.current_trip(driver).await.unwrap())
         }
+        ServerOp::Hold {
+            driver,
+            owner,
+            ttl,
+            token,
+        } => ServerReply::Done(server.hold(driver, owner, *ttl, *token).await.unwrap()),
+        ServerOp::ConfirmGroup { members } => {
+            ServerReply::Done(server.confirm_group(members).await.unwrap())
+        }
         ServerOp::Alive { .. } | ServerOp::IsAlive { .. } => unreachable!("not drawn"),
     }
 }
@@ -88,7 +97,7 @@ async fn the_lock_server_model_answers_as_the_lua_scripts_do() {
         let owner = OWNERS[rng.random_range(0..OWNERS.len())].to_string();
         let trip_id = rng.random_range(1..4);
         let token = rng.random_range(0..3);
-        let op = match rng.random_range(0..8) {
+        let op = match rng.random_range(0..10) {
             0 | 1 => ServerOp::Acquire {
                 driver,
                 owner,
@@ -112,6 +121,27 @@ async fn the_lock_server_model_answers_as_the_lua_scripts_do() {
                 trip_id,
             },
             6 => ServerOp::Settle { driver, owner },
+            7 => ServerOp::Hold {
+                driver,
+                owner,
+                ttl: Duration::from_secs(600),
+                token,
+            },
+            8 => {
+                // Two or three distinct drivers, each under its own owner.
+                let size = rng.random_range(2..=3);
+                let first = rng.random_range(0..DRIVERS.len());
+                let members = (0..size)
+                    .map(|i| {
+                        let owner = OWNERS[rng.random_range(0..OWNERS.len())];
+                        GroupMember {
+                            driver: DRIVERS[(first + i) % DRIVERS.len()].into(),
+                            trip: record(owner, rng.random_range(1..4), rng.random_range(0..3)),
+                        }
+                    })
+                    .collect();
+                ServerOp::ConfirmGroup { members }
+            }
             _ => ServerOp::CurrentTrip { driver },
         };
         if rng.random_bool(0.01) {

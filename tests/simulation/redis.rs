@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ridelock::cluster::redlock::Renewal;
 use ridelock::cluster::store::RECORD_TTL;
-use ridelock::core::booking::{TripRecord, TRIP_HOLD};
+use ridelock::core::booking::{GroupMember, TripRecord, TRIP_HOLD};
 use ridelock::core::lock::{FencingToken, TripId};
 
 /// One script call on one server.
@@ -43,6 +43,15 @@ pub enum ServerOp {
     },
     CurrentTrip {
         driver: String,
+    },
+    Hold {
+        driver: String,
+        owner: String,
+        ttl: Duration,
+        token: FencingToken,
+    },
+    ConfirmGroup {
+        members: Vec<GroupMember>,
     },
     /// A node's liveness key, set to its process's incarnation.
     Alive {
@@ -274,6 +283,50 @@ impl Server {
                         })
                         .map(|(_, record, _)| record.clone()),
                 )
+            }
+            ServerOp::Hold {
+                driver,
+                owner,
+                ttl,
+                token,
+            } => {
+                let fence = self.fences.get(driver).copied().unwrap_or(0);
+                let ok = !live(&self.settled, owner, now, |at| *at)
+                    && self.lock_owner(driver, now) == Some(owner.as_str())
+                    && fence <= *token;
+                if ok {
+                    self.locks.get_mut(driver).expect("held").1 =
+                        now + (*ttl).max(Duration::from_millis(1));
+                }
+                ServerReply::Done(ok)
+            }
+            ServerOp::ConfirmGroup { members } => {
+                let landed = members.iter().all(|m| {
+                    self.trips
+                        .get(&m.trip.owner)
+                        .is_some_and(|(trip, until)| *trip == m.trip.trip_id && *until > now)
+                });
+                if landed {
+                    return ServerReply::Done(true);
+                }
+                let ok = members.iter().all(|m| {
+                    let fence = self.fences.get(&*m.driver).copied().unwrap_or(0);
+                    !live(&self.settled, &m.trip.owner, now, |at| *at)
+                        && self.lock_owner(&m.driver, now) == Some(m.trip.owner.as_str())
+                        && fence <= m.trip.fencing_token
+                });
+                if ok {
+                    for GroupMember { driver, trip } in members {
+                        let driver = driver.to_string();
+                        self.fences.insert(driver.clone(), trip.fencing_token);
+                        self.trips
+                            .insert(trip.owner.clone(), (trip.trip_id, now + RECORD_TTL));
+                        self.locks.get_mut(&driver).expect("held").1 = now + TRIP_HOLD;
+                        self.current
+                            .insert(driver, (trip.owner.clone(), trip.clone(), now + TRIP_HOLD));
+                    }
+                }
+                ServerReply::Done(ok)
             }
             ServerOp::Alive {
                 node,

@@ -14,11 +14,13 @@ use ridelock::cluster::redlock::{
 };
 use ridelock::cluster::wire::NodeId;
 use ridelock::core::booking::{
-    Booking, DriverEffect, DriverEvent, LockRequest, RedisOp, RedisReply, ReplyTo, LOCK_MARGIN,
+    Booking, DriverEffect, DriverEvent, GroupMember, LockRequest, RedisOp, RedisReply, ReplyTo,
+    LOCK_MARGIN,
 };
 use ridelock::core::lock::{Ending, LockRefused};
 use ridelock::core::search::{
-    Dispatch, LockAnswer, OfferOutcome, SearchEffect, SearchSettings, Searches, SettleTicket,
+    Dispatch, LockAnswer, OfferOutcome, SearchEffect, SearchKey, SearchSettings, Searches,
+    SettleTicket,
 };
 use ridelock::core::Settled;
 use ridelock::ids::Ids;
@@ -86,6 +88,8 @@ pub enum MatcherIn {
     Ended(OfferOutcome),
     Held(OfferOutcome, u64),
     Settled(SettleTicket, Option<Settled>),
+    /// Redis's verdict on booking a group (its key, the try).
+    GroupConfirmed(SearchKey, u32, Option<bool>),
     /// A batch of another node's announcements, in order (what the
     /// publisher sends: see `Node::announcements`).
     RemoteDrivers {
@@ -117,12 +121,22 @@ pub enum Asker {
         inc: u32,
         ticket: SettleTicket,
     },
+    /// A matcher booking a group: which group, which try.
+    Group {
+        node: usize,
+        inc: u32,
+        group: SearchKey,
+        attempt: u32,
+    },
 }
 
 /// A Redlock call in flight: one question to every server.
 pub struct Call {
     pub asker: Asker,
+    /// What is asked (a group's booking asks `group` instead, and this is
+    /// unused: the engine has no driver op for it).
     pub op: RedisOp,
+    pub group: Option<Vec<GroupMember>>,
     pub answers: Vec<Option<ServerReply>>,
     pub started: Instant,
     /// Acquire: the first attempt's unanswered servers, and which attempt.
@@ -571,6 +585,9 @@ impl World {
             MatcherIn::Ended(outcome) => s.offer_ended(now, outcome),
             MatcherIn::Held(outcome, token) => s.offer_held(now, outcome, token),
             MatcherIn::Settled(ticket, outcome) => s.settled(now, ticket, outcome),
+            MatcherIn::GroupConfirmed(group, attempt, verdict) => {
+                s.group_confirmed(now, group, attempt, verdict)
+            }
             MatcherIn::RemoteDrivers { from, changes } => {
                 let id = self.nodes[from].id.clone();
                 for (driver, at) in changes {
@@ -729,6 +746,33 @@ impl World {
             }
             SearchEffect::GroupNews {
                 driver,
+                node: Some(to),
+                offer_id,
+                fencing_token,
+                accepted,
+                trip_id,
+            } => {
+                let to = self.node_index(&to);
+                let d = driver_index(&driver);
+                let event = DriverEvent::group_news(offer_id, fencing_token, accepted, trip_id);
+                self.wire(node, to, Wire::Driver(d, event));
+            }
+            SearchEffect::ConfirmGroup {
+                group,
+                attempt,
+                members,
+            } => {
+                let asker = Asker::Group {
+                    node,
+                    inc,
+                    group,
+                    attempt,
+                };
+                self.call_group(asker, members);
+            }
+            SearchEffect::GroupNews {
+                driver,
+                node: None,
                 offer_id,
                 fencing_token,
                 accepted,
@@ -989,7 +1033,7 @@ impl World {
                     }
                 }
             }
-            DriverEffect::Held(outcome, token) => {
+            DriverEffect::Held(outcome, token, None) => {
                 self.lane(
                     lane_driver(node, driver),
                     lane_matcher(node),
@@ -1000,6 +1044,10 @@ impl World {
                         input: MatcherIn::Held(outcome, token),
                     },
                 );
+            }
+            DriverEffect::Held(outcome, token, Some(to)) => {
+                let to = self.node_index(&to);
+                self.wire(node, to, Wire::Matcher(MatcherIn::Held(outcome, token)));
             }
             DriverEffect::Indexed { at, announce } => {
                 self.lane(
@@ -1233,6 +1281,29 @@ impl World {
                 unanswered_before: Vec::new(),
                 done: false,
                 driver,
+                group: None,
+            },
+        );
+        self.send_round(id);
+    }
+
+    /// Asks every server to book group `members` for `asker`.
+    pub fn call_group(&mut self, asker: Asker, members: Vec<GroupMember>) {
+        self.next_call += 1;
+        let id = self.next_call;
+        let servers = self.servers.len();
+        self.calls.insert(
+            id,
+            Call {
+                asker,
+                op: RedisOp::CurrentTrip,
+                answers: vec![None; servers],
+                started: self.now,
+                attempt: 1,
+                unanswered_before: Vec::new(),
+                done: false,
+                driver: String::new(),
+                group: Some(members),
             },
         );
         self.send_round(id);
@@ -1240,7 +1311,15 @@ impl World {
 
     fn send_round(&mut self, id: u64) {
         let call = &self.calls[&id];
-        let ops: Vec<ServerOp> = server_ops(&call.op, &call.driver, self.servers.len());
+        let ops: Vec<ServerOp> = match &call.group {
+            Some(members) => vec![
+                ServerOp::ConfirmGroup {
+                    members: members.clone()
+                };
+                self.servers.len()
+            ],
+            None => server_ops(&call.op, &call.driver, self.servers.len()),
+        };
         let attempt = call.attempt;
         for (server, op) in ops.into_iter().enumerate() {
             self.send_server_op(server, id << 8 | u64::from(attempt), op);
@@ -1295,6 +1374,16 @@ impl World {
             let d = driver_index(driver);
             let mut ledger = std::mem::take(&mut self.ledger);
             let booked = ledger.confirmed(self, server, quorum, d, record);
+            self.ledger = ledger;
+            booked?;
+        }
+        if let (ServerOp::ConfirmGroup { members }, ServerReply::Done(true)) = (&op, &answer) {
+            // Every member booked at once, on this server.
+            let quorum = ridelock::cluster::redlock::quorum(self.servers.len());
+            let mut ledger = std::mem::take(&mut self.ledger);
+            let booked = members.iter().try_for_each(|m| {
+                ledger.confirmed(self, server, quorum, driver_index(&m.driver), &m.trip)
+            });
             self.ledger = ledger;
             booked?;
         }
@@ -1353,6 +1442,30 @@ impl World {
         let unanswered: Vec<usize> = (0..servers)
             .filter(|s| call.answers[*s].is_none())
             .collect();
+        if call.group.is_some() {
+            let verdict = majority_did(&bools(&call.answers));
+            let call = self.calls.remove(&id).expect("a call");
+            let Asker::Group {
+                node,
+                inc,
+                group,
+                attempt,
+            } = call.asker
+            else {
+                unreachable!("groups are booked by matchers")
+            };
+            self.lane(
+                lane_redis(id),
+                lane_matcher(node),
+                100,
+                Ev::ToMatcher {
+                    node,
+                    inc,
+                    input: MatcherIn::GroupConfirmed(group, attempt, verdict),
+                },
+            );
+            return Ok(());
+        }
         let reply = match &call.op {
             RedisOp::Acquire { ttl, owner, .. } => {
                 let tokens: Vec<u64> = call
@@ -1428,6 +1541,7 @@ impl World {
                 RedisReply::Finished(answered >= ridelock::cluster::redlock::quorum(servers))
             }
             RedisOp::Confirm { .. } => RedisReply::Confirmed(majority_did(&bools(&call.answers))),
+            RedisOp::Hold { .. } => RedisReply::HoldKept(majority_did(&bools(&call.answers))),
             RedisOp::Renew { record, .. } => RedisReply::Renewed {
                 owner: record.owner.clone(),
                 verdict: renewal_verdict(&renewals(&call.answers)),
@@ -1479,6 +1593,7 @@ impl World {
                     },
                 );
             }
+            Asker::Group { .. } => unreachable!("answered above"),
             Asker::Matcher { node, inc, ticket } => {
                 let RedisReply::Settled(outcome) = reply else {
                     unreachable!("matchers only settle")
@@ -1641,6 +1756,12 @@ fn server_ops(op: &RedisOp, driver: &str, servers: usize) -> Vec<ServerOp> {
             owner: owner.clone(),
         },
         RedisOp::CurrentTrip => ServerOp::CurrentTrip { driver },
+        RedisOp::Hold { owner, ttl, token } => ServerOp::Hold {
+            driver,
+            owner: owner.clone(),
+            ttl: *ttl,
+            token: *token,
+        },
         RedisOp::FinishTrip { .. } => unreachable!("done by the caller"),
     };
     vec![one; servers]

@@ -171,6 +171,7 @@ impl Run {
                 }
                 SearchEffect::GroupNews {
                     driver,
+                    node: _,
                     offer_id,
                     fencing_token,
                     accepted,
@@ -179,7 +180,9 @@ impl Run {
                     let event = DriverEvent::group_news(offer_id, fencing_token, accepted, trip_id);
                     self.tell_driver(index(&driver), event);
                 }
-                SearchEffect::Settle { .. } => panic!("no settles on one node"),
+                SearchEffect::Settle { .. } | SearchEffect::ConfirmGroup { .. } => {
+                    panic!("no Redis on one node")
+                }
             }
         }
         if let Some(at) = self.searches.next_timeout() {
@@ -200,7 +203,7 @@ impl Run {
                 DriverEffect::Ended { outcome, .. } => {
                     self.send(Channel::ToMatcher(d), Duration::ZERO, Msg::Ended(outcome))
                 }
-                DriverEffect::Held(outcome, token) => self.send(
+                DriverEffect::Held(outcome, token, _) => self.send(
                     Channel::ToMatcher(d),
                     Duration::ZERO,
                     Msg::Held(outcome, token),

@@ -20,14 +20,15 @@ use crate::actors::matcher::{
     LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteDrivers, RemoteSnapshot,
 };
 use crate::actors::messages::{
-    CancelOffer, DriverDirectory, LockAnswered, OfferEnded, ReplyRoute, ToDriver, TryLock,
+    CancelOffer, DriverDirectory, GroupNews, LockAnswered, OfferEnded, OfferHeld, ReplyRoute,
+    ToDriver, TryLock,
 };
 use crate::cluster::store::{alive_key, LockServer};
 use crate::cluster::wire::{node_channel, NodeId, Wire, DRIVERS_CHANNEL};
 use crate::cluster::Cluster;
 use crate::core::booking::{LockRequest, ReplyTo};
 use crate::core::search::{LockAnswer, OfferOutcome};
-use crate::core::{Granted, Incarnation, OfferHolder};
+use crate::core::{Granted, GroupTag, Incarnation, OfferHolder};
 use crate::protocol::DriverId;
 
 /// The listener task: subscribed to one server at a time, round the list.
@@ -415,7 +416,9 @@ fn deliver(
             timeout_ms,
             search_left_ms,
             search_deadline_unix_ms,
+            group,
         } => {
+            let now = Instant::now();
             let holder = OfferHolder {
                 search,
                 rider_id,
@@ -424,15 +427,17 @@ fn deliver(
                 first_offer_since: None,
                 node: Some(from.clone()),
                 incarnation,
-                // Group requests stay on one node (the matcher refuses them
-                // in cluster mode).
-                group: None,
+                group: group.map(|g| GroupTag {
+                    request_id: g.request_id,
+                    size: g.size,
+                    hold_until: now + Duration::from_millis(g.hold_ms),
+                }),
             };
             let request = LockRequest {
                 offer_id,
                 holder,
                 timeout: Duration::from_millis(timeout_ms),
-                not_after: Instant::now() + search_left(search_left_ms, search_deadline_unix_ms),
+                not_after: now + search_left(search_left_ms, search_deadline_unix_ms),
                 reply: ReplyTo::Node(from.clone()),
             };
             let route = ReplyRoute::Node(cluster.clone(), from);
@@ -482,15 +487,53 @@ fn deliver(
             driver,
             offer_id,
             fencing_token,
+            why,
         } => {
             // Not connected here (any more): nothing to withdraw.
             let cancel = ToDriver::Cancel(CancelOffer {
                 offer_id,
                 fencing_token,
-                // Cluster mode has no groups: a cancel is the rider's.
-                why: crate::core::lock::Ending::RiderCancelled,
+                why: why.unwrap_or(crate::core::lock::Ending::RiderCancelled),
             });
             registry.send(&driver, cancel);
+        }
+        Wire::Held {
+            driver,
+            at,
+            offer_id,
+            fencing_token,
+            search,
+            rider_id,
+            request_id,
+        } => matcher.do_send(OfferHeld(
+            OfferOutcome {
+                driver_id: driver,
+                driver_location: at,
+                offer_id,
+                search,
+                rider_id,
+                request_id,
+                ending: crate::core::lock::Ending::Accepted,
+                trip_id: None,
+            },
+            fencing_token,
+        )),
+        Wire::GroupNews {
+            driver,
+            offer_id,
+            fencing_token,
+            accepted,
+            trip_id,
+        } => {
+            // Not connected here (any more): its hold runs out and is
+            // settled, which finds the trip if the group was booked.
+            let news = GroupNews {
+                offer_id,
+                fencing_token,
+                accepted,
+                trip_id,
+            };
+            registry.send(&driver, ToDriver::Group(news));
         }
     }
 }

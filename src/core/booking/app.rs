@@ -44,18 +44,16 @@ impl Booking {
                     .filter(|o| o.offer_id == offer_id)
                     .and_then(|o| o.holder.group.clone());
                 if let Some(group) = group {
-                    // The matcher takes group requests on one node only.
-                    debug_assert!(
-                        self.node.is_none(),
-                        "group offers are not made in cluster mode"
-                    );
+                    if self.node.is_some() {
+                        return self.hold_in_cluster(now, offer_id, group.hold_until);
+                    }
                     return match self.lock.hold(offer_id, group.hold_until, now) {
                         Ok(offer) => {
                             let offer = offer.clone();
                             let token = offer.fencing_token;
                             let outcome = self.outcome_of(&offer, Ending::Accepted, None);
                             self.group_accepted = 0;
-                            self.effects.push(DriverEffect::Held(outcome, token));
+                            self.effects.push(DriverEffect::Held(outcome, token, None));
                         }
                         Err(e) => self.answer_failed(now, e),
                     };

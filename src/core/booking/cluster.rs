@@ -148,6 +148,26 @@ impl Booking {
             (Waiting::Lookup { attempt }, RedisReply::CurrentTrip(found)) => {
                 self.found_trip(now, attempt, found)
             }
+            (
+                Waiting::Hold {
+                    offer_id,
+                    until,
+                    accepted_at,
+                    attempt,
+                    ..
+                },
+                RedisReply::HoldKept(kept),
+            ) => self.hold_answered(now, offer_id, until, accepted_at, attempt, kept),
+            (
+                Waiting::SettleHold {
+                    owner,
+                    offer_id,
+                    token,
+                    why,
+                    ..
+                },
+                RedisReply::Settled(settled),
+            ) => self.hold_settled(now, owner, offer_id, token, why, settled),
             (waiting, reply) => {
                 debug_assert!(false, "{reply:?} does not answer {waiting:?}");
             }
@@ -239,6 +259,9 @@ impl Booking {
     /// While a confirm or an accept's settle waits to be asked again: asks
     /// when it is due.
     pub(super) fn confirm_retry_due(&mut self, now: Instant) {
+        if self.hold_retry_due(now) {
+            return;
+        }
         let op = match &mut self.waiting {
             Some(Waiting::Confirm {
                 record,
@@ -294,7 +317,7 @@ impl Booking {
     /// it meanwhile (not even through another connection of the same driver
     /// to another node). The lock lives [`TRIP_HOLD`] at a time and is
     /// renewed well within that.
-    fn renew_during_trip(&mut self, now: Instant, record: TripRecord) {
+    pub(super) fn renew_during_trip(&mut self, now: Instant, record: TripRecord) {
         // The first renewal comes soon: it writes the trip to servers the
         // confirm missed, so that losing one that had it (a restart without
         // its data) does not leave the trip on a minority.

@@ -194,6 +194,16 @@ pub enum RedisOp {
         /// The trip.
         record: TripRecord,
     },
+    /// Keep `owner`'s lock (fencing token `token`) for `ttl`: the driver
+    /// accepted a group's offer and is held for the group.
+    Hold {
+        /// The owner value.
+        owner: String,
+        /// How long the lock is to live from now.
+        ttl: Duration,
+        /// The lock's fencing token.
+        token: FencingToken,
+    },
     /// Give up on `owner`'s lock and say whether it had booked.
     Settle {
         /// The owner value.
@@ -253,6 +263,8 @@ pub enum RedisReply {
     Confirmed(Option<bool>),
     /// To `Settle`.
     Settled(Option<Settled>),
+    /// To `Hold`: whether a majority kept the lock (`None`: can't tell).
+    HoldKept(Option<bool>),
     /// To `Renew` of `owner`.
     Renewed {
         /// The owner value renewed.
@@ -303,8 +315,9 @@ pub enum DriverEffect {
         pickup: LatLon,
     },
     /// The app accepted an offer of a group: the driver is held for it
-    /// (`outcome.ending` is `Accepted`, with no trip yet); tell its search.
-    Held(OfferOutcome, FencingToken),
+    /// (`outcome.ending` is `Accepted`, with no trip yet); tell its search
+    /// (on this node, or on the rider's node when it is another one).
+    Held(OfferOutcome, FencingToken, Option<NodeId>),
     /// The driver is offerable at this place, or (`None`) no longer: for
     /// the matcher's index, and, in cluster mode and with `announce`, the
     /// other nodes' (see [`MIN_ANNOUNCE_MOVE_M`](super::MIN_ANNOUNCE_MOVE_M)).

@@ -15,6 +15,7 @@
 
 mod app;
 mod cluster;
+mod group;
 use app::{offer_message, trip_assigned, waiting_for_group};
 mod events;
 mod steps;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::lock::{
-    Availability, DriverLock, Ending, LockRefused, LockState, OfferId, Trip, TripId,
+    Availability, DriverLock, Ending, FencingToken, LockRefused, LockState, OfferId, Trip, TripId,
 };
 use super::OfferHolder;
 use crate::areas::ServiceAreas;
@@ -125,6 +126,25 @@ enum Waiting {
     },
     /// The driver's current trip (`attempt` of [`cluster::TRIP_LOOKUP_ATTEMPTS`]).
     Lookup { attempt: u32 },
+    /// A group offer's accept: its lock kept for the group (see
+    /// `group.rs`), until when, the accept's time, the attempt, and when
+    /// the next attempt is due.
+    Hold {
+        offer_id: OfferId,
+        until: Instant,
+        accepted_at: Instant,
+        attempt: u32,
+        retry_at: Option<Instant>,
+    },
+    /// A held offer ending for `why`: its settle, asked until Redis can
+    /// tell whether the group was booked (and when next).
+    SettleHold {
+        owner: String,
+        offer_id: OfferId,
+        token: FencingToken,
+        why: Ending,
+        retry_at: Option<Instant>,
+    },
 }
 
 /// One driver.
@@ -266,9 +286,12 @@ impl Booking {
     /// When a [`DriverEvent::Tick`] next has something to do.
     pub fn next_timeout(&self) -> Option<Instant> {
         let confirm_retry = match &self.waiting {
-            Some(Waiting::Confirm { retry_at, .. } | Waiting::SettleAccept { retry_at, .. }) => {
-                *retry_at
-            }
+            Some(
+                Waiting::Confirm { retry_at, .. }
+                | Waiting::SettleAccept { retry_at, .. }
+                | Waiting::Hold { retry_at, .. }
+                | Waiting::SettleHold { retry_at, .. },
+            ) => *retry_at,
             _ => None,
         };
         if self.waiting.is_some() {
@@ -349,7 +372,9 @@ impl Booking {
         // news comes.
         let deciding = matches!(
             pending,
-            Some(Waiting::Confirm { .. } | Waiting::SettleAccept { .. })
+            Some(
+                Waiting::Confirm { .. } | Waiting::SettleAccept { .. } | Waiting::SettleHold { .. }
+            )
         );
         let waiting = match pending {
             Some(Waiting::Acquire(request, _)) => {
@@ -409,10 +434,19 @@ impl Booking {
                 fencing_token,
                 why,
             } => {
-                if let Some(ended) = self.lock.cancel(offer_id, fencing_token, why) {
+                if self.held_in_cluster() {
+                    // A group's commit may have landed in Redis: settled
+                    // first (see `group.rs`).
+                    self.settle_hold(offer_id, fencing_token, why);
+                } else if let Some(ended) = self.lock.cancel(offer_id, fencing_token, why) {
                     self.report(now, ended);
                 }
             }
+            DriverEvent::CommitHold {
+                offer_id,
+                fencing_token,
+                trip_id,
+            } if self.node.is_some() => self.commit_hold(now, offer_id, fencing_token, trip_id),
             DriverEvent::CommitHold {
                 offer_id,
                 fencing_token,
@@ -443,7 +477,11 @@ impl Booking {
                     && offer.holder.incarnation == incarnation
                 {
                     let (offer_id, token) = (offer.offer_id, offer.fencing_token);
-                    if let Some(ended) = self.lock.cancel(offer_id, token, Ending::RiderCancelled) {
+                    if self.held_in_cluster() {
+                        self.settle_hold(offer_id, token, Ending::RiderCancelled);
+                    } else if let Some(ended) =
+                        self.lock.cancel(offer_id, token, Ending::RiderCancelled)
+                    {
                         self.report(now, ended);
                     }
                 }

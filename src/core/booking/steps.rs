@@ -236,6 +236,10 @@ impl Booking {
 
     /// Whatever is due at `now` among the driver's own timers.
     pub(super) fn timers(&mut self, now: Instant) {
+        if self.hold_ran_out(now) {
+            // Settled in Redis first; the rest waits for its answer.
+            return;
+        }
         if self
             .lock
             .current_offer()

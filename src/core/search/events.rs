@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::cluster::wire::NodeId;
+use crate::core::booking::GroupMember;
 use crate::core::lock::{Ending, FencingToken, LockRefused, OfferId, TripId};
 use crate::core::{Granted, OfferHolder};
 use crate::location::LatLon;
@@ -129,6 +130,8 @@ pub enum SearchEffect<R> {
     GroupNews {
         /// The driver.
         driver: DriverId,
+        /// The driver's node, when it is another one.
+        node: Option<NodeId>,
         /// The held offer.
         offer_id: OfferId,
         /// Its lock's fencing token.
@@ -137,6 +140,18 @@ pub enum SearchEffect<R> {
         accepted: u8,
         /// The driver's trip, once the group is complete.
         trip_id: Option<TripId>,
+    },
+    /// Cluster mode: book every member of group `group` in Redis at once
+    /// (see `commit.rs`) and hand the verdict to
+    /// [`Searches::group_confirmed`](super::Searches::group_confirmed) with
+    /// `group` and `attempt`.
+    ConfirmGroup {
+        /// The group (the rider's key).
+        group: SearchKey,
+        /// Which try this is.
+        attempt: u32,
+        /// Each member's driver and trip.
+        members: Vec<GroupMember>,
     },
     /// Cluster mode: settle `owner`'s lock of `driver` in Redis and hand the
     /// outcome to [`Searches::settled`] with `ticket`.

@@ -25,14 +25,19 @@
 //!   groups each waiting for the next can't form. Plain requests hold one
 //!   driver and never wait while holding, so they take no part.
 //!
-//! Groups are served on one node: the matcher refuses `vehicles` above 1 in
-//! cluster mode (`unsupported`).
+//! In cluster mode a group's members may be drivers on several nodes. Each
+//! member's accept keeps its lock in Redis for the group's hold, and the
+//! commit is one Redis script over every member's lock (see `commit.rs`),
+//! so that the group is booked whole or not at all there too. Wound-wait
+//! takes drivers from this node's younger groups only: drivers held for a
+//! group on another node are not in this node's index.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::{Phase, Search, SearchEffect, SearchKey, Searches};
-use crate::core::lock::{Ending, FencingToken, OfferId};
+use crate::cluster::wire::NodeId;
+use crate::core::lock::{Ending, FencingToken, OfferId, TripId};
 use crate::core::search::OfferOutcome;
 use crate::location::LatLon;
 use crate::metrics as m;
@@ -56,19 +61,27 @@ pub(super) struct Group<R> {
     /// Member searches not ended yet.
     pub(super) members: Vec<SearchKey>,
     /// Members whose driver accepted and is held, by member.
-    held: BTreeMap<SearchKey, Holding>,
+    pub(super) held: BTreeMap<SearchKey, Holding>,
     /// Set once the group fails: why its drivers are let go.
     pub(super) ending: Option<Ending>,
+    /// Cluster mode: every member is held and the booking is being asked
+    /// of Redis (see `commit.rs`); nothing else decides meanwhile.
+    pub(super) committing: Option<super::commit::Commit>,
+    /// Why the group is to fail if Redis refuses the booking (the rider
+    /// cancelled, or the deadline passed, while it was asked).
+    pub(super) pending_end: Option<Ending>,
     /// Drivers asked by members that ended (for the candidates metric).
     tried: u32,
 }
 
 /// A driver held for a group.
-struct Holding {
-    driver: DriverId,
-    offer_id: OfferId,
-    fencing_token: FencingToken,
-    at: LatLon,
+pub(super) struct Holding {
+    pub(super) driver: DriverId,
+    /// The driver's node, when it is another one.
+    pub(super) node: Option<NodeId>,
+    pub(super) offer_id: OfferId,
+    pub(super) fencing_token: FencingToken,
+    pub(super) at: LatLon,
 }
 
 /// The search key of member `i` of the group request `request_id`.
@@ -97,6 +110,8 @@ impl<R: Clone> Searches<R> {
             members: Vec::new(),
             held: BTreeMap::new(),
             ending: None,
+            committing: None,
+            pending_end: None,
             tried: 0,
         };
         self.groups.insert(key.clone(), group);
@@ -159,13 +174,17 @@ impl<R: Clone> Searches<R> {
             return;
         };
         let was_locking = matches!(search.phase, Phase::Locking { .. });
+        let node = match &search.phase {
+            Phase::Locking { node, .. } | Phase::Offered { node, .. } => node.clone(),
+            Phase::Looking => None,
+        };
         if was_locking {
             // The hold overtook the lock's answer (which will be ignored).
             self.locking.remove(&driver);
             search.candidates_tried += 1;
             search.phase = Phase::Offered {
                 driver: driver.clone(),
-                node: None,
+                node: node.clone(),
                 offer_id: outcome.offer_id,
                 fencing_token,
             };
@@ -192,7 +211,7 @@ impl<R: Clone> Searches<R> {
         let Some(group) = self.groups.get_mut(&group_key) else {
             return;
         };
-        if group.ending.is_some() {
+        if group.ending.is_some() || group.committing.is_some() {
             return; // failing: every member's driver is being let go
         }
         // Holds last until the search's deadline and a little more: past
@@ -204,6 +223,7 @@ impl<R: Clone> Searches<R> {
         }
         let holding = Holding {
             driver,
+            node,
             offer_id: outcome.offer_id,
             fencing_token,
             at,
@@ -222,6 +242,7 @@ impl<R: Clone> Searches<R> {
         for holding in group.held.values() {
             self.effects.push(SearchEffect::GroupNews {
                 driver: holding.driver.clone(),
+                node: holding.node.clone(),
                 offer_id: holding.offer_id,
                 fencing_token: holding.fencing_token,
                 accepted,
@@ -232,21 +253,49 @@ impl<R: Clone> Searches<R> {
     }
 
     /// Every member is held: each driver goes on its trip and the rider
-    /// gets one `matched`, nearest driver first.
+    /// gets one `matched`, nearest driver first. In cluster mode the trips
+    /// are booked in Redis first (see `commit.rs`).
     fn complete_group(&mut self, now: Instant, key: &SearchKey) {
+        if self.node.is_some() {
+            return self.start_commit(key);
+        }
+        let Some(group) = self.groups.get(key) else {
+            return;
+        };
+        let trips = group
+            .held
+            .keys()
+            .map(|member| (member.clone(), self.ids.next_trip()))
+            .collect();
+        self.book_group(now, key, trips);
+    }
+
+    /// Group `key` is booked, with each member's trip: each driver is told
+    /// it goes on its trip, the rider gets one `matched`, nearest driver
+    /// first.
+    pub(super) fn book_group(
+        &mut self,
+        now: Instant,
+        key: &SearchKey,
+        trips: BTreeMap<SearchKey, TripId>,
+    ) {
         let Some(group) = self.groups.remove(key) else {
             return;
         };
-        let mut held: Vec<Holding> = group.held.into_values().collect();
-        held.sort_by(|a, b| {
+        let mut held: Vec<(Holding, TripId)> = group
+            .held
+            .into_iter()
+            .filter_map(|(member, holding)| trips.get(&member).map(|trip| (holding, *trip)))
+            .collect();
+        held.sort_by(|(a, _), (b, _)| {
             let (da, db) = (a.at.distance_m(group.pickup), b.at.distance_m(group.pickup));
             da.total_cmp(&db).then_with(|| a.driver.cmp(&b.driver))
         });
         let mut drivers = Vec::with_capacity(held.len());
-        for holding in held {
-            let trip_id = self.ids.next_trip();
+        for (holding, trip_id) in held {
             self.effects.push(SearchEffect::GroupNews {
                 driver: holding.driver.clone(),
+                node: holding.node.clone(),
                 offer_id: holding.offer_id,
                 fencing_token: holding.fencing_token,
                 accepted: group.size,
@@ -294,8 +343,36 @@ impl<R: Clone> Searches<R> {
         if group.ending.is_some() {
             return;
         }
+        if group.committing.is_some() {
+            // Redis decides first: booked, it stands (the cancel or the
+            // deadline came too late); refused, the group fails for this.
+            group.pending_end.get_or_insert(why);
+            return;
+        }
         group.ending = Some(why);
+        // A held member's news was not awaited (see `settle_due`); now its
+        // driver's node must answer the withdrawal, or the hold is settled
+        // in Redis like any overdue offer (that node may have died).
+        let remote_held: Vec<(SearchKey, OfferId)> = group
+            .held
+            .iter()
+            .filter(|(_, h)| h.node.is_some())
+            .map(|(key, h)| (key.clone(), h.offer_id))
+            .collect();
         group.held.clear();
+        for (key, offer_id) in remote_held {
+            if let Some(search) = self.searches.get(&key) {
+                let due = now + super::REMOTE_ANSWER_WAIT;
+                self.remote_due.push(std::cmp::Reverse((
+                    due,
+                    search.seq,
+                    offer_id,
+                    0,
+                    super::Awaited::Outcome,
+                    key,
+                )));
+            }
+        }
         let members = group.members.clone();
         for member in &members {
             if let Some(search) = self.searches.get_mut(member) {
@@ -393,6 +470,14 @@ impl<R: Clone> Searches<R> {
                 search.excluded.push(driver.clone());
             }
         }
+    }
+
+    /// Whether member `key`'s group is being booked in Redis: its members
+    /// neither look for drivers nor end meanwhile.
+    pub(super) fn group_committing(&self, key: &SearchKey) -> bool {
+        self.group_of(key)
+            .and_then(|group| self.groups.get(&group))
+            .is_some_and(|group| group.committing.is_some())
     }
 
     fn group_of(&self, key: &SearchKey) -> Option<SearchKey> {

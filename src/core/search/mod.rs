@@ -29,6 +29,7 @@ use crate::protocol::{DriverId, ErrorCode, RequestId, RiderId, ServerMessage};
 use crate::spatial::SpatialIndex;
 
 mod batch;
+mod commit;
 mod events;
 mod group;
 mod news;
@@ -246,6 +247,8 @@ pub struct Searches<R> {
     /// that a later search under the same request id does not get it), and
     /// where the driver was.
     handovers: HashMap<OfferId, (SearchKey, u64, Option<LatLon>)>,
+    /// Cluster mode: group bookings to ask Redis again, when, and which try.
+    group_retries: BinaryHeap<Reverse<(Instant, u32, SearchKey)>>,
     effects: Vec<SearchEffect<R>>,
     index_queries: u32,
 }
@@ -280,6 +283,7 @@ impl<R: Clone> Searches<R> {
             areas: None,
             groups: HashMap::new(),
             handovers: HashMap::new(),
+            group_retries: BinaryHeap::new(),
             effects: Vec::new(),
             index_queries: 0,
         }
@@ -313,6 +317,7 @@ impl<R: Clone> Searches<R> {
             self.widenings.peek().map(|Reverse((at, ..))| *at),
             self.batch_due,
             self.remote_due.peek().map(|Reverse((at, ..))| *at),
+            self.group_retries.peek().map(|Reverse((at, ..))| *at),
         ]
         .into_iter()
         .flatten()
@@ -394,11 +399,6 @@ impl<R: Clone> Searches<R> {
                     "at most {} requests may be in flight per rider, over all of its connections",
                     self.settings.max_requests_per_rider
                 ),
-            ))
-        } else if vehicles > 1 && self.node.is_some() {
-            Some((
-                ErrorCode::Unsupported,
-                "requests for more than one vehicle are served by a single engine node, not in cluster mode yet".into(),
             ))
         } else if self.searches.len() + usize::from(vehicles) > self.settings.max_searches {
             // Parked searches hold memory and wake-up work for as long as
@@ -523,6 +523,7 @@ impl<R: Clone> Searches<R> {
     /// settles of overdue remote offers.
     pub fn tick(&mut self, now: Instant) {
         self.settle_due(now);
+        self.group_retries_due(now);
         self.widen_due(now);
         if self.batch_due.is_some_and(|due| due <= now) {
             self.assign_batch(now);
@@ -549,10 +550,18 @@ impl<R: Clone> Searches<R> {
             let Some(Reverse((_, seq, key))) = self.deadlines.pop() else {
                 break;
             };
+            let committing = self.group_committing(&key);
             let Some(search) = self.searches.get_mut(&key).filter(|s| s.seq == seq) else {
                 continue;
             };
             search.deadline_passed = true;
+            if committing {
+                // Redis decides the group's fate first (see `commit.rs`).
+                if let Some(group) = search.group.clone() {
+                    self.end_group(now, &group, Ending::GroupIncomplete);
+                }
+                continue;
+            }
             // A search with a driver deciding lets that offer play out; a
             // group can't wait for its members' offers: it is not complete
             // (or it would be gone), so it fails.

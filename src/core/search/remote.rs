@@ -5,7 +5,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Instant;
 
-use super::{Awaited, Phase, SearchEffect, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY};
+use super::{
+    Awaited, Phase, SearchEffect, SearchKey, Searches, SettleTicket, SETTLE_ATTEMPTS, SETTLE_RETRY,
+};
 use crate::cluster::wire::NodeId;
 use crate::core::lock::{Ending, OfferId};
 use crate::core::{owner, Settled};
@@ -64,6 +66,27 @@ impl<R: Clone> Searches<R> {
     /// freed for the drivers' reconnections elsewhere.
     pub fn node_gone(&mut self, now: Instant, node: NodeId) {
         self.forget_node(&node);
+        // A group's member held by a driver of that node is let go (settled
+        // below, and replaced): its actor died with the node, and nothing
+        // would tell the driver of its trip. Unless the group is being
+        // booked: then Redis's answer decides.
+        let held: Vec<(SearchKey, OfferId)> = self
+            .searches
+            .iter()
+            .filter_map(|(key, s)| match &s.phase {
+                Phase::Offered {
+                    node: Some(n),
+                    offer_id,
+                    ..
+                } if *n == node => Some((key.clone(), *offer_id)),
+                _ => None,
+            })
+            .collect();
+        for (key, offer_id) in held {
+            if !self.group_committing(&key) {
+                self.unhold(&key, offer_id);
+            }
+        }
         for (key, search) in &self.searches {
             if let Phase::Locking {
                 node: Some(n),

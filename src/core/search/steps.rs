@@ -35,6 +35,12 @@ impl<R: Clone> Searches<R> {
     /// Moves a search that is `Looking` forward: ends it if it was cancelled
     /// or ran out of time, asks the nearest untried driver, or parks it.
     pub(super) fn advance(&mut self, now: Instant, key: SearchKey) {
+        if self.group_committing(&key) {
+            // Its group is being booked: Redis's answer decides (a member
+            // whose hold ended meanwhile looks again only if it is refused,
+            // and then ends with the group).
+            return;
+        }
         let Some(search) = self.searches.get(&key) else {
             return;
         };
@@ -280,6 +286,14 @@ impl<R: Clone> Searches<R> {
         driver_id: DriverId,
         driver_location: LatLon,
     ) {
+        if self.group_committing(key) {
+            // A member's settle found its trip: the group's booking landed,
+            // which Redis's answer to it will say.
+            if let Some(search) = self.searches.get_mut(key) {
+                search.phase = Phase::Looking;
+            }
+            return;
+        }
         let Some(search) = self.searches.get(key) else {
             return;
         };

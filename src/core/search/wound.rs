@@ -33,7 +33,10 @@ impl<R: Clone> Searches<R> {
         let radius = self.radius_of(search, now);
         let mut victim: Option<(f64, u64, SearchKey)> = None;
         for younger in self.groups.values() {
-            if younger.seq <= group.seq || younger.ending.is_some() {
+            // A group being booked in Redis is past taking from: its
+            // members' locks may already be its trips.
+            if younger.seq <= group.seq || younger.ending.is_some() || younger.committing.is_some()
+            {
                 continue;
             }
             for member in &younger.members {
