@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::redis::{signal, RedisServer};
 use common::{wait_for_available, Client};
-use ridelock::protocol::{NoDriverReason, ServerMessage};
+use ridelock::protocol::{NoDriverReason, RevokeReason, ServerMessage};
 use ridelock::Engine;
 use serde_json::json;
 
@@ -674,35 +674,228 @@ fn node_ids_outside_the_alphabet_are_refused_at_start() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_request_is_refused_in_cluster_mode_and_starts_nothing() {
-    let redis = RedisServer::start();
-    let a = node(&[&redis], "a", |_| {}).await;
-    let mut driver = Client::available_driver(&a, "d1", LAT + 0.001, LON).await;
-    wait_for_available(&a, 1).await;
-    let mut rider = Client::rider(&a, "r1").await;
+/// Sends a request for `vehicles` vehicles; `searching` must follow.
+async fn request_group(rider: &mut Client, request_id: &str, vehicles: u8) {
     rider
         .send(json!({
-            "type": "request_ride", "request_id": "g",
-            "pickup": {"lat": LAT, "lon": LON}, "vehicles": 2,
+            "type": "request_ride", "request_id": request_id,
+            "pickup": {"lat": LAT, "lon": LON}, "vehicles": vehicles,
         }))
         .await;
-    match rider.recv().await {
-        ServerMessage::Error {
-            code, request_id, ..
-        } => {
-            assert_eq!(code.as_str(), "unsupported");
-            assert_eq!(request_id.as_deref(), Some("g"));
+    rider.expect_searching(request_id).await;
+}
+
+/// The next message must be an offer of a group of `size`; its id.
+async fn expect_group_offer(driver: &mut Client, size: u8) -> u64 {
+    match driver.recv_within(CROSS_NODE).await {
+        Some(ServerMessage::Offer {
+            offer_id,
+            group_size,
+            ..
+        }) => {
+            assert_eq!(group_size, size, "{}: the offer's group size", driver.id);
+            offer_id
         }
-        other => panic!("expected unsupported, got {other:?}"),
+        other => panic!("{}: expected a group offer, got {other:?}", driver.id),
     }
-    driver.expect_silence(Duration::from_millis(200)).await;
-    assert_eq!(a.stats().await.searches, 0);
-    // One vehicle is served as ever, under the same id.
-    rider.request_ride("g", LAT, LON).await;
-    rider.expect_searching("g").await;
-    let (offer, _) = driver.expect_offer_within(CROSS_NODE).await;
-    driver.accept(offer).await;
-    assert_eq!(rider.expect_matched().await, "d1");
+}
+
+/// The rider's final message for its group, skipping its progress.
+async fn group_final(rider: &mut Client) -> ServerMessage {
+    loop {
+        match rider.recv_within(CROSS_NODE).await {
+            Some(ServerMessage::GroupProgress { .. }) => continue,
+            Some(other) => return other,
+            None => panic!("{}: no final message within {CROSS_NODE:?}", rider.id),
+        }
+    }
+}
+
+/// The driver's last word on a held offer: its trip (`Some`) or the hold
+/// let go (`None`), skipping `waiting_for_group`.
+async fn hold_outcome(driver: &mut Client, offer: u64) -> Option<u64> {
+    loop {
+        match driver.recv_within(CROSS_NODE).await {
+            Some(ServerMessage::WaitingForGroup { offer_id, .. }) => assert_eq!(offer_id, offer),
+            Some(ServerMessage::TripAssigned {
+                offer_id, trip_id, ..
+            }) => {
+                assert_eq!(offer_id, offer);
+                return Some(trip_id);
+            }
+            Some(ServerMessage::OfferRevoked { offer_id, reason }) => {
+                assert_eq!(offer_id, offer);
+                assert_eq!(reason, RevokeReason::GroupIncomplete);
+                return None;
+            }
+            other => panic!("{}: expected the hold's outcome, got {other:?}", driver.id),
+        }
+    }
+}
+
+/// The drivers' current trips in Redis: (driver, trip id) for each key.
+async fn current_trips(redis: &RedisServer) -> Vec<(String, u64)> {
+    let mut raw = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("ridelock:driver:*:trip")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let mut trips = Vec::new();
+    for key in keys {
+        let value: String = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let json = value.split_once('|').expect("owner|record").1;
+        let record: serde_json::Value = serde_json::from_str(json).unwrap();
+        let driver = key.split(':').nth(2).unwrap().to_string();
+        trips.push((driver, record["trip_id"].as_u64().unwrap()));
+    }
+    trips.sort();
+    trips
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_drivers_on_two_nodes_is_booked_whole() {
+    let redis = RedisServer::start();
+    let a = node(&[&redis], "a", |_| {}).await;
+    let b = node(&[&redis], "b", |_| {}).await;
+    let mut near = Client::available_driver(&a, "d1", LAT + 0.001, LON).await;
+    let mut far = Client::available_driver(&b, "d2", LAT + 0.002, LON).await;
+    wait_for_available(&a, 2).await;
+
+    let mut rider = Client::rider(&a, "r1").await;
+    request_group(&mut rider, "g", 2).await;
+    let near_offer = expect_group_offer(&mut near, 2).await;
+    let far_offer = expect_group_offer(&mut far, 2).await;
+    // The driver on the other node accepts first: held there, its lock kept
+    // in Redis for the group, and the rider hears of it across nodes.
+    far.accept(far_offer).await;
+    match far.recv_within(CROSS_NODE).await {
+        Some(ServerMessage::WaitingForGroup {
+            accepted,
+            group_size,
+            ..
+        }) => assert_eq!((accepted, group_size), (1, 2)),
+        other => panic!("expected waiting_for_group, got {other:?}"),
+    }
+    let lock_ttl_ms: i64 = {
+        let mut raw = redis::Client::open(redis.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("PTTL")
+            .arg("ridelock:driver:d2:lock")
+            .query_async(&mut raw)
+            .await
+            .unwrap()
+    };
+    assert!(
+        lock_ttl_ms > 10_000,
+        "a held driver's lock lasts until the group's hold ends, not the offer's: {lock_ttl_ms} ms"
+    );
+    near.accept(near_offer).await;
+
+    let drivers = match group_final(&mut rider).await {
+        ServerMessage::Matched { drivers, .. } => drivers,
+        other => panic!("expected matched, got {other:?}"),
+    };
+    let names: Vec<&str> = drivers.iter().map(|d| &*d.driver_id).collect();
+    assert_eq!(names, ["d1", "d2"], "every member, nearest first");
+    let near_trip = hold_outcome(&mut near, near_offer).await;
+    let far_trip = hold_outcome(&mut far, far_offer).await;
+    assert_eq!(near_trip, Some(drivers[0].trip_id));
+    assert_eq!(far_trip, Some(drivers[1].trip_id));
+    // Both trips are in Redis, under each driver's lock.
+    assert_eq!(
+        current_trips(&redis).await,
+        [
+            ("d1".to_string(), drivers[0].trip_id),
+            ("d2".to_string(), drivers[1].trip_id)
+        ]
+    );
+    // The trip on the other node completes there, as any trip.
+    far.send(json!({"type": "trip_completed", "trip_id": drivers[1].trip_id}))
+        .await;
+    far.send(json!({"type": "available"})).await;
+    wait_for_available(&a, 1).await;
     a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_groups_on_two_nodes_racing_for_three_drivers_complete_one() {
+    let redis = RedisServer::start();
+    let short = |c: &mut ridelock::Config| c.search_timeout_ms = 3_000;
+    let a = node(&[&redis], "a", short).await;
+    let b = node(&[&redis], "b", short).await;
+    let mut drivers = vec![
+        Client::available_driver(&a, "d1", LAT + 0.001, LON).await,
+        Client::available_driver(&b, "d2", LAT + 0.0015, LON).await,
+        Client::available_driver(&a, "d3", LAT + 0.002, LON).await,
+    ];
+    wait_for_available(&a, 3).await;
+    wait_for_available(&b, 3).await;
+    let mut r1 = Client::rider(&a, "r1").await;
+    let mut r2 = Client::rider(&b, "r2").await;
+    // Both at once, one on each node: neither node knows the other's.
+    for rider in [&mut r1, &mut r2] {
+        rider
+            .send(json!({
+                "type": "request_ride", "request_id": "g",
+                "pickup": {"lat": LAT, "lon": LON}, "vehicles": 2,
+            }))
+            .await;
+    }
+    r1.expect_searching("g").await;
+    r2.expect_searching("g").await;
+
+    // Every driver accepts the one offer it gets.
+    let mut offers = Vec::new();
+    for driver in &mut drivers {
+        let offer = expect_group_offer(driver, 2).await;
+        driver.accept(offer).await;
+        offers.push(offer);
+    }
+    let mut matched = Vec::new();
+    let mut failed = 0;
+    for rider in [&mut r1, &mut r2] {
+        match group_final(rider).await {
+            ServerMessage::Matched { drivers, .. } => {
+                assert_eq!(drivers.len(), 2, "never a partial match");
+                matched.extend(
+                    drivers
+                        .into_iter()
+                        .map(|d| (d.driver_id.to_string(), d.trip_id)),
+                );
+            }
+            ServerMessage::NoDriver { .. } => failed += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        (matched.len(), failed),
+        (2, 1),
+        "one group of two, one failed"
+    );
+    // No driver in both: the two booked are on their trips, the third let
+    // go, and Redis holds exactly the two trips.
+    for (driver, offer) in drivers.iter_mut().zip(offers) {
+        let booked = matched
+            .iter()
+            .find(|(d, _)| *d == driver.id)
+            .map(|(_, t)| *t);
+        assert_eq!(hold_outcome(driver, offer).await, booked, "{}", driver.id);
+    }
+    matched.sort();
+    assert_eq!(current_trips(&redis).await, matched);
+    a.shutdown().await;
+    b.shutdown().await;
 }

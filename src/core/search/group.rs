@@ -350,17 +350,19 @@ impl<R: Clone> Searches<R> {
             return;
         }
         group.ending = Some(why);
-        // A held member's news was not awaited (see `settle_due`); now its
-        // driver's node must answer the withdrawal, or the hold is settled
-        // in Redis like any overdue offer (that node may have died).
-        let remote_held: Vec<(SearchKey, OfferId)> = group
+        // Cluster mode: a held member's news was not awaited (see
+        // `settle_due`); now its driver must answer the withdrawal, or the
+        // hold is settled in Redis like any overdue offer (the driver's
+        // node may have died, or its actor crashed and came back without
+        // the hold).
+        let cluster_held: Vec<(SearchKey, OfferId)> = group
             .held
             .iter()
-            .filter(|(_, h)| h.node.is_some())
+            .filter(|_| self.node.is_some())
             .map(|(key, h)| (key.clone(), h.offer_id))
             .collect();
         group.held.clear();
-        for (key, offer_id) in remote_held {
+        for (key, offer_id) in cluster_held {
             if let Some(search) = self.searches.get(&key) {
                 let due = now + super::REMOTE_ANSWER_WAIT;
                 self.remote_due.push(std::cmp::Reverse((
