@@ -353,14 +353,11 @@ pub enum ErrorCode {
     /// `accept`/`decline` of a group offer already accepted: the driver is
     /// held for the group until it completes or fails.
     AlreadyAccepted,
-    /// A request this engine can't serve in its mode (for now: more than one
-    /// vehicle in cluster mode).
-    Unsupported,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and metrics.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidJson,
         ErrorCode::NotAnObject,
         ErrorCode::MissingType,
@@ -378,7 +375,6 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::OutsideServiceArea,
         ErrorCode::AlreadyAccepted,
-        ErrorCode::Unsupported,
     ];
 
     /// The snake_case code as sent (also the metrics label).
@@ -401,7 +397,6 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::OutsideServiceArea => "outside_service_area",
             ErrorCode::AlreadyAccepted => "already_accepted",
-            ErrorCode::Unsupported => "unsupported",
         }
     }
 }

@@ -14,7 +14,7 @@ use ridelock::core::booking::{
 };
 use ridelock::core::lock::{Ending, LockRefused, LockState};
 use ridelock::core::search::{Dispatch, LockAnswer, SearchEffect, SearchSettings, Searches};
-use ridelock::core::{Granted, OfferHolder, Settled};
+use ridelock::core::{Granted, GroupTag, OfferHolder, Settled};
 use ridelock::ids::Ids;
 use ridelock::location::LatLon;
 use ridelock::protocol::{DriverCommand, ErrorCode, ServerMessage};
@@ -908,4 +908,247 @@ fn a_group_is_not_completed_past_its_deadline() {
         })
         .count();
     assert_eq!(let_go, 2, "{effects:?}");
+}
+
+/// A cluster-mode driver on node "a" holding offer 7 (token 100) of a group
+/// of two for a rider on node "b", whose hold lasts until `hold_until`.
+fn group_offer_in_cluster(now: Instant, hold_until: Instant) -> Booking {
+    let mut driver = ready_driver(Some("a"), now);
+    let mut holder = holder(Some("b"), 5);
+    holder.group = Some(GroupTag {
+        request_id: "g".into(),
+        size: 2,
+        hold_until,
+    });
+    driver.handle(
+        now,
+        DriverEvent::TryLock(request(7, holder, hold_until - Duration::from_secs(2))),
+    );
+    driver.take_effects();
+    driver.handle(
+        now,
+        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
+    );
+    driver.take_effects();
+    driver
+}
+
+/// Cluster mode: a group member's accept holds the driver only once Redis
+/// keeps its lock for the group's hold, and the rider's node hears of it.
+#[test]
+fn a_group_accept_in_cluster_mode_is_held_once_redis_keeps_the_lock() {
+    let t0 = Instant::now();
+    let hold_until = t0 + Duration::from_secs(30);
+    let mut driver = group_offer_in_cluster(t0, hold_until);
+    driver.handle(t0 + MS(100), accept(7, Some(100)));
+    let effects = driver.take_effects();
+    match redis_ops(&effects)[..] {
+        [RedisOp::Hold { owner, ttl, token }] => {
+            assert_eq!((owner.as_str(), *token), ("b/7", 100));
+            assert!(
+                *ttl > Duration::from_secs(29),
+                "until the hold ends: {ttl:?}"
+            );
+        }
+        ref other => panic!("expected a hold, got {other:?}"),
+    }
+    assert!(!matches!(driver.lock().state(), LockState::Held(_)));
+    // Can't tell once: asked again; then kept: held, and node b told.
+    driver.handle(t0 + MS(110), DriverEvent::Redis(RedisReply::HoldKept(None)));
+    assert!(driver.take_effects().is_empty());
+    driver.handle(t0 + MS(210), DriverEvent::Tick);
+    assert!(matches!(
+        redis_ops(&driver.take_effects())[..],
+        [RedisOp::Hold { .. }]
+    ));
+    driver.handle(
+        t0 + MS(220),
+        DriverEvent::Redis(RedisReply::HoldKept(Some(true))),
+    );
+    let effects = driver.take_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            DriverEffect::Held(o, 100, Some(node)) if o.offer_id == 7 && &**node == "b"
+        )),
+        "{effects:?}"
+    );
+    assert!(matches!(driver.lock().state(), LockState::Held(_)));
+
+    // Refused instead: the offer ends as expired and its lock is released.
+    let mut driver = group_offer_in_cluster(t0, hold_until);
+    driver.handle(t0 + MS(100), accept(7, Some(100)));
+    driver.take_effects();
+    driver.handle(
+        t0 + MS(110),
+        DriverEvent::Redis(RedisReply::HoldKept(Some(false))),
+    );
+    let effects = driver.take_effects();
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
+    assert!(told(&effects).iter().any(|m| matches!(
+        m,
+        ServerMessage::Error { code, .. } if *code == ErrorCode::OfferExpired
+    )));
+    assert!(matches!(driver.lock().state(), LockState::Free));
+}
+
+/// Cluster mode: a held driver lets go only through Redis. A withdrawal (or
+/// the hold running out) settles its lock first: the driver stays held
+/// while Redis can't tell, goes on the trip if the group's booking had
+/// landed (its news lost), and is free only if it had not.
+#[test]
+fn a_held_driver_in_cluster_mode_lets_go_only_through_redis() {
+    let t0 = Instant::now();
+    let hold_until = t0 + Duration::from_secs(30);
+    let held = |now| {
+        let mut driver = group_offer_in_cluster(t0, hold_until);
+        driver.handle(now, accept(7, Some(100)));
+        driver.handle(now, DriverEvent::Redis(RedisReply::HoldKept(Some(true))));
+        driver.take_effects();
+        driver
+    };
+    let settles = |effects: &[DriverEffect]| {
+        redis_ops(effects)
+            .iter()
+            .filter(|op| matches!(op, RedisOp::Settle { owner } if owner == "b/7"))
+            .count()
+    };
+
+    // Withdrawn: settled, not released; held while Redis can't tell.
+    let mut driver = held(t0);
+    let cancel = DriverEvent::CancelOffer {
+        offer_id: 7,
+        fencing_token: 100,
+        why: Ending::GroupIncomplete,
+    };
+    driver.handle(t0 + MS(500), cancel);
+    let effects = driver.take_effects();
+    assert_eq!(settles(&effects), 1, "{effects:?}");
+    assert!(
+        told(&effects).is_empty(),
+        "nothing said before Redis: {effects:?}"
+    );
+    driver.handle(t0 + MS(510), DriverEvent::Redis(RedisReply::Settled(None)));
+    assert!(matches!(driver.lock().state(), LockState::Held(_)));
+    driver.handle(t0 + MS(1_010), DriverEvent::Tick);
+    assert_eq!(settles(&driver.take_effects()), 1, "asked again");
+    // The group's booking had landed: the driver goes on its trip.
+    driver.handle(
+        t0 + MS(1_020),
+        DriverEvent::Redis(RedisReply::Settled(Some(Settled::Trip(42)))),
+    );
+    let effects = driver.take_effects();
+    assert!(told(&effects)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::TripAssigned { trip_id: 42, .. })));
+    assert_eq!(driver.trip_id(), Some(42));
+
+    // The hold runs out with no word: settled; nothing booked: let go.
+    let mut driver = held(t0);
+    driver.handle(hold_until, DriverEvent::Tick);
+    assert_eq!(settles(&driver.take_effects()), 1);
+    driver.handle(
+        hold_until + MS(5),
+        DriverEvent::Redis(RedisReply::Settled(Some(Settled::Dead))),
+    );
+    let effects = driver.take_effects();
+    assert!(told(&effects)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::OfferRevoked { offer_id: 7, .. })));
+    assert!(matches!(driver.lock().state(), LockState::Free));
+
+    // The rider's node's commit: on the trip at once, no settle needed.
+    let mut driver = held(t0);
+    let commit = DriverEvent::CommitHold {
+        offer_id: 7,
+        fencing_token: 100,
+        trip_id: 43,
+    };
+    driver.handle(t0 + MS(500), commit);
+    assert_eq!(driver.trip_id(), Some(43));
+    assert_eq!(settles(&driver.take_effects()), 0);
+}
+
+/// Cluster mode: a complete group is booked in Redis before anyone hears,
+/// and while Redis decides nothing else does: a cancel waits for the
+/// answer (booked: it came too late; refused: the group fails as
+/// cancelled).
+#[test]
+fn a_complete_group_in_cluster_mode_is_booked_in_redis_first() {
+    for booked in [true, false] {
+        let t0 = Instant::now();
+        let mut searches: Searches<u32> =
+            Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
+        let granted = granted_group(&mut searches, t0);
+        let offers: Vec<u64> = granted.iter().map(|(_, offer, _)| *offer).collect();
+        for member in granted {
+            hold(&mut searches, t0 + MS(100), member);
+        }
+        let effects = searches.take_effects();
+        assert!(!completed(&effects), "told before Redis: {effects:?}");
+        let (group, members) = effects
+            .iter()
+            .find_map(|e| match e {
+                SearchEffect::ConfirmGroup {
+                    group,
+                    attempt: 1,
+                    members,
+                } => Some((group.clone(), members.clone())),
+                _ => None,
+            })
+            .expect("the group's booking asked of Redis");
+        let mut owners: Vec<String> = members.iter().map(|m| m.trip.owner.clone()).collect();
+        owners.sort();
+        let mut expected: Vec<String> = offers.iter().map(|o| format!("a/{o}")).collect();
+        expected.sort();
+        assert_eq!(owners, expected);
+
+        // The rider cancels meanwhile: nothing is withdrawn yet.
+        searches.cancel(t0 + MS(150), 1, "r".into(), "g".into());
+        assert!(searches.take_effects().is_empty());
+        // Redis can't tell: asked again shortly, as a new try.
+        searches.group_confirmed(t0 + MS(160), group.clone(), 1, None);
+        searches.tick(t0 + MS(300));
+        assert!(searches
+            .take_effects()
+            .iter()
+            .any(|e| matches!(e, SearchEffect::ConfirmGroup { attempt: 2, .. })));
+        // A late answer to the first try changes nothing.
+        searches.group_confirmed(t0 + MS(310), group.clone(), 1, Some(!booked));
+        assert!(searches.take_effects().is_empty());
+        searches.group_confirmed(t0 + MS(320), group.clone(), 2, Some(booked));
+        let effects = searches.take_effects();
+        if booked {
+            assert!(completed(&effects), "{effects:?}");
+            let trips: Vec<u64> = effects
+                .iter()
+                .filter_map(|e| match e {
+                    SearchEffect::GroupNews {
+                        trip_id: Some(t), ..
+                    } => Some(*t),
+                    _ => None,
+                })
+                .collect();
+            let mut booked_trips: Vec<u64> = members.iter().map(|m| m.trip.trip_id).collect();
+            booked_trips.sort();
+            let mut trips = trips;
+            trips.sort();
+            assert_eq!(trips, booked_trips, "the trips Redis booked");
+        } else {
+            assert!(!completed(&effects));
+            let cancelled = effects
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        SearchEffect::Cancel {
+                            why: Ending::RiderCancelled,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            assert_eq!(cancelled, 2, "every member let go: {effects:?}");
+        }
+    }
 }

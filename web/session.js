@@ -31,7 +31,6 @@ export function describeError(message) {
     rate_limited: "slow down: too many messages",
     overloaded: "the engine is busy: try again in a moment",
     outside_service_area: "the pickup is outside the area served",
-    unsupported: "this engine can't serve that request",
   };
   const what = words[message.code] || message.code;
   return `${what} (${message.message})`;

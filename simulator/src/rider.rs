@@ -248,7 +248,7 @@ fn on_message(text: &str, rider: &str, open: &mut HashMap<String, Instant>, shar
                 // A cancel that crossed the request's final message finds nothing.
                 ("unknown_request", _) => {}
                 // Refused at the door: the engine owes it nothing.
-                ("overloaded" | "too_many_requests" | "unsupported", Some(request_id)) => {
+                ("overloaded" | "too_many_requests", Some(request_id)) => {
                     stats.rejected.inc();
                     open.remove(&*request_id);
                     stats.request_ended(&request_id);

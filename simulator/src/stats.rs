@@ -105,8 +105,7 @@ pub struct Stats {
     pub no_driver: Counter,
     pub cancelled: Counter,
     pub rider_errors: Counter,
-    /// Requests the engine refused (`overloaded`, `too_many_requests`,
-    /// `unsupported`: a group in cluster mode).
+    /// Requests the engine refused (`overloaded`, `too_many_requests`).
     pub rejected: Counter,
     pub driver_errors: Counter,
     pub offers_received: Counter,
