@@ -899,3 +899,75 @@ async fn two_groups_on_two_nodes_racing_for_three_drivers_complete_one() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Wound-wait across nodes: an older group on node a holds one driver and
+/// waits for a second, which a younger group on node b holds (it was out of
+/// the older group's reach when b took it). Neither node sees the other's
+/// group; without the rule both would wait for their deadlines. When the
+/// older group's reach grows to that driver, it asks the other nodes to
+/// wound for it: b takes the driver back (`preempted`), its group never
+/// asks it again, and the older group completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_group_takes_a_driver_from_a_younger_group_on_another_node() {
+    let redis = RedisServer::start();
+    let reach = |c: &mut ridelock::Config| {
+        c.search_timeout_ms = 8_000;
+        c.radius_m = 1_000.0;
+        c.radius_step_m = 2_000.0;
+        c.radius_step_ms = 2_000;
+    };
+    let a = node(&[&redis], "a", reach).await;
+    let b = node(&[&redis], "b", reach).await;
+    // 2.5 km north: where the younger group's rider waits, beyond the older
+    // one's first radius.
+    let north = LAT + 2_500.0 / 111_195.0;
+
+    let mut d1 = Client::available_driver(&a, "d1", LAT + 0.001, LON).await;
+    wait_for_available(&a, 1).await;
+    let mut older = Client::rider(&a, "r1").await;
+    request_group(&mut older, "g", 2).await;
+    let first = expect_group_offer(&mut d1, 2).await;
+    d1.accept(first).await;
+
+    let mut younger = Client::rider(&b, "r2").await;
+    younger
+        .send(json!({
+            "type": "request_ride", "request_id": "g",
+            "pickup": {"lat": north, "lon": LON}, "vehicles": 2,
+        }))
+        .await;
+    younger.expect_searching("g").await;
+    let mut d2 = Client::available_driver(&b, "d2", north, LON).await;
+    let taken = expect_group_offer(&mut d2, 2).await;
+    d2.accept(taken).await;
+    match d2.recv_within(CROSS_NODE).await {
+        Some(ServerMessage::WaitingForGroup { offer_id, .. }) => assert_eq!(offer_id, taken),
+        other => panic!("expected d2 held for the younger group, got {other:?}"),
+    }
+
+    // The older group's reach grows to d2: b takes it back for it.
+    match d2.recv_within(CROSS_NODE).await {
+        Some(ServerMessage::OfferRevoked { offer_id, reason }) => {
+            assert_eq!((offer_id, reason), (taken, RevokeReason::Preempted));
+        }
+        other => panic!("expected d2 taken from the younger group, got {other:?}"),
+    }
+    let second = expect_group_offer(&mut d2, 2).await;
+    d2.accept(second).await;
+    let drivers = match group_final(&mut older).await {
+        ServerMessage::Matched { drivers, .. } => drivers,
+        other => panic!("expected the older group matched, got {other:?}"),
+    };
+    let names: Vec<&str> = drivers.iter().map(|d| &*d.driver_id).collect();
+    assert_eq!(names, ["d1", "d2"]);
+    assert!(hold_outcome(&mut d1, first).await.is_some());
+    assert!(hold_outcome(&mut d2, second).await.is_some());
+    // The younger group never gets d2 back, and fails at its deadline.
+    match group_final(&mut younger).await {
+        ServerMessage::NoDriver { .. } => {}
+        other => panic!("expected the younger group to fail, got {other:?}"),
+    }
+    d2.expect_silence(Duration::from_millis(300)).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -17,7 +17,7 @@ use super::messages::{
     OfferEnded, OfferHeld, ReplyRoute, ToDriver, TryLock,
 };
 use crate::areas::ServiceAreas;
-use crate::cluster::wire::{Wire, WireGroup};
+use crate::cluster::wire::{Wire, WireGroup, Wound};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::core::booking::{LockRequest, ReplyTo, LOCK_MARGIN};
@@ -409,6 +409,20 @@ impl Matcher {
                     tracing::error!(driver = %driver, offer_id, "a group's driver is gone at its commit");
                 }
             }
+            SearchEffect::Wound {
+                started_ago,
+                pickup,
+                radius_m,
+            } => {
+                let cluster = self.cluster.as_ref().expect("wounds in cluster mode");
+                let now_ms = crate::limits::unix_ms().unwrap_or_default();
+                cluster.broadcast(Wire::Wound(Wound {
+                    from: cluster.node().clone(),
+                    started_unix_ms: now_ms.saturating_sub(started_ago.as_millis() as u64),
+                    pickup,
+                    radius_m,
+                }));
+            }
             SearchEffect::ConfirmGroup {
                 group,
                 attempt,
@@ -545,6 +559,29 @@ impl Handler<SettleOutcome> for Matcher {
     fn handle(&mut self, msg: SettleOutcome, ctx: &mut Context<Self>) {
         self.decide(ctx, |searches, now| {
             searches.settled(now, msg.ticket, msg.outcome)
+        });
+    }
+}
+
+/// Cluster mode: an older group on another node asks for a younger
+/// group's driver (see `core::search::wound`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Wounded(pub Wound);
+
+impl Handler<Wounded> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Wounded, ctx: &mut Context<Self>) {
+        let Wound {
+            from,
+            started_unix_ms,
+            pickup,
+            radius_m,
+        } = msg.0;
+        let unix_now_ms = crate::limits::unix_ms().unwrap_or_default();
+        self.decide(ctx, |searches, now| {
+            searches.wounded(now, unix_now_ms, &from, started_unix_ms, pickup, radius_m)
         });
     }
 }

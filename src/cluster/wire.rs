@@ -195,6 +195,25 @@ pub enum Wire {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         trip_id: Option<TripId>,
     },
+    /// On [`DRIVERS_CHANNEL`]: an older group asks for a younger group's
+    /// driver (see [`Wound`]).
+    Wound(Wound),
+}
+
+/// Wound-wait across nodes, on [`DRIVERS_CHANNEL`]: a member of a group on
+/// `from`, whose request came at `started_unix_ms`, finds no free driver
+/// within `radius_m` of `pickup`; each other node takes one such driver
+/// from a younger group of its own (see `core::search::wound`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Wound {
+    /// The older group's node.
+    pub from: NodeId,
+    /// When its request came, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// Where its rider waits.
+    pub pickup: LatLon,
+    /// How far it looks, in metres.
+    pub radius_m: f64,
 }
 
 /// A group request, as a lock request for one of its members carries it.

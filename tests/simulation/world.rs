@@ -90,6 +90,13 @@ pub enum MatcherIn {
     Settled(SettleTicket, Option<Settled>),
     /// Redis's verdict on booking a group (its key, the try).
     GroupConfirmed(SearchKey, u32, Option<bool>),
+    /// An older group on node `from` asks for a younger group's driver.
+    Wounded {
+        from: usize,
+        started_unix_ms: u64,
+        pickup: LatLon,
+        radius_m: f64,
+    },
     /// A batch of another node's announcements, in order (what the
     /// publisher sends: see `Node::announcements`).
     RemoteDrivers {
@@ -557,6 +564,11 @@ impl World {
 
     pub fn matcher_in(&mut self, node: usize, input: MatcherIn) -> Result<(), String> {
         let now = self.now;
+        let unix_now_ms = self.unix_ms(now);
+        let wounder = match &input {
+            MatcherIn::Wounded { from, .. } => Some(self.nodes[*from].id.clone()),
+            _ => None,
+        };
         let n = &mut self.nodes[node];
         let s = &mut n.searches;
         match input {
@@ -587,6 +599,15 @@ impl World {
             MatcherIn::Settled(ticket, outcome) => s.settled(now, ticket, outcome),
             MatcherIn::GroupConfirmed(group, attempt, verdict) => {
                 s.group_confirmed(now, group, attempt, verdict)
+            }
+            MatcherIn::Wounded {
+                started_unix_ms,
+                pickup,
+                radius_m,
+                ..
+            } => {
+                let from = wounder.expect("a wound names its node");
+                s.wounded(now, unix_now_ms, &from, started_unix_ms, pickup, radius_m)
             }
             MatcherIn::RemoteDrivers { from, changes } => {
                 let id = self.nodes[from].id.clone();
@@ -757,6 +778,26 @@ impl World {
                 let event = DriverEvent::group_news(offer_id, fencing_token, accepted, trip_id);
                 self.wire(node, to, Wire::Driver(d, event));
             }
+            SearchEffect::Wound {
+                started_ago,
+                pickup,
+                radius_m,
+            } => {
+                // On the drivers channel: every other node hears it (all
+                // nodes' clocks agree here).
+                let started_unix_ms = self.unix_ms(self.now) - started_ago.as_millis() as u64;
+                for to in 0..self.nodes.len() {
+                    if to != node {
+                        let input = MatcherIn::Wounded {
+                            from: node,
+                            started_unix_ms,
+                            pickup,
+                            radius_m,
+                        };
+                        self.wire(node, to, Wire::Matcher(input));
+                    }
+                }
+            }
             SearchEffect::ConfirmGroup {
                 group,
                 attempt,
@@ -827,6 +868,12 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// The wall clock at `now`, in ms since the Unix epoch (every node's
+    /// is the same here).
+    pub fn unix_ms(&self, now: Instant) -> u64 {
+        1_800_000_000_000 + (now - self.base).as_millis() as u64
     }
 
     pub fn node_index(&self, id: &str) -> usize {

@@ -180,7 +180,9 @@ impl Run {
                     let event = DriverEvent::group_news(offer_id, fencing_token, accepted, trip_id);
                     self.tell_driver(index(&driver), event);
                 }
-                SearchEffect::Settle { .. } | SearchEffect::ConfirmGroup { .. } => {
+                SearchEffect::Settle { .. }
+                | SearchEffect::ConfirmGroup { .. }
+                | SearchEffect::Wound { .. } => {
                     panic!("no Redis on one node")
                 }
             }

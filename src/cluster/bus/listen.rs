@@ -17,7 +17,7 @@ use super::{
 };
 use crate::actors::driver::{ConnectedElsewhere, DriverRegistry, LookUpTrip};
 use crate::actors::matcher::{
-    LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteDrivers, RemoteSnapshot,
+    LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteDrivers, RemoteSnapshot, Wounded,
 };
 use crate::actors::messages::{
     CancelOffer, DriverDirectory, GroupNews, LockAnswered, OfferEnded, OfferHeld, ReplyRoute,
@@ -395,6 +395,11 @@ fn deliver(
                 if let Some(actor) = registry.get(&driver) {
                     actor.do_send(ConnectedElsewhere { node });
                 }
+            }
+        }
+        Wire::Wound(wound) => {
+            if wound.from != cluster.node {
+                matcher.do_send(Wounded(wound));
             }
         }
         Wire::TripBooked { node, driver } => {

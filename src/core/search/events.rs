@@ -141,6 +141,19 @@ pub enum SearchEffect<R> {
         /// The driver's trip, once the group is complete.
         trip_id: Option<TripId>,
     },
+    /// Cluster mode: a member of a group that started `started_ago` ago
+    /// finds no free driver within `radius_m` of `pickup`: every other
+    /// node takes one driver in that reach from a younger group of its own
+    /// (see `wound.rs`), by [`Searches::wounded`](super::Searches::wounded).
+    Wound {
+        /// How long ago the group's request came (its age; the caller
+        /// turns it into wall-clock time, which nodes compare).
+        started_ago: Duration,
+        /// Where its rider waits.
+        pickup: LatLon,
+        /// How far it looks.
+        radius_m: f64,
+    },
     /// Cluster mode: book every member of group `group` in Redis at once
     /// (see `commit.rs`) and hand the verdict to
     /// [`Searches::group_confirmed`](super::Searches::group_confirmed) with

@@ -116,6 +116,9 @@ struct Search<R> {
     revoking: Option<OfferId>,
     /// A group member waiting for a driver it took from a younger group.
     preempting: bool,
+    /// Cluster mode: when this group member last asked other nodes to take
+    /// a driver from a younger group for it (see `wound.rs`).
+    wounded_at: Option<Instant>,
 }
 
 impl<R> Search<R> {
@@ -140,6 +143,7 @@ impl<R> Search<R> {
             withdraw_why: Ending::RiderCancelled,
             revoking: None,
             preempting: false,
+            wounded_at: None,
         }
     }
 

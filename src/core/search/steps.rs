@@ -73,7 +73,12 @@ impl<R: Clone> Searches<R> {
             Some((driver_id, _)) => self.ask_for_lock(now, key, driver_id),
             // A group member may take a driver from a younger group.
             None if member && self.preempt(now, &key) => {}
-            None => self.park(now, &key),
+            None => {
+                self.park(now, &key);
+                if member {
+                    self.wound_elsewhere(now, &key);
+                }
+            }
         }
     }
 
@@ -93,10 +98,20 @@ impl<R: Clone> Searches<R> {
         // A search that can still look farther looks again when it may
         // (not past its deadline, when it ends anyway).
         let deadline = search.started + self.settings.search_timeout;
-        let widen_at = self
+        let mut widen_at = self
             .settings
             .next_widening(search.started, now)
             .filter(|at| *at < deadline);
+        if self.node.is_some() && search.group.is_some() {
+            // Cluster mode: a parked group member looks again (and asks
+            // other nodes again to take a driver for it) every so often,
+            // not only when its radius grows: its wound may have found
+            // nothing to take yet, or been lost.
+            let again = now + super::wound::WOUND_REPEAT;
+            if again < deadline {
+                widen_at = Some(widen_at.map_or(again, |at| at.min(again)));
+            }
+        }
         if widen_at.is_some() && search.widen_at != widen_at {
             search.widen_at = widen_at;
             if let Some(at) = widen_at {

@@ -8,13 +8,34 @@
 //! ([`Searches::older_group_takes`]); without the second, an older member
 //! that parked while the younger one's lock was still on its way would wait
 //! for its deadline beside a driver it may take.
+//!
+//! Across nodes (cluster mode) a node sees neither the other nodes' groups
+//! nor the drivers they hold (held drivers are in no index). So a member
+//! that finds nobody free in reach, nor a younger group's driver on its
+//! own node, asks every other node to wound for it (`Wound`, with its
+//! group's age as a wall-clock start, its pickup and its reach): each node
+//! takes the nearest driver in that reach from a member of one of its own
+//! younger groups ([`Searches::wounded`]). The driver is let go
+//! (`preempted`), the wounded group won't ask it again, and once it is
+//! free it is announced as any driver is and wakes the older member, which
+//! is parked with it in reach. There is no handover across nodes: another
+//! search may take the freed driver first, and the older member asks again
+//! every [`WOUND_REPEAT`] while it waits. Ages are compared by wall clock
+//! (then node id): a total order across nodes as long as their clocks
+//! agree to within the time between two groups' requests.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Phase, SearchEffect, SearchKey, Searches};
+use crate::cluster::wire::NodeId;
 use crate::core::lock::{Ending, OfferId};
+use crate::location::LatLon;
 use crate::metrics as m;
 use crate::protocol::DriverId;
+
+/// Cluster mode: how often a parked group member asks other nodes again to
+/// take a driver from a younger group for it.
+pub(super) const WOUND_REPEAT: Duration = Duration::from_secs(1);
 
 impl<R: Clone> Searches<R> {
     /// Member `key`, finding no free driver in reach, takes the nearest
@@ -154,6 +175,121 @@ impl<R: Clone> Searches<R> {
             .insert(offer_id, (taker.clone(), search.seq, at));
         self.park(now, taker);
         true
+    }
+
+    /// Cluster mode: member `key` finds nobody to take on this node; every
+    /// other node is asked to take a driver in its reach from a younger
+    /// group (at most once per [`WOUND_REPEAT`]).
+    pub(super) fn wound_elsewhere(&mut self, now: Instant, key: &SearchKey) {
+        if self.node.is_none() {
+            return;
+        }
+        let Some(search) = self.searches.get(key) else {
+            return;
+        };
+        let Some(group) = search.group.as_ref().and_then(|g| self.groups.get(g)) else {
+            return;
+        };
+        let recent = search
+            .wounded_at
+            .is_some_and(|at| now.saturating_duration_since(at) < WOUND_REPEAT);
+        if recent || search.cancel_requested || group.ending.is_some() {
+            return;
+        }
+        let effect = SearchEffect::Wound {
+            started_ago: now.saturating_duration_since(group.started),
+            pickup: search.pickup,
+            radius_m: self.radius_of(search, now),
+        };
+        if let Some(search) = self.searches.get_mut(key) {
+            search.wounded_at = Some(now);
+        }
+        self.effects.push(effect);
+    }
+
+    /// Cluster mode: a member of a group on node `from`, whose request came
+    /// at `started_unix_ms` (wall clock), finds no free driver within
+    /// `radius_m` of `pickup`. The nearest driver in that reach held or
+    /// offered for a younger group of this node is taken from it
+    /// (`preempted`); that group will not ask it again. `unix_now_ms` is
+    /// the wall clock at `now`, to give this node's groups their start.
+    pub fn wounded(
+        &mut self,
+        now: Instant,
+        unix_now_ms: u64,
+        from: &NodeId,
+        started_unix_ms: u64,
+        pickup: LatLon,
+        radius_m: f64,
+    ) {
+        let Some(node) = self.node.clone() else {
+            return;
+        };
+        let younger = |started: Instant| {
+            let ago = now.saturating_duration_since(started).as_millis() as u64;
+            let ours = unix_now_ms.saturating_sub(ago);
+            (ours, &node) > (started_unix_ms, from)
+        };
+        let mut victim: Option<(f64, u64, SearchKey)> = None;
+        for group in self.groups.values() {
+            if group.ending.is_some() || group.committing.is_some() || !younger(group.started) {
+                continue;
+            }
+            for member in &group.members {
+                let Some(other) = self.searches.get(member) else {
+                    continue;
+                };
+                let (Phase::Offered { .. }, None, Some(at)) =
+                    (&other.phase, other.revoking, other.driver_at)
+                else {
+                    continue;
+                };
+                let metres = at.distance_m(pickup);
+                if metres > radius_m {
+                    continue;
+                }
+                let candidate = (metres, other.seq, member.clone());
+                if victim
+                    .as_ref()
+                    .is_none_or(|v| (candidate.0, candidate.1) < (v.0, v.1))
+                {
+                    victim = Some(candidate);
+                }
+            }
+        }
+        if let Some((_, _, victim)) = victim {
+            self.take_for_elsewhere(&victim);
+        }
+    }
+
+    /// Member `victim`'s driver is taken for an older group on another
+    /// node: its offer is cancelled (`preempted`), stops counting for its
+    /// group, and its group won't ask that driver again.
+    fn take_for_elsewhere(&mut self, victim: &SearchKey) {
+        let Some(other) = self.searches.get_mut(victim) else {
+            return;
+        };
+        let Phase::Offered {
+            driver,
+            offer_id,
+            fencing_token,
+            node,
+        } = other.phase.clone()
+        else {
+            return;
+        };
+        other.revoking = Some(offer_id);
+        self.unhold(victim, offer_id);
+        self.exclude(victim, driver.clone());
+        tracing::debug!(driver = %driver, offer_id, "an older group on another node takes a driver from a younger one");
+        m::preemption();
+        self.effects.push(SearchEffect::Cancel {
+            driver,
+            node,
+            offer_id,
+            fencing_token,
+            why: Ending::Preempted,
+        });
     }
 
     /// Offer `offer_id` of `driver` ended: if an older group took it back,
