@@ -12,7 +12,9 @@ from histogram import quantile
 
 results = sys.argv[1]
 RUNS = [("groups-0-60", "none", 60), ("groups-10-60", "1 in 10", 60),
-        ("groups-30-60", "3 in 10", 60), ("groups-30-90", "3 in 10", 90)]
+        ("groups-30-60", "3 in 10", 60), ("groups-30-90", "3 in 10", 90),
+        ("groups-cluster-30-60", "3 in 10, 2 nodes", 60),
+        ("groups-cluster-30-90", "3 in 10, 2 nodes", 90)]
 
 
 def load(name):
@@ -103,6 +105,14 @@ if "groups-30-90" in rows:
                f"{cancelled:.0f} cancelled by their riders, the drain's included), and older groups took "
                f"{taken:.0f} drivers from younger ones. A group holds the drivers that accepted while it "
                "looks for the rest, so it costs more driver time than its trips.")
+for single, cluster in (("groups-30-60", "groups-cluster-30-60"), ("groups-30-90", "groups-cluster-30-90")):
+    if single in rows and cluster in rows:
+        util = "60" if single.endswith("60") else "90"
+        out.append(f"- Two cluster nodes, ~{util}% busy, groups spanning nodes: group match rate "
+                   f"{pct(rows[cluster][2])} against {pct(rows[single][2])} on one node; "
+                   f"{rows[cluster][3]:.0f} failed incomplete against {rows[single][3]:.0f}; "
+                   f"{rows[cluster][5]:.0f} drivers taken by older groups (on one node "
+                   f"{rows[single][5]:.0f}).")
 out.append("- Every run: 0 violations from the simulator's live checker, which checks that "
            "every `matched` names as many distinct drivers as asked for, each of whom "
            "accepted, and that no driver is offered anything while held.\n" if all(
@@ -114,6 +124,16 @@ for name, _, _ in RUNS:
     if os.path.exists(os.path.join(results, name + ".sim-flags")):
         engine = open(os.path.join(results, name + ".engine-flags")).read().strip()
         sim = open(os.path.join(results, name + ".sim-flags")).read().strip()
+        if name.startswith("groups-cluster"):
+            engine = engine.replace(" (2 nodes, one redis-server)", "")
+            out.append("redis-server --port 19300 --save '' --appendonly no")
+            for i in (0, 1):
+                out.append(f"target/release/ridelock --listen 127.0.0.1:{19100 + i} "
+                           f"--redis redis://127.0.0.1:19300 --node-id n{i} "
+                           f"--auth-secret-file SECRET {engine}")
+            out.append("target/release/simulator --url ws://127.0.0.1:19100,ws://127.0.0.1:19101 "
+                       f"--engine-pid PID0,PID1 --auth-secret-file SECRET {sim}")
+            continue
         out.append(f"target/release/ridelock --listen 127.0.0.1:19100 --auth-secret-file SECRET {engine}")
         out.append(f"target/release/simulator --url ws://127.0.0.1:19100 --engine-pid PID --auth-secret-file SECRET {sim}")
 out.append("```")

@@ -1093,7 +1093,13 @@ fn a_complete_group_in_cluster_mode_is_booked_in_redis_first() {
                     group,
                     attempt: 1,
                     members,
-                } => Some((group.clone(), members.clone())),
+                    keep,
+                } => {
+                    // Past the members' holds (the search's 60 s and 2 s)
+                    // and a trip lock's 30 s more.
+                    assert!(*keep > Duration::from_secs(90), "{keep:?}");
+                    Some((group.clone(), members.clone()))
+                }
                 _ => None,
             })
             .expect("the group's booking asked of Redis");
@@ -1151,4 +1157,175 @@ fn a_complete_group_in_cluster_mode_is_booked_in_redis_first() {
             assert_eq!(cancelled, 2, "every member let go: {effects:?}");
         }
     }
+}
+
+/// Cluster mode: a group whose booking Redis is asked for, started at `t0`:
+/// (its key, each member as Redis is asked).
+fn committing_group(
+    searches: &mut Searches<u32>,
+    t0: Instant,
+) -> (ridelock::core::search::SearchKey, Vec<Member>) {
+    let granted = granted_group(searches, t0);
+    let keys: Vec<_> = granted
+        .iter()
+        .map(|(driver, offer, holder)| {
+            (
+                (holder.rider_id.clone(), holder.request_id.clone()),
+                *offer,
+                driver.to_string(),
+                holder.search,
+            )
+        })
+        .collect();
+    for member in granted {
+        hold(searches, t0 + MS(100), member);
+    }
+    let (group, members) = searches
+        .take_effects()
+        .into_iter()
+        .find_map(|e| match e {
+            SearchEffect::ConfirmGroup { group, members, .. } => Some((group, members)),
+            _ => None,
+        })
+        .expect("the booking asked of Redis");
+    let members = keys
+        .into_iter()
+        .map(|(key, offer, driver, search)| {
+            let trip = members
+                .iter()
+                .find(|m| m.trip.offer_id == offer)
+                .expect("every member asked")
+                .trip
+                .trip_id;
+            Member {
+                key,
+                offer,
+                driver,
+                search,
+                trip,
+            }
+        })
+        .collect();
+    (group, members)
+}
+
+/// A held member of a group being booked.
+struct Member {
+    key: ridelock::core::search::SearchKey,
+    offer: u64,
+    driver: String,
+    search: u64,
+    /// The trip Redis is asked to book for it.
+    trip: u64,
+}
+
+/// How member `m`'s offer ended, as its driver's actor reports it.
+fn member_outcome(
+    m: &Member,
+    ending: Ending,
+    trip_id: Option<u64>,
+) -> ridelock::core::search::OfferOutcome {
+    ridelock::core::search::OfferOutcome {
+        driver_id: m.driver.as_str().into(),
+        driver_location: None,
+        offer_id: m.offer,
+        search: m.search,
+        rider_id: m.key.0.clone(),
+        request_id: m.key.1.clone(),
+        ending,
+        trip_id,
+    }
+}
+
+fn matched_drivers(effects: &[SearchEffect<u32>]) -> Option<usize> {
+    effects.iter().find_map(|e| match e {
+        SearchEffect::Tell {
+            message: ServerMessage::Matched { drivers, .. },
+            ..
+        } => Some(drivers.len()),
+        _ => None,
+    })
+}
+
+/// Cluster mode: while a group's booking is asked of Redis, a held driver
+/// ends only by a commit or a settle, so its news is the answer: on its
+/// trip, the whole group is booked at once (never a partial `matched`); let
+/// go, the group fails. Found in review: the news used to drop the member
+/// from the group, and a later "booked" matched the rest.
+#[test]
+fn a_group_being_booked_takes_its_members_news_as_the_answer() {
+    let t0 = Instant::now();
+    let new = || Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
+
+    // A member's driver went on its trip (its settle found the booking).
+    let mut searches: Searches<u32> = new();
+    let (group, members) = committing_group(&mut searches, t0);
+    let first = &members[0];
+    let outcome = member_outcome(first, Ending::Accepted, Some(first.trip));
+    searches.offer_ended(t0 + MS(200), outcome);
+    let effects = searches.take_effects();
+    assert_eq!(matched_drivers(&effects), Some(2), "{effects:?}");
+    // Redis's answer after that changes nothing.
+    searches.group_confirmed(t0 + MS(300), group, 1, Some(true));
+    assert!(searches.take_effects().is_empty());
+
+    // A member's driver was let go (its settle found no booking).
+    let mut searches: Searches<u32> = new();
+    let (group, members) = committing_group(&mut searches, t0);
+    let outcome = member_outcome(&members[1], Ending::Expired, None);
+    searches.offer_ended(t0 + MS(200), outcome);
+    let effects = searches.take_effects();
+    assert_eq!(matched_drivers(&effects), None);
+    let let_go: Vec<u64> = effects
+        .iter()
+        .filter_map(|e| match e {
+            SearchEffect::Cancel {
+                offer_id,
+                why: Ending::GroupIncomplete,
+                ..
+            } => Some(*offer_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        let_go,
+        [members[0].offer],
+        "the other member let go: {effects:?}"
+    );
+    searches.group_confirmed(t0 + MS(300), group, 1, Some(true));
+    assert_eq!(matched_drivers(&searches.take_effects()), None);
+}
+
+/// Cluster mode: a group's booking Redis can't tell about for every try is
+/// settled member by member from the rider's node, and the first settle
+/// that can tell decides: a trip found means it was booked. Found in
+/// review: the group used to be let go with `no_driver` while its drivers'
+/// own settles put them on their trips.
+#[test]
+fn a_group_booking_redis_cannot_tell_is_settled_member_by_member() {
+    let t0 = Instant::now();
+    let mut searches: Searches<u32> =
+        Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
+    let (group, members) = committing_group(&mut searches, t0);
+    let mut now = t0 + MS(200);
+    let mut settles = Vec::new();
+    for attempt in 1..=60 {
+        searches.group_confirmed(now, group.clone(), attempt, None);
+        now += MS(600);
+        searches.tick(now);
+        for effect in searches.take_effects() {
+            match effect {
+                SearchEffect::Settle { ticket, .. } => settles.push(ticket),
+                SearchEffect::Tell { message, .. } if message.is_final() => {
+                    panic!("the rider told {message:?} before Redis could tell")
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(settles.len(), 2, "every member settled once");
+    let trip = members[1].trip;
+    searches.settled(now, settles.pop().unwrap(), Some(Settled::Trip(trip)));
+    let effects = searches.take_effects();
+    assert_eq!(matched_drivers(&effects), Some(2), "{effects:?}");
 }

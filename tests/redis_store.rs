@@ -512,6 +512,9 @@ async fn lock_pttl(url: &str, driver: &str) -> i64 {
         .unwrap()
 }
 
+/// How long a booked group's locks are kept in these tests.
+const KEEP: Duration = Duration::from_secs(45);
+
 /// Member `driver` of a group, under `owner` with `token`, on trip `trip_id`.
 fn member(driver: &str, owner: &str, token: u64, trip_id: u64) -> GroupMember {
     GroupMember {
@@ -539,7 +542,8 @@ async fn a_hold_keeps_only_its_owners_lock_for_the_group() {
     // Another owner, or an older token than the driver's fence: refused,
     // and the lock keeps its short life.
     assert!(!server.hold("d", "b/1", hold, token).await.unwrap());
-    assert!(lock_pttl(&redis.url, "d").await <= 2_000);
+    let left = lock_pttl(&redis.url, "d").await;
+    assert!(left > 0 && left <= 2_000, "{left} ms left");
     assert!(server.hold("d", "a/1", hold, token).await.unwrap());
     let left = lock_pttl(&redis.url, "d").await;
     assert!(left > 30_000, "held for the group: {left} ms left");
@@ -569,7 +573,7 @@ async fn a_group_is_booked_whole_or_not_at_all() {
     // One member's lock is gone (its hold ran out and was settled): nothing
     // is booked, not even the member whose lock still holds.
     assert_eq!(server.settle("d2", "a/2").await.unwrap(), None);
-    assert!(!server.confirm_group(&group).await.unwrap());
+    assert!(!server.confirm_group(&group, KEEP).await.unwrap());
     assert_eq!(server.current_trip("d1").await.unwrap(), None);
     assert_eq!(server.settle("d1", "a/1").await.unwrap(), None, "no trip");
 
@@ -585,8 +589,11 @@ async fn a_group_is_booked_whole_or_not_at_all() {
         .unwrap()
         .unwrap();
     let group = [member("d1", "a/3", t3, 13), member("d2", "a/4", t4, 14)];
-    assert!(server.confirm_group(&group).await.unwrap());
-    assert!(server.confirm_group(&group).await.unwrap(), "idempotent");
+    assert!(server.confirm_group(&group, KEEP).await.unwrap());
+    assert!(
+        server.confirm_group(&group, KEEP).await.unwrap(),
+        "idempotent"
+    );
     let current = server.current_trip("d2").await.unwrap().unwrap();
     assert_eq!((current.trip_id, current.owner.as_str()), (14, "a/4"));
     // A member's hold running out after the booking finds its trip.
@@ -610,7 +617,7 @@ async fn a_group_is_booked_whole_or_not_at_all() {
         .unwrap();
     // Token 1: older than the fence the booking above set (t4).
     let stale = [member("d1", "a/5", t5, 15), member("d2", "a/6", 1, 16)];
-    assert!(!server.confirm_group(&stale).await.unwrap());
+    assert!(!server.confirm_group(&stale, KEEP).await.unwrap());
     assert_eq!(server.current_trip("d1").await.unwrap(), None);
 }
 
@@ -636,12 +643,12 @@ async fn redlock_books_a_group_by_majority() {
         member("d2", "a/2", g2.fencing_token, 22),
     ];
     servers[2].kill();
-    assert_eq!(redlock.confirm_group(&group).await, Some(true));
+    assert_eq!(redlock.confirm_group(&group, KEEP).await, Some(true));
     assert_eq!(redlock.settle("d2", "a/2").await, Some(Settled::Trip(22)));
 
     // A second server down: one alone can't tell either way.
     servers[1].kill();
-    assert_eq!(redlock.confirm_group(&group).await, None);
+    assert_eq!(redlock.confirm_group(&group, KEEP).await, None);
     assert_eq!(
         redlock.hold("d1", "a/1", hold, g1.fencing_token).await,
         None

@@ -415,7 +415,9 @@ impl Matcher {
                 radius_m,
             } => {
                 let cluster = self.cluster.as_ref().expect("wounds in cluster mode");
-                let now_ms = crate::limits::unix_ms().unwrap_or_default();
+                // Ages compare by the wall clock: without one, no wound
+                // (and nothing to report back).
+                let now_ms = crate::limits::unix_ms()?;
                 cluster.broadcast(Wire::Wound(Wound {
                     from: cluster.node().clone(),
                     started_unix_ms: now_ms.saturating_sub(started_ago.as_millis() as u64),
@@ -427,6 +429,7 @@ impl Matcher {
                 group,
                 attempt,
                 members,
+                keep,
             } => {
                 let cluster = self
                     .cluster
@@ -435,7 +438,7 @@ impl Matcher {
                 let matcher = ctx.address();
                 cluster.clone().spawn(async move {
                     let started = Instant::now();
-                    let verdict = cluster.locks().confirm_group(&members).await;
+                    let verdict = cluster.locks().confirm_group(&members, keep).await;
                     m::redis_op("confirm_group", started.elapsed(), verdict.is_some());
                     matcher.do_send(GroupConfirmed {
                         group,
@@ -579,7 +582,9 @@ impl Handler<Wounded> for Matcher {
             pickup,
             radius_m,
         } = msg.0;
-        let unix_now_ms = crate::limits::unix_ms().unwrap_or_default();
+        let Some(unix_now_ms) = crate::limits::unix_ms() else {
+            return;
+        };
         self.decide(ctx, |searches, now| {
             searches.wounded(now, unix_now_ms, &from, started_unix_ms, pickup, radius_m)
         });

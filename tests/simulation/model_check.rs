@@ -75,8 +75,8 @@ async fn real(server: &LockServer, op: &ServerOp) -> ServerReply {
             ttl,
             token,
         } => ServerReply::Done(server.hold(driver, owner, *ttl, *token).await.unwrap()),
-        ServerOp::ConfirmGroup { members } => {
-            ServerReply::Done(server.confirm_group(members).await.unwrap())
+        ServerOp::ConfirmGroup { members, keep } => {
+            ServerReply::Done(server.confirm_group(members, *keep).await.unwrap())
         }
         ServerOp::Alive { .. } | ServerOp::IsAlive { .. } => unreachable!("not drawn"),
     }
@@ -140,7 +140,10 @@ async fn the_lock_server_model_answers_as_the_lua_scripts_do() {
                         }
                     })
                     .collect();
-                ServerOp::ConfirmGroup { members }
+                ServerOp::ConfirmGroup {
+                    members,
+                    keep: Duration::from_secs(600),
+                }
             }
             _ => ServerOp::CurrentTrip { driver },
         };

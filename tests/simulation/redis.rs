@@ -52,6 +52,7 @@ pub enum ServerOp {
     },
     ConfirmGroup {
         members: Vec<GroupMember>,
+        keep: Duration,
     },
     /// A node's liveness key, set to its process's incarnation.
     Alive {
@@ -300,7 +301,8 @@ impl Server {
                 }
                 ServerReply::Done(ok)
             }
-            ServerOp::ConfirmGroup { members } => {
+            ServerOp::ConfirmGroup { members, keep } => {
+                let keep = (*keep).max(TRIP_HOLD);
                 let landed = members.iter().all(|m| {
                     self.trips
                         .get(&m.trip.owner)
@@ -321,9 +323,9 @@ impl Server {
                         self.fences.insert(driver.clone(), trip.fencing_token);
                         self.trips
                             .insert(trip.owner.clone(), (trip.trip_id, now + RECORD_TTL));
-                        self.locks.get_mut(&driver).expect("held").1 = now + TRIP_HOLD;
+                        self.locks.get_mut(&driver).expect("held").1 = now + keep;
                         self.current
-                            .insert(driver, (trip.owner.clone(), trip.clone(), now + TRIP_HOLD));
+                            .insert(driver, (trip.owner.clone(), trip.clone(), now + keep));
                     }
                 }
                 ServerReply::Done(ok)

@@ -143,7 +143,7 @@ pub struct Call {
     /// What is asked (a group's booking asks `group` instead, and this is
     /// unused: the engine has no driver op for it).
     pub op: RedisOp,
-    pub group: Option<Vec<GroupMember>>,
+    pub group: Option<(Vec<GroupMember>, Duration)>,
     pub answers: Vec<Option<ServerReply>>,
     pub started: Instant,
     /// Acquire: the first attempt's unanswered servers, and which attempt.
@@ -802,6 +802,7 @@ impl World {
                 group,
                 attempt,
                 members,
+                keep,
             } => {
                 let asker = Asker::Group {
                     node,
@@ -809,7 +810,7 @@ impl World {
                     group,
                     attempt,
                 };
-                self.call_group(asker, members);
+                self.call_group(asker, members, keep);
             }
             SearchEffect::GroupNews {
                 driver,
@@ -1335,7 +1336,7 @@ impl World {
     }
 
     /// Asks every server to book group `members` for `asker`.
-    pub fn call_group(&mut self, asker: Asker, members: Vec<GroupMember>) {
+    pub fn call_group(&mut self, asker: Asker, members: Vec<GroupMember>, keep: Duration) {
         self.next_call += 1;
         let id = self.next_call;
         let servers = self.servers.len();
@@ -1350,7 +1351,7 @@ impl World {
                 unanswered_before: Vec::new(),
                 done: false,
                 driver: String::new(),
-                group: Some(members),
+                group: Some((members, keep)),
             },
         );
         self.send_round(id);
@@ -1359,9 +1360,10 @@ impl World {
     fn send_round(&mut self, id: u64) {
         let call = &self.calls[&id];
         let ops: Vec<ServerOp> = match &call.group {
-            Some(members) => vec![
+            Some((members, keep)) => vec![
                 ServerOp::ConfirmGroup {
-                    members: members.clone()
+                    members: members.clone(),
+                    keep: *keep,
                 };
                 self.servers.len()
             ],
@@ -1424,7 +1426,7 @@ impl World {
             self.ledger = ledger;
             booked?;
         }
-        if let (ServerOp::ConfirmGroup { members }, ServerReply::Done(true)) = (&op, &answer) {
+        if let (ServerOp::ConfirmGroup { members, .. }, ServerReply::Done(true)) = (&op, &answer) {
             // Every member booked at once, on this server.
             let quorum = ridelock::cluster::redlock::quorum(self.servers.len());
             let mut ledger = std::mem::take(&mut self.ledger);

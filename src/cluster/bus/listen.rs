@@ -424,6 +424,7 @@ fn deliver(
             group,
         } => {
             let now = Instant::now();
+            let not_after = now + search_left(search_left_ms, search_deadline_unix_ms);
             let holder = OfferHolder {
                 search,
                 rider_id,
@@ -432,17 +433,21 @@ fn deliver(
                 first_offer_since: None,
                 node: Some(from.clone()),
                 incarnation,
+                // A hold lasts no longer than the search plus its margin, by
+                // the same clock-capped deadline: a message late on its way
+                // does not stretch it.
                 group: group.map(|g| GroupTag {
                     request_id: g.request_id,
                     size: g.size,
-                    hold_until: now + Duration::from_millis(g.hold_ms),
+                    hold_until: (now + Duration::from_millis(g.hold_ms))
+                        .min(not_after + crate::core::search::HOLD_MARGIN),
                 }),
             };
             let request = LockRequest {
                 offer_id,
                 holder,
                 timeout: Duration::from_millis(timeout_ms),
-                not_after: now + search_left(search_left_ms, search_deadline_unix_ms),
+                not_after,
                 reply: ReplyTo::Node(from.clone()),
             };
             let route = ReplyRoute::Node(cluster.clone(), from);

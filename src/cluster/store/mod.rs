@@ -316,12 +316,17 @@ impl LockServer {
     }
 
     /// Every member of a group is held: books every member's trip, or none
-    /// (see [`CONFIRM_GROUP`]); whether it did.
-    pub async fn confirm_group(&self, members: &[GroupMember]) -> Result<bool, StoreError> {
+    /// (see [`CONFIRM_GROUP`]), keeping each lock and current trip for
+    /// `keep` (at least [`TRIP_HOLD`]); whether it did.
+    pub async fn confirm_group(
+        &self,
+        members: &[GroupMember],
+        keep: Duration,
+    ) -> Result<bool, StoreError> {
         let mut keys = Vec::with_capacity(members.len() * 5);
         let mut args = vec![
             RECORD_TTL.as_millis().to_string(),
-            TRIP_HOLD.as_millis().to_string(),
+            keep.max(TRIP_HOLD).as_millis().to_string(),
         ];
         for GroupMember { driver, trip } in members {
             keys.extend([

@@ -210,13 +210,14 @@ impl Redlock {
     }
 
     /// Every member of a group is held: books all their trips where every
-    /// member's lock still holds, atomically on each server. `Some(true)`
+    /// member's lock still holds, atomically on each server, keeping each
+    /// lock for `keep`. `Some(true)`
     /// when a majority did (every member's trip stands), `Some(false)` when
     /// a majority certainly did not (no member's does), `None` when too few
     /// answered (ask again: it is idempotent, and once a member's hold has
     /// been settled it fails for good where the settle came first).
-    pub async fn confirm_group(&self, members: &[GroupMember]) -> Option<bool> {
-        let answers = join_all(self.servers.iter().map(|s| s.confirm_group(members))).await;
+    pub async fn confirm_group(&self, members: &[GroupMember], keep: Duration) -> Option<bool> {
+        let answers = join_all(self.servers.iter().map(|s| s.confirm_group(members, keep))).await;
         let answers: Vec<Option<bool>> = answers.into_iter().map(Result::ok).collect();
         majority_did(&answers)
     }

@@ -185,14 +185,17 @@ return 0
 /// driver (the lock still the owner's, the owner not settled, the token
 /// not older than the fence); only if every member passes are all the trips
 /// recorded (under the owner, as the driver's current trip, the fence
-/// moved) and every lock kept for the trip. So on each server the group is
+/// moved) and every lock kept for the trip, until the members' holds would
+/// have ended and a trip lock's time after: a member whose news is lost
+/// learns of its trip only when its hold ends, and its first renewal must
+/// still find the lock. So on each server the group is
 /// booked whole or not at all, and a member's settle (its hold ran out)
 /// fixes that server's answer either way: after it, a group confirm fails
 /// there, and the settle reports the trip if the confirm came first.
 /// Asked again after its answer was lost, it says 1 where it landed.
 /// KEYS, five per member: lock, the owner's trip record, the owner's
 /// settled mark, the driver's current trip, the driver's fence. ARGV:
-/// record ttl ms, hold ms, then four per member: owner, trip id, the trip
+/// record ttl ms, how long the locks are kept (ms), then four per member: owner, trip id, the trip
 /// (JSON), the lock's fencing token.
 pub(super) const CONFIRM_GROUP: &str = r#"
 local n = #KEYS / 5

@@ -16,20 +16,29 @@
 //!   meanwhile) and every member is let go;
 //! - Redis can't tell: asked again (the script is idempotent, and a
 //!   member's settle fixes each server's answer either way), every
-//!   [`RETRY`] up to [`ATTEMPTS`] times; then the group is let go, and each
-//!   member's settle says whether it was booked after all.
+//!   [`RETRY`] up to [`ATTEMPTS`] times; then this node settles every
+//!   member itself, and the first settle that can tell decides: a trip
+//!   found means the group was booked, a lock settled without one means it
+//!   never can be.
 //!
 //! While Redis decides, nothing else does: a cancel or the deadline waits
 //! for the answer (booked: the booking stands; refused: the group fails for
-//! that reason), and members whose driver's hold ended meanwhile don't look
-//! for another.
+//! that reason), and members stay held for the booking. A member's driver
+//! that reports meanwhile is evidence too, since a held driver in cluster
+//! mode ends only by a commit or a settle: on its trip, the group was
+//! booked; let go, it was not.
+//!
+//! A booked lock lives until the group's hold would have ended, and a trip
+//! lock's time after that: a driver whose news is lost settles its hold
+//! only when the hold ends, and its trip's first renewal must still find
+//! the lock.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::{Phase, SearchEffect, SearchKey, Searches};
-use crate::core::booking::{GroupMember, TripRecord};
+use super::{Awaited, Phase, SearchEffect, SearchKey, Searches, HOLD_MARGIN};
+use crate::core::booking::{GroupMember, TripRecord, TRIP_HOLD};
 use crate::core::lock::{Ending, TripId};
 use crate::core::owner;
 
@@ -48,11 +57,15 @@ pub(super) struct Commit {
     members: Vec<GroupMember>,
     /// Which try is out.
     attempt: u32,
+    /// When the members' holds end.
+    hold_until: Instant,
+    /// Redis could not tell after every try: the members are settled.
+    gave_up: bool,
 }
 
 impl<R: Clone> Searches<R> {
     /// Every member of group `key` is held: asks Redis to book them all.
-    pub(super) fn start_commit(&mut self, key: &SearchKey) {
+    pub(super) fn start_commit(&mut self, now: Instant, key: &SearchKey) {
         let node = self.node.clone().expect("cluster mode");
         let Some(group) = self.groups.get(key) else {
             return;
@@ -78,16 +91,20 @@ impl<R: Clone> Searches<R> {
                 },
             });
         }
+        let hold_until = group.started + self.settings.search_timeout + HOLD_MARGIN;
         self.effects.push(SearchEffect::ConfirmGroup {
             group: key.clone(),
             attempt: 1,
             members: members.clone(),
+            keep: keep(now, hold_until),
         });
         if let Some(group) = self.groups.get_mut(key) {
             group.committing = Some(Commit {
                 trips,
                 members,
                 attempt: 1,
+                hold_until,
+                gave_up: false,
             });
         }
     }
@@ -114,11 +131,6 @@ impl<R: Clone> Searches<R> {
         match verdict {
             Some(true) => {
                 let trips = std::mem::take(&mut commit.trips);
-                if trips.len() != group.held.len() {
-                    // A member's hold ended as settled without a trip, and
-                    // yet a majority booked the group: Redis lost data.
-                    tracing::error!(request = %key.1, "a group was booked after one of its holds ended");
-                }
                 self.book_group(now, &key, trips);
             }
             None if attempt < ATTEMPTS => {
@@ -131,31 +143,92 @@ impl<R: Clone> Searches<R> {
                 self.group_retries
                     .push(Reverse((now + wait, commit.attempt, key)));
             }
-            _ => {
-                // Refused, or Redis has not been able to tell for long: the
-                // group fails. Each member's driver settles its hold as it
-                // is let go, which books it if the group was booked after
-                // all (the known gap: the rider was told otherwise).
-                if verdict.is_none() {
-                    tracing::warn!(request = %key.1, "Redis could not tell whether a group was booked; letting its members go");
-                }
-                group.committing = None;
-                let why = group.pending_end.take().unwrap_or(Ending::GroupIncomplete);
-                self.end_group(now, &key, why);
-                // Members whose hold ended while Redis was asked are looking
-                // no more: they end with the group.
-                let members = self.groups.get(&key).map(|g| g.members.clone());
-                for member in members.unwrap_or_default() {
-                    let looking = self
-                        .searches
-                        .get(&member)
-                        .is_some_and(|s| matches!(s.phase, Phase::Looking));
-                    if looking {
-                        self.advance(now, member);
+            None => {
+                // Redis has not been able to tell for long: each member is
+                // settled from here (see `settle_due`), and the first that
+                // can tell decides (`member_news`).
+                tracing::warn!(request = %key.1, "Redis could not tell whether a group was booked; settling its members");
+                commit.gave_up = true;
+                let members = group.members.clone();
+                for member in members {
+                    let Some(search) = self.searches.get(&member) else {
+                        continue;
+                    };
+                    if let Some(offer_id) = search.current_offer() {
+                        let due = (now, search.seq, offer_id, 0, Awaited::Any, member);
+                        self.remote_due.push(Reverse(due));
                     }
                 }
+                self.settle_due(now);
+            }
+            Some(false) => self.abandon_commit(now, &key),
+        }
+    }
+
+    /// Group `key`'s booking certainly did not land (or can't be told, at
+    /// the last): the group fails, for the reason that waited if any.
+    pub(super) fn abandon_commit(&mut self, now: Instant, key: &SearchKey) {
+        let Some(group) = self.groups.get_mut(key) else {
+            return;
+        };
+        if group.committing.take().is_none() {
+            return;
+        }
+        let why = group.pending_end.take().unwrap_or(Ending::GroupIncomplete);
+        self.end_group(now, key, why);
+        // Members whose driver was let go while Redis was asked are looking
+        // no more: they end with the group.
+        let members = self.groups.get(key).map(|g| g.members.clone());
+        for member in members.unwrap_or_default() {
+            let looking = self
+                .searches
+                .get(&member)
+                .is_some_and(|s| matches!(s.phase, Phase::Looking));
+            if looking {
+                self.advance(now, member);
             }
         }
+    }
+
+    /// News of member `member`'s driver while its group is being booked
+    /// (`trip`: it went on that trip; `None`: it was let go, or a settle of
+    /// its lock found no trip). Whether it was taken as the group's answer.
+    pub(super) fn member_news(
+        &mut self,
+        now: Instant,
+        member: &SearchKey,
+        trip: Option<TripId>,
+    ) -> bool {
+        let Some(group_key) = self.searches.get(member).and_then(|s| s.group.clone()) else {
+            return false;
+        };
+        let Some(commit) = self
+            .groups
+            .get(&group_key)
+            .and_then(|g| g.committing.as_ref())
+        else {
+            return false;
+        };
+        match trip {
+            Some(trip) if commit.trips.get(member) == Some(&trip) => {
+                let trips = commit.trips.clone();
+                self.book_group(now, &group_key, trips);
+            }
+            Some(_) => return false,
+            None => self.abandon_commit(now, &group_key),
+        }
+        true
+    }
+
+    /// Whether member `key`'s group gave up asking Redis and settles its
+    /// members (their news is awaited again).
+    pub(super) fn commit_gave_up(&self, key: &SearchKey) -> bool {
+        self.searches
+            .get(key)
+            .and_then(|s| s.group.as_ref())
+            .and_then(|g| self.groups.get(g))
+            .and_then(|g| g.committing.as_ref())
+            .is_some_and(|c| c.gave_up)
     }
 
     /// Bookings Redis could not decide that are due to be asked again.
@@ -171,15 +244,22 @@ impl<R: Clone> Searches<R> {
                 .groups
                 .get(&key)
                 .and_then(|g| g.committing.as_ref())
-                .filter(|commit| commit.attempt == attempt)
-                .map(|commit| commit.members.clone());
-            if let Some(members) = members {
+                .filter(|commit| commit.attempt == attempt && !commit.gave_up)
+                .map(|commit| (commit.members.clone(), commit.hold_until));
+            if let Some((members, hold_until)) = members {
                 self.effects.push(SearchEffect::ConfirmGroup {
                     group: key,
                     attempt,
                     members,
+                    keep: keep(now, hold_until),
                 });
             }
         }
     }
+}
+
+/// How long a booked group's locks are kept from `now`: past the members'
+/// holds (`hold_until`), a trip lock's time more.
+fn keep(now: Instant, hold_until: Instant) -> Duration {
+    hold_until.saturating_duration_since(now) + TRIP_HOLD
 }

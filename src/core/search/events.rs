@@ -165,6 +165,8 @@ pub enum SearchEffect<R> {
         attempt: u32,
         /// Each member's driver and trip.
         members: Vec<GroupMember>,
+        /// How long the booked locks are kept.
+        keep: Duration,
     },
     /// Cluster mode: settle `owner`'s lock of `driver` in Redis and hand the
     /// outcome to [`Searches::settled`] with `ticket`.

@@ -257,7 +257,7 @@ impl<R: Clone> Searches<R> {
     /// are booked in Redis first (see `commit.rs`).
     fn complete_group(&mut self, now: Instant, key: &SearchKey) {
         if self.node.is_some() {
-            return self.start_commit(key);
+            return self.start_commit(now, key);
         }
         let Some(group) = self.groups.get(key) else {
             return;
@@ -279,6 +279,19 @@ impl<R: Clone> Searches<R> {
         key: &SearchKey,
         trips: BTreeMap<SearchKey, TripId>,
     ) {
+        let complete = self
+            .groups
+            .get(key)
+            .is_some_and(|g| g.held.len() == usize::from(g.size));
+        if !complete {
+            // Never a partial `matched`: only a complete group is booked
+            // (a booking's members stay held while Redis is asked).
+            tracing::error!(request = %key.1, "a group to book is not complete; it fails");
+            if let Some(group) = self.groups.get_mut(key) {
+                group.committing = None;
+            }
+            return self.end_group(now, key, Ending::GroupIncomplete);
+        }
         let Some(group) = self.groups.remove(key) else {
             return;
         };
@@ -440,12 +453,17 @@ impl<R: Clone> Searches<R> {
         self.tell(&group.rider, message);
     }
 
-    /// Member `key`'s offer `offer_id` no longer counts as held.
+    /// Member `key`'s offer `offer_id` no longer counts as held. Not while
+    /// its group is being booked: Redis's answer (or a member's settle)
+    /// decides then, and a booking names every member (see `commit.rs`).
     pub(super) fn unhold(&mut self, key: &SearchKey, offer_id: OfferId) {
         let Some(group) = self.group_of(key) else {
             return;
         };
         if let Some(group) = self.groups.get_mut(&group) {
+            if group.committing.is_some() {
+                return;
+            }
             if group.held.get(key).is_some_and(|h| h.offer_id == offer_id) {
                 group.held.remove(key);
             }

@@ -176,6 +176,7 @@ impl<R: Clone> Searches<R> {
         let driver_id = outcome.driver_id;
         self.hand_over(now, outcome.offer_id, &driver_id);
         self.unhold(&key, outcome.offer_id);
+        let committing = self.group_committing(&key);
         let Some(search) = self
             .searches
             .get_mut(&key)
@@ -195,6 +196,12 @@ impl<R: Clone> Searches<R> {
             (Ending::Accepted, Some(trip_id)) => {
                 let at = outcome.driver_location.unwrap_or(search.pickup);
                 self.finish_matched(now, &key, trip_id, driver_id, at);
+            }
+            (_, _) if committing => {
+                // A held driver let go while its group is being booked: its
+                // settle found no trip, so the booking did not land.
+                search.phase = Phase::Looking;
+                self.member_news(now, &key, None);
             }
             (ending, _) => {
                 search.phase = Phase::Looking;

@@ -207,7 +207,7 @@ impl<R: Clone> Searches<R> {
             // A group member the driver accepted is held until its group
             // completes or fails, which the group's deadline bounds; its
             // news is not overdue (and the hold has its own deadline).
-            if self.is_held(&key, offer_id) {
+            if self.is_held(&key, offer_id) && !self.commit_gave_up(&key) {
                 continue;
             }
             let Some(search) = self.searches.get_mut(&key) else {
@@ -268,6 +268,7 @@ impl<R: Clone> Searches<R> {
             attempts,
             driver: driver_id,
         } = ticket;
+        let committing = self.group_committing(&key);
         let Some(search) = self
             .searches
             .get_mut(&key)
@@ -286,6 +287,13 @@ impl<R: Clone> Searches<R> {
             Some(Settled::Trip(trip_id)) => {
                 let at = search.offered_at.unwrap_or(search.pickup);
                 self.finish_matched(now, &key, trip_id, driver_id, at);
+            }
+            Some(Settled::Dead) if committing => {
+                // Settled without a trip while its group was being booked:
+                // the booking can't land any more. The driver lets go of its
+                // hold when its own settle finds the same.
+                search.phase = Phase::Looking;
+                self.member_news(now, &key, None);
             }
             Some(Settled::Dead) => {
                 // Whatever happened to the offer (the driver's node died, or
@@ -316,6 +324,15 @@ impl<R: Clone> Searches<R> {
                 let due = now + SETTLE_RETRY;
                 self.remote_due
                     .push(Reverse((due, seq, offer_id, attempts, Awaited::Any, key)));
+            }
+            None if committing && attempts >= SETTLE_ATTEMPTS => {
+                // Neither the booking nor the settles can be told for a long
+                // while: the rider is told, and each driver's own settle,
+                // asked until Redis can tell, decides its hold.
+                m::redis_settle_undecided();
+                if let Some(group) = self.searches.get(&key).and_then(|s| s.group.clone()) {
+                    self.abandon_commit(now, &group);
+                }
             }
             None => {
                 // Redis has not been able to tell for a long while: the rider

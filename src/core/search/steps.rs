@@ -302,10 +302,12 @@ impl<R: Clone> Searches<R> {
         driver_location: LatLon,
     ) {
         if self.group_committing(key) {
-            // A member's settle found its trip: the group's booking landed,
-            // which Redis's answer to it will say.
-            if let Some(search) = self.searches.get_mut(key) {
-                search.phase = Phase::Looking;
+            // A member's driver went on its trip while Redis was asked (a
+            // settle found it): the group's booking landed.
+            if !self.member_news(now, key, Some(trip_id)) {
+                if let Some(search) = self.searches.get_mut(key) {
+                    search.phase = Phase::Looking;
+                }
             }
             return;
         }

@@ -157,7 +157,9 @@ impl<R: Clone> Searches<R> {
         }
         other.revoking = Some(offer_id);
         let at = other.driver_at;
+        let seq = other.seq;
         self.unhold(victim, offer_id);
+        self.await_outcome(now, victim, seq, offer_id);
         tracing::debug!(driver = %driver, offer_id, "an older group takes a driver from a younger one");
         m::preemption();
         self.effects.push(SearchEffect::Cancel {
@@ -196,15 +198,21 @@ impl<R: Clone> Searches<R> {
         if recent || search.cancel_requested || group.ending.is_some() {
             return;
         }
+        let (started, seq, pickup) = (group.started, group.seq, search.pickup);
+        let radius_m = self.radius_of(search, now);
         let effect = SearchEffect::Wound {
-            started_ago: now.saturating_duration_since(group.started),
-            pickup: search.pickup,
-            radius_m: self.radius_of(search, now),
+            started_ago: now.saturating_duration_since(started),
+            pickup,
+            radius_m,
         };
         if let Some(search) = self.searches.get_mut(key) {
             search.wounded_at = Some(now);
         }
         self.effects.push(effect);
+        // A younger group of this node may hold a driver of another node in
+        // reach (`preempt` takes only this node's drivers, which it can
+        // hand over).
+        self.take_in_reach(now, |g| g.seq > seq, pickup, radius_m, true);
     }
 
     /// Cluster mode: a member of a group on node `from`, whose request came
@@ -230,22 +238,37 @@ impl<R: Clone> Searches<R> {
             let ours = unix_now_ms.saturating_sub(ago);
             (ours, &node) > (started_unix_ms, from)
         };
+        self.take_in_reach(now, |g| younger(g.started), pickup, radius_m, false);
+    }
+
+    /// Takes the nearest driver within `radius_m` of `pickup` from a member
+    /// of a group that `younger` says is younger than the one asking
+    /// (offered or held, not being booked; with `remote_only`, a driver on
+    /// another node).
+    fn take_in_reach(
+        &mut self,
+        now: Instant,
+        younger: impl Fn(&super::group::Group<R>) -> bool,
+        pickup: LatLon,
+        radius_m: f64,
+        remote_only: bool,
+    ) {
         let mut victim: Option<(f64, u64, SearchKey)> = None;
         for group in self.groups.values() {
-            if group.ending.is_some() || group.committing.is_some() || !younger(group.started) {
+            if group.ending.is_some() || group.committing.is_some() || !younger(group) {
                 continue;
             }
             for member in &group.members {
                 let Some(other) = self.searches.get(member) else {
                     continue;
                 };
-                let (Phase::Offered { .. }, None, Some(at)) =
+                let (Phase::Offered { node, .. }, None, Some(at)) =
                     (&other.phase, other.revoking, other.driver_at)
                 else {
                     continue;
                 };
                 let metres = at.distance_m(pickup);
-                if metres > radius_m {
+                if metres > radius_m || (remote_only && node.is_none()) {
                     continue;
                 }
                 let candidate = (metres, other.seq, member.clone());
@@ -258,14 +281,24 @@ impl<R: Clone> Searches<R> {
             }
         }
         if let Some((_, _, victim)) = victim {
-            self.take_for_elsewhere(&victim);
+            self.take_for_elsewhere(now, &victim);
+        }
+    }
+
+    /// Cluster mode: the outcome of member `key`'s offer `offer_id` is due
+    /// soon, or it is settled in Redis (a held member's was not awaited).
+    fn await_outcome(&mut self, now: Instant, key: &SearchKey, seq: u64, offer_id: OfferId) {
+        if self.node.is_some() {
+            let due = now + super::REMOTE_ANSWER_WAIT;
+            let entry = (due, seq, offer_id, 0, super::Awaited::Outcome, key.clone());
+            self.remote_due.push(std::cmp::Reverse(entry));
         }
     }
 
     /// Member `victim`'s driver is taken for an older group on another
     /// node: its offer is cancelled (`preempted`), stops counting for its
     /// group, and its group won't ask that driver again.
-    fn take_for_elsewhere(&mut self, victim: &SearchKey) {
+    fn take_for_elsewhere(&mut self, now: Instant, victim: &SearchKey) {
         let Some(other) = self.searches.get_mut(victim) else {
             return;
         };
@@ -279,8 +312,12 @@ impl<R: Clone> Searches<R> {
             return;
         };
         other.revoking = Some(offer_id);
+        let seq = other.seq;
         self.unhold(victim, offer_id);
         self.exclude(victim, driver.clone());
+        // Its news was not awaited while held: now it is, or the offer is
+        // settled in Redis (the cancel or the ending may be lost).
+        self.await_outcome(now, victim, seq, offer_id);
         tracing::debug!(driver = %driver, offer_id, "an older group on another node takes a driver from a younger one");
         m::preemption();
         self.effects.push(SearchEffect::Cancel {
