@@ -594,6 +594,10 @@ async fn a_group_is_booked_whole_or_not_at_all() {
         server.confirm_group(&group, KEEP).await.unwrap(),
         "idempotent"
     );
+    // Kept past the members' holds (`KEEP`), not a trip lock's 30 s: a
+    // member whose news is lost finds its lock when its hold ends.
+    let left = lock_pttl(&redis.url, "d1").await;
+    assert!(left > 40_000, "{left} ms left");
     let current = server.current_trip("d2").await.unwrap().unwrap();
     assert_eq!((current.trip_id, current.owner.as_str()), (14, "a/4"));
     // A member's hold running out after the booking finds its trip.
