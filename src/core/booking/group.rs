@@ -232,7 +232,11 @@ impl Booking {
                 }
             });
         let Some(record) = record else {
-            tracing::warn!(driver = %self.id, offer = offer_id, "a group commit found no hold");
+            // Said again by the rider's node (its first word may be lost),
+            // or found by a settle already: nothing more to do.
+            if self.trip_id() != Some(trip_id) {
+                tracing::debug!(driver = %self.id, offer = offer_id, "a group commit found no hold");
+            }
             return;
         };
         let Some(ended) = self.lock.commit(offer_id, token, trip_id) else {

@@ -43,6 +43,12 @@ use crate::location::LatLon;
 use crate::metrics as m;
 use crate::protocol::{DriverId, MatchedDriver, RequestId, ServerMessage};
 
+/// When a booked group's news to a driver on another node is said again.
+const RESEND_NEWS: [std::time::Duration; 2] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(3),
+];
+
 /// Between a group's request id and a member's number in the member's
 /// search key: a control character, which request ids can't contain (see
 /// `protocol`), so a member's key is never a rider's own request.
@@ -306,14 +312,24 @@ impl<R: Clone> Searches<R> {
         });
         let mut drivers = Vec::with_capacity(held.len());
         for (holding, trip_id) in held {
-            self.effects.push(SearchEffect::GroupNews {
+            let news = SearchEffect::GroupNews {
                 driver: holding.driver.clone(),
                 node: holding.node.clone(),
                 offer_id: holding.offer_id,
                 fencing_token: holding.fencing_token,
                 accepted: group.size,
                 trip_id: Some(trip_id),
-            });
+            };
+            if holding.node.is_some() {
+                // Between nodes a message may be lost; the driver would
+                // then learn of its trip only when its hold runs out, from
+                // Redis, which a server losing its data meanwhile can leave
+                // unable to tell. Said again twice (a repeat is a no-op).
+                for after in RESEND_NEWS {
+                    self.resends.push((now + after, news.clone()));
+                }
+            }
+            self.effects.push(news);
             let distance_m = holding.at.distance_m(group.pickup);
             m::pickup_distance(distance_m);
             drivers.push(MatchedDriver {
@@ -498,6 +514,15 @@ impl<R: Clone> Searches<R> {
         self.group_of(key)
             .and_then(|group| self.groups.get(&group))
             .is_some_and(|group| group.committing.is_some())
+    }
+
+    /// Booked groups' news due to be said again.
+    pub(super) fn resends_due(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.resends)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.resends = later;
+        self.effects.extend(due.into_iter().map(|(_, news)| news));
     }
 
     fn group_of(&self, key: &SearchKey) -> Option<SearchKey> {

@@ -253,6 +253,9 @@ pub struct Searches<R> {
     handovers: HashMap<OfferId, (SearchKey, u64, Option<LatLon>)>,
     /// Cluster mode: group bookings to ask Redis again, when, and which try.
     group_retries: BinaryHeap<Reverse<(Instant, u32, SearchKey)>>,
+    /// Cluster mode: booked groups' news to drivers on other nodes, said
+    /// again when due (a few per booked group, so a scan is cheap).
+    resends: Vec<(Instant, SearchEffect<R>)>,
     effects: Vec<SearchEffect<R>>,
     index_queries: u32,
 }
@@ -288,6 +291,7 @@ impl<R: Clone> Searches<R> {
             groups: HashMap::new(),
             handovers: HashMap::new(),
             group_retries: BinaryHeap::new(),
+            resends: Vec::new(),
             effects: Vec::new(),
             index_queries: 0,
         }
@@ -322,6 +326,7 @@ impl<R: Clone> Searches<R> {
             self.batch_due,
             self.remote_due.peek().map(|Reverse((at, ..))| *at),
             self.group_retries.peek().map(|Reverse((at, ..))| *at),
+            self.resends.iter().map(|(at, _)| *at).min(),
         ]
         .into_iter()
         .flatten()
@@ -528,6 +533,7 @@ impl<R: Clone> Searches<R> {
     pub fn tick(&mut self, now: Instant) {
         self.settle_due(now);
         self.group_retries_due(now);
+        self.resends_due(now);
         self.widen_due(now);
         if self.batch_due.is_some_and(|due| due <= now) {
             self.assign_batch(now);
