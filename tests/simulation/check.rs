@@ -278,8 +278,19 @@ impl Ledger {
                         .iter()
                         .filter(|s| s.is_settled(&owner, world.now))
                         .count();
+                    // Also once its requester has begun settling it and its
+                    // lock no longer stands on a majority (a server that
+                    // lost its data, the settle's release where it got
+                    // through): nothing can book it any more, and Redis
+                    // may lock the driver for someone else meanwhile.
+                    let holding = world
+                        .servers
+                        .iter()
+                        .filter(|s| s.holds(&format!("d{driver}"), &owner, world.now))
+                        .count();
+                    let quorum = ridelock::cluster::redlock::quorum(world.servers.len());
                     let dead = world.is_cluster()
-                        && settled >= ridelock::cluster::redlock::quorum(world.servers.len());
+                        && (settled >= quorum || (settled > 0 && holding < quorum));
                     if offer.deadline > world.now && !dead {
                         live.push((n, offer.offer_id));
                     }

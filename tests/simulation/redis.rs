@@ -133,6 +133,12 @@ impl Server {
             .map(|(owner, _)| owner.as_str())
     }
 
+    /// Whether `owner` holds `driver`'s lock here (whether or not the
+    /// server is up: a server that is down keeps its data).
+    pub fn holds(&self, driver: &str, owner: &str, now: Instant) -> bool {
+        self.lock_owner(driver, now) == Some(owner)
+    }
+
     /// Whether `owner` was settled or finished here (its lock can't book).
     pub fn is_settled(&self, owner: &str, now: Instant) -> bool {
         live(&self.settled, owner, now, |at| *at)
