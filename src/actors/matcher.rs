@@ -425,6 +425,14 @@ impl Matcher {
                     radius_m,
                 }));
             }
+            SearchEffect::TripBooked { driver } => {
+                let cluster = self.cluster.as_ref().expect("cluster mode");
+                cluster.broadcast(Wire::TripBooked {
+                    node: cluster.node().clone(),
+                    driver: driver.clone(),
+                });
+                self.drivers.send(&driver, ToDriver::LookUpTrip);
+            }
             SearchEffect::ConfirmGroup {
                 group,
                 attempt,

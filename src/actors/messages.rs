@@ -236,6 +236,8 @@ pub enum ToDriver {
     Cancel(CancelOffer),
     /// News of the group it is held for.
     Group(GroupNews),
+    /// Cluster mode: look its current trip up in Redis (booked elsewhere).
+    LookUpTrip,
 }
 
 /// The driver actors of this node, as the matcher sees them.

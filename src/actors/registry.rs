@@ -181,6 +181,7 @@ impl DriverDirectory for DriverRegistry {
                 Err(actix::prelude::SendError::Full(news)) => actor.do_send(news),
                 Err(actix::prelude::SendError::Closed(_)) => return false,
             },
+            ToDriver::LookUpTrip => actor.do_send(super::driver::LookUpTrip),
         }
         true
     }

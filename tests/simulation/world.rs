@@ -798,6 +798,29 @@ impl World {
                     }
                 }
             }
+            SearchEffect::TripBooked { driver } => {
+                // Every node's actor of the driver, this one's too.
+                let d = driver_index(&driver);
+                for to in 0..self.nodes.len() {
+                    if to == node {
+                        let inc = self.nodes[node].inc;
+                        let event = DriverEvent::LookUpTrip;
+                        self.lane(
+                            lane_matcher(node),
+                            lane_driver(node, d),
+                            200,
+                            Ev::ToDriver {
+                                node,
+                                inc,
+                                driver: d,
+                                event,
+                            },
+                        );
+                    } else {
+                        self.wire(node, to, Wire::Driver(d, DriverEvent::LookUpTrip));
+                    }
+                }
+            }
             SearchEffect::ConfirmGroup {
                 group,
                 attempt,

@@ -182,7 +182,8 @@ impl Run {
                 }
                 SearchEffect::Settle { .. }
                 | SearchEffect::ConfirmGroup { .. }
-                | SearchEffect::Wound { .. } => {
+                | SearchEffect::Wound { .. }
+                | SearchEffect::TripBooked { .. } => {
                     panic!("no Redis on one node")
                 }
             }

@@ -154,6 +154,14 @@ pub enum SearchEffect<R> {
         /// How far it looks.
         radius_m: f64,
     },
+    /// Cluster mode: `driver`, of another node, was booked for a group
+    /// here: wherever its app is connected (on any node, this one too),
+    /// its actor looks its trip up in Redis and takes it over. Its app may
+    /// have left the node that holds it (that node may have died).
+    TripBooked {
+        /// The driver.
+        driver: DriverId,
+    },
     /// Cluster mode: book every member of group `group` in Redis at once
     /// (see `commit.rs`) and hand the verdict to
     /// [`Searches::group_confirmed`](super::Searches::group_confirmed) with

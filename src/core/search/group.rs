@@ -330,6 +330,14 @@ impl<R: Clone> Searches<R> {
                 }
             }
             self.effects.push(news);
+            if holding.node.is_some() {
+                // Its app may have left the node that holds it (which may
+                // have died with the hold): wherever it is, it takes the
+                // trip over from Redis.
+                self.effects.push(SearchEffect::TripBooked {
+                    driver: holding.driver.clone(),
+                });
+            }
             let distance_m = holding.at.distance_m(group.pickup);
             m::pickup_distance(distance_m);
             drivers.push(MatchedDriver {
