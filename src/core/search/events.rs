@@ -154,10 +154,10 @@ pub enum SearchEffect<R> {
         /// How far it looks.
         radius_m: f64,
     },
-    /// Cluster mode: `driver`, of another node, was booked for a group
-    /// here: wherever its app is connected (on any node, this one too),
-    /// its actor looks its trip up in Redis and takes it over. Its app may
-    /// have left the node that holds it (that node may have died).
+    /// Cluster mode: `driver` was booked for a group here: wherever its app
+    /// is connected (on any node, this one too), its actor looks its trip
+    /// up in Redis and takes it over. Its app may have left the node that
+    /// holds it, whose actor may have died with the hold.
     TripBooked {
         /// The driver.
         driver: DriverId,

@@ -330,10 +330,10 @@ impl<R: Clone> Searches<R> {
                 }
             }
             self.effects.push(news);
-            if holding.node.is_some() {
-                // Its app may have left the node that holds it (which may
-                // have died with the hold): wherever it is, it takes the
-                // trip over from Redis.
+            if self.node.is_some() {
+                // Its app may have left the node that holds it (whose actor
+                // may have died with the hold, on this node too): wherever
+                // it is, it takes the trip over from Redis.
                 self.effects.push(SearchEffect::TripBooked {
                     driver: holding.driver.clone(),
                 });
