@@ -16,15 +16,14 @@ use super::messages::{
     CancelOffer, DriverChanges, DriverDirectory, DriversChanged, GroupNews, LockAnswered,
     OfferEnded, OfferHeld, ReplyRoute, ToDriver, TryLock,
 };
+use super::remote::GroupConfirmed;
 use crate::areas::ServiceAreas;
 use crate::cluster::wire::{Wire, WireGroup, Wound};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::core::booking::{LockRequest, ReplyTo, LOCK_MARGIN};
 use crate::core::lock::OfferId;
-use crate::core::search::{
-    OpenRequest, SearchEffect, SearchKey, SearchSettings, Searches, SettleTicket,
-};
+use crate::core::search::{OpenRequest, SearchEffect, SearchSettings, Searches, SettleTicket};
 use crate::core::Settled;
 use crate::ids::Ids;
 use crate::location::LatLon;
@@ -156,15 +155,6 @@ pub struct OpenRequests;
 struct SettleOutcome {
     ticket: SettleTicket,
     outcome: Option<Settled>,
-}
-
-/// Cluster mode: Redis's verdict on booking a group.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct GroupConfirmed {
-    group: SearchKey,
-    attempt: u32,
-    verdict: Option<bool>,
 }
 
 /// The matcher actor.
@@ -570,41 +560,6 @@ impl Handler<SettleOutcome> for Matcher {
     fn handle(&mut self, msg: SettleOutcome, ctx: &mut Context<Self>) {
         self.decide(ctx, |searches, now| {
             searches.settled(now, msg.ticket, msg.outcome)
-        });
-    }
-}
-
-/// Cluster mode: an older group on another node asks for a younger
-/// group's driver (see `core::search::wound`).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Wounded(pub Wound);
-
-impl Handler<Wounded> for Matcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: Wounded, ctx: &mut Context<Self>) {
-        let Wound {
-            from,
-            started_unix_ms,
-            pickup,
-            radius_m,
-        } = msg.0;
-        let Some(unix_now_ms) = crate::limits::unix_ms() else {
-            return;
-        };
-        self.decide(ctx, |searches, now| {
-            searches.wounded(now, unix_now_ms, &from, started_unix_ms, pickup, radius_m)
-        });
-    }
-}
-
-impl Handler<GroupConfirmed> for Matcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: GroupConfirmed, ctx: &mut Context<Self>) {
-        self.decide(ctx, |searches, now| {
-            searches.group_confirmed(now, msg.group, msg.attempt, msg.verdict)
         });
     }
 }

@@ -1,12 +1,14 @@
 //! What the cluster's listener tells the matcher about other nodes: their
 //! drivers' availability (one change, a batch, or a whole node's at a
-//! subscription) and which nodes are alive. Each becomes one decision of the
-//! search machine.
+//! subscription), which nodes are alive, and older groups asking for a
+//! younger group's driver; and Redis's verdict on booking a group. Each
+//! becomes one decision of the search machine.
 
 use actix::prelude::*;
 
 use super::matcher::Matcher;
-use crate::cluster::wire::NodeId;
+use crate::cluster::wire::{NodeId, Wound};
+use crate::core::search::SearchKey;
 use crate::location::LatLon;
 use crate::protocol::DriverId;
 
@@ -109,5 +111,50 @@ impl Handler<LiveNodes> for Matcher {
 
     fn handle(&mut self, msg: LiveNodes, ctx: &mut Context<Self>) {
         self.decide(ctx, |searches, now| searches.live_nodes(now, msg.nodes));
+    }
+}
+
+/// Cluster mode: an older group on another node asks for a younger
+/// group's driver (see `core::search::wound`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Wounded(pub Wound);
+
+impl Handler<Wounded> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Wounded, ctx: &mut Context<Self>) {
+        let Wound {
+            from,
+            started_unix_ms,
+            pickup,
+            radius_m,
+        } = msg.0;
+        // Ages compare by the wall clock: without one, nothing is taken.
+        let Some(unix_now_ms) = crate::limits::unix_ms() else {
+            return;
+        };
+        self.decide(ctx, |searches, now| {
+            searches.wounded(now, unix_now_ms, &from, started_unix_ms, pickup, radius_m)
+        });
+    }
+}
+
+/// Cluster mode: Redis's verdict on booking a group (the try it answers).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct GroupConfirmed {
+    pub(super) group: SearchKey,
+    pub(super) attempt: u32,
+    pub(super) verdict: Option<bool>,
+}
+
+impl Handler<GroupConfirmed> for Matcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: GroupConfirmed, ctx: &mut Context<Self>) {
+        self.decide(ctx, |searches, now| {
+            searches.group_confirmed(now, msg.group, msg.attempt, msg.verdict)
+        });
     }
 }

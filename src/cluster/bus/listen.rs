@@ -17,12 +17,13 @@ use super::{
 };
 use crate::actors::driver::{ConnectedElsewhere, DriverRegistry, LookUpTrip};
 use crate::actors::matcher::{
-    LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteDrivers, RemoteSnapshot, Wounded,
+    LiveNodes, Matcher, NodeGone, RemoteDriver, RemoteDrivers, RemoteSnapshot,
 };
 use crate::actors::messages::{
     CancelOffer, DriverDirectory, GroupNews, LockAnswered, OfferEnded, OfferHeld, ReplyRoute,
     ToDriver, TryLock,
 };
+use crate::actors::remote::Wounded;
 use crate::cluster::store::{alive_key, LockServer};
 use crate::cluster::wire::{node_channel, NodeId, Wire, DRIVERS_CHANNEL};
 use crate::cluster::Cluster;

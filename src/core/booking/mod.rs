@@ -19,6 +19,8 @@ mod group;
 use app::{offer_message, trip_assigned, waiting_for_group};
 mod events;
 mod steps;
+mod waiting;
+use waiting::Waiting;
 
 pub use events::{
     DriverEffect, DriverEvent, GroupMember, LockRequest, RedisOp, RedisReply, ReplyTo, TripRecord,
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::lock::{
-    Availability, DriverLock, Ending, FencingToken, LockRefused, LockState, OfferId, Trip, TripId,
+    Availability, DriverLock, Ending, LockRefused, LockState, OfferId, Trip, TripId,
 };
 use super::OfferHolder;
 use crate::areas::ServiceAreas;
@@ -94,57 +96,6 @@ struct Renewal {
     /// confirm or take-over, or the last renewal): then a renewal also takes
     /// the lock back on a server that lost it.
     kept: bool,
-}
-
-/// What the driver waits for from Redis.
-#[derive(Clone, Debug)]
-enum Waiting {
-    /// A lock: the request, and when its acquire went out.
-    Acquire(LockRequest, Instant),
-    /// A release.
-    Free,
-    /// A trip's finish (`attempt` of [`cluster::FINISH_ATTEMPTS`]).
-    Finish {
-        owner: String,
-        trip_id: TripId,
-        attempt: u32,
-    },
-    /// An accept's confirm: the offer, the trip, the accept's time, the
-    /// attempt, and when the next attempt is due (while between attempts).
-    Confirm {
-        record: TripRecord,
-        accepted_at: Instant,
-        attempt: u32,
-        retry_at: Option<Instant>,
-    },
-    /// An accept whose confirm could not be told: its settle, asked until
-    /// Redis can tell (and when next, while between attempts).
-    SettleAccept {
-        record: TripRecord,
-        accepted_at: Instant,
-        retry_at: Option<Instant>,
-    },
-    /// The driver's current trip (`attempt` of [`cluster::TRIP_LOOKUP_ATTEMPTS`]).
-    Lookup { attempt: u32 },
-    /// A group offer's accept: its lock kept for the group (see
-    /// `group.rs`), until when, the accept's time, the attempt, and when
-    /// the next attempt is due.
-    Hold {
-        offer_id: OfferId,
-        until: Instant,
-        accepted_at: Instant,
-        attempt: u32,
-        retry_at: Option<Instant>,
-    },
-    /// A held offer ending for `why`: its settle, asked until Redis can
-    /// tell whether the group was booked (and when next).
-    SettleHold {
-        owner: String,
-        offer_id: OfferId,
-        token: FencingToken,
-        why: Ending,
-        retry_at: Option<Instant>,
-    },
 }
 
 /// One driver.
