@@ -211,6 +211,28 @@ async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
     b.shutdown().await;
 }
 
+/// Group requests over two cluster nodes sharing a Redis: a group's drivers
+/// are on both nodes, booked in Redis all or nothing; the live checker
+/// finds no partial `matched`, no driver in two groups, no offer to a held
+/// driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_requests_over_two_cluster_nodes_find_no_violations() {
+    let redis = redis::RedisServer::start();
+    let node = |id: &str| Config {
+        redis: vec![redis.url.clone()],
+        node_id: Some(id.into()),
+        ..config()
+    };
+    let a = Engine::start(node("a")).await.expect("node a starts");
+    let b = Engine::start(node("b")).await.expect("node b starts");
+    let report = smoke(&[&a, &b], &["--group-prob", "0.33", "--max-vehicles", "3"]).await;
+    let groups = &report["groups"];
+    assert!(groups["requests"].as_u64().unwrap() >= 3, "{report}");
+    assert!(groups["matched"].as_u64().unwrap() >= 1, "{report}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Two worker processes against two cluster nodes: no violations over
 /// both workers' events (a rider's `matched` and the accept it names often
 /// come from different workers), and while they run, the nodes hold every
