@@ -192,14 +192,17 @@ for name in repeats("matches-max") + ["matches-max-pooled"] + repeats("latency-5
     p99 = engine_quantile(name, "ridelock_request_to_offer_seconds", 0.99)
     out.append(f"- {name}: {ms(p50)} / {ms(p99)} ms")
 out.append("")
-# The cluster, dispatch, groups and ops sections are bench/cluster's,
-# bench/dispatch's, bench/groups' and bench/ops':
-# carried over as they are.
+# The cluster, dispatch, groups, ops, scale and observer sections are
+# other scripts', with paragraphs written by hand between them: everything
+# from the first of them to the command lines is carried over as it is.
 previous = os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")
-for section in ("cluster", "dispatch", "groups", "ops", "scale"):
-    begin, end = f"<!-- {section}: written by bench/{section} -->", f"<!-- /{section} -->"
-    if os.path.exists(previous):
-        text = open(previous).read()
+text = open(previous).read() if os.path.exists(previous) else ""
+first, last = "<!-- cluster: written by bench/cluster -->", "## Command lines"
+if first in text and last in text and text.index(first) < text.index(last):
+    out.append(text[text.index(first):text.index(last)].rstrip() + "\n")
+else:
+    for section in ("cluster", "dispatch", "groups", "ops", "scale"):
+        begin, end = f"<!-- {section}: written by bench/{section} -->", f"<!-- /{section} -->"
         if begin in text and end in text:
             out.append(text[text.index(begin):text.index(end) + len(end)] + "\n")
 out.append("## Command lines\n")
