@@ -1329,3 +1329,47 @@ fn a_group_booking_redis_cannot_tell_is_settled_member_by_member() {
     let effects = searches.take_effects();
     assert_eq!(matched_drivers(&effects), Some(2), "{effects:?}");
 }
+
+/// Cluster mode: a held driver whose hold ran out settles it, and Redis
+/// can't tell (a server lost its data); the rider's node's word that the
+/// group was booked, arriving meanwhile, is taken as proof: the driver goes
+/// on its trip, whose renewals write it back where it was lost. Found by a
+/// long simulation run (seed 8511 from 8108): the driver stayed held, its
+/// trip on one server, and its app was never told.
+#[test]
+fn a_held_driver_whose_settle_cannot_tell_takes_the_booking_news_as_proof() {
+    let t0 = Instant::now();
+    let hold_until = t0 + Duration::from_secs(30);
+    let mut driver = group_offer_in_cluster(t0, hold_until);
+    driver.handle(t0, accept(7, Some(100)));
+    driver.handle(t0, DriverEvent::Redis(RedisReply::HoldKept(Some(true))));
+    driver.take_effects();
+    driver.handle(hold_until, DriverEvent::Tick);
+    assert!(matches!(
+        redis_ops(&driver.take_effects())[..],
+        [RedisOp::Settle { .. }]
+    ));
+    // The booking's news waits behind the settle.
+    let commit = DriverEvent::CommitHold {
+        offer_id: 7,
+        fencing_token: 100,
+        trip_id: 44,
+    };
+    driver.handle(hold_until + MS(1), commit);
+    assert_eq!(driver.trip_id(), None, "waits for the settle");
+    driver.handle(
+        hold_until + MS(300),
+        DriverEvent::Redis(RedisReply::Settled(None)),
+    );
+    assert_eq!(driver.trip_id(), Some(44));
+    let effects = driver.take_effects();
+    assert!(told(&effects)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::TripAssigned { trip_id: 44, .. })));
+    // Its first renewal writes the trip back, taking the lock back where
+    // it is free.
+    driver.handle(hold_until + Duration::from_secs(2), DriverEvent::Tick);
+    assert!(redis_ops(&driver.take_effects())
+        .iter()
+        .any(|op| matches!(op, RedisOp::Renew { repair: true, .. })));
+}

@@ -24,9 +24,14 @@ const CONFIRM_ATTEMPTS: u32 = 3;
 const CONFIRM_RETRY: Duration = Duration::from_millis(100);
 
 /// How often, and how far apart, a driver's current trip is looked up again
-/// when Redis could not tell.
-pub(super) const TRIP_LOOKUP_ATTEMPTS: u32 = 5;
+/// when Redis could not tell: five times 500 ms apart, then every 5 s for a
+/// minute more. A trip that a lock server lost with its data may be on too
+/// few servers to take over until that server is back (it stays away about
+/// a trip lock's life) and the trip's renewals have written it back there.
+pub(super) const TRIP_LOOKUP_ATTEMPTS: u32 = 17;
+const TRIP_LOOKUP_QUICK: u32 = 5;
 const TRIP_LOOKUP_RETRY: Duration = Duration::from_millis(500);
+const TRIP_LOOKUP_SLOW_RETRY: Duration = Duration::from_secs(5);
 
 /// How long apart an accept's settle is asked again while Redis can't tell.
 const SETTLE_ACCEPT_RETRY: Duration = Duration::from_millis(500);
@@ -408,7 +413,12 @@ impl Booking {
             Err(()) => {
                 // Redis could not tell: ask again a little later.
                 if attempt < TRIP_LOOKUP_ATTEMPTS {
-                    self.lookup_retry = Some((now + TRIP_LOOKUP_RETRY, attempt + 1));
+                    let wait = if attempt < TRIP_LOOKUP_QUICK {
+                        TRIP_LOOKUP_RETRY
+                    } else {
+                        TRIP_LOOKUP_SLOW_RETRY
+                    };
+                    self.lookup_retry = Some((now + wait, attempt + 1));
                 }
                 return;
             }

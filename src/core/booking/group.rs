@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Booking, DriverEffect, RedisOp, TripRecord, Waiting, LOCK_MARGIN};
+use super::{Booking, DriverEffect, DriverEvent, RedisOp, TripRecord, Waiting, LOCK_MARGIN};
 use crate::core::lock::{Ending, FencingToken, LockState, OfferId, TripId};
 use crate::core::Settled;
 use crate::protocol::ErrorCode;
@@ -191,6 +191,19 @@ impl Booking {
                 }
             }
             None => {
+                // The rider's node's word that the group was booked, waiting
+                // behind this settle, is proof enough: a majority booked it.
+                // Its renewals then write the trip back where a server lost
+                // it, which the settle alone could never tell.
+                let booked = self.deferred.iter().position(|e| {
+                    matches!(e, DriverEvent::CommitHold { offer_id: o, fencing_token: t, .. }
+                        if *o == offer_id && *t == token)
+                });
+                if let Some(i) = booked {
+                    if let Some(DriverEvent::CommitHold { trip_id, .. }) = self.deferred.remove(i) {
+                        return self.commit_hold(now, offer_id, token, trip_id);
+                    }
+                }
                 self.waiting = Some(Waiting::SettleHold {
                     owner,
                     offer_id,
