@@ -194,11 +194,8 @@ async fn pooled_riders_find_no_violations() {
     engine.shutdown().await;
 }
 
-/// The same city over two cluster nodes sharing a Redis: drivers and riders
-/// alternate between the nodes, so most matches cross from one to the other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
-    let redis = redis::RedisServer::start();
+/// Nodes "a" and "b" sharing `redis`.
+async fn two_nodes(redis: &redis::RedisServer) -> (Engine, Engine) {
     let node = |id: &str| Config {
         redis: vec![redis.url.clone()],
         node_id: Some(id.into()),
@@ -206,6 +203,15 @@ async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
     };
     let a = Engine::start(node("a")).await.expect("node a starts");
     let b = Engine::start(node("b")).await.expect("node b starts");
+    (a, b)
+}
+
+/// The same city over two cluster nodes sharing a Redis: drivers and riders
+/// alternate between the nodes, so most matches cross from one to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
+    let redis = redis::RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
     smoke(&[&a, &b], &[]).await;
     a.shutdown().await;
     b.shutdown().await;
@@ -218,13 +224,7 @@ async fn smoke_scenario_over_two_cluster_nodes_finds_no_violations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_requests_over_two_cluster_nodes_find_no_violations() {
     let redis = redis::RedisServer::start();
-    let node = |id: &str| Config {
-        redis: vec![redis.url.clone()],
-        node_id: Some(id.into()),
-        ..config()
-    };
-    let a = Engine::start(node("a")).await.expect("node a starts");
-    let b = Engine::start(node("b")).await.expect("node b starts");
+    let (a, b) = two_nodes(&redis).await;
     let report = smoke(&[&a, &b], &["--group-prob", "0.33", "--max-vehicles", "3"]).await;
     let groups = &report["groups"];
     assert!(groups["requests"].as_u64().unwrap() >= 3, "{report}");
@@ -240,13 +240,7 @@ async fn group_requests_over_two_cluster_nodes_find_no_violations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_against_two_nodes_find_no_violations() {
     let redis = redis::RedisServer::start();
-    let node = |id: &str| Config {
-        redis: vec![redis.url.clone()],
-        node_id: Some(id.into()),
-        ..config()
-    };
-    let a = Engine::start(node("a")).await.expect("node a starts");
-    let b = Engine::start(node("b")).await.expect("node b starts");
+    let (a, b) = two_nodes(&redis).await;
     let watch = async {
         // The run starts once `smoke` has the lock (other tests may hold it
         // first); its drivers connect over a 1 s ramp.

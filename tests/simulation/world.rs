@@ -703,17 +703,7 @@ impl World {
                     not_after,
                     reply: ReplyTo::Matcher,
                 };
-                self.lane(
-                    lane_matcher(node),
-                    lane_driver(node, d),
-                    200,
-                    Ev::ToDriver {
-                        node,
-                        inc,
-                        driver: d,
-                        event: DriverEvent::TryLock(request),
-                    },
-                );
+                self.matcher_to_driver(node, inc, d, DriverEvent::TryLock(request));
             }
             SearchEffect::Lock {
                 driver,
@@ -749,19 +739,14 @@ impl World {
             } => {
                 self.preemptions += u64::from(why == Ending::Preempted);
                 let d = driver_index(&driver);
-                self.lane(
-                    lane_matcher(node),
-                    lane_driver(node, d),
-                    200,
-                    Ev::ToDriver {
-                        node,
-                        inc,
-                        driver: d,
-                        event: DriverEvent::CancelOffer {
-                            offer_id,
-                            fencing_token,
-                            why,
-                        },
+                self.matcher_to_driver(
+                    node,
+                    inc,
+                    d,
+                    DriverEvent::CancelOffer {
+                        offer_id,
+                        fencing_token,
+                        why,
                     },
                 );
             }
@@ -803,19 +788,7 @@ impl World {
                 let d = driver_index(&driver);
                 for to in 0..self.nodes.len() {
                     if to == node {
-                        let inc = self.nodes[node].inc;
-                        let event = DriverEvent::LookUpTrip;
-                        self.lane(
-                            lane_matcher(node),
-                            lane_driver(node, d),
-                            200,
-                            Ev::ToDriver {
-                                node,
-                                inc,
-                                driver: d,
-                                event,
-                            },
-                        );
+                        self.matcher_to_driver(node, inc, d, DriverEvent::LookUpTrip);
                     } else {
                         self.wire(node, to, Wire::Driver(d, DriverEvent::LookUpTrip));
                     }
@@ -845,17 +818,7 @@ impl World {
             } => {
                 let d = driver_index(&driver);
                 let event = DriverEvent::group_news(offer_id, fencing_token, accepted, trip_id);
-                self.lane(
-                    lane_matcher(node),
-                    lane_driver(node, d),
-                    200,
-                    Ev::ToDriver {
-                        node,
-                        inc,
-                        driver: d,
-                        event,
-                    },
-                );
+                self.matcher_to_driver(node, inc, d, event);
             }
             SearchEffect::Cancel {
                 driver,
@@ -892,6 +855,22 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Hands `event` from node `node`'s matcher (process `inc`) to its own
+    /// actor of driver `d`, in order on that channel.
+    fn matcher_to_driver(&mut self, node: usize, inc: u32, d: usize, event: DriverEvent) {
+        self.lane(
+            lane_matcher(node),
+            lane_driver(node, d),
+            200,
+            Ev::ToDriver {
+                node,
+                inc,
+                driver: d,
+                event,
+            },
+        );
     }
 
     /// The wall clock at `now`, in ms since the Unix epoch (every node's
