@@ -537,6 +537,61 @@ fn no_offer_goes_out_after_the_search_deadline_or_the_lock() {
     assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
 }
 
+/// Seed 9139: a lock answer handled long after it was asked (the node was
+/// paused with the answer waiting) may be stale even though the lock's
+/// validity has not run out: its requester, hearing nothing for 2 s, may
+/// have settled the lock, and another node locked the driver with a newer
+/// token and told the app. Such an answer grants nothing.
+#[test]
+fn a_lock_answer_handled_late_grants_no_offer() {
+    let t0 = Instant::now();
+    let mut driver = ready_driver(Some("a"), t0);
+    driver.handle(
+        t0,
+        DriverEvent::TryLock(request(
+            7,
+            holder(Some("b"), 5),
+            t0 + Duration::from_secs(60),
+        )),
+    );
+    driver.take_effects();
+    let late = t0 + Duration::from_secs(3);
+    driver.handle(
+        late,
+        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
+    );
+    let effects = driver.take_effects();
+    assert!(told(&effects).is_empty(), "{effects:?}");
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        DriverEffect::Answer { answer, .. } if answer.result == Err(LockRefused::StoreUnavailable)
+    )));
+    driver.handle(late, DriverEvent::Redis(RedisReply::Freed));
+
+    // An answer handled in good time still grants.
+    driver.handle(
+        late,
+        DriverEvent::TryLock(request(
+            8,
+            holder(Some("b"), 5),
+            late + Duration::from_secs(60),
+        )),
+    );
+    driver.take_effects();
+    driver.handle(
+        late + MS(300),
+        DriverEvent::Redis(RedisReply::Acquired(Ok((101, Duration::from_secs(16))))),
+    );
+    let effects = driver.take_effects();
+    assert!(
+        told(&effects)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Offer { offer_id: 8, .. })),
+        "{effects:?}"
+    );
+}
+
 /// Path 5d: a trip whose app vanished ends at its maximum age (its lock
 /// freed), rather than being renewed forever.
 #[test]

@@ -53,6 +53,15 @@ const FINISH_TRIP_ATTEMPTS: u32 = 60;
 /// validity, for the accept's confirm to reach Redis.
 const CONFIRM_ROOM: Duration = Duration::from_millis(500);
 
+/// How late a lock's answer may be handled and still grant the offer. A
+/// remote requester that hears nothing for `REMOTE_ANSWER_WAIT` settles the
+/// lock, and another node may then lock the driver with a newer token and
+/// tell the app: an answer that waited longer than half of that (this node
+/// paused, or its actors far behind) is not trusted, though the lock's own
+/// validity may not have run out yet.
+const ANSWER_TRUSTED: Duration =
+    Duration::from_millis(crate::core::search::REMOTE_ANSWER_WAIT.as_millis() as u64 / 2);
+
 impl Booking {
     /// Takes the lock in Redis for `request`; the driver waits for the
     /// answer, so its state can't change under the attempt.
@@ -205,7 +214,7 @@ impl Booking {
                     // looking: no offer goes out for it.
                     self.refuse(request, LockRefused::SearchEnded);
                     false
-                } else if timeout.is_zero() {
+                } else if timeout.is_zero() || now.duration_since(sent_at) > ANSWER_TRUSTED {
                     self.refuse(request, LockRefused::StoreUnavailable);
                     false
                 } else {
