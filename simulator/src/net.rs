@@ -199,9 +199,115 @@ pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// A Prometheus histogram's cumulative buckets in `exposition` (every
+/// series of `name`, summed by bound): `(le, count)`, ascending, `+Inf`
+/// last. Empty when the histogram is missing.
+pub fn histogram_buckets(exposition: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut sums: Vec<(f64, f64)> = Vec::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Some(le) = labels.split(',').find_map(|l| l.strip_prefix("le=\"")) else {
+            continue;
+        };
+        let le = match le.trim_end_matches('"') {
+            "+Inf" => f64::INFINITY,
+            le => match le.parse() {
+                Ok(le) => le,
+                Err(_) => continue,
+            },
+        };
+        let Ok(count) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        match sums.iter_mut().find(|(bound, _)| *bound == le) {
+            Some((_, sum)) => *sum += count,
+            None => sums.push((le, count)),
+        }
+    }
+    sums.sort_by(|a, b| a.0.total_cmp(&b.0));
+    sums
+}
+
+/// The `q`-quantile, in milliseconds, of what a histogram counted between
+/// two scrapes of its buckets (`before` may be empty: from the start),
+/// interpolated within its bucket as Prometheus' `histogram_quantile` does.
+/// `None` when nothing was counted in between.
+pub fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let earlier = |le: f64| {
+        before
+            .iter()
+            .find(|(bound, _)| *bound == le)
+            .map_or(0.0, |(_, count)| *count)
+    };
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, count)| (le, count - earlier(le)))
+        .collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut low, mut below) = (0.0, 0.0);
+    for (le, count) in counts {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(low * 1000.0);
+            }
+            let span = count - below;
+            let within = if span > 0.0 {
+                (rank - below) / span
+            } else {
+                0.0
+            };
+            return Some((low + (le - low) * within) * 1000.0);
+        }
+        (low, below) = (le, count);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_quantile_counts_only_what_came_between_two_scrapes() {
+        let scrape = |a: u64, b: u64, c: u64| {
+            format!(
+                "# TYPE h histogram\n\
+                 h_bucket{{le=\"0.001\"}} {a}\n\
+                 h_bucket{{le=\"0.002\"}} {b}\n\
+                 h_bucket{{le=\"+Inf\"}} {c}\n\
+                 h_sum 1\nh_count {c}\nother 3\n"
+            )
+        };
+        // Before: 100 slow ones (the ramp). Between: 90 under 1 ms, 10
+        // between 1 and 2 ms, none slower.
+        let before = histogram_buckets(&scrape(0, 0, 100), "h");
+        let after = histogram_buckets(&scrape(90, 100, 200), "h");
+        assert_eq!(
+            before,
+            vec![(0.001, 0.0), (0.002, 0.0), (f64::INFINITY, 100.0)]
+        );
+        let p50 = quantile_between(&before, &after, 0.5).unwrap();
+        assert!((p50 - 50.0 / 90.0).abs() < 1e-9, "{p50}");
+        let p99 = quantile_between(&before, &after, 0.99).unwrap();
+        assert!((p99 - 1.9).abs() < 1e-9, "{p99}");
+        // Over the whole run the slow ones dominate the tail.
+        assert_eq!(quantile_between(&[], &after, 0.99), Some(2.0));
+        // Nothing counted in between: no quantile.
+        assert_eq!(quantile_between(&after, &after, 0.5), None);
+        // Two nodes' series add up.
+        let both = histogram_buckets(&(scrape(1, 2, 3) + &scrape(10, 20, 30)), "h");
+        assert_eq!(both[2], (f64::INFINITY, 33.0));
+    }
 
     #[test]
     fn connections_spread_over_loopback_sources() {

@@ -127,6 +127,10 @@ pub struct Report {
     /// CPU the engine used over the steady phase, in cores (1.0 = one core
     /// busy all the time), given `--engine-pid`.
     pub engine_cpu_cores: Option<f64>,
+    /// The engine's own request→offer (its histogram: request read by the
+    /// rider's connection → offer handed to the driver's) over the steady
+    /// phase, from `/metrics` scraped as it begins and ends.
+    pub engine_request_to_offer_ms: Option<EngineLatency>,
     pub engine_rss_kib_peak: Option<u64>,
     pub engine_rss_kib_per_driver: Option<f64>,
     pub driver_errors: u64,
@@ -155,6 +159,13 @@ pub struct OpsFeed {
     pub bytes_per_s: f64,
 }
 
+/// Percentiles read off the engine's own histogram, in ms.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EngineLatency {
+    pub p50: f64,
+    pub p99: f64,
+}
+
 /// What was measured of the engine itself (with `--engine-pid` and its
 /// `/metrics`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -163,6 +174,9 @@ pub struct EngineFigures {
     pub location_updates_per_s: Option<f64>,
     pub location_backlog: Option<i64>,
     pub rss_kib_peak: Option<u64>,
+    /// p50 and p99 of the engine's own request→offer histogram over the
+    /// steady phase, in ms.
+    pub request_to_offer_ms: Option<(f64, f64)>,
 }
 
 impl Report {
@@ -201,6 +215,9 @@ impl Report {
             location_updates_per_s: t.location_updates_per_s,
             engine_location_updates_per_s: engine.location_updates_per_s,
             engine_cpu_cores: engine.cpu_cores,
+            engine_request_to_offer_ms: engine
+                .request_to_offer_ms
+                .map(|(p50, p99)| EngineLatency { p50, p99 }),
             location_backlog: engine.location_backlog,
             no_driver_rate: if finals == 0 {
                 0.0
@@ -395,6 +412,13 @@ impl Report {
                 &mut out,
                 "engine CPU (steady phase)",
                 format!("{cores:.2} cores"),
+            );
+        }
+        if let Some(EngineLatency { p50, p99 }) = self.engine_request_to_offer_ms {
+            row(
+                &mut out,
+                "engine request→offer ms (steady)",
+                format!("p50 {p50:.3}  p99 {p99:.3}  (its histogram)"),
             );
         }
         if let Some(rss) = self.engine_rss_kib_peak {

@@ -30,6 +30,8 @@ use crate::totals::{SteadyRates, Totals};
 
 /// The engine's counter of location updates it took in.
 const ENGINE_LOCATION_COUNTER: &str = "ridelock_location_updates_total";
+/// The engine's own request→offer histogram.
+const ENGINE_REQUEST_TO_OFFER: &str = "ridelock_request_to_offer_seconds";
 /// Orders a rider connection may have queued before arrivals are dropped.
 const ORDER_QUEUE: usize = 1024;
 
@@ -57,13 +59,14 @@ pub struct Shared {
 }
 
 /// Counters at one instant, for rates over a window.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Snapshot {
     at: Instant,
     requests: u64,
     matches: u64,
     locations: u64,
     engine_locations: Option<f64>,
+    engine_request_to_offer: Option<Vec<(f64, f64)>>,
     engine_cpu_s: Option<f64>,
     ops_bytes: u64,
 }
@@ -107,6 +110,31 @@ impl Shared {
     }
 }
 
+/// The buckets of the engine's request→offer histogram, summed over its
+/// nodes (`None` if a node's `/metrics` can't be read).
+pub(crate) async fn engine_request_to_offer(targets: &[Target]) -> Option<Vec<(f64, f64)>> {
+    let mut scrapes = String::new();
+    for target in targets {
+        scrapes += &target.http_get("/metrics").await.ok()?;
+    }
+    Some(net::histogram_buckets(&scrapes, ENGINE_REQUEST_TO_OFFER))
+}
+
+/// The engine's own request→offer p50 and p99 (ms) over a window, from its
+/// histogram's buckets at the window's start and end: the ramp's
+/// connection storm before it is left out, as the simulator's own figures
+/// leave it out.
+pub(crate) fn engine_request_to_offer_ms(
+    start: Option<&[(f64, f64)]>,
+    end: Option<&[(f64, f64)]>,
+) -> Option<(f64, f64)> {
+    let (start, end) = (start?, end?);
+    Some((
+        net::quantile_between(start, end, 0.5)?,
+        net::quantile_between(start, end, 0.99)?,
+    ))
+}
+
 /// Sums `f` over the engine's processes; `None` if any is unknown.
 pub(crate) fn over_pids(pids: &[u32], f: impl Fn(u32) -> Option<f64>) -> Option<f64> {
     if pids.is_empty() {
@@ -133,6 +161,7 @@ async fn snapshot(shared: &Shared, engine_pids: &[u32]) -> Snapshot {
         matches: shared.stats.matches.get(),
         locations: shared.stats.locations_sent.get(),
         engine_locations,
+        engine_request_to_offer: engine_request_to_offer(&shared.targets).await,
         engine_cpu_s: over_pids(engine_pids, net::cpu_seconds),
         ops_bytes: shared.stats.ops_bytes.get(),
     }
@@ -314,6 +343,10 @@ pub async fn run(
         location_updates_per_s: engine_rate,
         location_backlog: backlog,
         rss_kib_peak: rss,
+        request_to_offer_ms: engine_request_to_offer_ms(
+            steady_start.engine_request_to_offer.as_deref(),
+            steady_end.engine_request_to_offer.as_deref(),
+        ),
     };
     let totals = Totals::of(stats, rates);
     if let Some(events) = stats.events() {

@@ -25,7 +25,10 @@ use crate::checker::RequestLedger;
 use crate::events::{instant_at, Event};
 use crate::net::{self, Target};
 use crate::report::{EngineFigures, Report};
-use crate::run::{check_engine, engine_locations, over_pids, ProgressLine};
+use crate::run::{
+    check_engine, engine_locations, engine_request_to_offer, engine_request_to_offer_ms, over_pids,
+    ProgressLine,
+};
 use crate::stats::Latency;
 use crate::totals::{buckets, Totals};
 
@@ -278,11 +281,21 @@ pub async fn run(
                 clock.forget_before(Instant::now() - Duration::from_secs(60));
             }
             _ = tokio::time::sleep_until(steady_start_at), if steady_start.is_none() => {
-                steady_start = Some((Instant::now(), cpu(), engine_locations(&targets).await));
+                steady_start = Some((
+                    Instant::now(),
+                    cpu(),
+                    engine_locations(&targets).await,
+                    engine_request_to_offer(&targets).await,
+                ));
             }
             _ = tokio::time::sleep_until(if steady_start.is_some() { steady_end_at } else { far }),
                 if steady_end.is_none() => {
-                steady_end = Some((Instant::now(), cpu(), engine_locations(&targets).await));
+                steady_end = Some((
+                    Instant::now(),
+                    cpu(),
+                    engine_locations(&targets).await,
+                    engine_request_to_offer(&targets).await,
+                ));
             }
         }
     }
@@ -326,10 +339,14 @@ pub async fn run(
         rss_kib_peak: Some(rss_peak.load(Ordering::Relaxed)).filter(|&r| r > 0),
         ..EngineFigures::default()
     };
-    if let (Some((a_at, a_cpu, a_loc)), Some((b_at, b_cpu, b_loc))) = (steady_start, steady_end) {
+    if let (Some((a_at, a_cpu, a_loc, a_offer)), Some((b_at, b_cpu, b_loc, b_offer))) =
+        (steady_start, steady_end)
+    {
         let window = b_at.duration_since(a_at).as_secs_f64().max(1e-9);
         engine.cpu_cores = a_cpu.zip(b_cpu).map(|(a, b)| (b - a) / window);
         engine.location_updates_per_s = a_loc.zip(b_loc).map(|(a, b)| (b - a) / window);
+        engine.request_to_offer_ms =
+            engine_request_to_offer_ms(a_offer.as_deref(), b_offer.as_deref());
     }
     Ok(Report::from_totals(
         plan,
