@@ -1428,3 +1428,93 @@ fn a_held_driver_whose_settle_cannot_tell_takes_the_booking_news_as_proof() {
         .iter()
         .any(|op| matches!(op, RedisOp::Renew { repair: true, .. })));
 }
+
+/// Seed 10570: a remote driver's hold overtook its lock's answer, for a
+/// group whose rider had cancelled meanwhile. The member's withdrawal went
+/// out, and the driver's news of its end was lost between nodes. The
+/// member still waits for news: past its deadline its lock is settled in
+/// Redis, and the group ends with the rider told, instead of never.
+#[test]
+fn a_hold_that_overtook_its_answer_is_settled_when_no_news_follows() {
+    let t0 = Instant::now();
+    let mut searches: Searches<u32> =
+        Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
+    for (d, metres) in [("d1", 100.0), ("d2", 200.0)] {
+        let at = LatLon::new(52.52 + metres / 111_195.0, 13.405).unwrap();
+        searches.remote_driver(t0, "b".into(), d.into(), Some(at));
+    }
+    searches.request_vehicles(t0, 1, ("r".into(), 1, "g".into(), here(), t0), 2);
+    let locks: Vec<_> = searches
+        .take_effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            SearchEffect::Lock {
+                driver,
+                offer_id,
+                holder,
+                ..
+            } => Some((driver, offer_id, holder)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(locks.len(), 2, "both members ask a remote driver");
+    searches.cancel(t0 + MS(50), 1, "r".into(), "g".into());
+    searches.take_effects();
+
+    // The first member's hold comes before its answer: it is withdrawn.
+    let first = locks[0].clone();
+    let first_offer = first.1;
+    hold(&mut searches, t0 + MS(100), first);
+    let effects = searches.take_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            SearchEffect::Cancel { offer_id, .. } if *offer_id == first_offer
+        )),
+        "{effects:?}"
+    );
+    // The second member's answer: refused.
+    let (driver, offer_id, holder) = locks[1].clone();
+    searches.lock_answered(
+        t0 + MS(100),
+        LockAnswer {
+            driver_id: driver,
+            offer_id,
+            search: holder.search,
+            rider_id: holder.rider_id,
+            request_id: holder.request_id,
+            result: Err(LockRefused::AlreadyOffered),
+            node: Some("b".into()),
+        },
+    );
+    searches.take_effects();
+
+    // No other news of the first member comes (the late answer is ignored,
+    // the end of the offer is lost): its lock is settled.
+    let mut settled = None;
+    for _ in 0..20 {
+        let (at, effects) = tick_until_something(&mut searches);
+        settled = effects.into_iter().find_map(|e| match e {
+            SearchEffect::Settle { ticket, owner, .. } if owner == format!("a/{first_offer}") => {
+                Some((at, ticket))
+            }
+            _ => None,
+        });
+        if settled.is_some() {
+            break;
+        }
+    }
+    let (at, ticket) = settled.expect("the first member's lock is settled");
+    searches.settled(at, ticket, Some(Settled::Dead));
+    let effects = searches.take_effects();
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            SearchEffect::Tell {
+                message: ServerMessage::Cancelled { .. },
+                ..
+            }
+        )),
+        "the rider is told: {effects:?}"
+    );
+}

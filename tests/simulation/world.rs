@@ -563,6 +563,12 @@ impl World {
     // ----- matchers -----
 
     pub fn matcher_in(&mut self, node: usize, input: MatcherIn) -> Result<(), String> {
+        if !matches!(
+            input,
+            MatcherIn::Tick | MatcherIn::DriverChanged { .. } | MatcherIn::RemoteDrivers { .. }
+        ) {
+            self.note(|| format!("n{node} <- {input:?}"));
+        }
         let now = self.now;
         let unix_now_ms = self.unix_ms(now);
         let wounder = match &input {
@@ -665,6 +671,9 @@ impl World {
         effect: SearchEffect<RiderConn>,
     ) -> Result<(), String> {
         let inc = self.nodes[node].inc;
+        if !matches!(effect, SearchEffect::Tell { .. }) {
+            self.note(|| format!("n{node} => {effect:?}"));
+        }
         match effect {
             SearchEffect::Tell {
                 to: (rider, session),

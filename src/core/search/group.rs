@@ -194,6 +194,24 @@ impl<R: Clone> Searches<R> {
                 offer_id: outcome.offer_id,
                 fencing_token,
             };
+            if node.is_some() {
+                // As its grant would have: the offer's end is due by its
+                // deadline, else its lock is settled. The due date set for
+                // the answer lapses with the answer (seed 10570: a
+                // withdrawn member whose end was lost waited forever).
+                let due = now
+                    + self.settings.offer_timeout
+                    + self.settings.lock_margin
+                    + super::REMOTE_ANSWER_WAIT;
+                self.remote_due.push(std::cmp::Reverse((
+                    due,
+                    search.seq,
+                    outcome.offer_id,
+                    0,
+                    super::Awaited::Outcome,
+                    key.clone(),
+                )));
+            }
         }
         if search.cancel_requested {
             // Withdrawn while locking: the withdrawal goes out now (once
