@@ -150,7 +150,7 @@ out.append(f"Measured by `bench/run` on {measured_at.strftime('%Y-%m-%d %H:%M UT
            "4 nice steps below its matcher thread (see the notes). Every figure is what the engine does "
            "with roughly half the machine. Absolute numbers drift on a shared machine; the loopback "
            "column relates each one to a plain tokio-tungstenite echo server measured in the same run. "
-           f"The two figures with targets under load are measured in {runs} runs each and given as their "
+           f"The figures with targets under load (matches/s, both ways, and p99 request→offer) are measured in {runs} runs each and given as their "
            "spread (worst – best, then each run). Every section but \"Dispatch\" runs the engine "
            "with `--dispatch greedy` (the scripts set it), so that a request's first offer is "
            "measured, not a batch's window; \"Dispatch\" compares the dispatchers, and the "

@@ -139,6 +139,14 @@ async fn smoke(engines: &[&Engine], extra: &[&str]) -> Value {
         );
         assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{latency}: {l}");
     }
+    // The engine's own request→offer over the steady phase, read off its
+    // histogram as the phase began and ended.
+    let engine = &report["engine_request_to_offer_ms"];
+    let (p50, p99) = (engine["p50"].as_f64(), engine["p99"].as_f64());
+    assert!(
+        matches!((p50, p99), (Some(p50), Some(p99)) if 0.0 < p50 && p50 <= p99 && p99 < 60_000.0),
+        "{engine}"
+    );
     assert!(n("engine_rss_kib_peak") > 0);
     assert_eq!(report["plan"]["duration"], "3s");
     report
