@@ -289,8 +289,11 @@ pub struct Config {
     pub node_id: Option<String>,
 
     /// Cluster mode: how long one Redis server may take to answer, in
-    /// milliseconds. Keep it far below the offer timeout: a dead server then
-    /// costs little, and the lock's validity is what is left after it.
+    /// milliseconds. Keep it far below the offer timeout, and well under a
+    /// second: with a server dead every lock attempt waits it out, and a
+    /// lock for a rider on another node whose answer comes more than 1 s
+    /// after the request reached the driver grants nothing (its requester
+    /// gives up at 2 s).
     #[arg(long, env = "RIDELOCK_REDIS_TIMEOUT_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub redis_timeout_ms: u64,

@@ -592,6 +592,69 @@ fn a_lock_answer_handled_late_grants_no_offer() {
     );
 }
 
+/// The other sides of the rule above: lateness counts from when a remote
+/// request reached the driver (it may have waited behind another Redis
+/// call, while its requester's clock ran), and a requester on the driver's
+/// own node, which never settles a lock it waits for, still gets a late
+/// grant while the lock's validity lasts.
+#[test]
+fn a_late_answer_counts_from_the_request_and_spares_local_requesters() {
+    let t0 = Instant::now();
+    let mut driver = ready_driver(Some("a"), t0);
+    // The app reconnects: its trip is looked up, and a remote request
+    // waits behind the look-up for 1.2 s.
+    driver.handle(t0, DriverEvent::Attach { session: 2 });
+    driver.handle(
+        t0,
+        DriverEvent::TryLock(request(
+            7,
+            holder(Some("b"), 5),
+            t0 + Duration::from_secs(60),
+        )),
+    );
+    let effects = driver.take_effects();
+    assert!(
+        matches!(redis_ops(&effects)[..], [RedisOp::CurrentTrip]),
+        "{effects:?}"
+    );
+    let t1 = t0 + MS(1_200);
+    driver.handle(t1, DriverEvent::Redis(RedisReply::CurrentTrip(Ok(None))));
+    let effects = driver.take_effects();
+    assert!(
+        matches!(redis_ops(&effects)[..], [RedisOp::Acquire { .. }]),
+        "{effects:?}"
+    );
+    // Answered 100 ms after the acquire, 1.3 s after the request came.
+    driver.handle(
+        t1 + MS(100),
+        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
+    );
+    let effects = driver.take_effects();
+    assert!(told(&effects).is_empty(), "{effects:?}");
+    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
+    driver.handle(t1 + MS(100), DriverEvent::Redis(RedisReply::Freed));
+
+    // A request from this node's own matcher, answered 3 s late: granted,
+    // for what is left of the lock.
+    let t2 = t1 + MS(200);
+    driver.handle(
+        t2,
+        DriverEvent::TryLock(request(8, holder(None, 0), t2 + Duration::from_secs(60))),
+    );
+    driver.take_effects();
+    driver.handle(
+        t2 + Duration::from_secs(3),
+        DriverEvent::Redis(RedisReply::Acquired(Ok((101, Duration::from_secs(16))))),
+    );
+    let effects = driver.take_effects();
+    assert!(
+        told(&effects)
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Offer { offer_id: 8, .. })),
+        "{effects:?}"
+    );
+}
+
 /// Path 5d: a trip whose app vanished ends at its maximum age (its lock
 /// freed), rather than being renewed forever.
 #[test]
@@ -1516,5 +1579,104 @@ fn a_hold_that_overtook_its_answer_is_settled_when_no_news_follows() {
             }
         )),
         "the rider is told: {effects:?}"
+    );
+}
+
+/// A review's find: a remote member's lock settled as dead (its answer was
+/// overdue) while its driver's hold was on the way. The hold, arriving
+/// first, counted the member as accepted; the settle sent it looking again.
+/// The group must not then complete on the other members' holds with that
+/// dead lock counted, but only once the member is held again.
+/// (`d4` is a spare in reach.)
+#[test]
+fn a_hold_whose_lock_was_settled_meanwhile_does_not_count() {
+    let t0 = Instant::now();
+    let mut searches: Searches<u32> =
+        Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
+    for (d, metres) in [("d1", 100.0), ("d2", 200.0), ("d3", 300.0), ("d4", 400.0)] {
+        let at = LatLon::new(52.52 + metres / 111_195.0, 13.405).unwrap();
+        searches.remote_driver(t0, "b".into(), d.into(), Some(at));
+    }
+    searches.request_vehicles(t0, 1, ("r".into(), 1, "g".into(), here(), t0), 3);
+    let locks =
+        |effects: Vec<SearchEffect<u32>>| -> Vec<(ridelock::protocol::DriverId, u64, OfferHolder)> {
+            effects
+                .into_iter()
+                .filter_map(|e| match e {
+                    SearchEffect::Lock {
+                        driver,
+                        offer_id,
+                        holder,
+                        ..
+                    } => Some((driver, offer_id, holder)),
+                    _ => None,
+                })
+                .collect()
+        };
+    let granted =
+        |searches: &mut Searches<u32>,
+         now,
+         (driver, offer_id, holder): &(ridelock::protocol::DriverId, u64, OfferHolder)| {
+            searches.lock_answered(
+                now,
+                LockAnswer {
+                    driver_id: driver.clone(),
+                    offer_id: *offer_id,
+                    search: holder.search,
+                    rider_id: holder.rider_id.clone(),
+                    request_id: holder.request_id.clone(),
+                    result: Ok(Granted {
+                        fencing_token: *offer_id,
+                    }),
+                    node: Some("b".into()),
+                },
+            )
+        };
+    let first = locks(searches.take_effects());
+    assert_eq!(first.len(), 3);
+    let (stale, second, third) = (first[0].clone(), first[1].clone(), first[2].clone());
+    // The second member is granted and held; the others' answers are slow.
+    granted(&mut searches, t0 + MS(100), &second);
+    hold(&mut searches, t0 + MS(100), second);
+    granted(&mut searches, t0 + MS(100), &third);
+    searches.take_effects();
+    // The first member's answer is overdue: its lock is settled.
+    let (at, effects) = tick_until_something(&mut searches);
+    let ticket = effects
+        .into_iter()
+        .find_map(|e| match e {
+            SearchEffect::Settle { ticket, owner, .. } if owner == format!("a/{}", stale.1) => {
+                Some(ticket)
+            }
+            _ => None,
+        })
+        .expect("the overdue lock is settled");
+    // Its driver's hold arrives before the settle's answer, then the settle
+    // finds the lock dead: the member looks again (its driver may never
+    // have seen the offer, so it may be asked again).
+    hold(&mut searches, at, stale.clone());
+    searches.settled(at, ticket, Some(Settled::Dead));
+    let again = locks(searches.take_effects());
+    assert_eq!(again.len(), 1, "the member asks again: {again:?}");
+    assert_eq!(again[0].2.request_id, stale.2.request_id);
+    // The third member is held: two of three, not complete.
+    hold(&mut searches, at + MS(10), third);
+    let effects = searches.take_effects();
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, SearchEffect::ConfirmGroup { .. })),
+        "completed with a settled lock counted: {effects:?}"
+    );
+    // Its new lock is granted and held: now the group is booked.
+    let renewed = again.into_iter().next().unwrap();
+    granted(&mut searches, at + MS(20), &renewed);
+    hold(&mut searches, at + MS(20), renewed);
+    let effects = searches.take_effects();
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, SearchEffect::ConfirmGroup { members, .. } if members.len() == 3)),
+        "{effects:?}"
     );
 }

@@ -53,19 +53,21 @@ const FINISH_TRIP_ATTEMPTS: u32 = 60;
 /// validity, for the accept's confirm to reach Redis.
 const CONFIRM_ROOM: Duration = Duration::from_millis(500);
 
-/// How late a lock's answer may be handled and still grant the offer. A
-/// remote requester that hears nothing for `REMOTE_ANSWER_WAIT` settles the
-/// lock, and another node may then lock the driver with a newer token and
-/// tell the app: an answer that waited longer than half of that (this node
-/// paused, or its actors far behind) is not trusted, though the lock's own
-/// validity may not have run out yet.
+/// How late after a remote lock request reached this driver its answer may
+/// be handled and still grant the offer. The requester, hearing nothing
+/// for `REMOTE_ANSWER_WAIT` after it sent the request, settles the lock, and
+/// another node may then lock the driver with a newer token and tell the
+/// app: an answer that waited longer than half of that (this node paused,
+/// its actors far behind, or Redis slow) is not trusted, though the lock's
+/// own validity may not have run out yet. The other half is for the
+/// request's and the answer's ways between the nodes.
 const ANSWER_TRUSTED: Duration =
     Duration::from_millis(crate::core::search::REMOTE_ANSWER_WAIT.as_millis() as u64 / 2);
 
 impl Booking {
     /// Takes the lock in Redis for `request`; the driver waits for the
     /// answer, so its state can't change under the attempt.
-    pub(super) fn acquire(&mut self, now: Instant, request: LockRequest) {
+    pub(super) fn acquire(&mut self, now: Instant, arrived: Instant, request: LockRequest) {
         // Asking Redis for a driver who can't take the offer anyway would
         // only hold the key for nothing.
         if let Some(refused) = self.lock.refusal() {
@@ -76,7 +78,7 @@ impl Booking {
             ttl: request.timeout + LOCK_MARGIN,
             floor: self.lock.newest_token(),
         };
-        self.redis(op, Some(Waiting::Acquire(request, now)));
+        self.redis(op, Some(Waiting::Acquire(request, now, arrived)));
     }
 
     pub(super) fn redis_replied(&mut self, now: Instant, reply: RedisReply) {
@@ -88,8 +90,8 @@ impl Booking {
             return;
         };
         match (waiting, reply) {
-            (Waiting::Acquire(request, sent_at), RedisReply::Acquired(result)) => {
-                self.acquired(now, sent_at, request, result)
+            (Waiting::Acquire(request, sent_at, arrived), RedisReply::Acquired(result)) => {
+                self.acquired(now, (sent_at, arrived), request, result)
             }
             (Waiting::Free, RedisReply::Freed) => {}
             (
@@ -191,10 +193,12 @@ impl Booking {
         }
     }
 
+    /// `sent_at`: when the acquire went out; `arrived`: when the request
+    /// reached this driver.
     fn acquired(
         &mut self,
         now: Instant,
-        sent_at: Instant,
+        (sent_at, arrived): (Instant, Instant),
         request: LockRequest,
         result: Result<(FencingToken, Duration), LockRefused>,
     ) {
@@ -209,12 +213,17 @@ impl Booking {
                 // accept's confirm to get there.
                 let left = (sent_at + validity).saturating_duration_since(now);
                 let timeout = request.timeout.min(left.saturating_sub(CONFIRM_ROOM));
+                // A remote requester may have given up on the lock by now
+                // (see `ANSWER_TRUSTED`); one on this node waits for its
+                // answer, and the validity above is all it needs.
+                let untrusted =
+                    request.holder.node.is_some() && now.duration_since(arrived) > ANSWER_TRUSTED;
                 let granted = if now >= request.not_after {
                     // Redis took so long that the search has stopped
                     // looking: no offer goes out for it.
                     self.refuse(request, LockRefused::SearchEnded);
                     false
-                } else if timeout.is_zero() || now.duration_since(sent_at) > ANSWER_TRUSTED {
+                } else if timeout.is_zero() || untrusted {
                     self.refuse(request, LockRefused::StoreUnavailable);
                     false
                 } else {

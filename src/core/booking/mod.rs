@@ -129,6 +129,9 @@ pub struct Booking {
     waiting: Option<Waiting>,
     /// Events that arrived while the driver waited for Redis, in order.
     deferred: VecDeque<DriverEvent>,
+    /// When each deferred lock request arrived: how late its answer is
+    /// counts from then (see `cluster::ANSWER_TRUSTED`).
+    lock_arrivals: VecDeque<(OfferId, Instant)>,
     /// Cluster mode: the trip lock being renewed, and when next.
     renewal: Option<Renewal>,
     /// Cluster mode: when to look the current trip up again, and which try.
@@ -183,6 +186,7 @@ impl Booking {
             retire_at: None,
             waiting: None,
             deferred: VecDeque::new(),
+            lock_arrivals: VecDeque::new(),
             renewal: None,
             lookup_retry: None,
             finish_retry: None,
@@ -277,7 +281,7 @@ impl Booking {
                 self.redis_replied(now, reply)
             }
             DriverEvent::Tick if self.waiting.is_some() => self.confirm_retry_due(now),
-            event if self.waiting.is_some() => self.defer(event),
+            event if self.waiting.is_some() => self.defer(now, event),
             event => self.apply(now, event),
         }
         // Events that waited for Redis run now, in order, until the next
@@ -296,7 +300,10 @@ impl Booking {
     /// Keeps `event` for when Redis has answered. Only the newest location
     /// is kept: a long wait (Redis can't tell whether an accept booked) must
     /// not pile up a moving driver's updates.
-    fn defer(&mut self, event: DriverEvent) {
+    fn defer(&mut self, now: Instant, event: DriverEvent) {
+        if let DriverEvent::TryLock(request) = &event {
+            self.lock_arrivals.push_back((request.offer_id, now));
+        }
         if let DriverEvent::Command {
             command: DriverCommand::Location { .. },
             session,
@@ -328,7 +335,7 @@ impl Booking {
             )
         );
         let waiting = match pending {
-            Some(Waiting::Acquire(request, _)) => {
+            Some(Waiting::Acquire(request, ..)) => {
                 // The acquire may land after all: freed rather than left to
                 // lapse.
                 let owner = self.owner_of(&request.holder, request.offer_id);
@@ -345,6 +352,7 @@ impl Booking {
             }
         }
         let deferred = std::mem::take(&mut self.deferred);
+        self.lock_arrivals.clear();
         let requests = waiting
             .into_iter()
             .chain(deferred.into_iter().filter_map(|e| match e {
@@ -496,7 +504,15 @@ impl Booking {
             return self.refuse(request, LockRefused::SearchEnded);
         }
         if self.node.is_some() {
-            return self.acquire(now, request);
+            let arrived = match self
+                .lock_arrivals
+                .iter()
+                .position(|(offer, _)| *offer == request.offer_id)
+            {
+                Some(i) => self.lock_arrivals.remove(i).map_or(now, |(_, at)| at),
+                None => now,
+            };
+            return self.acquire(now, arrived, request);
         }
         let token = self.ids.next_token();
         self.grant(now, request, token);

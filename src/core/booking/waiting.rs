@@ -9,8 +9,9 @@ use crate::core::lock::{Ending, FencingToken, OfferId, TripId};
 /// What the driver waits for from Redis.
 #[derive(Clone, Debug)]
 pub(super) enum Waiting {
-    /// A lock: the request, and when its acquire went out.
-    Acquire(LockRequest, Instant),
+    /// A lock: the request, when its acquire went out, and when the
+    /// request reached this driver (earlier if it waited behind Redis).
+    Acquire(LockRequest, Instant, Instant),
     /// A release.
     Free,
     /// A trip's finish (`attempt` of `cluster::FINISH_ATTEMPTS`).

@@ -317,6 +317,10 @@ impl<R: Clone> Searches<R> {
                     });
                 }
                 search.phase = Phase::Looking;
+                // A hold that overtook the settle is over with the lock: the
+                // group must not count it (a member looking again would
+                // complete the group with a dead lock).
+                self.unhold(&key, offer_id);
                 self.advance(now, key);
             }
             None if attempts < SETTLE_ATTEMPTS => {
