@@ -537,6 +537,48 @@ fn no_offer_goes_out_after_the_search_deadline_or_the_lock() {
     assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
 }
 
+/// Driver `driver` is asked for offer `offer_id` by `holder` at `asked`
+/// (unless `asked` is `None`: asked already) and Redis grants the lock at
+/// `answered` (16 s of validity): what the driver then does.
+fn lock_answered_late(
+    driver: &mut Booking,
+    offer_id: u64,
+    holder: OfferHolder,
+    asked: Option<Instant>,
+    answered: Instant,
+) -> Vec<DriverEffect> {
+    if let Some(asked) = asked {
+        let not_after = asked + Duration::from_secs(60);
+        driver.handle(
+            asked,
+            DriverEvent::TryLock(request(offer_id, holder, not_after)),
+        );
+        driver.take_effects();
+    }
+    let token = 100 + offer_id;
+    driver.handle(
+        answered,
+        DriverEvent::Redis(RedisReply::Acquired(Ok((token, Duration::from_secs(16))))),
+    );
+    driver.take_effects()
+}
+
+fn offered(effects: &[DriverEffect], offer_id: u64) -> bool {
+    told(effects)
+        .iter()
+        .any(|m| matches!(m, ServerMessage::Offer { offer_id: id, .. } if *id == offer_id))
+}
+
+/// Refused for Redis (`store_unavailable`) and the lock released.
+fn refused_as_late(effects: &[DriverEffect]) -> bool {
+    told(effects).is_empty()
+        && matches!(redis_ops(effects)[..], [RedisOp::Release { .. }])
+        && effects.iter().any(|e| {
+            matches!(e, DriverEffect::Answer { answer, .. }
+                if answer.result == Err(LockRefused::StoreUnavailable))
+        })
+}
+
 /// Seed 9139: a lock answer handled long after it was asked (the node was
 /// paused with the answer waiting) may be stale even though the lock's
 /// validity has not run out: its requester, hearing nothing for 2 s, may
@@ -546,50 +588,20 @@ fn no_offer_goes_out_after_the_search_deadline_or_the_lock() {
 fn a_lock_answer_handled_late_grants_no_offer() {
     let t0 = Instant::now();
     let mut driver = ready_driver(Some("a"), t0);
-    driver.handle(
-        t0,
-        DriverEvent::TryLock(request(
-            7,
-            holder(Some("b"), 5),
-            t0 + Duration::from_secs(60),
-        )),
-    );
-    driver.take_effects();
     let late = t0 + Duration::from_secs(3);
-    driver.handle(
-        late,
-        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
-    );
-    let effects = driver.take_effects();
-    assert!(told(&effects).is_empty(), "{effects:?}");
-    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
-    assert!(effects.iter().any(|e| matches!(
-        e,
-        DriverEffect::Answer { answer, .. } if answer.result == Err(LockRefused::StoreUnavailable)
-    )));
+    let effects = lock_answered_late(&mut driver, 7, holder(Some("b"), 5), Some(t0), late);
+    assert!(refused_as_late(&effects), "{effects:?}");
     driver.handle(late, DriverEvent::Redis(RedisReply::Freed));
 
     // An answer handled in good time still grants.
-    driver.handle(
-        late,
-        DriverEvent::TryLock(request(
-            8,
-            holder(Some("b"), 5),
-            late + Duration::from_secs(60),
-        )),
-    );
-    driver.take_effects();
-    driver.handle(
+    let effects = lock_answered_late(
+        &mut driver,
+        8,
+        holder(Some("b"), 5),
+        Some(late),
         late + MS(300),
-        DriverEvent::Redis(RedisReply::Acquired(Ok((101, Duration::from_secs(16))))),
     );
-    let effects = driver.take_effects();
-    assert!(
-        told(&effects)
-            .iter()
-            .any(|m| matches!(m, ServerMessage::Offer { offer_id: 8, .. })),
-        "{effects:?}"
-    );
+    assert!(offered(&effects, 8), "{effects:?}");
 }
 
 /// The other sides of the rule above: lateness counts from when a remote
@@ -625,34 +637,16 @@ fn a_late_answer_counts_from_the_request_and_spares_local_requesters() {
         "{effects:?}"
     );
     // Answered 100 ms after the acquire, 1.3 s after the request came.
-    driver.handle(
-        t1 + MS(100),
-        DriverEvent::Redis(RedisReply::Acquired(Ok((100, Duration::from_secs(16))))),
-    );
-    let effects = driver.take_effects();
-    assert!(told(&effects).is_empty(), "{effects:?}");
-    assert!(matches!(redis_ops(&effects)[..], [RedisOp::Release { .. }]));
+    let effects = lock_answered_late(&mut driver, 7, holder(Some("b"), 5), None, t1 + MS(100));
+    assert!(refused_as_late(&effects), "{effects:?}");
     driver.handle(t1 + MS(100), DriverEvent::Redis(RedisReply::Freed));
 
     // A request from this node's own matcher, answered 3 s late: granted,
     // for what is left of the lock.
     let t2 = t1 + MS(200);
-    driver.handle(
-        t2,
-        DriverEvent::TryLock(request(8, holder(None, 0), t2 + Duration::from_secs(60))),
-    );
-    driver.take_effects();
-    driver.handle(
-        t2 + Duration::from_secs(3),
-        DriverEvent::Redis(RedisReply::Acquired(Ok((101, Duration::from_secs(16))))),
-    );
-    let effects = driver.take_effects();
-    assert!(
-        told(&effects)
-            .iter()
-            .any(|m| matches!(m, ServerMessage::Offer { offer_id: 8, .. })),
-        "{effects:?}"
-    );
+    let later = t2 + Duration::from_secs(3);
+    let effects = lock_answered_late(&mut driver, 8, holder(None, 0), Some(t2), later);
+    assert!(offered(&effects, 8), "{effects:?}");
 }
 
 /// Path 5d: a trip whose app vanished ends at its maximum age (its lock
@@ -1492,23 +1486,11 @@ fn a_held_driver_whose_settle_cannot_tell_takes_the_booking_news_as_proof() {
         .any(|op| matches!(op, RedisOp::Renew { repair: true, .. })));
 }
 
-/// Seed 10570: a remote driver's hold overtook its lock's answer, for a
-/// group whose rider had cancelled meanwhile. The member's withdrawal went
-/// out, and the driver's news of its end was lost between nodes. The
-/// member still waits for news: past its deadline its lock is settled in
-/// Redis, and the group ends with the rider told, instead of never.
-#[test]
-fn a_hold_that_overtook_its_answer_is_settled_when_no_news_follows() {
-    let t0 = Instant::now();
-    let mut searches: Searches<u32> =
-        Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
-    for (d, metres) in [("d1", 100.0), ("d2", 200.0)] {
-        let at = LatLon::new(52.52 + metres / 111_195.0, 13.405).unwrap();
-        searches.remote_driver(t0, "b".into(), d.into(), Some(at));
-    }
-    searches.request_vehicles(t0, 1, ("r".into(), 1, "g".into(), here(), t0), 2);
-    let locks: Vec<_> = searches
-        .take_effects()
+type LockAsked = (ridelock::protocol::DriverId, u64, OfferHolder);
+
+/// The lock requests among `effects`.
+fn lock_requests(effects: Vec<SearchEffect<u32>>) -> Vec<LockAsked> {
+    effects
         .into_iter()
         .filter_map(|e| match e {
             SearchEffect::Lock {
@@ -1519,7 +1501,54 @@ fn a_hold_that_overtook_its_answer_is_settled_when_no_news_follows() {
             } => Some((driver, offer_id, holder)),
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+/// Node "b"'s answer to lock request `asked`: `result`.
+fn remote_answer(
+    searches: &mut Searches<u32>,
+    now: Instant,
+    (driver, offer_id, holder): &LockAsked,
+    result: Result<Granted, LockRefused>,
+) {
+    searches.lock_answered(
+        now,
+        LockAnswer {
+            driver_id: driver.clone(),
+            offer_id: *offer_id,
+            search: holder.search,
+            rider_id: holder.rider_id.clone(),
+            request_id: holder.request_id.clone(),
+            result,
+            node: Some("b".into()),
+        },
+    );
+}
+
+/// A cluster node "a" whose index holds `drivers` of node "b", 100 m
+/// apart from the pickup on.
+fn with_remote_drivers(t0: Instant, drivers: &[&str]) -> Searches<u32> {
+    let mut searches: Searches<u32> =
+        Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
+    for (i, d) in drivers.iter().enumerate() {
+        let metres = 100.0 * (i + 1) as f64;
+        let at = LatLon::new(52.52 + metres / 111_195.0, 13.405).unwrap();
+        searches.remote_driver(t0, "b".into(), (*d).into(), Some(at));
+    }
+    searches
+}
+
+/// Seed 10570: a remote driver's hold overtook its lock's answer, for a
+/// group whose rider had cancelled meanwhile. The member's withdrawal went
+/// out, and the driver's news of its end was lost between nodes. The
+/// member still waits for news: past its deadline its lock is settled in
+/// Redis, and the group ends with the rider told, instead of never.
+#[test]
+fn a_hold_that_overtook_its_answer_is_settled_when_no_news_follows() {
+    let t0 = Instant::now();
+    let mut searches = with_remote_drivers(t0, &["d1", "d2"]);
+    searches.request_vehicles(t0, 1, ("r".into(), 1, "g".into(), here(), t0), 2);
+    let locks = lock_requests(searches.take_effects());
     assert_eq!(locks.len(), 2, "both members ask a remote driver");
     searches.cancel(t0 + MS(50), 1, "r".into(), "g".into());
     searches.take_effects();
@@ -1537,19 +1566,8 @@ fn a_hold_that_overtook_its_answer_is_settled_when_no_news_follows() {
         "{effects:?}"
     );
     // The second member's answer: refused.
-    let (driver, offer_id, holder) = locks[1].clone();
-    searches.lock_answered(
-        t0 + MS(100),
-        LockAnswer {
-            driver_id: driver,
-            offer_id,
-            search: holder.search,
-            rider_id: holder.rider_id,
-            request_id: holder.request_id,
-            result: Err(LockRefused::AlreadyOffered),
-            node: Some("b".into()),
-        },
-    );
+    let refused = Err(LockRefused::AlreadyOffered);
+    remote_answer(&mut searches, t0 + MS(100), &locks[1], refused);
     searches.take_effects();
 
     // No other news of the first member comes (the late answer is ignored,
@@ -1591,48 +1609,13 @@ fn a_hold_that_overtook_its_answer_is_settled_when_no_news_follows() {
 #[test]
 fn a_hold_whose_lock_was_settled_meanwhile_does_not_count() {
     let t0 = Instant::now();
-    let mut searches: Searches<u32> =
-        Searches::new(group_settings(), Arc::new(Ids::default()), Some("a".into()));
-    for (d, metres) in [("d1", 100.0), ("d2", 200.0), ("d3", 300.0), ("d4", 400.0)] {
-        let at = LatLon::new(52.52 + metres / 111_195.0, 13.405).unwrap();
-        searches.remote_driver(t0, "b".into(), d.into(), Some(at));
-    }
+    let mut searches = with_remote_drivers(t0, &["d1", "d2", "d3", "d4"]);
     searches.request_vehicles(t0, 1, ("r".into(), 1, "g".into(), here(), t0), 3);
-    let locks =
-        |effects: Vec<SearchEffect<u32>>| -> Vec<(ridelock::protocol::DriverId, u64, OfferHolder)> {
-            effects
-                .into_iter()
-                .filter_map(|e| match e {
-                    SearchEffect::Lock {
-                        driver,
-                        offer_id,
-                        holder,
-                        ..
-                    } => Some((driver, offer_id, holder)),
-                    _ => None,
-                })
-                .collect()
-        };
-    let granted =
-        |searches: &mut Searches<u32>,
-         now,
-         (driver, offer_id, holder): &(ridelock::protocol::DriverId, u64, OfferHolder)| {
-            searches.lock_answered(
-                now,
-                LockAnswer {
-                    driver_id: driver.clone(),
-                    offer_id: *offer_id,
-                    search: holder.search,
-                    rider_id: holder.rider_id.clone(),
-                    request_id: holder.request_id.clone(),
-                    result: Ok(Granted {
-                        fencing_token: *offer_id,
-                    }),
-                    node: Some("b".into()),
-                },
-            )
-        };
-    let first = locks(searches.take_effects());
+    let granted = |searches: &mut Searches<u32>, now, asked: &LockAsked| {
+        let fencing_token = asked.1;
+        remote_answer(searches, now, asked, Ok(Granted { fencing_token }));
+    };
+    let first = lock_requests(searches.take_effects());
     assert_eq!(first.len(), 3);
     let (stale, second, third) = (first[0].clone(), first[1].clone(), first[2].clone());
     // The second member is granted and held; the others' answers are slow.
@@ -1656,7 +1639,7 @@ fn a_hold_whose_lock_was_settled_meanwhile_does_not_count() {
     // have seen the offer, so it may be asked again).
     hold(&mut searches, at, stale.clone());
     searches.settled(at, ticket, Some(Settled::Dead));
-    let again = locks(searches.take_effects());
+    let again = lock_requests(searches.take_effects());
     assert_eq!(again.len(), 1, "the member asks again: {again:?}");
     assert_eq!(again[0].2.request_id, stale.2.request_id);
     // The third member is held: two of three, not complete.
