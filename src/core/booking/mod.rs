@@ -488,6 +488,14 @@ impl Booking {
     }
 
     fn try_lock(&mut self, now: Instant, request: LockRequest) {
+        // When it reached this driver, if it waited behind Redis (taken out
+        // first, so that no path below leaves it behind).
+        let arrived = self
+            .lock_arrivals
+            .iter()
+            .position(|(offer, _)| *offer == request.offer_id)
+            .and_then(|i| self.lock_arrivals.remove(i))
+            .map_or(now, |(_, at)| at);
         // The same request again (delivered twice between nodes): it was
         // answered already, and is not answered twice. A second grant could
         // not happen (the offer is held or has ended), and a refusal could
@@ -504,14 +512,6 @@ impl Booking {
             return self.refuse(request, LockRefused::SearchEnded);
         }
         if self.node.is_some() {
-            let arrived = match self
-                .lock_arrivals
-                .iter()
-                .position(|(offer, _)| *offer == request.offer_id)
-            {
-                Some(i) => self.lock_arrivals.remove(i).map_or(now, |(_, at)| at),
-                None => now,
-            };
             return self.acquire(now, arrived, request);
         }
         let token = self.ids.next_token();
